@@ -1,0 +1,60 @@
+"""The ``deepfeat`` command: parse arguments, call the library, print.
+
+Each command lives in its own ``cmd_*`` module with ``register(subparsers)``; this
+module only assembles them and maps errors to exit codes:
+0 success, 1 failure (nothing could be done / a file was bad), 2 usage error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..errors import DeepfeatError
+
+COMMAND_MODULES = (
+    "cmd_models",
+    "cmd_layers",
+    "cmd_classify",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepfeat",
+        description="Pretrained CNNs as image retrieval and classification systems.",
+    )
+    parser.add_argument("--version", action="version", version=f"deepfeat {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except DeepfeatError as e:
+        print(f"deepfeat {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"deepfeat {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `deepfeat ... | head`
+        return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``deepfeat classify``: top-k labels with probabilities, one line per image."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..classify import classify_iter
+from ..images import discover
+from ..models import load_model
+from .common import add_model_args, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("classify", help="top-k class labels with probabilities",
+                       description="Classify images (files, folders, globs, @list.txt). Bad images are reported "
+                                   "per image; the exit code is non-zero only when nothing could be classified.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns or @list.txt")
+    add_model_args(p, labels=True)
+    p.add_argument("--top", "-k", type=int, default=5, metavar="K", help="labels per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="decode threads (default 2)")
+    p.add_argument("--json", action="store_true", help="one JSON document with every result")
+    p.set_defaults(func=run)
+
+
+def _expand(inputs: list[str]) -> list[str]:
+    """Like discover(), but a missing path is an image result, not a fatal error."""
+    from ..errors import UsageError
+
+    out = []
+    for item in inputs:
+        try:
+            out.extend(discover([item]))
+        except UsageError:
+            out.append(item)
+    return out
+
+
+def run(args) -> int:
+    model = load_model(args.model, device=args.device, labels=args.labels)
+    paths = _expand(args.inputs)
+    t0 = time.perf_counter()
+    results, ok = [], 0
+    for r in classify_iter(model, paths, k=args.top, batch_size=args.batch_size, workers=args.workers):
+        ok += r.ok
+        if args.json:
+            results.append(r.to_dict())
+            continue
+        if r.ok:
+            preds = "  ".join(f"{p.prob:.3f} {p.label.split(',')[0]}" for p in r.predictions)
+            print(f"{r.path}: {preds}")
+        else:
+            print(f"{r.path}: ERROR {r.error}")
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    failed = len(paths) - ok
+    summary = {"images": len(paths), "classified": ok, "failed": failed, "seconds": round(dt, 3),
+               "images_per_s": round(ok / dt, 2) if dt > 0 else None, "model": model.spec,
+               "device": str(model.device)}
+    if args.json:
+        print_json({"results": results, "summary": summary})
+    else:
+        print(f"\n{ok}/{len(paths)} images classified ({failed} failed) in {dt:.2f}s, "
+              f"{summary['images_per_s']} images/s on {model.device}", file=sys.stderr)
+    return 0 if ok > 0 else 1

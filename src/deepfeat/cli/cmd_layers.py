@@ -1,0 +1,50 @@
+"""``deepfeat layers``: every tappable layer with its output shape, and every parameter."""
+
+from __future__ import annotations
+
+from ..models import load_model
+from ..taps import layer_table
+from .common import add_model_args, format_table, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("layers", help="list a model's layers with output shapes and its parameters",
+                       description="The two tables a Caffe user prints with net.blobs and net.params: every "
+                                   "tappable layer in forward order with its output shape for an input size, "
+                                   "and every parameter tensor with its shape.")
+    add_model_args(p, device=False)
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the model's own)")
+    p.add_argument("--no-params", dest="params", action="store_false", help="omit the parameter table")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _shape(s) -> str:
+    return "x".join(str(v) for v in s) if s else "-"
+
+
+def run(args) -> int:
+    model = load_model(args.model, device="cpu")
+    h, w = args.size if args.size else model.data_config.input_size
+    if h <= 0 or w <= 0:
+        from ..errors import UsageError
+
+        raise UsageError(f"--size must be positive, not {h} {w}")
+    table = layer_table(model.net, (model.data_config.channels, h, w), model.layer_aliases)
+    if args.json:
+        d = table.to_dict()
+        d["model"] = model.spec
+        print_json(d)
+        return 0
+    print(f"model {model.spec} ({model.arch}), input {model.data_config.channels}x{h}x{w}\n")
+    rows = [["  " * l.depth + l.name, l.type, _shape(l.shape), f"{l.params:,}" if l.params else "", l.note]
+            for l in table.layers]
+    print(format_table(rows, ["layer", "type", "output (CxHxW)", "params", "note"], "lllrl"))
+    if args.params:
+        print()
+        prow = [[p.name, _shape(p.shape), p.kind, p.dtype] for p in table.params]
+        print(format_table(prow, ["parameter", "shape", "kind", "dtype"]))
+        total = sum(1 for _ in table.params)
+        n = table.to_dict()["total_params"]
+        print(f"\n{total} tensors, {n:,} parameters")
+    return 0

@@ -1,0 +1,244 @@
+"""Finding and decoding images, robustly.
+
+:func:`discover` turns folders (recursive), files, glob patterns and ``@list.txt``
+files into one ordered, de-duplicated list of paths. :func:`decode_image` opens one
+image and returns an RGB (or L) uint8 array, resized by a size policy, handling the
+odd cases real collections contain: EXIF orientation, CMYK, 16-bit, palette with
+transparency, LA/RGBA, and JPEG draft decoding at reduced resolution when the target
+is smaller than the file (a 4x to 8x saving in decode time for large photos).
+Problems are raised as :class:`~deepfeat.errors.ImageError` with a short reason,
+never as a raw PIL traceback.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, UsageError
+from .preprocess import DataConfig, SizePolicy, draft_request, resize_image
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+#: Refuse images with more pixels than this (decompression bombs); PIL's default is 89M.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk(folder: Path) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.startswith(".") and is_image_name(name):
+                yield os.path.join(root, name)
+
+
+def discover(inputs: Iterable[str | os.PathLike], *, all_files: bool = False) -> list[str]:
+    """Expand inputs into an ordered list of image paths.
+
+    Each input is a folder (walked recursively, sorted, hidden files skipped), a file,
+    a glob pattern (``photos/**/*.jpg``), or ``@list.txt`` (one path per line,
+    relative paths resolved against the list's folder, ``#`` comments allowed).
+    Files named explicitly are kept whatever their extension (so that a broken or
+    mis-named file is reported, not silently dropped); folder and glob matches are
+    filtered by image extension unless *all_files*. Duplicates are removed, first
+    occurrence wins. A missing input raises :class:`UsageError`.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(p: str) -> None:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+
+    for item in inputs:
+        item = os.fspath(item)
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            if not listing.is_file():
+                raise UsageError(f"list file not found: {listing}")
+            base = listing.parent
+            for line in listing.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                p = Path(line)
+                add(os.path.normpath(p if p.is_absolute() else base / p))
+            continue
+        p = Path(item)
+        if p.is_dir():
+            for f in _walk(p):
+                add(os.path.normpath(f))
+        elif p.is_file():
+            add(os.path.normpath(p))
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            for m in matches:
+                if os.path.isfile(m) and (all_files or is_image_name(m)):
+                    add(os.path.normpath(m))
+                elif os.path.isdir(m):
+                    for f in _walk(Path(m)):
+                        add(os.path.normpath(f))
+        else:
+            raise UsageError(f"input not found: {item}")
+    return out
+
+
+@dataclass
+class DecodedImage:
+    """A decoded image: pixels ready for the network plus what we learned on the way."""
+
+    pixels: np.ndarray  # H x W x C uint8 (C = 3 for RGB, 1 for L)
+    width: int  # original width, after EXIF orientation
+    height: int  # original height, after EXIF orientation
+    notes: tuple[str, ...] = ()  # odd-but-handled facts: "cmyk", "16-bit", "exif-rotated", ...
+
+
+def _to_mode(img: Image.Image, mode: str, notes: list[str]) -> Image.Image:
+    """Convert any PIL mode to RGB or L with sensible handling of the odd ones."""
+    src = img.mode
+    if src in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        notes.append("16-bit" if src.startswith("I;16") else "32-bit-int")
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            hi = float(arr.max()) if arr.size else 0.0
+            # 16-bit data scaled to 8 bits by its nominal range, not clipped
+            denom = 65535.0 if hi > 255 or src.startswith("I;16") else 255.0
+            arr = np.clip(arr.astype(np.float64) * (255.0 / denom), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif src == "F":
+        notes.append("float")
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    elif src == "CMYK":
+        notes.append("cmyk")
+    elif src == "P" and "transparency" in img.info:
+        notes.append("palette-alpha")
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if src not in ("P",):
+            notes.append("alpha")
+        # composite on white: transparent regions are usually background
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    if mode == "L":
+        return img.convert("L")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (lazily) an image file, turning every failure into an :class:`ImageError`."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except OSError as e:
+        raise ImageError(f"cannot stat file: {e.strerror or e}") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except OSError as e:
+        raise ImageError(f"cannot open: {e}") from None
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        w, h = img.size
+        img.close()
+        raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    return img
+
+
+def decode_image(
+    path: str | os.PathLike,
+    policy: SizePolicy | None = None,
+    cfg: DataConfig | None = None,
+    *,
+    draft: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    crop_box: tuple[float, float, float, float] | None = None,
+) -> DecodedImage:
+    """Decode one image file to uint8 pixels for the network.
+
+    With a *policy* and *cfg* the image is resized (and centre-cropped for the
+    ``model`` policy); JPEGs are draft-decoded at the smallest DCT scale that is
+    still at least the target size when *draft* is true. *crop_box* (x1, y1, x2, y2
+    in original pixel coordinates, as in Oxford query files) is cut out before
+    resizing. Raises :class:`ImageError` for anything unreadable.
+    """
+    notes: list[str] = []
+    img = open_image(path, max_pixels)
+    try:
+        mode = "L" if cfg is not None and cfg.channel_order == "L" else "RGB"
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block must not lose the image
+            orientation = 1
+            notes.append("bad-exif")
+        raw_w, raw_h = img.size
+        swapped = orientation in (5, 6, 7, 8)
+        ow, oh = (raw_h, raw_w) if swapped else (raw_w, raw_h)
+        if draft and policy is not None and cfg is not None and img.format == "JPEG" and crop_box is None:
+            req = draft_request(ow, oh, policy, cfg)
+            if req is not None:
+                rw, rh = (req[1], req[0]) if swapped else req
+                if rw < raw_w and rh < raw_h:
+                    img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (rw, rh))
+        try:
+            img.load()
+        except OSError as e:
+            msg = str(e)
+            if "truncated" in msg:
+                raise ImageError("truncated file (image data ends early)") from None
+            raise ImageError(f"corrupt image data: {msg}") from None
+        except (SyntaxError, ValueError) as e:  # PIL raises these for some malformed headers/chunks
+            raise ImageError(f"corrupt image data: {e}") from None
+        if orientation != 1:
+            try:
+                img = ImageOps.exif_transpose(img)
+                notes.append("exif-rotated")
+            except Exception:
+                notes.append("bad-exif")
+        img = _to_mode(img, mode, notes)
+        # coordinates below refer to the original (oriented) resolution even after draft
+        if crop_box is not None:
+            x1, y1, x2, y2 = crop_box
+            fx, fy = img.width / ow, img.height / oh
+            box = (
+                max(0, int(np.floor(x1 * fx))),
+                max(0, int(np.floor(y1 * fy))),
+                min(img.width, int(np.ceil(x2 * fx))),
+                min(img.height, int(np.ceil(y2 * fy))),
+            )
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise ImageError(f"crop box {crop_box} is empty for a {ow}x{oh} image")
+            img = img.crop(box)
+        if policy is not None and cfg is not None:
+            img = resize_image(img, policy, cfg)
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return DecodedImage(np.ascontiguousarray(arr), ow, oh, tuple(notes))
+    finally:
+        img.close()

@@ -1,0 +1,92 @@
+"""Any torchvision classification architecture with a local weights file."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModelError, suggest
+from ..labels import default_labels
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from .base import Model, file_sha256
+from .registry import ModelSource, register_source, split_weights
+from .weights import fit_state_dict, read_state_dict
+
+EXAMPLE = "torchvision:resnet18@resnet18-f37072fd.pth"
+
+
+def last_linear(net: torch.nn.Module) -> str | None:
+    """Name of the last ``nn.Linear`` (the classifier of every torchvision classifier)."""
+    name = None
+    for n, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            name = n
+    return name
+
+
+def torchvision_data_config(arch: str) -> DataConfig:
+    """Preprocessing from torchvision's own weight metadata (no download needed)."""
+    from torchvision.models import get_model_weights
+
+    try:
+        t = get_model_weights(arch).DEFAULT.transforms()
+    except Exception:  # architectures without published weights
+        return DataConfig(input_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    return DataConfig(
+        input_size=(int(crop), int(crop)),
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=str(t.interpolation.value),
+        crop_pct=float(crop) / float(resize),
+    )
+
+
+def load_torchvision(rest: str, spec: str, **_: object) -> Model:
+    from torchvision.models import get_model, list_models
+
+    arch, weights = split_weights(rest, spec, "torchvision", EXAMPLE)
+    names = list_models()
+    if arch not in names:
+        raise ModelError(f"torchvision has no architecture {arch!r}.{suggest(arch, names)}")
+    kwargs = {"aux_logits": False, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
+    if weights == "random":
+        net = get_model(arch, weights=None, **kwargs)
+        path = sha = None
+    else:
+        sd = read_state_dict(weights)
+        skeleton = get_model(arch, weights=None, **kwargs)
+        head = last_linear(skeleton)
+        n = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
+        # torchvision's published inception/googlenet weights carry the aux heads; drop them
+        sd = {k: v for k, v in sd.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
+        net = get_model(arch, weights=None, **({"num_classes": n} if n else {}), **kwargs)
+        fit_state_dict(net, sd, f"torchvision architecture {arch}")
+        path, sha = weights, file_sha256(weights)
+    head = last_linear(net)
+    n_out = int(net.get_submodule(head).out_features) if head else None
+    return Model(
+        spec=spec,
+        source="torchvision",
+        arch=arch,
+        net=net,
+        data_config=torchvision_data_config(arch),
+        labels=default_labels(n_out),
+        weights_path=path,
+        weights_sha256=sha,
+        classifier=head,
+        extra_meta={"num_classes": n_out, "random_init": weights == "random"},
+    )
+
+
+register_source(
+    ModelSource(
+        name="torchvision",
+        prefix="torchvision",
+        example=EXAMPLE,
+        description="any torchvision classification architecture with a local weights file (or @random)",
+        load=load_torchvision,
+        ready=lambda: [],
+        requires=("torchvision",),
+    )
+)

@@ -1,0 +1,90 @@
+"""Reading weight files safely and fitting them to an architecture with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import ModelError
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from ``.safetensors`` or a torch file, never unpickling code.
+
+    Torch files go through ``torch.load(weights_only=True)``; checkpoints that wrap
+    the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped, and
+    ``module.``/``model.`` prefixes left by DataParallel or Lightning are removed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file not found: {p}")
+    if p.stat().st_size == 0:
+        raise ModelError(f"weights file is empty: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: object = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, pickle with code, wrong format...
+        raise ModelError(f"cannot read weights {p.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    for _ in range(3):
+        if isinstance(sd, Mapping) and not _looks_like_state_dict(sd):
+            inner = next((sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping)), None)
+            if inner is None:
+                break
+            sd = inner
+    if not isinstance(sd, Mapping) or not _looks_like_state_dict(sd):
+        raise ModelError(f"{p.name} does not contain a state dict of tensors")
+    out = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in _PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k.removeprefix(prefix): v for k, v in out.items()}
+    return out
+
+
+def _looks_like_state_dict(d: Mapping) -> bool:
+    return bool(d) and sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+
+
+def _summarise(names: list[str], n: int = 6) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def fit_state_dict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load *sd* into *module* strictly, summarising every mismatch in one message."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or bad_shape:
+        parts = [f"weights do not fit {what}:"]
+        if bad_shape:
+            parts.append(f"{len(bad_shape)} shape mismatch(es) [file vs model]: {_summarise(bad_shape, 4)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_summarise(unexpected)}")
+        raise ModelError("\n  ".join(parts))
+    module.load_state_dict(sd, strict=False)
+
+
+def classifier_out_features(sd: Mapping[str, torch.Tensor], classifier: str | None) -> int | None:
+    """Number of classes from the classifier weight in a state dict, if findable."""
+    if not classifier:
+        return None
+    w = sd.get(f"{classifier}.weight")
+    if w is None:
+        return None
+    return int(w.shape[0])
