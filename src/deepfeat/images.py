@@ -236,9 +236,9 @@ def decode_image(
             img = img.crop(box)
         if policy is not None and cfg is not None:
             img = resize_image(img, policy, cfg)
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = np.array(img, dtype=np.uint8)  # a writable copy, independent of PIL's buffer
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        return DecodedImage(np.ascontiguousarray(arr), ow, oh, tuple(notes))
+        return DecodedImage(arr, ow, oh, tuple(notes))
     finally:
         img.close()

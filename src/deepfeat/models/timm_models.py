@@ -9,7 +9,7 @@ from ..labels import default_labels
 from ..preprocess import DataConfig
 from .base import Model, file_sha256
 from .registry import ModelSource, register_source, split_weights
-from .weights import classifier_out_features, fit_state_dict, read_state_dict
+from .weights import fit_state_dict, infer_num_classes, read_state_dict
 
 EXAMPLE = "timm:resnet50@resnet50.safetensors"
 
@@ -46,12 +46,8 @@ def load_timm(rest: str, spec: str, **_: object) -> Model:
         net = timm.create_model(arch, pretrained=False)
         sd_path = sha = None
     else:
-        from timm.models import get_pretrained_cfg
-
         sd = read_state_dict(weights)
-        pcfg = get_pretrained_cfg(arch)
-        head = pcfg.classifier if pcfg is not None and isinstance(pcfg.classifier, str) else None
-        n = classifier_out_features(sd, head)
+        n = infer_num_classes(timm.create_model(arch, pretrained=False).state_dict(), sd)
         net = timm.create_model(arch, pretrained=False, **({"num_classes": n} if n else {}))
         fit_state_dict(net, sd, f"timm architecture {arch}")
         sd_path, sha = weights, file_sha256(weights)

@@ -9,18 +9,30 @@ from ..labels import default_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from .base import Model, file_sha256
 from .registry import ModelSource, register_source, split_weights
-from .weights import fit_state_dict, read_state_dict
+from .weights import fit_state_dict, infer_num_classes, read_state_dict
 
 EXAMPLE = "torchvision:resnet18@resnet18-f37072fd.pth"
 
 
-def last_linear(net: torch.nn.Module) -> str | None:
-    """Name of the last ``nn.Linear`` (the classifier of every torchvision classifier)."""
+def find_classifier(net: torch.nn.Module, num_classes: int | None) -> str | None:
+    """Name of the classifier: the last Linear (or, as in SqueezeNet, 1x1 conv) with
+    *num_classes* outputs; the last Linear when the count is unknown."""
     name = None
     for n, m in net.named_modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) and (num_classes is None or m.out_features == num_classes):
+            name = n
+        elif isinstance(m, torch.nn.Conv2d) and num_classes is not None and m.out_channels == num_classes \
+                and m.kernel_size == (1, 1):
             name = n
     return name
+
+
+def _num_outputs(net: torch.nn.Module) -> int | None:
+    n = getattr(net, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    last = find_classifier(net, None)
+    return int(net.get_submodule(last).out_features) if last else None
 
 
 def torchvision_data_config(arch: str) -> DataConfig:
@@ -56,15 +68,14 @@ def load_torchvision(rest: str, spec: str, **_: object) -> Model:
     else:
         sd = read_state_dict(weights)
         skeleton = get_model(arch, weights=None, **kwargs)
-        head = last_linear(skeleton)
-        n = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
+        n = infer_num_classes(skeleton.state_dict(), sd)
         # torchvision's published inception/googlenet weights carry the aux heads; drop them
         sd = {k: v for k, v in sd.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
         net = get_model(arch, weights=None, **({"num_classes": n} if n else {}), **kwargs)
         fit_state_dict(net, sd, f"torchvision architecture {arch}")
         path, sha = weights, file_sha256(weights)
-    head = last_linear(net)
-    n_out = int(net.get_submodule(head).out_features) if head else None
+    n_out = _num_outputs(net)
+    head = find_classifier(net, n_out)
     return Model(
         spec=spec,
         source="torchvision",

@@ -80,11 +80,16 @@ def fit_state_dict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what
     module.load_state_dict(sd, strict=False)
 
 
-def classifier_out_features(sd: Mapping[str, torch.Tensor], classifier: str | None) -> int | None:
-    """Number of classes from the classifier weight in a state dict, if findable."""
-    if not classifier:
-        return None
-    w = sd.get(f"{classifier}.weight")
-    if w is None:
-        return None
-    return int(w.shape[0])
+def infer_num_classes(skeleton: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
+                      default: int = 1000) -> int | None:
+    """Number of classes of the weights in *sd*, by comparing with an architecture's
+    default state dict: the classifier is the tensor whose first dimension is
+    *default* in the skeleton and differs only there in the file (Linear or 1x1 conv)."""
+    n = None
+    for k, v in skeleton.items():
+        w = sd.get(k)
+        if w is None or v.dim() == 0 or v.shape[0] != default or w.dim() != v.dim():
+            continue
+        if tuple(w.shape[1:]) == tuple(v.shape[1:]) and w.shape[0] != default:
+            n = int(w.shape[0])
+    return n
