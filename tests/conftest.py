@@ -90,3 +90,27 @@ def odd_images(tmp_path_factory, photos) -> dict[str, Path]:
 
 def requires_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory, photos) -> Path:
+    """A small collection of real photos at several sizes and aspect ratios (24 files in 2 folders)."""
+    root = tmp_path_factory.mktemp("collection")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    sizes = [(320, 240), (240, 320), (300, 300), (400, 300), (320, 240)]
+    n = 0
+    for name, path in photos.items():
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        for j, (tw, th) in enumerate(sizes[:5]):
+            if n >= 24:
+                break
+            # a different crop of the photo each time, so every file is a distinct image
+            box = (j * w // 20, j * h // 25, w - (4 - j) * w // 30, h - (4 - j) * h // 40)
+            im = img.crop(box).resize((tw, th), Image.Resampling.BICUBIC)
+            folder = root / ("a" if n % 2 == 0 else "b")
+            ext = "png" if n % 5 == 4 else "jpg"
+            im.save(folder / f"{name}_{j}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
+            n += 1
+    return root

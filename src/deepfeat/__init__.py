@@ -1,30 +1,58 @@
-"""deepfeat: pretrained CNNs as image retrieval and classification systems."""
+"""deepfeat: pretrained CNNs as image retrieval and classification systems.
+
+The public API is re-exported here lazily (PEP 562), so that ``import deepfeat.images``
+in a decode worker does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import DeepfeatError, ImageError, LayerError, ModelError, StoreError, UsageError  # noqa: E402
-from .models import Model, load_model  # noqa: E402
-from .taps import Taps, capture, layer_table  # noqa: E402
-from .classify import classify  # noqa: E402
-from .images import decode_image, discover  # noqa: E402
-from .preprocess import DataConfig, SizePolicy, parse_size_policy  # noqa: E402
+_EXPORTS = {
+    # errors
+    "DeepfeatError": "errors",
+    "UsageError": "errors",
+    "ModelError": "errors",
+    "LayerError": "errors",
+    "ImageError": "errors",
+    "StoreError": "errors",
+    "FormatError": "errors",
+    # models and layers
+    "Model": "models.base",
+    "load_model": "models.registry",
+    "Taps": "taps",
+    "capture": "taps",
+    "layer_table": "taps",
+    # images and preprocessing
+    "DataConfig": "preprocess",
+    "SizePolicy": "preprocess",
+    "parse_size_policy": "preprocess",
+    "decode_image": "images",
+    "discover": "images",
+    # tasks
+    "classify": "classify",
+    "FeatureStore": "store",
+    "extract": "pipeline",
+    "ExtractConfig": "pipeline",
+    "get_pooling": "pooling",
+    "PostChain": "postprocess",
+    "Index": "index",
+}
 
-__all__ = [
-    "DataConfig",
-    "DeepfeatError",
-    "ImageError",
-    "LayerError",
-    "Model",
-    "ModelError",
-    "SizePolicy",
-    "StoreError",
-    "Taps",
-    "UsageError",
-    "capture",
-    "classify",
-    "decode_image",
-    "discover",
-    "layer_table",
-    "load_model",
-    "parse_size_policy",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'deepfeat' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

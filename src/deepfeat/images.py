@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -142,17 +142,21 @@ def _to_mode(img: Image.Image, mode: str, notes: list[str]) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open (lazily) an image file, turning every failure into an :class:`ImageError`."""
-    path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except OSError as e:
-        raise ImageError(f"cannot stat file: {e.strerror or e}") from None
-    if size == 0:
-        raise ImageError("empty file (0 bytes)")
+def open_image(path: str | os.PathLike | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (lazily) an image file or file object, turning every failure into an :class:`ImageError`."""
+    if hasattr(path, "read"):
+        if hasattr(path, "getbuffer") and len(path.getbuffer()) == 0:  # type: ignore[union-attr]
+            raise ImageError("empty file (0 bytes)")
+    else:
+        path = os.fspath(path)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise ImageError("file not found") from None
+        except OSError as e:
+            raise ImageError(f"cannot stat file: {e.strerror or e}") from None
+        if size == 0:
+            raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -171,7 +175,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
 
 
 def decode_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     policy: SizePolicy | None = None,
     cfg: DataConfig | None = None,
     *,
@@ -242,3 +246,84 @@ def decode_image(
         return DecodedImage(arr, ow, oh, tuple(notes))
     finally:
         img.close()
+
+
+# ---------------------------------------------------------------------------
+# check-images
+# ---------------------------------------------------------------------------
+
+#: notes that make an image "odd" (usable, but worth knowing about)
+_WARNING_NOTES = {
+    "cmyk": "CMYK colour (converted to RGB)",
+    "16-bit": "16-bit samples (scaled to 8 bits)",
+    "32-bit-int": "32-bit integer samples (scaled to 8 bits)",
+    "float": "floating-point samples (rescaled)",
+    "palette-alpha": "palette with transparency (composited on white)",
+    "alpha": "alpha channel (composited on white)",
+    "exif-rotated": "EXIF orientation (rotated upright)",
+    "bad-exif": "unreadable EXIF block (ignored)",
+}
+
+
+@dataclass
+class ImageCheck:
+    """The verdict on one file: ``ok``, ``warning`` (odd but usable) or ``error``."""
+
+    path: str
+    status: str
+    problems: list[str]
+    format: str | None = None
+    mode: str | None = None
+    width: int | None = None
+    height: int | None = None
+    bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "status": self.status, "problems": self.problems, "format": self.format,
+                "mode": self.mode, "width": self.width, "height": self.height, "bytes": self.bytes}
+
+
+def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 32) -> ImageCheck:
+    """Inspect one file thoroughly: header, integrity (PNG CRCs, truncation), full decode."""
+    res = ImageCheck(path=path, status="ok", problems=[])
+    try:
+        res.bytes = os.path.getsize(path)
+    except OSError:
+        pass
+    try:
+        img = open_image(path, max_pixels)
+        res.format, res.mode = img.format, img.mode
+        res.width, res.height = img.size
+        frames = getattr(img, "n_frames", 1)
+        img.close()
+        with Image.open(path) as v:  # verify() checks chunk CRCs and structure without decoding
+            v.verify()
+    except ImageError as e:
+        res.status, res.problems = "error", [str(e)]
+        return res
+    except Exception as e:
+        res.status, res.problems = "error", [f"corrupt file structure: {e}"]
+        return res
+    try:
+        d = decode_image(path, None, None, max_pixels=max_pixels)
+    except ImageError as e:
+        res.status, res.problems = "error", [str(e)]
+        return res
+    except Exception as e:
+        res.status, res.problems = "error", [f"{type(e).__name__}: {e}"]
+        return res
+    problems = [_WARNING_NOTES[n] for n in d.notes if n in _WARNING_NOTES]
+    if res.mode in ("L", "1", "LA", "I;16", "I", "F"):
+        problems.append(f"grayscale ({res.mode})")
+    if frames and frames > 1:
+        problems.append(f"{frames} frames (the first is used)")
+    if min(d.width, d.height) < min_side:
+        problems.append(f"tiny ({d.width}x{d.height})")
+    if res.format and res.format.lower() not in Path(path).suffix.lower().replace("jpg", "jpeg"):
+        ext = Path(path).suffix.lower()
+        if not (res.format == "JPEG" and ext in (".jpg", ".jpeg", ".jpe", ".jfif")) and not (
+                res.format == "TIFF" and ext in (".tif", ".tiff")):
+            problems.append(f"extension {ext or '(none)'} but the content is {res.format}")
+    if problems:
+        res.status, res.problems = "warning", problems
+    return res

@@ -20,6 +20,10 @@ COMMAND_MODULES = (
     "cmd_models",
     "cmd_layers",
     "cmd_classify",
+    "cmd_check_images",
+    "cmd_extract",
+    "cmd_export",
+    "cmd_compute_ap",
 )
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..preprocess import DataConfig, Normalize
+from ..normalize import Normalize
+from ..preprocess import DataConfig
 
 
 @dataclass

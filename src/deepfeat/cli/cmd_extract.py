@@ -1,0 +1,76 @@
+"""``deepfeat extract``: images -> feature store, fast, robust and resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..features import parse_scales
+from ..pipeline import ExtractConfig, extract
+from .common import add_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="extract pooled layer features of many images into a feature store",
+        description="Decode images in parallel, run the network, pool the tapped layer(s) and write shards of a "
+                    "feature store. Bad images are recorded and skipped. Re-running the same command (or "
+                    "--resume) continues an interrupted run; new inputs are appended.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="folders, files, glob patterns or @list.txt")
+    p.add_argument("-o", "--output", required=True, metavar="STORE", help="feature store directory")
+    add_model_args(p, labels=False)
+    p.add_argument("--layer", default="default", metavar="NAME[,NAME...]",
+                   help="layer(s) to tap (default: the last feature map; see `deepfeat layers`)")
+    p.add_argument("--pool", default="gem", metavar="NAME[:ARGS]", help="pooling, e.g. gem:p=3, mac, rmac:L=3, crow")
+    p.add_argument("--post", default="l2", metavar="CHAIN",
+                   help="post-processing applied on read, e.g. l2 or pca-whiten:128,l2 (default l2)")
+    p.add_argument("--fit-on", metavar="STORE", help="fit PCA/whitening on this other store's features")
+    p.add_argument("--size", default="model", metavar="POLICY",
+                   help="model | short:S | long:S | warp:S | warp:HxW | native (default model)")
+    p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale factors, e.g. 1,0.707,0.5")
+    p.add_argument("--scale-combine", default="sum", choices=["sum", "gem"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode processes (default: cores; 0 = inline)")
+    p.add_argument("--decode-in", default="processes", choices=["processes", "threads"])
+    p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard (commit unit)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--no-draft", dest="draft", action="store_false", help="always decode JPEGs at full size")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the store's run with its own settings (inputs and flags may be omitted)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"])
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import UsageError
+
+    if not args.inputs and not args.resume:
+        raise UsageError("give INPUT folders/files/globs/@list.txt, or --resume an existing store")
+    cfg = ExtractConfig(
+        inputs=args.inputs, output=args.output, model=args.model,
+        layers=[s for s in args.layer.split(",") if s.strip()], pooling=args.pool, post=args.post,
+        size=args.size, scales=parse_scales(args.scales), scale_combine=args.scale_combine,
+        backend=args.backend, device=args.device, batch_size=args.batch_size, workers=args.workers,
+        decode_in=args.decode_in, resume=args.resume, limit=args.limit, dtype=args.dtype,
+        shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
+    )
+    try:
+        rep = extract(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: committed shards are kept in {args.output}; run the same command again "
+              "(or `deepfeat extract --resume -o STORE`) to continue", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        st = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
+        print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s): "
+              f"{rep.ok} ok, {rep.failed} failed; {rep.skipped_shards} shard(s) were already done")
+        print(f"stages: {st}")
+        print(f"store: {rep.store} ({rep.planned} items planned)")
+        if rep.failures_report:
+            print(f"failures: {rep.failures_report}")
+    return 0 if rep.ok or rep.skipped_shards else 1

@@ -1,0 +1,618 @@
+"""Extraction pipeline: reader -> decoder -> batcher -> runner -> writer.
+
+The work is planned before it is done: every input gets a stable id and a shard
+(``plan.parquet``), and a shard's batches are formed deterministically from the
+shard's items (consecutive for fixed-size policies; grouped by exact output shape,
+from image headers, for aspect-preserving ones). Decoding runs in worker processes
+(or threads) ahead of inference; inference runs in the main process on the chosen
+backend; a shard is written and committed as soon as its last batch is done.
+
+Because the plan and the batches do not depend on timing, an interrupted run
+(Ctrl-C, ``kill -9``, power loss) continued later produces exactly the same store,
+byte for byte, as an uninterrupted one: committed shards are skipped, the shard in
+progress is redone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import DeepfeatError, StoreError, UsageError
+from .images import DEFAULT_MAX_PIXELS, decode_image, discover, open_image
+from .preprocess import DataConfig, SizePolicy, parse_size_policy, target_size
+from .store import FeatureStore, ShardItems
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that defines an extraction (CLI flags map one to one)."""
+
+    inputs: list[str] = field(default_factory=list)
+    output: str = ""
+    model: str = "efficientnet_lite0"
+    layers: list[str] = field(default_factory=lambda: ["default"])
+    pooling: str = "gem"
+    post: str = "l2"
+    size: str = "model"
+    scales: tuple[float, ...] = (1.0,)
+    scale_combine: str = "sum"
+    backend: str = "torch"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    decode_in: str = "processes"  # or "threads"
+    resume: bool = False
+    limit: int | None = None
+    dtype: str = "float32"
+    shard_size: int = 1024
+    draft: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    fit_on: str | None = None
+    fit_max: int = 100_000
+    progress: str = "auto"  # auto | bar | lines | none
+    labels: str | None = None
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} unknown; choose {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1, not {self.shard_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, not {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be at least 1, not {self.limit}")
+        if self.decode_in not in ("processes", "threads"):
+            raise UsageError(f"decode_in must be 'processes' or 'threads', not {self.decode_in!r}")
+        if not self.output:
+            raise UsageError("an output store directory is required (-o STORE)")
+        parse_size_policy(self.size)
+
+
+@dataclass
+class ExtractReport:
+    """What a run did, for the summary line and for tests."""
+
+    store: str
+    planned: int = 0
+    skipped_shards: int = 0
+    processed: int = 0
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failures_report: str | None = None
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_s"] = round(self.images_per_s, 2)
+        return d
+
+
+# ---------------------------------------------------------------------------
+# Worker side (module level so that it pickles into worker processes)
+# ---------------------------------------------------------------------------
+
+_W: dict[str, Any] = {}
+
+
+def _worker_init(policy: SizePolicy, cfg: DataConfig, draft: bool, max_pixels: int | None,
+                 in_process: bool = False) -> None:
+    _W.update(policy=policy, cfg=cfg, draft=draft, max_pixels=max_pixels)
+    if in_process:
+        _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: a decode worker gets SIGKILL when its parent dies (``kill -9`` of a run),
+    instead of lingering as an orphan; Ctrl-C is handled by the main process alone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent is already gone
+            os._exit(1)
+    except Exception:  # best effort only
+        pass
+
+
+def _probe_one(path: str) -> tuple[int, int] | str:
+    """Output (H, W) for *path* under the worker's policy, from the header only; or an error."""
+    policy: SizePolicy = _W["policy"]
+    cfg: DataConfig = _W["cfg"]
+    try:
+        img = open_image(path, _W["max_pixels"])
+        try:
+            w, h = img.size
+            try:
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    w, h = h, w
+            except Exception:
+                pass
+        finally:
+            img.close()
+    except DeepfeatError as e:
+        return str(e)
+    except Exception as e:  # anything else the header parser throws
+        return f"{type(e).__name__}: {e}"
+    if policy.kind == "model":
+        return tuple(cfg.input_size)  # type: ignore[return-value]
+    tw, th = target_size(w, h, policy, cfg)
+    return th, tw
+
+
+def probe_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
+    return [_probe_one(p) for p in paths]
+
+
+def decode_batch(items: Sequence[tuple[int, str]]) -> tuple[list[tuple], float, float]:
+    """Decode a batch in a worker: [(id, pixels|None, error|None, w, h, notes)], read s, decode s."""
+    out = []
+    t_read = t_dec = 0.0
+    for item_id, path in items:
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            t_read += time.perf_counter() - t0
+            out.append((item_id, None, f"cannot read file: {e.strerror or e}", None, None, ()))
+            continue
+        t1 = time.perf_counter()
+        t_read += t1 - t0
+        try:
+            if not data:
+                raise_empty()
+            d = decode_image(io.BytesIO(data), _W["policy"], _W["cfg"], draft=_W["draft"],
+                             max_pixels=_W["max_pixels"])
+            out.append((item_id, d.pixels, None, d.width, d.height, d.notes))
+        except DeepfeatError as e:
+            out.append((item_id, None, str(e), None, None, ()))
+        except Exception as e:  # a decoder bug must not kill the run
+            out.append((item_id, None, f"{type(e).__name__}: {e}", None, None, ()))
+        t_dec += time.perf_counter() - t1
+    return out, t_read, t_dec
+
+
+def raise_empty() -> None:
+    from .errors import ImageError
+
+    raise ImageError("empty file (0 bytes)")
+
+
+class _InlineExecutor(Executor):
+    """Runs tasks in the calling thread (``--workers 0``)."""
+
+    def __init__(self, initializer: Callable, initargs: tuple):
+        initializer(*initargs)
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            f.set_exception(e)
+        return f
+
+
+def make_executor(kind: str, workers: int, initargs: tuple) -> Executor:
+    if workers == 0:
+        return _InlineExecutor(_worker_init, initargs)
+    if kind == "threads":
+        _worker_init(*initargs)
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode")
+    import multiprocessing as mp
+
+    # spawn: workers are direct children of this process (so they can die with it on
+    # Linux) and start clean, without the parent's torch threads or CUDA state
+    ctx = mp.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(*initargs, True))
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain periodic lines otherwise, or nothing."""
+
+    def __init__(self, total: int, done: int, mode: str = "auto", every: float = 10.0):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total, self.done, self.every = mode, total, done, every
+        self.start = time.perf_counter()
+        self.start_done = done
+        self.last = self.start
+        self.bar = None
+        if mode == "bar":
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True, smoothing=0.1)
+            except ImportError:
+                self.mode = "lines"
+
+    def update(self, n: int, stages: dict[str, float]) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(_stage_str(stages), refresh=False)
+        elif self.mode == "lines":
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self.last = now
+                print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        dt = time.perf_counter() - self.start
+        rate = (self.done - self.start_done) / dt if dt > 0 else 0.0
+        left = self.total - self.done
+        eta = left / rate if rate > 0 else float("nan")
+        return (f"{self.done}/{self.total} images, {rate:.1f} img/s, "
+                f"ETA {_fmt_seconds(eta) if math.isfinite(eta) else '?'}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _stage_str(stages: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.1f}s" for k, v in stages.items())
+
+
+# ---------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------
+
+
+def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple[list[int], list[str], list[int]]:
+    """Merge *paths* into the store's plan: known paths keep their id and shard, new
+    ones are appended after them in new shards. Returns the full plan columns."""
+    plan = store.read_plan()
+    if plan is not None:
+        ids = plan.column("id").to_pylist()
+        ppaths = plan.column("path").to_pylist()
+        shards = plan.column("shard").to_pylist()
+    else:
+        ids, ppaths, shards = [], [], []
+    known = set(ppaths)
+    new = [p for p in paths if p not in known]
+    if new:
+        next_id = (max(ids) + 1) if ids else 0
+        next_shard = (max(shards) + 1) if shards else 0
+        for i, p in enumerate(new):
+            ids.append(next_id + i)
+            ppaths.append(p)
+            shards.append(next_shard + i // shard_size)
+        store.write_plan(ids, ppaths, shards)
+    return ids, ppaths, shards
+
+
+def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: int,
+                  sizes: list[tuple[int, int] | str] | None) -> tuple[list[list[tuple[int, str]]], dict[int, str]]:
+    """Deterministic batches of a shard, and the items whose header could not be read."""
+    if policy.fixed or sizes is None:
+        return [items[i: i + batch_size] for i in range(0, len(items), batch_size)], {}
+    groups: OrderedDict[tuple[int, int], list[tuple[int, str]]] = OrderedDict()
+    bad: dict[int, str] = {}
+    for item, size in zip(items, sizes):
+        if isinstance(size, str):
+            bad[item[0]] = size
+        else:
+            groups.setdefault(tuple(size), []).append(item)
+    batches = []
+    for group in groups.values():
+        batches.extend(group[i: i + batch_size] for i in range(0, len(group), batch_size))
+    return batches, bad
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def _resolve_layers(model, layers: Sequence[str]) -> list[str]:
+    out = []
+    for name in layers:
+        if name in ("default", ""):
+            out.append(default_layer(model))
+        else:
+            out.append(name)
+    return out
+
+
+def default_layer(model) -> str:
+    """The last spatial feature map before global pooling (timm: ``forward_features`` output)."""
+    if model.extra_meta.get("default_layer"):
+        return model.extra_meta["default_layer"]
+    names = [n for n, _ in model.net.named_modules()]
+    for cand in ("conv_head", "bn2", "layer4", "features", "stages", "norm"):
+        if cand in names and cand != "":
+            if cand == "conv_head" and "bn2" in names:
+                return "bn2"  # timm EfficientNet: conv_head -> bn2 (+act) is the final feature map
+            return cand
+    from .errors import LayerError
+
+    raise LayerError(f"no default layer known for {model.spec}; pass --layer (see `deepfeat layers`)")
+
+
+def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list[int]) -> dict[str, Any]:
+    return {
+        "model": model.meta(),
+        "layers": layers,
+        "pooling": pooling.spec,
+        "pooling_params": pooling.to_dict(),
+        "post": cfg.post or "none",
+        "size": str(parse_size_policy(cfg.size)),
+        "scales": list(cfg.scales),
+        "scale_combine": cfg.scale_combine,
+        "dtype": cfg.dtype,
+        "draft_decode": cfg.draft,
+        "features": {name: {"dim": d, "dtype": cfg.dtype} for name, d in zip(layers, dims)},
+    }
+
+
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+    """Run (or continue) an extraction into ``cfg.output``; see the module docstring."""
+    import torch
+
+    from .features import FeatureNet, OnnxRunner, TorchRunner, pooled_dims
+    from .models import load_model
+    from .models.base import resolve_device
+    from .pooling import get_pooling
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    existing = FeatureStore(out) if (out / "meta.json").is_file() else None
+    if cfg.resume and existing is None:
+        raise UsageError(f"--resume: {out} is not an existing feature store")
+    if existing is not None and cfg.resume:
+        _adopt_meta(cfg, existing.meta)
+
+    device = resolve_device(cfg.device if cfg.backend == "torch" else "cpu")
+    model = load_model(cfg.model, device=str(device), labels=cfg.labels)
+    layers = _resolve_layers(model, cfg.layers)
+    pooling = get_pooling(cfg.pooling)
+    if getattr(pooling, "needs_fit", False):
+        raise UsageError(f"pooling {pooling.spec!r} needs a fitted codebook; fit it first (see docs/pooling.md)")
+    policy = parse_size_policy(cfg.size)
+    fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
+    dims = pooled_dims(fnet, model.data_config.input_size)
+    meta = build_meta(cfg, model, layers, pooling, dims)
+    store = FeatureStore.create(out, meta)
+    if store.meta.get("post") != meta["post"]:
+        store.update_meta(post=meta["post"])
+        (store.path / "post.npz").unlink(missing_ok=True)
+
+    # plan
+    paths = discover(cfg.inputs) if cfg.inputs else []
+    if cfg.limit is not None:
+        paths = paths[: cfg.limit]
+    ids, ppaths, shards = plan_inputs(store, paths, cfg.shard_size)
+    if not ids:
+        raise UsageError("no images found in the inputs")
+    committed = set(store.committed_shards())
+    by_shard: OrderedDict[int, list[tuple[int, str]]] = OrderedDict()
+    for i, p, s in zip(ids, ppaths, shards):
+        if s not in committed:
+            by_shard.setdefault(s, []).append((i, p))
+    report = ExtractReport(store=str(out), planned=len(ids), skipped_shards=len(committed))
+    todo = sum(len(v) for v in by_shard.values())
+    if committed:
+        log.info("resuming: %d shard(s) already committed", len(committed))
+
+    runner: Callable[[np.ndarray], list[np.ndarray]]
+    if cfg.backend == "onnx":
+        runner = OnnxRunner(fnet, threads=torch.get_num_threads())
+    else:
+        runner = TorchRunner(fnet, device)
+
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+    progress = Progress(len(ids), len(ids) - todo, cfg.progress)
+    out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
+    executor = make_executor(cfg.decode_in, workers, initargs)
+    inflight_max = max(2, 2 * max(workers, 1))
+    try:
+        pending: deque = deque()
+        shard_state: dict[int, dict[str, Any]] = {}
+
+        def submit_shard(shard: int, items: list[tuple[int, str]]) -> None:
+            sizes = None
+            if not policy.fixed:
+                chunk = max(1, math.ceil(len(items) / max(workers, 1)))
+                futs = [executor.submit(probe_sizes, [p for _, p in items[i: i + chunk]])
+                        for i in range(0, len(items), chunk)]
+                sizes = [s for f in futs for s in f.result()]
+            batches, bad = shard_batches(items, policy, cfg.batch_size, sizes)
+            shard_state[shard] = {"items": items, "left": len(batches), "results": {}, "bad": bad}
+            for b in batches:
+                pending.append((shard, executor.submit(decode_batch, b)))
+            if not batches:
+                finish_shard(shard)
+
+        def finish_shard(shard: int) -> None:
+            st = shard_state.pop(shard)
+            t0 = time.perf_counter()
+            items_tab = ShardItems.empty()
+            feats: list[list[np.ndarray]] = [[] for _ in layers]
+            for item_id, path in st["items"]:
+                if item_id in st["bad"]:
+                    items_tab.add(item_id, path, ok=False, error=st["bad"][item_id])
+                    continue
+                r = st["results"][item_id]
+                if r[0] is None:
+                    items_tab.add(item_id, path, ok=False, error=r[1])
+                    continue
+                vecs, w, h, notes = r
+                items_tab.add(item_id, path, ok=True, width=w, height=h, offset=len(feats[0]), notes=notes)
+                for j, v in enumerate(vecs):
+                    feats[j].append(v)
+            arrays = {
+                name: (np.stack(f).astype(out_dtype) if f else np.zeros((0, d), out_dtype))
+                for name, f, d in zip(layers, feats, dims)
+            }
+            try:
+                store.commit_shard(shard, items_tab, arrays)
+            except OSError as e:
+                raise StoreError(f"cannot write shard {shard} to {out}: {e.strerror or e}. Committed shards are "
+                                 "kept; free space and run the same command again to continue.") from None
+            stages["write"] += time.perf_counter() - t0
+            n_ok = sum(s == "ok" for s in items_tab.status)
+            report.ok += n_ok
+            report.failed += len(items_tab) - n_ok
+            if on_shard is not None:
+                on_shard(shard)
+
+        def drain_one() -> None:
+            shard, fut = pending.popleft()
+            results, t_read, t_dec = fut.result()
+            stages["read"] += t_read
+            stages["decode"] += t_dec
+            st = shard_state[shard]
+            good = [r for r in results if r[1] is not None]
+            if good:
+                t0 = time.perf_counter()
+                outs = runner(np.stack([r[1] for r in good]))
+                stages["infer"] += time.perf_counter() - t0
+                for k, r in enumerate(good):
+                    st["results"][r[0]] = ([o[k].reshape(-1) for o in outs], r[3], r[4], r[5])
+            for r in results:
+                if r[1] is None:
+                    st["results"][r[0]] = (None, r[2])
+            report.processed += len(results)
+            progress.update(len(results), stages)
+            st["left"] -= 1
+            if st["left"] == 0:
+                finish_shard(shard)
+
+        shard_iter = iter(by_shard.items())
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < inflight_max:
+                nxt = next(shard_iter, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                submit_shard(*nxt)
+            if not pending:
+                break
+            drain_one()
+    except KeyboardInterrupt:
+        report.interrupted = True
+        raise
+    finally:
+        progress.close()
+        _shutdown(executor, cancel=report.interrupted)
+        report.seconds = time.perf_counter() - t_start
+        report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
+        try:
+            store.consolidate()
+        except Exception as e:  # never hide the original error behind a consolidation failure
+            log.warning("could not consolidate items.parquet: %s", e)
+    _finish_post(store, cfg)
+    failed = store.failed()
+    if failed.num_rows:
+        import pyarrow.csv as pacsv
+
+        rep = store.path / "failures.csv"
+        pacsv.write_csv(failed.select(["id", "path", "error"]), rep)
+        report.failures_report = str(rep)
+    store.update_meta(last_run=report.to_dict())
+    return report
+
+
+def _shutdown(executor: Executor, cancel: bool) -> None:
+    try:
+        executor.shutdown(wait=not cancel, cancel_futures=True)
+    except TypeError:
+        executor.shutdown(wait=not cancel)
+
+
+def _adopt_meta(cfg: ExtractConfig, meta: dict[str, Any]) -> None:
+    """--resume: take the settings from the store, so flags need not be repeated."""
+    cfg.model = meta["model"]["spec"]
+    cfg.layers = list(meta["layers"])
+    cfg.pooling = meta["pooling"]
+    cfg.size = meta["size"]
+    cfg.scales = tuple(meta.get("scales", [1.0]))
+    cfg.scale_combine = meta.get("scale_combine", "sum")
+    cfg.dtype = meta.get("dtype", "float32")
+    cfg.post = meta.get("post", cfg.post)
+    cfg.draft = meta.get("draft_decode", cfg.draft)
+
+
+def _finish_post(store: FeatureStore, cfg: ExtractConfig) -> None:
+    """Fit the post-processing chain if it needs fitting and is not fitted yet."""
+    from .postprocess import PostChain
+
+    chain = PostChain.parse(store.meta.get("post") or "none")
+    if not chain.needs_fit or (store.path / "post.npz").is_file():
+        return
+    fit_post(store, chain, cfg.fit_on, cfg.fit_max)
+
+
+def fit_post(store: FeatureStore, chain, fit_on: str | None, fit_max: int = 100_000, seed: int = 0) -> None:
+    """Fit *chain* on another store (``fit_on``) or on this one, and save it into *store*."""
+    src = FeatureStore(fit_on) if fit_on else store
+    if fit_on:
+        src.check_compatible({**store.meta, "post": src.meta.get("post")})
+    x = src.raw(store.feature_name())
+    if len(x) > fit_max:
+        rng = np.random.default_rng(seed)
+        x = x[np.sort(rng.choice(len(x), fit_max, replace=False))]
+    if not fit_on:
+        log.warning("fitting %s on the features being indexed (no --fit-on given)", chain.spec)
+    fitted = chain.fit(x)
+    fitted.save(store.path / "post.npz")
+    store.update_meta(post=chain.spec, post_fitted_on=str(src.path), post_fitted_rows=int(len(x)))
+    store._post = None
+
+
+def default_workers() -> int:
+    """Decode workers: one per core (inference shares them; decoding is the CPU bottleneck)."""
+    n = os.cpu_count() or 1
+    return max(1, n)

@@ -1,0 +1,470 @@
+"""The on-disk feature store: shards of N x D arrays, an items table, and a meta.
+
+Layout of a store directory::
+
+    meta.json                 what produced the features (model + weights hash, layers,
+                              pooling, post-processing, size policy, dims, version, dates)
+    plan.parquet              every input in processing order: id, path, shard
+    shards/000007.items.parquet   the items of shard 7 (the commit marker, written last)
+    shards/000007.<feature>.npy   its features, one file per feature (layer), rows = ok items
+    items.parquet             all committed items, consolidated at the end of each run
+    post.npz / post.json      the fitted post-processing chain, when it needs fitting
+
+Items table columns: ``id`` (stable row id), ``path``, ``status`` (``ok``/``error``),
+``error``, ``width``, ``height`` (original, after EXIF orientation), ``shard``,
+``offset`` (row in the shard's arrays, -1 for errors), ``notes``.
+
+Features are stored as pooled (before post-processing); the post-processing chain
+recorded in ``meta.json`` is applied when vectors are read (:meth:`FeatureStore.vectors`),
+so a different chain never requires re-extraction. Every write is atomic (temporary
+file + ``os.replace``) and a shard is committed by its items file, written after its
+arrays: after a crash a shard is either fully present or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import StoreError, UsageError
+
+ITEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("shard", pa.int32()),
+        ("offset", pa.int64()),
+        ("notes", pa.string()),
+    ]
+)
+PLAN_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("shard", pa.int32())])
+
+#: meta keys that must agree for two extractions to share a store
+IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine", "dtype", "features")
+
+
+def feature_file_key(name: str) -> str:
+    """A file-name-safe form of a feature (layer) name: ``blocks.5`` -> ``blocks.5``,
+    ``inception_3a/1x1`` -> ``inception_3a_1x1``, ``bn2.act:in`` -> ``bn2.act_in``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ShardItems:
+    """The items of one shard, as column lists (what the pipeline accumulates)."""
+
+    id: list[int]
+    path: list[str]
+    status: list[str]
+    error: list[str | None]
+    width: list[int | None]
+    height: list[int | None]
+    offset: list[int]
+    notes: list[str | None]
+
+    @classmethod
+    def empty(cls) -> "ShardItems":
+        return cls([], [], [], [], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+    def add(self, id: int, path: str, *, ok: bool, error: str | None = None, width: int | None = None,
+            height: int | None = None, offset: int = -1, notes: Sequence[str] = ()) -> None:
+        self.id.append(int(id))
+        self.path.append(path)
+        self.status.append("ok" if ok else "error")
+        self.error.append(error)
+        self.width.append(width)
+        self.height.append(height)
+        self.offset.append(int(offset))
+        self.notes.append(",".join(notes) if notes else None)
+
+    def table(self, shard: int) -> pa.Table:
+        n = len(self.id)
+        return pa.table(
+            {
+                "id": pa.array(self.id, pa.int64()),
+                "path": pa.array(self.path, pa.string()),
+                "status": pa.array(self.status, pa.string()),
+                "error": pa.array(self.error, pa.string()),
+                "width": pa.array(self.width, pa.int32()),
+                "height": pa.array(self.height, pa.int32()),
+                "shard": pa.array([shard] * n, pa.int32()),
+                "offset": pa.array(self.offset, pa.int64()),
+                "notes": pa.array(self.notes, pa.string()),
+            },
+            schema=ITEM_SCHEMA,
+        )
+
+
+class FeatureStore:
+    """A feature store directory (see the module docstring for the layout).
+
+    Open an existing one with ``FeatureStore(path)``; the extraction pipeline creates
+    them with :meth:`create`. Reading is memory-mapped and lazy:
+
+    >>> store = FeatureStore("feats")
+    >>> len(store), store.dim, store.feature_names
+    >>> X = store.vectors()                 # N x D float32, post-processing applied
+    >>> store.items()                       # pyarrow table: id, path, status, ...
+    >>> store.row_of_path("photos/cat.jpg") # feature row of an image
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise StoreError(f"{self.path} is not a feature store (no meta.json); create one with `deepfeat extract`")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{meta_path} is unreadable: {e}") from None
+        if self.meta.get("format") != "deepfeat-store":
+            raise StoreError(f"{meta_path} is not a deepfeat store meta (format={self.meta.get('format')!r})")
+        self._items: pa.Table | None = None
+        self._ok_rows: np.ndarray | None = None
+        self._post = None
+
+    # -- creation -----------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: dict[str, Any]) -> "FeatureStore":
+        """Create an empty store with *meta* (or open it, if one with the same identity exists)."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} exists and is not a directory")
+        if (p / "meta.json").is_file():
+            store = cls(p)
+            store.check_compatible(meta)
+            return store
+        if p.is_dir() and any(p.iterdir()):
+            raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
+        (p / "shards").mkdir(parents=True, exist_ok=True)
+        full = {
+            "format": "deepfeat-store",
+            "format_version": 1,
+            "deepfeat_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **meta,
+        }
+        atomic_write_json(p / "meta.json", full)
+        _fsync_dir(p)
+        return cls(p)
+
+    def check_compatible(self, meta: dict[str, Any]) -> None:
+        """Refuse to mix features made differently in one store, naming what differs."""
+        diffs = []
+        for k in IDENTITY_KEYS:
+            a, b = self.meta.get(k), meta.get(k)
+            if k == "model":
+                a = {x: (a or {}).get(x) for x in ("spec", "weights_sha256")}
+                b = {x: (b or {}).get(x) for x in ("spec", "weights_sha256")}
+            if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+                diffs.append(f"{k}: store has {a!r}, this run has {b!r}")
+        if diffs:
+            raise StoreError(
+                f"{self.path} holds features made differently; refusing to mix them:\n  " + "\n  ".join(diffs)
+                + "\nUse a new output directory, or the store's own settings."
+            )
+
+    def update_meta(self, **kw: Any) -> None:
+        self.meta.update(kw)
+        self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(self.path / "meta.json", self.meta)
+
+    # -- plan ---------------------------------------------------------------
+
+    def read_plan(self) -> pa.Table | None:
+        p = self.path / "plan.parquet"
+        return pq.read_table(p) if p.is_file() else None
+
+    def write_plan(self, ids: Sequence[int], paths: Sequence[str], shards: Sequence[int]) -> None:
+        t = pa.table({"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()),
+                      "shard": pa.array(shards, pa.int32())}, schema=PLAN_SCHEMA)
+        atomic_write_parquet(self.path / "plan.parquet", t)
+
+    # -- shards -------------------------------------------------------------
+
+    def _shard_items_path(self, shard: int) -> Path:
+        return self.path / "shards" / f"{shard:06d}.items.parquet"
+
+    def shard_feature_path(self, shard: int, name: str) -> Path:
+        return self.path / "shards" / f"{shard:06d}.{feature_file_key(name)}.npy"
+
+    def committed_shards(self) -> list[int]:
+        out = []
+        for f in (self.path / "shards").glob("*.items.parquet"):
+            try:
+                out.append(int(f.name.split(".")[0]))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def commit_shard(self, shard: int, items: ShardItems, features: dict[str, np.ndarray]) -> None:
+        """Write a shard's arrays, then its items file (the commit marker)."""
+        n_ok = sum(1 for s in items.status if s == "ok")
+        for name, arr in features.items():
+            if arr.shape[0] != n_ok:
+                raise StoreError(f"shard {shard}: {arr.shape[0]} feature rows for {n_ok} ok items ({name})")
+            atomic_save_npy(self.shard_feature_path(shard, name), arr)
+        atomic_write_parquet(self._shard_items_path(shard), items.table(shard))
+        _fsync_dir(self.path / "shards")
+        self._items = None
+        self._ok_rows = None
+
+    def consolidate(self) -> pa.Table:
+        """Write ``items.parquet`` from the committed shards (in shard order) and return it."""
+        t = self._read_shard_items()
+        atomic_write_parquet(self.path / "items.parquet", t)
+        self._items = t
+        return t
+
+    def _read_shard_items(self) -> pa.Table:
+        shards = self.committed_shards()
+        if not shards:
+            return ITEM_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
+
+    # -- reading ------------------------------------------------------------
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.meta.get("features", {}))
+
+    def feature_name(self, name: str | None = None) -> str:
+        names = self.feature_names
+        if not names:
+            raise StoreError(f"{self.path} has no features recorded in its meta")
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise UsageError(f"feature {name!r} not in store; it has: {', '.join(names)}")
+        return name
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["features"][self.feature_name()]["dim"])
+
+    def items(self, refresh: bool = False) -> pa.Table:
+        """All committed items (ok and failed), in row-id order of processing."""
+        if self._items is None or refresh:
+            consolidated = self.path / "items.parquet"
+            shards = self.committed_shards()
+            t = None
+            if consolidated.is_file():
+                t = pq.read_table(consolidated)
+                covered = set(t.column("shard").to_pylist()) if t.num_rows else set()
+                if not set(shards) <= covered and shards:
+                    t = None  # stale: shards were committed after the last consolidation
+            self._items = t if t is not None else self._read_shard_items()
+        return self._items
+
+    def ok_items(self) -> pa.Table:
+        """The items that have a feature row, in feature-row order."""
+        t = self.items()
+        return t.filter(pc.equal(t.column("status"), "ok"))
+
+    def __len__(self) -> int:
+        """Number of feature rows (successfully processed images)."""
+        return self.ok_items().num_rows
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.ok_items().column("id").to_numpy()
+
+    @property
+    def paths(self) -> list[str]:
+        return self.ok_items().column("path").to_pylist()
+
+    def features(self, name: str | None = None, mmap: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """(shard, array) pairs of the stored (pooled, not post-processed) features."""
+        name = self.feature_name(name)
+        for s in self.committed_shards():
+            f = self.shard_feature_path(s, name)
+            if not f.is_file():
+                raise StoreError(f"shard {s} is committed but its features {f.name} are missing")
+            yield s, np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def raw(self, name: str | None = None) -> np.ndarray:
+        """All stored features of *name* as one N x D float32 array (row = feature row)."""
+        parts = [a for _, a in self.features(name)]
+        if not parts:
+            return np.zeros((0, self.meta["features"][self.feature_name(name)]["dim"]), np.float32)
+        return np.ascontiguousarray(np.concatenate(parts).astype(np.float32, copy=False))
+
+    @property
+    def post(self):
+        """The post-processing chain of this store (fitted if it needs fitting), or None."""
+        if self._post is None:
+            spec = self.meta.get("post") or "none"
+            from .postprocess import PostChain
+
+            fitted = self.path / "post.npz"
+            self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(spec)
+        return self._post
+
+    def vectors(self, name: str | None = None, post: bool = True) -> np.ndarray:
+        """N x D float32 descriptors ready for search: stored features + post-processing."""
+        x = self.raw(name)
+        if not post:
+            return x
+        chain = self.post
+        if not chain.fitted:
+            raise StoreError(
+                f"{self.path}: post-processing {chain.spec!r} is not fitted yet; run `deepfeat postprocess`"
+            )
+        return np.ascontiguousarray(chain.apply(x), dtype=np.float32)
+
+    def row_of_path(self, path: str) -> int:
+        """Feature row of an image path (as stored, or normalised)."""
+        paths = self.paths
+        for cand in (path, os.path.normpath(path)):
+            try:
+                return paths.index(cand)
+            except ValueError:
+                continue
+        raise UsageError(f"{path} is not in the store (or failed to extract)")
+
+    def row_of_id(self, item_id: int) -> int:
+        ids = self.ids
+        hit = np.nonzero(ids == int(item_id))[0]
+        if not len(hit):
+            raise UsageError(f"id {item_id} is not in the store (or failed to extract)")
+        return int(hit[0])
+
+    def failed(self) -> pa.Table:
+        t = self.items()
+        return t.filter(pc.equal(t.column("status"), "error"))
+
+    def summary(self) -> dict[str, Any]:
+        t = self.items()
+        n_err = self.failed().num_rows
+        return {
+            "path": str(self.path),
+            "items": t.num_rows,
+            "features": t.num_rows - n_err,
+            "failed": n_err,
+            "shards": len(self.committed_shards()),
+            "model": self.meta.get("model", {}).get("spec"),
+            "layers": self.meta.get("layers"),
+            "pooling": self.meta.get("pooling"),
+            "post": self.meta.get("post"),
+            "size": self.meta.get("size"),
+            "dims": {k: v["dim"] for k, v in self.meta.get("features", {}).items()},
+        }
+
+
+# ---------------------------------------------------------------------------
+# Exports
+# ---------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("npz", "h5", "pkl", "csv")
+
+
+def export_store(store: FeatureStore, fmt: str, out: str | os.PathLike, feature: str | None = None,
+                 post: bool = True) -> Path:
+    """Write the store's vectors (post-processed unless *post* is false) with ids and paths.
+
+    * ``npz``: arrays ``features`` (N x D), ``ids``, ``paths``, and ``meta`` (JSON string);
+    * ``h5``: datasets ``features``, ``ids``, ``paths``, attribute ``meta``;
+    * ``pkl``: the ``{image_path: feature}`` dict of Compute-Features-style scripts
+      (deepfeat writes pickles for others; it never loads pickles from users);
+    * ``csv``: ``id,path,f0,f1,...``.
+    """
+    fmt = fmt.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"export format {fmt!r} unknown; choose {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    X = store.vectors(feature, post=post)
+    ids = store.ids
+    paths = store.paths
+    meta = json.dumps({**store.meta, "exported_feature": store.feature_name(feature), "post_applied": post},
+                      default=str)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if fmt == "npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, features=X, ids=ids, paths=np.array(paths, dtype=str), meta=np.array(meta))
+    elif fmt == "h5":
+        try:
+            import h5py
+        except ImportError:
+            raise UsageError("h5 export needs h5py: pip install 'deepfeat[h5]'") from None
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=X)
+            f.create_dataset("ids", data=ids)
+            f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+            f.attrs["meta"] = meta
+    elif fmt == "pkl":
+        import pickle
+
+        with open(tmp, "wb") as f:
+            pickle.dump({p: X[i].copy() for i, p in enumerate(paths)}, f, protocol=4)
+    else:
+        import csv
+
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "path"] + [f"f{j}" for j in range(X.shape[1])])
+            for i in range(len(X)):
+                w.writerow([int(ids[i]), paths[i]] + [repr(float(v)) for v in X[i]])
+    os.replace(tmp, out)
+    return out

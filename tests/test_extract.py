@@ -1,0 +1,258 @@
+"""The extraction pipeline and the feature store, end to end on real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from deepfeat.cli import main
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.features import FeatureNet
+from deepfeat.images import decode_image, discover
+from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.pooling import get_pooling
+from deepfeat.preprocess import parse_size_policy
+from deepfeat.store import FeatureStore
+
+FAST = dict(workers=0, progress="none", batch_size=8)
+
+
+def _cfg(inputs, out, **kw) -> ExtractConfig:
+    return ExtractConfig(inputs=[str(i) for i in inputs], output=str(out), **{**FAST, **kw})
+
+
+def _reference(model, path, size, layer, pool) -> np.ndarray:
+    """The descriptor of one image computed directly, one image at a time."""
+    px = decode_image(path, parse_size_policy(size), model.data_config).pixels
+    fnet = FeatureNet(model, [layer], get_pooling(pool))
+    with torch.inference_mode():
+        return fnet(torch.from_numpy(px)[None])[0][0].numpy()
+
+
+def test_default_extract_just_works(collection, tmp_path, lite0):
+    rep = extract(_cfg([collection], tmp_path / "s"))
+    assert rep.ok == 24 and rep.failed == 0
+    store = FeatureStore(tmp_path / "s")
+    assert len(store) == 24 and store.dim == 1280
+    assert store.meta["layers"] == ["bn2"] and store.meta["pooling"].startswith("gem")
+    assert store.meta["model"]["spec"] == "efficientnet_lite0" and len(store.meta["model"]["weights_sha256"]) == 64
+    X = store.vectors()
+    assert X.shape == (24, 1280) and X.dtype == np.float32
+    assert np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)  # default post = l2
+    # row i belongs to path i: equal to the descriptor computed for that file alone
+    for row in (0, 7, 23):
+        ref = _reference(lite0, store.paths[row], "model", "bn2", store.meta["pooling"])
+        assert np.allclose(store.raw()[row], ref, rtol=1e-4, atol=1e-5)
+    items = store.items()
+    assert items.column("id").to_pylist() == list(range(24))
+    assert set(items.column("status").to_pylist()) == {"ok"}
+    assert (tmp_path / "s" / "items.parquet").is_file()
+
+
+@pytest.mark.parametrize("size", ["short:200", "long:256", "native", "warp:160x200"])
+def test_size_policies_bucket_without_distortion(collection, tmp_path, lite0, size):
+    store_dir = tmp_path / "s"
+    extract(_cfg([collection], store_dir, size=size, layers=["blocks.4"], pooling="mac", post="none",
+                 shard_size=10))
+    store = FeatureStore(store_dir)
+    assert len(store) == 24 and store.meta["size"] == size
+    for row in (1, 12, 22):
+        ref = _reference(lite0, store.paths[row], size, "blocks.4", "mac")
+        assert np.allclose(store.raw()[row], ref, rtol=1e-4, atol=1e-5), store.paths[row]
+    # sizes recorded are the originals
+    w = store.items().column("width").to_pylist()
+    assert set(w) <= {240, 300, 320, 400}
+
+
+def test_input_forms(collection, tmp_path):
+    files = discover([collection])
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(files[:3]) + "\n")
+    inputs = [f"@{lst}", str(collection / "b" / "*.jpg"), files[5]]
+    extract(_cfg(inputs, tmp_path / "s", pooling="mac"))
+    store = FeatureStore(tmp_path / "s")
+    expected = discover(inputs)
+    assert store.paths == expected and len(expected) > 5
+
+
+def test_backends_agree(collection, tmp_path):
+    extract(_cfg([collection], tmp_path / "t", limit=10, pooling="gem"))
+    extract(_cfg([collection], tmp_path / "o", limit=10, pooling="gem", backend="onnx"))
+    a, b = FeatureStore(tmp_path / "t").vectors(), FeatureStore(tmp_path / "o").vectors()
+    assert FeatureStore(tmp_path / "t").paths == FeatureStore(tmp_path / "o").paths
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.9999
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_backends_agree_variable_size_rmac(collection, tmp_path):
+    kw = dict(limit=8, pooling="rmac", size="long:224", post="none", shard_size=4)
+    extract(_cfg([collection], tmp_path / "t", **kw))
+    extract(_cfg([collection], tmp_path / "o", backend="onnx", **kw))
+    a, b = FeatureStore(tmp_path / "t").raw(), FeatureStore(tmp_path / "o").raw()
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_broken_images_are_recorded_not_fatal(collection, odd_images, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(collection / "a", mixed)
+    for name in ("empty.jpg", "not_image.jpg", "truncated.jpg", "bad_crc.png", "bomb.png", "cmyk.jpg",
+                 "gray16.png", "exif_rotated.jpg", "palette_alpha.png"):
+        shutil.copy(odd_images[name], mixed / f"odd_{name}")
+    rep = extract(_cfg([mixed], tmp_path / "s", workers=2))
+    store = FeatureStore(tmp_path / "s")
+    failed = {Path(p).name: e for p, e in zip(store.failed().column("path").to_pylist(),
+                                              store.failed().column("error").to_pylist())}
+    assert set(failed) == {"odd_empty.jpg", "odd_not_image.jpg", "odd_truncated.jpg", "odd_bad_crc.png",
+                           "odd_bomb.png"}
+    assert "truncated" in failed["odd_truncated.jpg"] and "empty" in failed["odd_empty.jpg"]
+    assert rep.failed == 5 and rep.ok == 12 + 4 and len(store) == 16
+    assert rep.failures_report and Path(rep.failures_report).read_text().count("\n") == 6
+    notes = dict(zip(store.ok_items().column("path").to_pylist(), store.ok_items().column("notes").to_pylist()))
+    assert notes[str(mixed / "odd_cmyk.jpg")] == "cmyk"
+
+
+def test_append_and_meta_mismatch(collection, tmp_path):
+    out = tmp_path / "s"
+    extract(_cfg([collection / "a"], out, pooling="mac"))
+    n_a = len(FeatureStore(out))
+    rep = extract(_cfg([collection / "a", collection / "b"], out, pooling="mac"))
+    store = FeatureStore(out)
+    assert len(store) == 24 and rep.processed == 24 - n_a  # only the new images were processed
+    assert store.ids.tolist() == list(range(24))
+    with pytest.raises(StoreError, match="pooling"):
+        extract(_cfg([collection], out, pooling="gem"))
+    with pytest.raises(StoreError, match="non-empty directory"):
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "x.txt").write_text("x")
+        extract(_cfg([collection], other))
+
+
+def test_exports_round_trip(collection, tmp_path, capsys):
+    out = tmp_path / "s"
+    extract(_cfg([collection], out, limit=6, pooling="mac"))
+    store = FeatureStore(out)
+    X = store.vectors()
+    for fmt in ("npz", "h5", "pkl", "csv"):
+        f = tmp_path / f"feats.{fmt}"
+        assert main(["export", str(out), "-o", str(f)]) == 0
+        if fmt == "npz":
+            z = np.load(f, allow_pickle=False)
+            assert np.array_equal(z["features"], X) and z["paths"].tolist() == store.paths
+            assert json.loads(str(z["meta"]))["pooling"] == "mac"
+        elif fmt == "h5":
+            import h5py
+
+            with h5py.File(f) as h:
+                assert np.array_equal(h["features"][()], X)
+                assert [p.decode() for p in h["paths"][()]] == store.paths
+        elif fmt == "pkl":
+            with open(f, "rb") as fh:  # our own file
+                d = pickle.load(fh)
+            assert list(d) == store.paths and np.array_equal(np.stack(list(d.values())), X)
+        else:
+            rows = f.read_text().splitlines()
+            assert rows[0].startswith("id,path,f0,f1")
+            vals = np.array([[float(v) for v in r.split(",")[2:]] for r in rows[1:]], dtype=np.float32)
+            assert np.array_equal(vals, X)
+    assert main(["info", str(out)]) == 0
+    assert "features: 6" in capsys.readouterr().out
+
+
+def test_float16_and_multiscale_and_two_layers(collection, tmp_path, lite0):
+    out = tmp_path / "s"
+    extract(_cfg([collection], out, limit=4, layers=["blocks.5", "bn2"], pooling="gem", dtype="float16",
+                 scales=(1.0, 0.707), post="none"))
+    store = FeatureStore(out)
+    assert store.feature_names == ["blocks.5", "bn2"]
+    a = next(store.features("blocks.5"))[1]
+    assert a.dtype == np.float16 and a.shape == (4, 192)
+    assert store.raw("bn2").shape == (4, 1280)
+
+
+def test_usage_errors(tmp_path, collection):
+    with pytest.raises(UsageError, match="backend"):
+        extract(_cfg([collection], tmp_path / "s", backend="tf"))
+    with pytest.raises(UsageError, match="size policy"):
+        extract(_cfg([collection], tmp_path / "s", size="huge"))
+    with pytest.raises(UsageError, match="not an existing feature store"):
+        extract(_cfg([], tmp_path / "nothing", resume=True))
+    assert main(["extract", str(collection), "-o", str(tmp_path / "x"), "--pool", "bogus"]) == 2
+
+
+def _extract_cmd(collection, out):
+    return [sys.executable, "-m", "deepfeat.cli", "extract", str(collection), "-o", str(out), "--shard-size", "3",
+            "--batch-size", "3", "--workers", "1", "--pool", "gem", "--progress", "lines"]
+
+
+def _store_bytes(out: Path) -> dict[str, bytes]:
+    files = {}
+    for f in sorted((out / "shards").iterdir()):
+        if f.suffix == ".npy":
+            files[f.name] = f.read_bytes()
+    t = pq.read_table(out / "items.parquet")
+    files["items"] = json.dumps(t.to_pylist()).encode()
+    return files
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupt_then_resume_is_identical(collection, tmp_path, sig):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_extract_cmd(collection, ref), check=True, env=env, capture_output=True)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_extract_cmd(collection, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until some, but not all, shards are committed
+        done = list((out / "shards").glob("*.items.parquet")) if (out / "shards").is_dir() else []
+        if len(done) >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    n_before = len(list((out / "shards").glob("*.items.parquet")))
+    assert 0 < n_before < 8
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"interrupted" in err
+    res = subprocess.run(_extract_cmd(collection, out), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"{n_before} shard(s) were already done" in res.stdout
+    assert _store_bytes(out) == _store_bytes(ref)
+    # --resume alone (no inputs, no flags) finds nothing left to do
+    assert main(["extract", "--resume", "-o", str(out), "--progress", "none", "--workers", "0"]) == 0
+
+
+def test_check_images_cli(odd_images, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, p in odd_images.items():
+        shutil.copy(p, d / name)
+    report = tmp_path / "report.json"
+    bad = tmp_path / "bad"
+    rc = main(["check-images", str(d), "--report", str(report), "--move-bad", str(bad)])
+    assert rc == 1
+    rows = {Path(r["path"]).name: r for r in json.loads(report.read_text())}
+    errors = {n for n, r in rows.items() if r["status"] == "error"}
+    assert errors == {"empty.jpg", "not_image.jpg", "truncated.jpg", "bad_crc.png", "bomb.png"}
+    warn = {n: r["problems"] for n, r in rows.items() if r["status"] == "warning"}
+    assert any("CMYK" in p for p in warn["cmyk.jpg"])
+    assert any("16-bit" in p for p in warn["gray16.png"])
+    assert any("EXIF" in p for p in warn["exif_rotated.jpg"])
+    assert any("transparency" in p for p in warn["palette_alpha.png"])
+    assert sorted(p.name for p in bad.iterdir()) == sorted(errors)
+    assert not (d / "truncated.jpg").exists()
+    assert "5 unusable" in capsys.readouterr().err
