@@ -256,3 +256,29 @@ def test_check_images_cli(odd_images, tmp_path, capsys):
     assert sorted(p.name for p in bad.iterdir()) == sorted(errors)
     assert not (d / "truncated.jpg").exists()
     assert "5 unusable" in capsys.readouterr().err
+
+
+def test_mop_codebook_fitted_saved_and_reused(collection, tmp_path):
+    out = tmp_path / "s"
+    extract(_cfg([collection], out, limit=12, layers=["blocks.5"], pooling="mop:k=4,local=16,dim=4",
+                 post="none", pool_fit_samples=8))
+    store = FeatureStore(out)
+    assert (out / "pooling.npz").is_file() and len(store) == 12
+    X = store.raw()
+    assert np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-4)
+    # appending reuses the saved codebook, so old rows and new rows are comparable
+    extract(_cfg([collection], out, layers=["blocks.5"], pooling="mop:k=4,local=16,dim=4", post="none"))
+    assert np.array_equal(FeatureStore(out).raw()[:12], X)
+
+
+def test_pca_whitening_chain_fitted_and_changed_without_reextraction(collection, tmp_path, capsys):
+    out = tmp_path / "s"
+    extract(_cfg([collection], out, pooling="gem", post="pca-whiten:8,l2"))
+    store = FeatureStore(out)
+    assert (out / "post.npz").is_file() and store.vectors().shape == (24, 8)
+    raw_before = store.raw().copy()
+    assert main(["postprocess", str(out), "--post", "pca:4"]) == 0
+    store = FeatureStore(out)
+    assert store.vectors().shape == (24, 4) and np.array_equal(store.raw(), raw_before)
+    assert main(["postprocess", str(out), "--post", "l2"]) == 0
+    assert not (out / "post.npz").exists() and FeatureStore(out).vectors().shape == (24, 1280)

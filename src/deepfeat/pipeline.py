@@ -66,6 +66,8 @@ class ExtractConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     fit_on: str | None = None
     fit_max: int = 100_000
+    pool_fit: str | None = None  # a fitted codebook file for poolings that need one (mop)
+    pool_fit_samples: int = 500  # else: fit on this many of the inputs (seeded sample)
     progress: str = "auto"  # auto | bar | lines | none
     labels: str | None = None
 
@@ -415,13 +417,15 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     model = load_model(cfg.model, device=str(device), labels=cfg.labels)
     layers = _resolve_layers(model, cfg.layers)
     pooling = get_pooling(cfg.pooling)
-    if getattr(pooling, "needs_fit", False):
-        raise UsageError(f"pooling {pooling.spec!r} needs a fitted codebook; fit it first (see docs/pooling.md)")
     policy = parse_size_policy(cfg.size)
+    if pooling.needs_fit:
+        pooling = _fitted_pooling(cfg, model, layers, pooling, policy, out, device)
     fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
     dims = pooled_dims(fnet, model.data_config.input_size)
     meta = build_meta(cfg, model, layers, pooling, dims)
     store = FeatureStore.create(out, meta)
+    if pooling.needs_fit and not (store.path / POOLING_FILE).is_file():
+        pooling.save(store.path / POOLING_FILE, extra={"layer": layers[0], "model": model.spec})
     if store.meta.get("post") != meta["post"]:
         store.update_meta(post=meta["post"])
         (store.path / "post.npz").unlink(missing_ok=True)
@@ -563,6 +567,49 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
         report.failures_report = str(rep)
     store.update_meta(last_run=report.to_dict())
     return report
+
+
+POOLING_FILE = "pooling.npz"
+
+
+def _fitted_pooling(cfg: ExtractConfig, model, layers: list[str], pooling, policy: SizePolicy, out: Path, device):
+    """A pooling that learns (MOP's codebooks): from --pool-fit, from the store, or fitted on
+    a seeded sample of the inputs and saved into the store so a resumed run reuses it."""
+    import torch
+
+    from .pooling import load_pooling
+    from .taps import Taps
+
+    if len(layers) != 1:
+        raise UsageError(f"pooling {pooling.spec!r} learns a codebook per layer; tap one layer, not {layers}")
+    saved = out / POOLING_FILE
+    src = cfg.pool_fit or (str(saved) if saved.is_file() else None)
+    if src:
+        fitted = load_pooling(src)
+        if fitted.spec != pooling.spec:
+            raise UsageError(f"codebook {src} is for {fitted.spec!r}, not {pooling.spec!r}")
+        return fitted
+    paths = discover(cfg.inputs) if cfg.inputs else []
+    if not paths:
+        raise UsageError(f"pooling {pooling.spec!r} needs a codebook: give inputs to fit on, or --pool-fit FILE")
+    rng = np.random.default_rng(0)
+    sample = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), cfg.pool_fit_samples),
+                                                  replace=False))]
+    log.warning("fitting %s on %d of the input images", pooling.spec, len(sample))
+    taps = Taps(model.net, layers, model.layer_aliases)
+
+    def batches():
+        for p in sample:
+            try:
+                px = decode_image(p, policy, model.data_config, draft=cfg.draft).pixels
+            except DeepfeatError:
+                continue
+            with torch.inference_mode():
+                yield taps(model.normalize(torch.from_numpy(px)[None].to(device)))[layers[0]].cpu()
+
+    pooling.fit(batches())
+    pooling.fit_info = {**getattr(pooling, "fit_info", {}), "fitted_on_images": len(sample)}
+    return pooling
 
 
 def _shutdown(executor: Executor, cancel: bool) -> None:

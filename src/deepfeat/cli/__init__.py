@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cmd_check_images",
     "cmd_extract",
     "cmd_export",
+    "cmd_postprocess",
     "cmd_compute_ap",
 )
 

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--post", default="l2", metavar="CHAIN",
                    help="post-processing applied on read, e.g. l2 or pca-whiten:128,l2 (default l2)")
     p.add_argument("--fit-on", metavar="STORE", help="fit PCA/whitening on this other store's features")
+    p.add_argument("--pool-fit", metavar="FILE", help="a fitted codebook for poolings that learn one (mop)")
+    p.add_argument("--pool-fit-samples", type=int, default=500, metavar="N",
+                   help="else fit the codebook on N of the inputs (default 500)")
     p.add_argument("--size", default="model", metavar="POLICY",
                    help="model | short:S | long:S | warp:S | warp:HxW | native (default model)")
     p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale factors, e.g. 1,0.707,0.5")
@@ -56,6 +59,7 @@ def run(args) -> int:
         backend=args.backend, device=args.device, batch_size=args.batch_size, workers=args.workers,
         decode_in=args.decode_in, resume=args.resume, limit=args.limit, dtype=args.dtype,
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
+        pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples,
     )
     try:
         rep = extract(cfg)

@@ -15,6 +15,7 @@ def register(sub) -> None:
     add_model_args(p, device=False)
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the model's own)")
     p.add_argument("--no-params", dest="params", action="store_false", help="omit the parameter table")
+    p.add_argument("--depth", type=int, metavar="D", help="only layers nested at most D levels deep (0 = top level)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -33,12 +34,15 @@ def run(args) -> int:
     table = layer_table(model.net, (model.data_config.channels, h, w), model.layer_aliases)
     if args.json:
         d = table.to_dict()
+        if args.depth is not None:
+            d["layers"] = [l for l in d["layers"] if l["depth"] <= args.depth]
         d["model"] = model.spec
         print_json(d)
         return 0
     print(f"model {model.spec} ({model.arch}), input {model.data_config.channels}x{h}x{w}\n")
+    layers = [l for l in table.layers if args.depth is None or l.depth <= args.depth]
     rows = [["  " * l.depth + l.name, l.type, _shape(l.shape), f"{l.params:,}" if l.params else "", l.note]
-            for l in table.layers]
+            for l in layers]
     print(format_table(rows, ["layer", "type", "output (CxHxW)", "params", "note"], "lllrl"))
     if args.params:
         print()

@@ -1,0 +1,34 @@
+"""``deepfeat postprocess``: change (and fit) a store's post-processing chain, no re-extraction."""
+
+from __future__ import annotations
+
+from ..pipeline import fit_post
+from ..postprocess import PostChain
+from ..store import FeatureStore
+
+
+def register(sub) -> None:
+    p = sub.add_parser("postprocess", help="set a store's post-processing chain (fits PCA/whitening)",
+                       description="Stores keep pooled features; the post-processing chain is applied when "
+                                   "vectors are read. This sets the chain, fitting PCA/whitening on --fit-on "
+                                   "(another store made the same way) or on the store itself.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--post", required=True, metavar="CHAIN", help="e.g. l2, power:0.5,l2, pca-whiten:128,l2")
+    p.add_argument("--fit-on", metavar="STORE", help="fit on this store's features (recommended)")
+    p.add_argument("--fit-max", type=int, default=100_000, metavar="N", help="fit on at most N vectors")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    store = FeatureStore(args.store)
+    chain = PostChain.parse(args.post)
+    (store.path / "post.npz").unlink(missing_ok=True)
+    store.update_meta(post=chain.spec)
+    store._post = None
+    if chain.needs_fit:
+        fit_post(store, chain, args.fit_on, args.fit_max)
+    d_out = store.post.output_dim(store.dim)
+    print(f"{store.path}: post-processing {chain.spec} ({store.dim} -> {d_out} dims)"
+          + (f", fitted on {store.meta.get('post_fitted_rows')} vectors of {store.meta.get('post_fitted_on')}"
+             if chain.needs_fit else ""))
+    return 0
