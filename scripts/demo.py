@@ -67,15 +67,15 @@ def main_demo() -> int:
         f"extract {coll} -o {out / 'store'} --pool gem --post l2",
         f"info {out / 'store'}",
     ]
-    optional = {
-        "cmd_index": [f"index {out / 'store'}"],
-        "cmd_search": [f"search {out / 'store'} {photos[0]} --top 5",
-                       f"search {out / 'store'} {photos[1]} --top 5 --grid {out / 'search_grid.png'}"],
-        "cmd_eval": [f"eval {out / 'store'} --gt folders"],
-    }
-    for mod, cmds in optional.items():
-        if mod in COMMAND_MODULES:
-            steps.extend(cmds)
+    store = out / "store"
+    optional = [  # (command module, command): later parts of the job, run when present
+        ("cmd_search", f"index {store}"),
+        ("cmd_search", f"search {store} {photos[0]} --top 5"),
+        ("cmd_search", f"search {store} {coll / 'coffee_espresso' / 'coffee_espresso_dark.jpg'} --top 5 "
+                       f"--gt folders --grid {out / 'search_grid.png'}"),
+        ("cmd_search", f"eval {store} --gt folders"),
+    ]
+    steps += [cmd for mod, cmd in optional if mod in COMMAND_MODULES]
     failed = 0
     for cmd in steps:
         failed += run(cmd) != 0

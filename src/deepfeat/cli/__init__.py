@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "cmd_export",
     "cmd_postprocess",
     "cmd_compute_ap",
+    "cmd_search",
+    "cmd_sweep",
 )
 
 

@@ -1,0 +1,299 @@
+"""A feature store as a search engine: queries embedded exactly as the store was made.
+
+:class:`SearchEngine` opens a store, its FAISS index (``STORE/index/``, built by
+``deepfeat index``; exact search when there is none), and, only when an image query
+arrives, the model and descriptor network described by the store's own ``meta.json``:
+same model and weights, layer(s), pooling (and MOP codebook), scales, size policy and
+post-processing. Queries can be image files (optionally a region ``x1,y1,x2,y2`` cut
+out first, as the Oxford protocol requires), rows/ids/paths already in the store, or
+vectors. Results carry the store's ids and paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from .errors import DeepfeatError, StoreError, UsageError
+from .store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+
+
+@dataclass
+class Hit:
+    rank: int
+    row: int
+    id: int
+    path: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "id": self.id, "path": self.path, "score": round(self.score, 6)}
+
+
+def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
+    """What an index must agree on with its store to be usable."""
+    return {
+        "store_created": store.meta.get("created"),
+        "model": store.meta["model"].get("spec"),
+        "weights_sha256": store.meta["model"].get("weights_sha256"),
+        "feature": feature,
+        "pooling": store.meta.get("pooling"),
+        "post": store.meta.get("post"),
+        "post_fitted_rows": store.meta.get("post_fitted_rows"),
+        "rows": len(store),
+    }
+
+
+def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", feature: str | None = None,
+                threads: int | None = None, **params: Any):
+    """Build and save a FAISS index over the store's vectors (ids = feature rows)."""
+    from .index import Index
+
+    feature = store.feature_name(feature)
+    xb = store.vectors(feature)
+    if len(xb) == 0:
+        raise StoreError(f"{store.path} has no features to index")
+    index = Index.build(xb, kind=kind, metric=metric, ids=np.arange(len(xb), dtype=np.int64), threads=threads,
+                       source_meta=index_source_meta(store, feature), **params)
+    index.save(store.path / INDEX_DIR)
+    return index
+
+
+class SearchEngine:
+    """Search a feature store (see the module docstring)."""
+
+    def __init__(self, store: str | os.PathLike | FeatureStore, feature: str | None = None, device: str = "cpu",
+                 use_index: bool = True, threads: int | None = None):
+        self.store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+        self.feature = self.store.feature_name(feature)
+        self.xb = self.store.vectors(self.feature)
+        if len(self.xb) == 0:
+            raise StoreError(f"{self.store.path} has no features to search")
+        items = self.store.ok_items()
+        self.ids = items.column("id").to_numpy()
+        self.paths = items.column("path").to_pylist()
+        self._path_rows = {p: i for i, p in enumerate(self.paths)}
+        self.device = device
+        self.threads = threads
+        self.index = self._open_index() if use_index else None
+        self._fnet = None
+        self._model = None
+        self._dba_cache: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
+
+    # -- index ----------------------------------------------------------------
+
+    def _open_index(self):
+        from .index import Index
+
+        d = self.store.path / INDEX_DIR
+        if not (d / "index.json").is_file():
+            return None
+        index = Index.load(d, threads=self.threads)
+        want = index_source_meta(self.store, self.feature)
+        have = index.meta.get("source_meta") or {}
+        stale = [k for k in want if have.get(k) != want[k]]
+        if stale:
+            log.warning("index in %s is stale (%s differ); using exact search. Rebuild with `deepfeat index`.",
+                        d, ", ".join(stale))
+            return None
+        return index
+
+    @property
+    def exact_index(self):
+        """A flat (exact) index over the vectors, for when no saved index applies."""
+        from .index import Index
+
+        if getattr(self, "_flat", None) is None:
+            self._flat = Index.build(self.xb, kind="flat", metric="ip",
+                                     ids=np.arange(len(self.xb), dtype=np.int64), threads=self.threads)
+        return self._flat
+
+    @property
+    def active_index(self):
+        return self.index if self.index is not None else self.exact_index
+
+    # -- queries ----------------------------------------------------------------
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .models import load_model
+
+            spec = self.store.meta["model"]["spec"]
+            model = load_model(spec, device=self.device)
+            sha = self.store.meta["model"].get("weights_sha256")
+            if sha and model.weights_sha256 and sha != model.weights_sha256:
+                raise StoreError(f"the weights of {spec} changed since the store was made "
+                                 f"(sha256 {model.weights_sha256[:12]} vs {sha[:12]})")
+            self._model = model
+        return self._model
+
+    @property
+    def feature_net(self):
+        if self._fnet is None:
+            from .features import FeatureNet
+            from .pooling import get_pooling, load_pooling
+
+            meta = self.store.meta
+            codebook = self.store.path / "pooling.npz"
+            pooling = load_pooling(codebook) if codebook.is_file() else get_pooling(meta["pooling"])
+            self._fnet = FeatureNet(self.model, meta["layers"], pooling, tuple(meta.get("scales", [1.0])),
+                                    meta.get("scale_combine", "sum")).eval()
+        return self._fnet
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (post-processed) of decoded images of the store's size policy."""
+        import torch
+
+        out = []
+        layer_i = self.store.meta["layers"].index(self.feature)
+        for px in pixels:  # one at a time: query images may differ in size
+            with torch.inference_mode():
+                v = self.feature_net(torch.from_numpy(px)[None].to(self.model.device))[layer_i]
+            out.append(v.float().cpu().numpy().reshape(1, -1))
+        x = np.concatenate(out).astype(np.float32)
+        return np.ascontiguousarray(self.store.post.apply(x), dtype=np.float32)
+
+    def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
+        from .images import decode_image
+        from .preprocess import parse_size_policy
+
+        policy = parse_size_policy(self.store.meta.get("size", "model"))
+        return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,
+                            draft=self.store.meta.get("draft_decode", True)).pixels
+
+    def embed_images(self, images: Sequence[str | os.PathLike | BinaryIO],
+                     bboxes: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+        """Descriptors of image files (or file objects), each optionally cropped to a box."""
+        bboxes = bboxes or [None] * len(images)
+        return self.embed_pixels([self.decode(im, bb) for im, bb in zip(images, bboxes)])
+
+    def row(self, key: str | int) -> int:
+        """Feature row of a store id (int or digits) or a stored path."""
+        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
+            hit = np.nonzero(self.ids == int(key))[0]
+            if not len(hit):
+                raise UsageError(f"id {key} is not in the store (or failed to extract)")
+            return int(hit[0])
+        for cand in (key, os.path.normpath(key)):
+            if cand in self._path_rows:
+                return self._path_rows[cand]
+        raise UsageError(f"{key!r} is not a path or id in the store")
+
+    def resolve_queries(self, queries: Sequence[str], bbox: Sequence[float] | None = None
+                        ) -> tuple[np.ndarray, list[str], list[int | None]]:
+        """Turn CLI query strings into vectors: ``.npy`` files, stored paths/ids, or image files.
+
+        Returns (xq, labels, rows) where rows[i] is the store row of a stored query (or None)."""
+        vecs, labels, rows = [], [], []
+        for q in queries:
+            if q.endswith(".npy") and Path(q).is_file():
+                v = np.load(q, allow_pickle=False).astype(np.float32)
+                v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
+                if v.shape[1] != self.xb.shape[1]:
+                    raise UsageError(f"{q}: vectors of dim {v.shape[1]}, the store's are {self.xb.shape[1]}")
+                vecs.append(v)
+                labels.extend([f"{q}[{i}]" for i in range(len(v))])
+                rows.extend([None] * len(v))
+                continue
+            row = None
+            if bbox is None:
+                try:
+                    row = self.row(q)
+                except UsageError:
+                    row = None
+            if row is not None:
+                vecs.append(self.xb[row: row + 1])
+                labels.append(self.paths[row])
+                rows.append(row)
+                continue
+            if not Path(q).is_file():
+                raise UsageError(f"query {q!r} is not an image file, a .npy file, or a path/id in the store")
+            vecs.append(self.embed_images([q], [bbox]))
+            labels.append(q + (f" [{','.join(str(v) for v in bbox)}]" if bbox else ""))
+            rows.append(None)
+        return np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32), labels, rows
+
+    # -- search -----------------------------------------------------------------
+
+    def search(self, xq: np.ndarray, k: int = 10, qe: int = 0, alpha: float = 0.0, dba: int = 0,
+               exclude_rows: Sequence[int | None] | None = None) -> list[list[Hit]]:
+        """Top-*k* hits per query, with optional alpha-QE and DBA (see :mod:`deepfeat.index`).
+
+        *exclude_rows* drops a query's own row from its results (searching by a stored image)."""
+        from .index import alpha_query_expansion, dba_index
+
+        if k < 1:
+            raise UsageError(f"--top must be at least 1, not {k}")
+        index, xb = self.active_index, self.xb
+        if dba:
+            key = (int(dba), float(alpha))
+            if key not in self._dba_cache:
+                self._dba_cache[key] = dba_index(index, xb, dba, alpha)
+            index, xb = self._dba_cache[key]
+        extra = 1 if exclude_rows is not None and any(r is not None for r in exclude_rows) else 0
+        kk = min(len(xb), k + extra)
+        if qe:
+            _, I0 = index.search(xq, min(len(xb), qe + extra))
+            if extra:
+                I0 = _drop_rows(I0, exclude_rows, qe)
+            xq = alpha_query_expansion(xq, xb, I0, None, qe, alpha)
+        D, I = index.search(xq, kk)
+        out = []
+        for qi in range(len(xq)):
+            hits = []
+            skip = exclude_rows[qi] if exclude_rows is not None else None
+            for d, i in zip(D[qi], I[qi]):
+                if i < 0 or (skip is not None and i == skip):
+                    continue
+                hits.append(Hit(len(hits) + 1, int(i), int(self.ids[i]), self.paths[i], float(d)))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
+
+    def rank_all(self, xq: np.ndarray, qe: int = 0, alpha: float = 0.0, dba: int = 0) -> np.ndarray:
+        """Full rankings (Q x N feature rows), exact, for evaluation."""
+        from .evaluate import rank_by_similarity
+        from .index import alpha_query_expansion, database_side_augmentation
+
+        xb = self.xb
+        if dba:
+            xb = database_side_augmentation(xb, dba, alpha, self.exact_index)
+        ranks = rank_by_similarity(xq, xb)
+        if qe:
+            xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
+            ranks = rank_by_similarity(xq, xb)
+        return ranks
+
+
+def _drop_rows(I: np.ndarray, rows: Sequence[int | None], n: int) -> np.ndarray:
+    out = np.full((I.shape[0], n), -1, dtype=I.dtype)
+    for qi in range(I.shape[0]):
+        keep = [i for i in I[qi] if i >= 0 and i != rows[qi]][:n]
+        out[qi, : len(keep)] = keep
+    return out
+
+
+def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if not text:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--bbox {text!r}: give x1,y1,x2,y2 in pixels") from None
+    if len(vals) != 4 or vals[2] <= vals[0] or vals[3] <= vals[1]:
+        raise UsageError(f"--bbox {text!r}: give x1,y1,x2,y2 with x2 > x1 and y2 > y1")
+    return vals  # type: ignore[return-value]
+
+
+__all__ = ["SearchEngine", "Hit", "build_index", "parse_bbox", "DeepfeatError"]

@@ -1,0 +1,272 @@
+"""Which layer, pooling and post-processing work best here? One table answers.
+
+The dataset is decoded and run through the network once: every requested layer is
+tapped in the same forward pass and pooled every requested way. Each (layer,
+pooling) descriptor is then post-processed every requested way (PCA/whitening fitted
+on ``--fit-on`` images, or on the evaluation set itself with a warning, as many
+papers do), ranked exactly, and scored with the ground truth. The result is the
+table the retrieval literature prints: rows layer x pooling, columns
+post-processing, cells mAP, best marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DeepfeatError, UsageError
+from .images import discover
+from .pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
+from .pooling import get_pooling
+from .postprocess import PostChain
+from .preprocess import parse_size_policy
+from .taps import Taps
+
+log = logging.getLogger(__name__)
+
+
+class MultiPoolNet(torch.nn.Module):
+    """uint8 batch -> every (layer, pooling) descriptor from one forward pass."""
+
+    def __init__(self, model, layers: Sequence[str], poolings: Sequence):
+        super().__init__()
+        self.normalize = model.normalize
+        self.taps = Taps(model.net, list(layers), model.layer_aliases)
+        self.layers = list(layers)
+        self.poolings = torch.nn.ModuleList(poolings)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        acts = self.taps(self.normalize(pixels))
+        return [p(acts[layer]) for layer in self.layers for p in self.poolings]
+
+
+def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: str = "model", batch_size: int = 32,
+                        workers: int | None = None, draft: bool = True, device: str = "cpu",
+                        crop_boxes: Sequence | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, str]]:
+    """Run *net* over *paths* with the pipeline's decoders. Returns (ok mask, one N x D array
+    per output with zero rows for failed images, errors by path)."""
+    from .images import decode_image
+
+    policy = parse_size_policy(size)
+    n_out = len(net.layers) * len(net.poolings)
+    ok = np.zeros(len(paths), dtype=bool)
+    rows: list[dict[int, np.ndarray]] = [{} for _ in range(n_out)]
+    errors: dict[str, str] = {}
+
+    def run(idx: list[int], pixels: list[np.ndarray]) -> None:
+        with torch.inference_mode():
+            outs = net(torch.from_numpy(np.stack(pixels)).to(device))
+        for j, o in enumerate(outs):
+            o = o.float().cpu().numpy().reshape(len(idx), -1)
+            for k, i in enumerate(idx):
+                rows[j][i] = o[k]
+        ok[idx] = True
+
+    if crop_boxes is not None:  # query regions: one image at a time, cropped first
+        for i, (p, box) in enumerate(zip(paths, crop_boxes)):
+            try:
+                run([i], [decode_image(p, policy, model.data_config, crop_box=box, draft=draft).pixels])
+            except DeepfeatError as e:
+                errors[p] = str(e)
+    else:
+        workers = default_workers() if workers is None else workers
+        items = list(enumerate(paths))
+        with make_executor("processes", workers, (policy, model.data_config, draft, None)) as ex:
+            sizes = None
+            if not policy.fixed:
+                chunk = max(1, math.ceil(len(items) / max(workers, 1)))
+                futs = [ex.submit(probe_sizes, list(paths[i: i + chunk])) for i in range(0, len(paths), chunk)]
+                sizes = [s for f in futs for s in f.result()]
+            batches, bad = shard_batches(items, policy, batch_size, sizes)
+            for i, err in bad.items():
+                errors[paths[i]] = err
+            futures = [ex.submit(decode_batch, b) for b in batches]
+            for fut in futures:
+                results, _, _ = fut.result()
+                good = [r for r in results if r[1] is not None]
+                for r in results:
+                    if r[1] is None:
+                        errors[paths[r[0]]] = r[2]
+                if good:
+                    run([r[0] for r in good], [r[1] for r in good])
+    dims = [next(iter(r.values())).shape[0] if r else 0 for r in rows]
+    arrays = []
+    for j in range(n_out):
+        a = np.zeros((len(paths), dims[j]), np.float32)
+        for i, v in rows[j].items():
+            a[i] = v
+        arrays.append(a)
+    return ok, arrays, errors
+
+
+@dataclass
+class SweepResult:
+    protocol: str
+    layers: list[str]
+    pools: list[str]
+    posts: list[str]
+    cells: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    fit_source: str = ""
+    n_images: int = 0
+    n_failed: int = 0
+    seconds: float = 0.0
+    extract_seconds: float = 0.0
+    model: str = ""
+
+    def best(self) -> tuple[str, str, str] | None:
+        """The best cell (the first in table order among ties)."""
+        best, best_map = None, -1.0
+        for k, v in self.cells.items():
+            if v.get("map") is not None and v["map"] > best_map:
+                best, best_map = k, v["map"]
+        return best
+
+    def markdown(self) -> str:
+        best = self.best()
+        head = "| layer | pooling | " + " | ".join(self.posts) + " |"
+        sep = "|---|---|" + "---:|" * len(self.posts)
+        lines = [head, sep]
+        for layer in self.layers:
+            for pool in self.pools:
+                cells = []
+                for post in self.posts:
+                    c = self.cells.get((layer, pool, post), {})
+                    if c.get("map") is None:
+                        cells.append(c.get("note", "n/a"))
+                    else:
+                        txt = f"{100 * c['map']:.2f}"
+                        cells.append(f"**{txt}**" if (layer, pool, post) == best else txt)
+                lines.append(f"| {layer} | {pool} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["protocol", "layer", "pooling", "post", "dim", "map", "mp@1", "mp@5", "mp@10", "ns_score",
+                    "note", "best"])
+        best = self.best()
+        for (layer, pool, post), c in self.cells.items():
+            w.writerow([self.protocol, layer, pool, post, c.get("dim"), _fmt(c.get("map")), _fmt(c.get("mp1")),
+                        _fmt(c.get("mp5")), _fmt(c.get("mp10")), _fmt(c.get("ns")), c.get("note", ""),
+                        int((layer, pool, post) == best)])
+        return buf.getvalue()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "model": self.model, "layers": self.layers, "pools": self.pools,
+                "posts": self.posts, "fit_source": self.fit_source, "n_images": self.n_images,
+                "n_failed": self.n_failed, "seconds": round(self.seconds, 2),
+                "extract_seconds": round(self.extract_seconds, 2), "best": list(self.best() or []),
+                "cells": [{"layer": k[0], "pooling": k[1], "post": k[2], **v} for k, v in self.cells.items()]}
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Sequence[str], posts: Sequence[str],
+          model_spec: str = "efficientnet_lite0", fit_on: Sequence[str] | None = None, size: str = "model",
+          batch_size: int = 32, workers: int | None = None, device: str = "cpu", ks=(1, 5, 10)
+          ) -> list[SweepResult]:
+    """Run the sweep; one :class:`SweepResult` per ground-truth protocol."""
+    from .evaluate import evaluate_ranks, parse_gt_spec, rank_by_similarity
+    from .models import load_model
+    from .pipeline import default_layer
+
+    t0 = time.perf_counter()
+    model = load_model(model_spec, device=device)
+    layers = [default_layer(model) if layer in ("default", "") else layer for layer in layers]
+    poolings = [get_pooling(p) for p in pools]
+    for p in poolings:
+        if p.needs_fit:
+            raise UsageError(f"pooling {p.spec!r} learns a codebook; the sweep takes poolings without one")
+    posts = [PostChain.parse(p).spec for p in posts]  # validates the grammar up front
+    net = MultiPoolNet(model, layers, poolings).to(device).eval()
+    paths = discover(dataset)
+    if not paths:
+        raise UsageError("no images found in the dataset")
+    gts = parse_gt_spec(gt_spec, paths)
+    te = time.perf_counter()
+    ok, arrays, errors = compute_descriptors(paths, net, model, size, batch_size, workers, device=device)
+    if errors:
+        log.warning("%d image(s) failed and rank last: %s", len(errors), "; ".join(list(errors)[:3]))
+    fit_arrays = None
+    if fit_on:
+        fit_paths = discover(fit_on)
+        fok, fit_arrays, _ = compute_descriptors(fit_paths, net, model, size, batch_size, workers, device=device)
+        fit_arrays = [a[fok] for a in fit_arrays]
+        fit_source = f"{len(fit_paths)} images from {', '.join(fit_on)}"
+    else:
+        fit_source = "the evaluation set itself (no --fit-on)"
+    extract_seconds = time.perf_counter() - te
+    combos = [(layer, pool) for layer in layers for pool in [p.spec for p in poolings]]
+    results = []
+    for gt in gts:
+        # query vectors: stored rows, or cropped regions extracted afresh (Oxford protocol)
+        needs_crop = [q for q in gt.queries if q.bbox is not None or q.index is None]
+        crop_arrays = None
+        if needs_crop:
+            qpaths = [q.path for q in needs_crop]
+            if any(p is None for p in qpaths):
+                raise UsageError("some query images of the ground truth are not in the dataset")
+            _, crop_arrays, _ = compute_descriptors(qpaths, net, model, size, device=device,
+                                                    crop_boxes=[q.bbox for q in needs_crop])
+        res = SweepResult(protocol=gt.protocol, layers=list(layers), pools=[p.spec for p in poolings], posts=posts,
+                          fit_source=fit_source, n_images=len(paths), n_failed=len(errors), model=model.spec)
+        for j, (layer, pool) in enumerate(combos):
+            xb_raw = arrays[j]
+            qrows, k_crop = [], 0
+            for q in gt.queries:
+                if q.bbox is not None or q.index is None:
+                    qrows.append(crop_arrays[j][k_crop])
+                    k_crop += 1
+                else:
+                    qrows.append(xb_raw[q.index])
+            xq_raw = np.stack(qrows).astype(np.float32)
+            for post in posts:
+                chain = PostChain.parse(post)
+                try:
+                    if chain.needs_fit:
+                        chain.fit(fit_arrays[j] if fit_arrays is not None else xb_raw[ok])
+                    xb, xq = chain.apply(xb_raw), chain.apply(xq_raw)
+                except UsageError as e:
+                    res.cells[(layer, pool, post)] = {"map": None, "note": "n/a", "reason": str(e)}
+                    continue
+                xb[~ok] = 0.0  # failed images have no descriptor: they rank last
+                ranks = rank_by_similarity(xq, xb)
+                ev = evaluate_ranks(ranks, gt, ks)
+                res.cells[(layer, pool, post)] = {
+                    "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1), "mp5": ev.mp_at_k.get(5),
+                    "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score}
+        res.seconds = time.perf_counter() - t0
+        res.extract_seconds = extract_seconds
+        results.append(res)
+    if not fit_on and any(PostChain.parse(p).needs_fit for p in posts):
+        log.warning("PCA/whitening was fitted on the evaluation set itself (no --fit-on): optimistic, as in many "
+                    "papers")
+    return results
+
+
+def write_outputs(results: list[SweepResult], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in results:
+        stem = f"sweep_{r.protocol}"
+        (out / f"{stem}.md").write_text(r.markdown() + "\n")
+        (out / f"{stem}.csv").write_text(r.csv())
+        (out / f"{stem}.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+        written += [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json"]
+    return written
+
+
+__all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs"]
