@@ -22,7 +22,7 @@ import torch
 
 from .errors import UsageError
 from .models.base import Model
-from .taps import Taps
+from .taps import make_taps
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class FeatureNet(torch.nn.Module):
         self.normalize = model.normalize
         self.net = model.net
         self.layers = list(layers)
-        self.taps = Taps(model.net, self.layers, model.layer_aliases)
+        self.taps = make_taps(model, self.layers)
+        self.exportable = getattr(model, "exportable", True)
         self.pooling = pooling
         self.scales = tuple(float(s) for s in scales)
         self.scale_combine = scale_combine
@@ -119,6 +120,8 @@ class OnnxRunner:
         self.cache_dir = cache_dir
         self._sessions: dict[tuple[int, ...], object] = {}
         self.export_seconds = 0.0
+        # a network that already runs in ONNX Runtime (an onnx: model) is not re-exported
+        self._eager = None if feature_net.exportable else TorchRunner(feature_net, torch.device("cpu"))
 
     def _session(self, shape: tuple[int, int, int]):
         sess = self._sessions.get(shape)
@@ -150,6 +153,8 @@ class OnnxRunner:
         return sess
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if self._eager is not None:
+            return self._eager(pixels)
         sess = self._session(tuple(pixels.shape[1:]))
         return list(sess.run(None, {"pixels": np.ascontiguousarray(pixels)}))
 

@@ -309,7 +309,24 @@ class Taps:
         return {req: captured[res] for req, res in zip(self.requested, self.layers)}
 
 
+def make_taps(model, layers: Sequence[str]):
+    """A taps callable for *model*: module hooks for torch networks, or the model's own
+    ``tapper`` (e.g. ONNX models tap by adding graph outputs)."""
+    tapper = getattr(model, "tapper", None)
+    if tapper is not None:
+        return tapper(list(layers))
+    return Taps(model.net, layers, getattr(model, "layer_aliases", None))
+
+
+def model_layer_table(model, input_shape: Sequence[int]) -> LayerTable:
+    """The layer table of any model (torch module hooks, or the model's own lister)."""
+    lister = getattr(model, "layer_lister", None)
+    if lister is not None:
+        return lister(tuple(input_shape))
+    return layer_table(model.net, input_shape, getattr(model, "layer_aliases", None))
+
+
 def capture(model, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """One-shot: normalised batch *x* through ``model.net``, returning the named layers."""
+    """One-shot: normalised batch *x* through the model, returning the named layers."""
     with torch.inference_mode():
-        return Taps(model.net, layers, getattr(model, "layer_aliases", None))(x)
+        return make_taps(model, layers)(x)

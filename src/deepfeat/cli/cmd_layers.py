@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..models import load_model
-from ..taps import layer_table
+from ..taps import model_layer_table
 from .common import add_model_args, format_table, print_json
 
 
@@ -31,7 +31,7 @@ def run(args) -> int:
         from ..errors import UsageError
 
         raise UsageError(f"--size must be positive, not {h} {w}")
-    table = layer_table(model.net, (model.data_config.channels, h, w), model.layer_aliases)
+    table = model_layer_table(model, (model.data_config.channels, h, w))
     if args.json:
         d = table.to_dict()
         if args.depth is not None:

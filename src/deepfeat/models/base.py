@@ -39,6 +39,12 @@ class Model:
     output_kind: str = "logits"
     extra_meta: dict[str, Any] = field(default_factory=dict)
     layer_aliases: dict[str, str] = field(default_factory=dict)
+    #: for networks that are not torch modules inside (ONNX): ``tapper(layers)`` returns a
+    #: callable normalised-batch -> {layer: tensor}; ``layer_lister((C, H, W))`` a LayerTable
+    tapper: Any = None
+    layer_lister: Any = None
+    #: False when the network cannot be traced into an ONNX graph by torch (it already is one)
+    exportable: bool = True
 
     def __post_init__(self) -> None:
         self.net.eval()
