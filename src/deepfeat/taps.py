@@ -205,7 +205,7 @@ def layer_table(net: torch.nn.Module, input_shape: Sequence[int], aliases: dict[
         if alias not in modules:
             row = next((l for l in table.layers if l.name == target), None)
             table.layers.append(
-                LayerInfo(alias, "(alias of " + target + ")", row.shape if row else None, 0, 0, note="blob name")
+                LayerInfo(alias, "(alias of " + target + ")", row.shape if row else None, 0, 0, note="alias")
             )
     for name, p in net.named_parameters():
         table.params.append(ParamInfo(name, list(p.shape), "param", str(p.dtype).replace("torch.", "")))

@@ -59,10 +59,12 @@ def _ensure_builtin() -> None:
     from . import embedded, timm_models, torchvision_models  # noqa: F401
 
     for optional in ("caffe", "onnx_models", "finetuned"):
+        name = f"{__package__}.{optional}"
         try:
-            __import__(f"{__package__}.{optional}")
-        except ImportError:  # a source not present in this version
-            pass
+            __import__(name)
+        except ModuleNotFoundError as e:  # only a source absent from this version is skipped;
+            if e.name != name:            # a broken one must fail loudly, not vanish
+                raise
 
 
 _ORDER = ("embedded", "timm", "torchvision", "caffe", "onnx", "finetuned")

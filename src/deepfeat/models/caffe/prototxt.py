@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 from ...errors import FormatError
 
@@ -98,9 +98,8 @@ class Message(dict):
                 return v
             if isinstance(v, str):  # tolerate quoted enum names
                 return Ident(v)
-        elif kind == "msg":
-            if isinstance(v, Message):
-                return v
+        elif kind == "msg" and isinstance(v, Message):
+            return v
         expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a quoted string",
                     "enum": "an enum name", "msg": "a { ... } block"}[kind]
         raise self.error(f"field '{name}' must be {expected}, got {_show(v)}")
@@ -134,14 +133,14 @@ class Message(dict):
         v = self.get(name)
         return default if v is None else self._convert(name, v, "enum")
 
-    def msg(self, name: str) -> "Message":
+    def msg(self, name: str) -> Message:
         """The (last) sub-message *name*, or an empty message when absent."""
         v = self.get(name)
         if v is None:
             return Message(self.where, f"{self.path} {name}".strip())
         return self._convert(name, v, "msg")
 
-    def msgs(self, name: str) -> list["Message"]:
+    def msgs(self, name: str) -> list[Message]:
         return [self._convert(name, v, "msg") for v in self.all(name)]
 
     def check_fields(self, known: set[str] | frozenset[str]) -> None:
@@ -183,7 +182,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v
 
 
 class _Tok:
-    __slots__ = ("kind", "text", "line", "col")
+    __slots__ = ("col", "kind", "line", "text")
 
     def __init__(self, kind: str, text: str, line: int, col: int) -> None:
         self.kind, self.text, self.line, self.col = kind, text, line, col
@@ -211,11 +210,12 @@ def _tokenize(text: str, name: str) -> list[_Tok]:
 
 
 def _unescape(tok: _Tok, name: str) -> str:
+    """The value of a quoted string token: C escapes; ``\\x``/octal escapes are bytes,
+    decoded as UTF-8 together with the rest."""
     body = tok.text[1:-1]
     if "\\" not in body:
         return body
-    out: list[str] = []
-    raw = bytearray()  # \x and octal escapes are bytes; decode them as UTF-8 at the end
+    raw = bytearray()
     i = 0
     while i < len(body):
         c = body[i]
@@ -234,14 +234,12 @@ def _unescape(tok: _Tok, name: str) -> str:
             raw.append(int(m.group(), 16))
             i += 2 + len(m.group())
         elif e in "01234567":
-            m = re.match(r"[0-7]{1,3}", body[i + 1:])
-            assert m is not None
-            raw.append(int(m.group(), 8) & 0xFF)
-            i += 1 + len(m.group())
+            digits = re.match(r"[0-7]{1,3}", body[i + 1:]).group()  # type: ignore[union-attr]
+            raw.append(int(digits, 8) & 0xFF)
+            i += 1 + len(digits)
         else:
             raise FormatError(f"{name}:{tok.line}:{tok.col}: unknown escape '\\{e}' in string {tok.text}")
-    out.append(raw.decode("utf-8", errors="replace"))
-    return "".join(out)
+    return raw.decode("utf-8", errors="replace")
 
 
 def _number(tok: _Tok) -> int | float:
@@ -378,8 +376,7 @@ class _Parser:
 
 def parse_text(text: str, name: str = "<prototxt>") -> Message:
     """Parse protobuf text format into a :class:`Message` (*name* is used in errors)."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     p = _Parser(text, name)
     return p.message(None, "", None)
 
@@ -400,11 +397,3 @@ def parse_prototxt(path: str | os.PathLike) -> Message:
         ) from None
     return parse_text(text, os.path.basename(path))
 
-
-def iter_messages(msg: Message) -> Iterator[tuple[str, Message]]:
-    """Every nested message with its field name, depth first (for checks and tests)."""
-    for name, vals in msg.items():
-        for v in vals:
-            if isinstance(v, Message):
-                yield name, v
-                yield from iter_messages(v)

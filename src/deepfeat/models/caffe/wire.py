@@ -1,0 +1,637 @@
+"""Caffe's binary files without Caffe: a small protobuf wire-format reader and writer.
+
+Only the messages needed to move weights are decoded, with field numbers from
+BVLC ``caffe.proto``:
+
+* ``NetParameter``: name = 1, layers = 2 (V1, deprecated), input = 3, input_dim = 4,
+  input_shape = 8, layer = 100;
+* ``LayerParameter``: name = 1, type = 2 (string), bottom = 3, top = 4, blobs = 7,
+  include = 8, exclude = 9, phase = 10, transform_param = 100;
+* ``V1LayerParameter``: bottom = 2, top = 3, name = 4, type = 5 (enum), blobs = 6,
+  include = 32, exclude = 33, transform_param = 36, data_param = 11,
+  image_data_param = 15, layer = 1 (the even older V0 layer: name = 1, type = 2,
+  blobs = 50);
+* ``BlobProto``: num = 1, channels = 2, height = 3, width = 4 (legacy 4-D shape),
+  data = 5 (packed float), diff = 6, shape = 7 (``BlobShape``: dim = 1, packed
+  int64), double_data = 8 (packed double);
+* ``TransformationParameter``: scale = 1, mirror = 2, crop_size = 3, mean_file = 4,
+  mean_value = 5; the V1 ``DataParameter``/``ImageDataParameter``: scale = 2,
+  mean_file = 3, crop_size = 5.
+
+The reader accepts both packed and unpacked encodings of repeated scalars (as a
+protobuf parser must), reads float data as zero-copy numpy views, skips every field
+it does not need, and turns truncation or garbage into a
+:class:`~deepfeat.errors.FormatError` that says where. The writer produces files
+that Caffe and OpenCV's ``readNetFromCaffe`` read (``write_caffemodel``,
+``write_binaryproto``), in the current format or the deprecated V1 one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...errors import FormatError, UsageError
+
+# wire types
+VARINT, FIXED64, LEN, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5
+
+#: V1LayerParameter.LayerType enum values -> the current string type names.
+V1_TYPES = {
+    0: "NONE", 35: "AbsVal", 1: "Accuracy", 30: "ArgMax", 2: "BNLL", 3: "Concat", 37: "ContrastiveLoss",
+    4: "Convolution", 5: "Data", 39: "Deconvolution", 6: "Dropout", 32: "DummyData", 7: "EuclideanLoss",
+    25: "Eltwise", 38: "Exp", 8: "Flatten", 9: "HDF5Data", 10: "HDF5Output", 28: "HingeLoss", 11: "Im2col",
+    12: "ImageData", 13: "InfogainLoss", 14: "InnerProduct", 15: "LRN", 29: "MemoryData",
+    16: "MultinomialLogisticLoss", 34: "MVN", 17: "Pooling", 26: "Power", 18: "ReLU", 19: "Sigmoid",
+    27: "SigmoidCrossEntropyLoss", 36: "Silence", 20: "Softmax", 21: "SoftmaxWithLoss", 22: "Split",
+    33: "Slice", 23: "TanH", 24: "WindowData", 31: "Threshold",
+}
+#: The V1 enum names as written in V1 prototxts (``type: CONVOLUTION``) -> numbers.
+V1_ENUM_NAMES = {
+    "NONE": 0, "ABSVAL": 35, "ACCURACY": 1, "ARGMAX": 30, "BNLL": 2, "CONCAT": 3, "CONTRASTIVE_LOSS": 37,
+    "CONVOLUTION": 4, "DATA": 5, "DECONVOLUTION": 39, "DROPOUT": 6, "DUMMY_DATA": 32, "EUCLIDEAN_LOSS": 7,
+    "ELTWISE": 25, "EXP": 38, "FLATTEN": 8, "HDF5_DATA": 9, "HDF5_OUTPUT": 10, "HINGE_LOSS": 28,
+    "IM2COL": 11, "IMAGE_DATA": 12, "INFOGAIN_LOSS": 13, "INNER_PRODUCT": 14, "LRN": 15, "MEMORY_DATA": 29,
+    "MULTINOMIAL_LOGISTIC_LOSS": 16, "MVN": 34, "POOLING": 17, "POWER": 26, "RELU": 18, "SIGMOID": 19,
+    "SIGMOID_CROSS_ENTROPY_LOSS": 27, "SILENCE": 36, "SOFTMAX": 20, "SOFTMAX_LOSS": 21, "SPLIT": 22,
+    "SLICE": 33, "TANH": 23, "WINDOW_DATA": 24, "THRESHOLD": 31,
+}
+V1_TYPE_NUMBERS = {v: k for k, v in V1_TYPES.items()}
+
+
+# ---------------------------------------------------------------------------
+# Low-level reading
+# ---------------------------------------------------------------------------
+
+
+class _Buf:
+    """Bytes plus a description for error messages."""
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, data: bytes | memoryview, name: str) -> None:
+        self.data = data
+        self.name = name
+
+    def error(self, pos: int, what: str) -> FormatError:
+        return FormatError(f"{self.name}: {what} (at byte {pos} of {len(self.data)})")
+
+
+def _varint(buf: _Buf, pos: int, end: int) -> tuple[int, int]:
+    data = buf.data
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise buf.error(pos, "truncated: the file ends inside a number (varint)")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise buf.error(pos, "corrupt: a varint longer than 10 bytes")
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@dataclass
+class _Field:
+    number: int
+    wire: int
+    value: int  # varint value, or start offset for LEN/FIXED
+    end: int = 0  # end offset for LEN
+
+
+def _one_field(buf: _Buf, pos: int, end: int, what: str) -> tuple[_Field, int]:
+    """The field starting at *pos* and the offset after it."""
+    key, pos = _varint(buf, pos, end)
+    number, wire = key >> 3, key & 7
+    if number == 0:
+        raise buf.error(pos, f"corrupt {what}: field number 0 (not a protobuf message, or damaged)")
+    if wire == VARINT:
+        v, pos = _varint(buf, pos, end)
+        return _Field(number, wire, v), pos
+    if wire == LEN:
+        n, pos = _varint(buf, pos, end)
+        if pos + n > end:
+            raise buf.error(
+                pos, f"truncated {what}: field {number} declares {n} bytes but only {end - pos} remain "
+                "(the file is cut short or damaged)"
+            )
+        return _Field(number, wire, pos, pos + n), pos + n
+    if wire in (FIXED32, FIXED64):
+        size = 4 if wire == FIXED32 else 8
+        if pos + size > end:
+            raise buf.error(pos, f"truncated {what}: a {size}-byte value is cut short")
+        return _Field(number, wire, pos, pos + size), pos + size
+    if wire == START_GROUP:  # deprecated groups: skip to the matching END_GROUP
+        begin, depth = pos, 1
+        while depth:
+            k, pos = _varint(buf, pos, end)
+            w = k & 7
+            if w == START_GROUP:
+                depth += 1
+            elif w == END_GROUP:
+                depth -= 1
+            elif w == VARINT:
+                _, pos = _varint(buf, pos, end)
+            elif w == LEN:
+                n, pos = _varint(buf, pos, end)
+                pos += n
+            elif w in (FIXED32, FIXED64):
+                pos += 4 if w == FIXED32 else 8
+            else:
+                raise buf.error(pos, f"corrupt {what}: invalid wire type {w}")
+            if pos > end:
+                raise buf.error(pos, f"truncated {what}: the file ends inside a group")
+        return _Field(number, wire, begin, pos), pos
+    raise buf.error(pos, f"corrupt {what}: invalid wire type {wire} for field {number} "
+                         "(not a caffemodel/binaryproto, or damaged)")
+
+
+def _fields(buf: _Buf, start: int, end: int, what: str) -> Iterator[_Field]:
+    """Every field of the message in ``data[start:end]``."""
+    pos = start
+    while pos < end:
+        f, pos = _one_field(buf, pos, end, what)
+        yield f
+
+
+def _string(buf: _Buf, f: _Field, what: str) -> str:
+    if f.wire != LEN:
+        raise buf.error(f.value, f"corrupt {what}: field {f.number} should be a string")
+    raw = bytes(buf.data[f.value:f.end])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise buf.error(f.value, f"corrupt {what}: field {f.number} is not UTF-8 text") from None
+
+
+def _repeated_varints(buf: _Buf, f: _Field, what: str) -> list[int]:
+    """A repeated integer field occurrence: one varint, or a packed run."""
+    if f.wire == VARINT:
+        return [f.value]
+    if f.wire != LEN:
+        raise buf.error(f.value, f"corrupt {what}: field {f.number} should be an integer")
+    out, pos = [], f.value
+    while pos < f.end:
+        v, pos = _varint(buf, pos, f.end)
+        out.append(v)
+    return out
+
+
+def _fixed_run(buf: _Buf, pos: int, end: int, tag: bytes, size: int) -> int:
+    """Number of consecutive unpacked ``tag + size bytes`` records starting at *pos*."""
+    rec = len(tag) + size
+    n = (end - pos) // rec
+    if n <= 0:
+        return 0
+    arr = np.frombuffer(buf.data, dtype=np.uint8, count=n * rec, offset=pos).reshape(n, rec)
+    ok = np.all(arr[:, : len(tag)] == np.frombuffer(tag, dtype=np.uint8), axis=1)
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else n
+
+
+# ---------------------------------------------------------------------------
+# Blobs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Blob:
+    """One ``BlobProto``: its data as float32 and its shape.
+
+    ``legacy`` is True when the shape came from the deprecated num/channels/height/width
+    fields (always 4-D); Caffe then accepts it for any target shape that, padded with
+    leading 1s to 4-D, is equal.
+    """
+
+    data: np.ndarray
+    shape: tuple[int, ...]
+    legacy: bool = False
+
+    def array(self) -> np.ndarray:
+        """The data reshaped to ``shape`` (float32, C order)."""
+        return self.data.reshape(self.shape)
+
+    def fits(self, target: Sequence[int]) -> bool:
+        """Caffe's ``Blob::ShapeEquals`` rule."""
+        target = tuple(int(t) for t in target)
+        if not self.legacy:
+            return self.shape == target
+        if len(target) > 4:
+            return False
+        return self.shape == (1,) * (4 - len(target)) + target
+
+
+def _read_blob(buf: _Buf, start: int, end: int, what: str) -> Blob:
+    data = buf.data
+    floats: list[np.ndarray] = []
+    doubles: list[np.ndarray] = []
+    shape: list[int] | None = None
+    legacy = [0, 0, 0, 0]
+    has_legacy = False
+    fields: list[_Field] = []
+    pos = start
+    while pos < end:
+        key, _ = _varint(buf, pos, end)
+        if key == 0x2D:  # unpacked float data (field 5, fixed32): read the whole run at once
+            n = _fixed_run(buf, pos, end, b"\x2d", 4)
+            run = np.frombuffer(data, dtype=np.uint8, count=n * 5, offset=pos).reshape(n, 5)[:, 1:]
+            floats.append(np.ascontiguousarray(run).view("<f4").reshape(-1))
+            pos += 5 * n
+            if n:
+                continue
+        if key == 0x41:  # unpacked double_data (field 8, fixed64)
+            n = _fixed_run(buf, pos, end, b"\x41", 8)
+            run = np.frombuffer(data, dtype=np.uint8, count=n * 9, offset=pos).reshape(n, 9)[:, 1:]
+            doubles.append(np.ascontiguousarray(run).view("<f8").reshape(-1))
+            pos += 9 * n
+            if n:
+                continue
+        f, pos = _one_field(buf, pos, end, what)
+        fields.append(f)
+    for f in fields:
+        if f.number == 5:  # data
+            if f.wire == LEN:
+                n = f.end - f.value
+                if n % 4:
+                    raise buf.error(f.value, f"corrupt {what}: packed float data of {n} bytes")
+                floats.append(np.frombuffer(data, dtype="<f4", count=n // 4, offset=f.value))
+            elif f.wire == FIXED32:
+                floats.append(np.frombuffer(data, dtype="<f4", count=1, offset=f.value))
+            else:
+                raise buf.error(f.value, f"corrupt {what}: blob data has wire type {f.wire}")
+        elif f.number == 8:  # double_data
+            if f.wire == LEN:
+                n = f.end - f.value
+                if n % 8:
+                    raise buf.error(f.value, f"corrupt {what}: packed double data of {n} bytes")
+                doubles.append(np.frombuffer(data, dtype="<f8", count=n // 8, offset=f.value))
+            elif f.wire == FIXED64:
+                doubles.append(np.frombuffer(data, dtype="<f8", count=1, offset=f.value))
+            else:
+                raise buf.error(f.value, f"corrupt {what}: blob double_data has wire type {f.wire}")
+        elif f.number == 7:  # shape
+            if f.wire != LEN:
+                raise buf.error(f.value, f"corrupt {what}: blob shape has wire type {f.wire}")
+            dims: list[int] = []
+            for g in _fields(buf, f.value, f.end, what + " shape"):
+                if g.number == 1:
+                    dims.extend(_signed64(v) for v in _repeated_varints(buf, g, what + " shape"))
+            shape = dims
+        elif 1 <= f.number <= 4:
+            if f.wire != VARINT:
+                raise buf.error(f.value, f"corrupt {what}: legacy blob dimension has wire type {f.wire}")
+            legacy[f.number - 1] = _signed64(f.value)
+            has_legacy = True
+    if floats and doubles:
+        raise buf.error(start, f"corrupt {what}: blob has both float and double data")
+    if doubles:
+        arr = np.concatenate(doubles).astype(np.float32) if len(doubles) > 1 else doubles[0].astype(np.float32)
+    elif floats:
+        arr = np.concatenate(floats) if len(floats) > 1 else floats[0]
+    else:
+        arr = np.zeros(0, dtype=np.float32)
+    arr = arr.astype(np.float32, copy=False)
+    if shape is not None:
+        shp, is_legacy = tuple(shape), False
+    elif has_legacy:
+        shp, is_legacy = tuple(legacy), True
+    else:
+        shp, is_legacy = (arr.size,), False
+    count = int(np.prod(shp)) if shp else 1
+    if any(d < 0 for d in shp) or count != arr.size:
+        raise buf.error(start, f"corrupt {what}: shape {shp} holds {count} values but the blob has {arr.size}")
+    return Blob(arr, shp, is_legacy)
+
+
+# ---------------------------------------------------------------------------
+# caffemodel
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class WeightsLayer:
+    """What a caffemodel stores for one layer."""
+
+    name: str
+    type: str
+    blobs: list[Blob] = field(default_factory=list)
+    bottoms: list[str] = field(default_factory=list)
+    tops: list[str] = field(default_factory=list)
+    phases: tuple[int, ...] = ()  # phases of its include rules (0 TRAIN, 1 TEST); () = every phase
+    transform: dict[str, object] | None = None  # transform_param of a data layer
+
+
+@dataclass
+class CaffeModelFile:
+    """The decoded parts of a ``.caffemodel``: the net name and its layers in order."""
+
+    name: str
+    layers: list[WeightsLayer]
+    format: str  # "v2" (layer, string types) or "v1" (layers, enum types)
+    path: str = ""
+
+    def by_name(self) -> dict[str, WeightsLayer]:
+        """Layers that carry blobs, by name (Caffe copies weights by layer name; later wins)."""
+        return {l.name: l for l in self.layers if l.blobs}
+
+
+def _read_transform(buf: _Buf, f: _Field, what: str, v1_data: bool = False) -> dict[str, object]:
+    """TransformationParameter (or the V1 Data/ImageDataParameter's deprecated copy)."""
+    out: dict[str, object] = {}
+    means: list[float] = []
+    nums = {"scale": 2, "mean_file": 3, "crop_size": 5, "mirror": 6} if v1_data else \
+        {"scale": 1, "mirror": 2, "crop_size": 3, "mean_file": 4, "mean_value": 5}
+    rev = {v: k for k, v in nums.items()}
+    for g in _fields(buf, f.value, f.end, what):
+        key = rev.get(g.number)
+        if key == "scale" and g.wire == FIXED32:
+            out["scale"] = struct.unpack_from("<f", buf.data, g.value)[0]
+        elif key == "mean_file" and g.wire == LEN:
+            out["mean_file"] = _string(buf, g, what)
+        elif key in ("crop_size", "mirror") and g.wire == VARINT:
+            out[key] = int(g.value)
+        elif key == "mean_value":
+            if g.wire == FIXED32:
+                means.append(struct.unpack_from("<f", buf.data, g.value)[0])
+            elif g.wire == LEN:
+                means.extend(np.frombuffer(buf.data, dtype="<f4", count=(g.end - g.value) // 4,
+                                           offset=g.value).tolist())
+    if means:
+        out["mean_value"] = means
+    return out
+
+
+def _read_rules(buf: _Buf, f: _Field, what: str) -> list[int]:
+    return [int(g.value) for g in _fields(buf, f.value, f.end, what) if g.number == 1 and g.wire == VARINT]
+
+
+def _read_layer(buf: _Buf, f: _Field, index: int, v1: bool) -> WeightsLayer:
+    what = f"layer #{index}"
+    name, typ = "", ""
+    blobs: list[tuple[int, int]] = []
+    bottoms: list[str] = []
+    tops: list[str] = []
+    phases: list[int] = []
+    transform: dict[str, object] | None = None
+    num = {"name": 4, "type": 5, "bottom": 2, "top": 3, "blobs": 6, "include": 32, "transform": 36} if v1 else \
+        {"name": 1, "type": 2, "bottom": 3, "top": 4, "blobs": 7, "include": 8, "transform": 100}
+    fields = list(_fields(buf, f.value, f.end, what))
+    for g in fields:
+        if g.number == num["name"] and g.wire == LEN:
+            name = _string(buf, g, what)
+            what = f"layer #{index} '{name}'"
+    for g in fields:
+        n = g.number
+        if n == num["type"]:
+            if v1:
+                if g.wire != VARINT:
+                    raise buf.error(g.value, f"corrupt {what}: V1 layer type should be an enum")
+                typ = V1_TYPES.get(int(g.value), f"V1 type #{g.value}")
+            else:
+                typ = _string(buf, g, what)
+        elif n == num["bottom"] and g.wire == LEN:
+            bottoms.append(_string(buf, g, what))
+        elif n == num["top"] and g.wire == LEN:
+            tops.append(_string(buf, g, what))
+        elif n == num["blobs"]:
+            if g.wire != LEN:
+                raise buf.error(g.value, f"corrupt {what}: blob field has wire type {g.wire}")
+            blobs.append((g.value, g.end))
+        elif n == num["include"] and g.wire == LEN:
+            phases.extend(_read_rules(buf, g, what))
+        elif n == num["transform"] and g.wire == LEN:
+            transform = {**(transform or {}), **_read_transform(buf, g, what)}
+        elif v1 and n in (11, 15) and g.wire == LEN and transform is None:  # V1 data_param / image_data_param
+            t = _read_transform(buf, g, what, v1_data=True)
+            transform = t or None
+        elif v1 and n == 1 and g.wire == LEN:  # a V0 layer inside: name 1, type 2, blobs 50
+            for h in _fields(buf, g.value, g.end, what + " (V0)"):
+                if h.number == 1 and h.wire == LEN and not name:
+                    name = _string(buf, h, what)
+                elif h.number == 2 and h.wire == LEN and not typ:
+                    typ = "V0:" + _string(buf, h, what)
+                elif h.number == 50 and h.wire == LEN:
+                    blobs.append((h.value, h.end))
+    blob_list = [_read_blob(buf, s, e, f"{what} blob {i}") for i, (s, e) in enumerate(blobs)]
+    return WeightsLayer(name, typ, blob_list, bottoms, tops, tuple(phases), transform)
+
+
+def parse_caffemodel(data: bytes | memoryview, name: str = "<caffemodel>") -> CaffeModelFile:
+    """Decode the bytes of a binary ``NetParameter`` (a ``.caffemodel``)."""
+    buf = _Buf(data, name)
+    if len(data) == 0:
+        raise FormatError(f"{name}: empty file, not a caffemodel")
+    if bytes(data[:8]) == b"\x89HDF\r\n\x1a\n":
+        raise FormatError(f"{name}: this is an HDF5 snapshot (.caffemodel.h5), not a binary protobuf caffemodel; "
+                          "deepfeat reads the .caffemodel format")
+    net_name = ""
+    layers: list[WeightsLayer] = []
+    v1_layers: list[WeightsLayer] = []
+    pos = 0
+    while pos < len(data):
+        done = layers or v1_layers
+        what = (f"caffemodel (after {len(done)} complete layers, the last one '{done[-1].name}')" if done
+                else "caffemodel")
+        f, pos = _one_field(buf, pos, len(data), what)
+        if f.number == 1 and f.wire == LEN:
+            net_name = _string(buf, f, "net name")
+        elif f.number == 100:
+            if f.wire != LEN:
+                raise buf.error(f.value, "corrupt caffemodel: 'layer' field is not a message")
+            layers.append(_read_layer(buf, f, len(layers), v1=False))
+        elif f.number == 2:
+            if f.wire != LEN:
+                raise buf.error(f.value, "corrupt caffemodel: 'layers' field is not a message")
+            v1_layers.append(_read_layer(buf, f, len(v1_layers), v1=True))
+    if layers and v1_layers:
+        raise FormatError(f"{name}: has both V1 'layers' and current 'layer' entries; Caffe refuses such files too")
+    if not layers and not v1_layers:
+        raise FormatError(f"{name}: no layers found; is this really a .caffemodel (binary NetParameter)?")
+    return CaffeModelFile(net_name, layers or v1_layers, "v2" if layers else "v1", name)
+
+
+def read_caffemodel(path: str | os.PathLike) -> CaffeModelFile:
+    """Read a ``.caffemodel`` file (see :func:`parse_caffemodel`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FormatError(f"caffemodel not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    head = data[:200].lstrip()
+    if head.startswith((b"name:", b"layer {", b"layers {", b"input:", b"#", b"layer{")):
+        raise FormatError(f"{path} is a text prototxt, not a binary caffemodel; "
+                          "the spec is caffe:DEPLOY.prototxt@WEIGHTS.caffemodel")
+    out = parse_caffemodel(data, os.path.basename(path))
+    out.path = path
+    return out
+
+
+def read_blobproto(path: str | os.PathLike) -> np.ndarray:
+    """A ``.binaryproto`` file (one ``BlobProto``, e.g. ``mean.binaryproto``) as a float32 array."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FormatError(f"binaryproto not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise FormatError(f"{path}: empty file, not a binaryproto")
+    buf = _Buf(data, os.path.basename(path))
+    return _read_blob(buf, 0, len(data), "BlobProto").array()
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def _enc_varint(v: int) -> bytes:
+    if v < 0:
+        v += 1 << 64
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _enc_varint((number << 3) | wire)
+
+
+def _enc_len(number: int, payload: bytes) -> bytes:
+    return _key(number, LEN) + _enc_varint(len(payload)) + payload
+
+
+def _enc_str(number: int, s: str) -> bytes:
+    return _enc_len(number, s.encode("utf-8"))
+
+
+_Parts = list  # chunks (bytes or memoryview) written one after another: big blobs are never copied twice
+
+
+def _size(parts: _Parts) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def _wrap(number: int, parts: _Parts) -> _Parts:
+    """A length-delimited field holding *parts*."""
+    return [_key(number, LEN) + _enc_varint(_size(parts)), *parts]
+
+
+def _values(number: int, flat: np.ndarray, dtype: str, wire: int, packed: bool) -> _Parts:
+    vals = np.ascontiguousarray(flat, dtype=dtype)
+    if packed:
+        return _wrap(number, [memoryview(vals).cast("B")])
+    tag = _key(number, wire)
+    rec = np.empty((vals.size, len(tag) + vals.itemsize), dtype=np.uint8)
+    rec[:, : len(tag)] = np.frombuffer(tag, dtype=np.uint8)
+    rec[:, len(tag):] = vals.view(np.uint8).reshape(vals.size, vals.itemsize)
+    return [rec.tobytes()]
+
+
+def _blob_parts(array: np.ndarray, legacy: bool, double: bool, packed: bool) -> _Parts:
+    a = np.asarray(array)
+    head = bytearray()
+    if legacy:
+        if a.ndim > 4:
+            raise UsageError(f"a legacy (num/channels/height/width) blob has at most 4 dims, not {a.ndim}")
+        dims = (1,) * (4 - a.ndim) + tuple(a.shape)
+        for i, d in enumerate(dims, start=1):
+            head += _key(i, VARINT) + _enc_varint(int(d))
+    else:
+        shape_payload = b"".join(_enc_varint(int(d)) for d in a.shape)
+        head += _enc_len(7, _enc_len(1, shape_payload) if a.ndim else b"")
+    flat = a.reshape(-1)
+    data = _values(8, flat, "<f8", FIXED64, packed) if double else _values(5, flat, "<f4", FIXED32, packed)
+    return [bytes(head), *data]
+
+
+def encode_blob(array: np.ndarray, *, legacy: bool = False, double: bool = False, packed: bool = True) -> bytes:
+    """One ``BlobProto``: ``shape`` + packed float ``data`` (or legacy 4-D dims with
+    *legacy*, ``double_data`` with *double*, one field per value with ``packed=False``)."""
+    return b"".join(_blob_parts(array, legacy, double, packed))
+
+
+@dataclass
+class LayerBlobs:
+    """A layer to write: its name, type, blobs, and (optionally) its connections."""
+
+    name: str
+    type: str
+    blobs: Sequence[np.ndarray] = ()
+    bottoms: Sequence[str] = ()
+    tops: Sequence[str] = ()
+
+
+def _caffemodel_parts(layers: Iterable[LayerBlobs | tuple], name: str, format: str, packed: bool,
+                      double: bool) -> _Parts:
+    if format not in ("v1", "v2"):
+        raise UsageError(f"format must be 'v1' or 'v2', not {format!r}")
+    parts: _Parts = []
+    if name:
+        parts.append(_enc_str(1, name))
+    for item in layers:
+        lb = item if isinstance(item, LayerBlobs) else LayerBlobs(*item)
+        body: _Parts = []
+        if format == "v2":
+            body.append(_enc_str(1, lb.name) + _enc_str(2, lb.type))
+            body += [_enc_str(3, b) for b in lb.bottoms] + [_enc_str(4, t) for t in lb.tops]
+            for blob in lb.blobs:
+                body += _wrap(7, _blob_parts(blob, False, double, packed))
+            parts += _wrap(100, body)
+        else:
+            if lb.type not in V1_TYPE_NUMBERS:
+                raise UsageError(f"layer {lb.name!r}: type {lb.type!r} did not exist in the V1 format (no enum "
+                                 "value); write format=\"v2\"")
+            body += [_enc_str(2, b) for b in lb.bottoms] + [_enc_str(3, t) for t in lb.tops]
+            body.append(_enc_str(4, lb.name) + _key(5, VARINT) + _enc_varint(V1_TYPE_NUMBERS[lb.type]))
+            for blob in lb.blobs:
+                body += _wrap(6, _blob_parts(blob, True, double, packed))
+            parts += _wrap(2, body)
+    return parts
+
+
+def encode_caffemodel(layers: Iterable[LayerBlobs | tuple], *, name: str = "", format: str = "v2",
+                      packed: bool = True, double: bool = False) -> bytes:
+    """A binary ``NetParameter`` holding *layers*' blobs.
+
+    ``format="v2"`` writes ``layer`` entries with string types and ``BlobShape``s (what
+    Caffe has written since 2015); ``"v1"`` writes deprecated ``layers`` entries with
+    enum types and num/channels/height/width dims (2014 files). Entries may be
+    :class:`LayerBlobs` or ``(name, type, blobs)`` tuples. ``packed=False`` writes one
+    field per value and ``double=True`` writes ``double_data`` (both legal, rarely seen).
+    """
+    return b"".join(_caffemodel_parts(layers, name, format, packed, double))
+
+
+def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerBlobs | tuple], *, name: str = "",
+                     format: str = "v2", packed: bool = True, double: bool = False) -> str:
+    """Write a ``.caffemodel`` (see :func:`encode_caffemodel`), streaming the blobs; returns the path."""
+    path = os.fspath(path)
+    parts = _caffemodel_parts(layers, name, format, packed, double)
+    with open(path, "wb") as f:
+        f.writelines(parts)
+    return path
+
+
+def write_binaryproto(path: str | os.PathLike, array: np.ndarray, *, legacy: bool = True) -> str:
+    """Write one ``BlobProto`` (e.g. a mean image as ``1 x C x H x W``), as Caffe's
+    ``compute_image_mean`` does (legacy dims by default)."""
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(encode_blob(np.asarray(array, dtype=np.float32), legacy=legacy))
+    return path
