@@ -30,7 +30,7 @@ from .pipeline import decode_batch, default_workers, make_executor, probe_sizes,
 from .pooling import get_pooling
 from .postprocess import PostChain
 from .preprocess import parse_size_policy
-from .taps import Taps
+from .taps import make_taps
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class MultiPoolNet(torch.nn.Module):
     def __init__(self, model, layers: Sequence[str], poolings: Sequence):
         super().__init__()
         self.normalize = model.normalize
-        self.taps = Taps(model.net, list(layers), model.layer_aliases)
+        self.taps = make_taps(model, list(layers))
         self.layers = list(layers)
         self.poolings = torch.nn.ModuleList(poolings)
 

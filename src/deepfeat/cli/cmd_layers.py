@@ -21,7 +21,9 @@ def register(sub) -> None:
 
 
 def _shape(s) -> str:
-    return "x".join(str(v) for v in s) if s else "-"
+    if s is None:
+        return "-"
+    return "x".join(str(v) for v in s) if s else "scalar"
 
 
 def run(args) -> int:
