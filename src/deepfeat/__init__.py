@@ -40,6 +40,9 @@ _EXPORTS = {
     "get_pooling": "pooling",
     "PostChain": "postprocess",
     "Index": "index",
+    "SearchEngine": "search",
+    "fully_convolutional": "surgery",
+    "dense_map": "surgery",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "cmd_compute_ap",
     "cmd_search",
     "cmd_sweep",
+    "cmd_densemap",
+    "cmd_visualize",
 )
 
 

@@ -58,8 +58,8 @@ def run(args) -> int:
 
     if args.dpi <= 0:
         raise UsageError(f"--dpi must be positive, not {args.dpi}")
-    model = load_model(args.model, device=args.device, labels=args.labels)
     window = parse_window(args.window)
+    model = load_model(args.model, device=args.device, labels=args.labels)
     net = fully_convolutional(model, window=window)
     if args.save_net:
         import torch

@@ -75,5 +75,5 @@ def run(args) -> int:
         fig = viz.plot_densemap(dense_map(model, args.image, args.size or default_size(model)))
     viz.save_figure(fig, out, dpi=args.dpi)
     w, h = fig.get_size_inches()
-    print(f"{out}: {kind}, {int(round(w * args.dpi))} x {int(round(h * args.dpi))} px", file=sys.stderr)
+    print(f"{out}: {kind}, {round(w * args.dpi)} x {round(h * args.dpi)} px", file=sys.stderr)
     return 0
