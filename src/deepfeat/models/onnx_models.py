@@ -57,7 +57,6 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
@@ -67,6 +66,7 @@ from ..labels import imagenet_labels, read_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataConfig
 from ..taps import OUTPUT, LayerInfo, LayerTable, ParamInfo
 from .base import Model, file_sha256
+from .options import parse_number, parse_query, parse_size
 from .registry import ModelSource, register_source
 
 log = logging.getLogger(__name__)
@@ -128,45 +128,10 @@ def split_onnx_spec(rest: str, spec: str) -> tuple[str, dict[str, str]]:
         path, query = rest[:at], rest[at + 1:]
     if not path:
         raise UsageError(f"model spec {spec!r} names no file; e.g. onnx:model.onnx?mean=0.5&std=0.5")
-    opts: dict[str, str] = {}
-    if query:
-        try:
-            opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
-        except ValueError:
-            raise UsageError(f"options after '?' in {spec!r} must be key=value pairs joined by '&'") from None
+    opts = parse_query(query, spec)
     return path, opts
 
 
-def _size(v: Any, what: str) -> tuple[int, int]:
-    try:
-        if isinstance(v, str):
-            vals = [int(p) for p in v.lower().replace(",", "x").split("x")]
-        elif isinstance(v, int):
-            vals = [v]
-        else:
-            vals = [int(p) for p in v]
-        if len(vals) == 1:
-            vals = vals * 2
-        if len(vals) != 2 or min(vals) <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a positive size S or HxW, not {v!r}") from None
-    return vals[0], vals[1]
-
-
-def _number(v: Any, what: str) -> float:
-    """A float from a number or a string, which may be a fraction ``a/b`` (e.g. ``1/255``)."""
-    try:
-        if isinstance(v, str) and "/" in v:
-            num, den = v.split("/", 1)
-            f = float(num) / float(den)
-        else:
-            f = float(v)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise UsageError(f"{what} must be a number (or a fraction such as 1/255), not {v!r}") from None
-    if not math.isfinite(f):
-        raise UsageError(f"{what} must be finite, not {v!r}")
-    return f
 
 
 def _values(v: Any, channels: int, what: str, none_value: float) -> tuple[float, ...]:
@@ -183,7 +148,7 @@ def _values(v: Any, channels: int, what: str, none_value: float) -> tuple[float,
             parts = list(v)
         except TypeError:
             raise UsageError(f"{what} must be 1 or {channels} numbers, not {v!r}") from None
-    vals = [_number(p, what) for p in parts]
+    vals = [parse_number(p, what) for p in parts]
     if len(vals) == 1:
         vals = vals * channels
     if len(vals) != channels:
@@ -788,7 +753,7 @@ def load_onnx(path: str | os.PathLike, *, spec: str | None = None, **options: An
 
     # geometry
     if "input_size" in opts:
-        h, w = _size(opts["input_size"], "input_size")
+        h, w = parse_size(opts["input_size"], "input_size")
         if (sh is not None and sh != h) or (sw is not None and sw != w):
             raise UsageError(f"input_size {h}x{w} does not fit {os.path.basename(path)}, whose input is fixed at "
                              f"{sh or 'any'}x{sw or 'any'}")
@@ -802,7 +767,7 @@ def load_onnx(path: str | os.PathLike, *, spec: str | None = None, **options: An
         raise UsageError(f"channel_order {order} does not fit the graph's {sc}-channel input")
     uint8_input = elem_dtype == np.uint8
     if "scale" in opts:
-        scale = _number(opts["scale"], "scale")
+        scale = parse_number(opts["scale"], "scale")
         if scale <= 0:
             raise UsageError(f"scale must be positive, not {opts['scale']!r}")
     else:
@@ -820,7 +785,7 @@ def load_onnx(path: str | os.PathLike, *, spec: str | None = None, **options: An
     interp = str(opts.get("interpolation", DEFAULT_INTERPOLATION)).lower()
     if interp not in INTERPOLATIONS:
         raise UsageError(f"interpolation {interp!r} unknown; choose from {', '.join(INTERPOLATIONS)}")
-    crop_pct = _number(opts["crop_pct"], "crop_pct") if "crop_pct" in opts else DEFAULT_CROP_PCT
+    crop_pct = parse_number(opts["crop_pct"], "crop_pct") if "crop_pct" in opts else DEFAULT_CROP_PCT
     if not 0 < crop_pct <= 1:
         raise UsageError(f"crop_pct must be in (0, 1], not {opts['crop_pct']!r}")
     resize = _choice(opts.get("resize", "shorter"), "resize", ("shorter", "warp"), upper=False)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -57,6 +56,7 @@ from ...errors import FormatError, ModelError, UsageError, suggest
 from ...labels import default_labels, read_labels
 from ...preprocess import INTERPOLATIONS, DataConfig
 from ..base import Model, file_sha256
+from ..options import parse_number, parse_query, parse_size
 from ..registry import ModelSource, register_source
 from .layers import InnerProduct
 from .net import CaffeNet, build_net, init_random
@@ -122,41 +122,10 @@ def split_caffe_spec(rest: str, spec: str) -> tuple[str, str, dict[str, str]]:
     deploy, weights = body[:at], body[at + 1:]
     if not deploy:
         raise UsageError(f"model spec {spec!r} names no prototxt; e.g. caffe:deploy.prototxt@weights.caffemodel")
-    opts: dict[str, str] = {}
-    if query:
-        try:
-            opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
-        except ValueError:
-            raise UsageError(f"options after '?' in {spec!r} must be key=value pairs joined by '&'") from None
+    opts = parse_query(query, spec)
     return deploy, weights, opts
 
 
-def _size(v: Any, what: str) -> tuple[int, int]:
-    try:
-        if isinstance(v, str):
-            parts = v.lower().replace(",", "x").split("x")
-            vals = [int(p) for p in parts]
-        elif isinstance(v, int):
-            vals = [v]
-        else:
-            vals = [int(p) for p in v]
-        if len(vals) == 1:
-            vals = vals * 2
-        if len(vals) != 2 or min(vals) <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a positive size S or HxW, not {v!r}") from None
-    return vals[0], vals[1]
-
-
-def _float(v: Any, what: str) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number, not {v!r}") from None
-    if not np.isfinite(f) or f <= 0:
-        raise UsageError(f"{what} must be positive, not {v!r}")
-    return f
 
 
 def _mean_option(v: Any, channels: int, base_dirs: list[str]) -> tuple[tuple[float, ...], np.ndarray | None, str]:
@@ -234,11 +203,11 @@ def data_config(netdef: NetDef, net: CaffeNet, weights: CaffeModelFile | None, o
         raise UsageError(f"channel_order must be RGB, BGR or L, not {order!r}")
     if (order == "L") != (c == 1):
         raise UsageError(f"channel_order {order} does not fit the net's {c}-channel input")
-    raw_scale = _float(opts["raw_scale"], "raw_scale") if opts.get("raw_scale") is not None else 255.0
+    raw_scale = parse_number(opts["raw_scale"], "raw_scale", positive=True) if opts.get("raw_scale") is not None else 255.0
     trained = _training_transform(weights)
     in_scale_opt = opts.get("input_scale", opts.get("scale"))
     if in_scale_opt is not None:
-        input_scale = _float(in_scale_opt, "input_scale")
+        input_scale = parse_number(in_scale_opt, "input_scale", positive=True)
     elif "scale" in trained:
         input_scale = float(trained["scale"])  # type: ignore[arg-type]
         notes.append(f"input_scale {input_scale:g} from the caffemodel's training data layer")
@@ -277,7 +246,7 @@ def data_config(netdef: NetDef, net: CaffeNet, weights: CaffeModelFile | None, o
                             "prototxt: no mean is subtracted; pass mean=... (values or the file)", mean_file)
 
     if opts.get("resize") is not None:
-        rh, rw = _size(opts["resize"], "resize")
+        rh, rw = parse_size(opts["resize"], "resize")
         if rh != rw:
             raise UsageError("resize takes one size S (images are warped to S x S before the centre crop)")
         if rh < max(h, w):
@@ -335,7 +304,7 @@ def _input_shapes(netdef: NetDef, input_size: Any) -> dict[str, tuple[int, ...]]
     first = netdef.inputs[0] if netdef.inputs else None
     if first is None:
         return None
-    h, w = _size(input_size, "input_size")
+    h, w = parse_size(input_size, "input_size")
     shape = first.shape
     if shape is None:
         return {first.blob: (1, 3, h, w)}
