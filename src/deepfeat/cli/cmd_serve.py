@@ -1,0 +1,112 @@
+"""``deepfeat serve``: a feature store behind an HTTP API and a web page."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from ..errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a store: HTTP search API and web page",
+        description="Search the store by uploaded image, stored id/path or vector, over HTTP (FastAPI + uvicorn), "
+                    "with a web page at /. Queries are embedded with the store's own model, layer, pooling and "
+                    "post-processing, loaded once. Listens on 127.0.0.1 unless --host says otherwise; there is no "
+                    "authentication. Needs the [serve] extra.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest accepted upload in MiB (default 20; larger: 413)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N",
+                   help="largest accepted upload in pixels, width x height (default 50000000; larger: 413)")
+    p.add_argument("--top-k-max", type=int, default=100, metavar="K", help="largest k a request may ask (default 100)")
+    p.add_argument("--worker-threads", "--workers-threads", dest="worker_threads", type=int, default=2, metavar="N",
+                   help="threads that decode uploads and make thumbnails (default 2); inference has its own thread")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="largest micro-batch of concurrent uploads per forward pass (default 16; 1 = no batching)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
+                   help="longest wait of the inference thread for uploads being decoded, to batch them (default 5)")
+    p.add_argument("--search-threads", type=int, default=1, metavar="N",
+                   help="FAISS threads per search (default 1: concurrent requests use the cores)")
+    p.add_argument("--torch-threads", type=int, metavar="N",
+                   help="PyTorch threads inside one forward pass (default: PyTorch's, the number of cores)")
+    p.add_argument("--root", metavar="DIR", help="base folder of the store's relative image paths (default: here)")
+    p.add_argument("--limit-concurrency", type=int, default=64, metavar="N",
+                   help="most connections handled at once; more get 503 (default 64)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as e:
+        raise UsageError(f"deepfeat serve needs the [serve] extra ({e.name} is missing): "
+                         "pip install 'deepfeat[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, not {args.port}")
+    if args.max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be positive, not {args.max_upload_mb}")
+    if args.limit_concurrency < 1:
+        raise UsageError(f"--limit-concurrency must be at least 1, not {args.limit_concurrency}")
+
+    app = create_app(args.store, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
+                     top_k_max=args.top_k_max, worker_threads=args.worker_threads, max_batch=args.max_batch,
+                     batch_window_ms=args.batch_window_ms, image_root=args.root, device=args.device,
+                     search_threads=args.search_threads, torch_threads=args.torch_threads)
+    svc = app.state.service
+    if not is_loopback(args.host):
+        bar = "!" * 78
+        print(f"{bar}\n"
+              f"WARNING: listening on {args.host}, not on this machine only.\n"
+              f"Anyone who can reach this port can search the store and download every image in it\n"
+              f"({len(svc.engine.ids)} images from {svc.engine.store.path}). There is no authentication and no TLS:\n"
+              f"put it behind a reverse proxy that adds both before exposing it.\n"
+              f"{bar}", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            limit_concurrency=args.limit_concurrency, server_header=False, proxy_headers=False)
+    server = uvicorn.Server(config)
+    _announce_when_started(server, args.host, svc)
+    server.run()
+    return 0
+
+
+def _announce_when_started(server, host: str, svc) -> None:
+    """Print the URL (with the real port, when --port 0) once uvicorn is listening."""
+    original = server.startup
+
+    async def startup(sockets=None):
+        await original(sockets=sockets)
+        if not server.started:
+            return
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else server.config.port
+        meta = svc.engine.store.meta
+        print(f"deepfeat serve: {len(svc.engine.ids)} images, {meta['model']['spec']} {svc.engine.feature} "
+              f"{meta.get('pooling')} {meta.get('post')}, {svc.dim}-d", flush=True)
+        print(f"deepfeat serve: {server_url(host, port)}  (API: {server_url(host, port)}api/openapi.json)",
+              flush=True)
+
+    server.startup = startup
