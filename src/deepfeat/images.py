@@ -37,7 +37,8 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk(folder: Path) -> Iterator[str]:
+def walk_images(folder: Path) -> Iterator[str]:
+    """Image files below *folder*, recursively, sorted, hidden files skipped."""
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
         for name in sorted(files):
@@ -80,7 +81,7 @@ def discover(inputs: Iterable[str | os.PathLike], *, all_files: bool = False) ->
             continue
         p = Path(item)
         if p.is_dir():
-            for f in _walk(p):
+            for f in walk_images(p):
                 add(os.path.normpath(f))
         elif p.is_file():
             add(os.path.normpath(p))
@@ -90,7 +91,7 @@ def discover(inputs: Iterable[str | os.PathLike], *, all_files: bool = False) ->
                 if os.path.isfile(m) and (all_files or is_image_name(m)):
                     add(os.path.normpath(m))
                 elif os.path.isdir(m):
-                    for f in _walk(Path(m)):
+                    for f in walk_images(Path(m)):
                         add(os.path.normpath(f))
         else:
             raise UsageError(f"input not found: {item}")

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "cmd_sweep",
     "cmd_densemap",
     "cmd_visualize",
+    "cmd_finetune",
     "cmd_serve",
 )
 

@@ -1,0 +1,56 @@
+"""Fine-tuning a deepfeat model on the user's own labelled images.
+
+``finetune(FinetuneConfig(data="flowers/", output="runs/flowers"))`` checks the
+images, splits them per class (seeded), balances small classes with augmented copies,
+replaces the classifier by a new head for the user's classes, trains head-only then
+end to end with snapshots, and writes a run directory that is itself a model spec:
+``finetuned:runs/flowers``. See ``docs/finetune.md``.
+
+Modules: :mod:`.data` (listing, check, split, balance, augmentation, loading),
+:mod:`.heads` (new head, trainable units, parameter groups, BatchNorm),
+:mod:`.train` (the run), :mod:`.retrieval` (before/after mAP), :mod:`.metric`
+(contrastive loss with hard negatives). Exports are resolved lazily so that
+``deepfeat.models.finetuned`` can import :mod:`.heads` without pulling in the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FinetuneConfig": "train",
+    "FinetuneResult": "train",
+    "finetune": "train",
+    "load_snapshot": "train",
+    "latest_snapshot": "train",
+    "META_FORMAT": "train",
+    "Augmentation": "data",
+    "LabelledImage": "data",
+    "LabelledSet": "data",
+    "Sample": "data",
+    "balance": "data",
+    "balance_counts": "data",
+    "check_labelled": "data",
+    "list_labelled": "data",
+    "read_split": "data",
+    "split_labelled": "data",
+    "write_split": "data",
+    "HEAD_NAME": "heads",
+    "backbone_units": "heads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'deepfeat.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

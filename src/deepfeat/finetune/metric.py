@@ -1,0 +1,207 @@
+"""Metric learning for retrieval: contrastive loss on tuples with mined hard negatives.
+
+Radenović, Tolias & Chum, *Fine-tuning CNN image retrieval with no human annotation*
+(TPAMI 2018), with class labels in place of their 3D-reconstruction clusters: each
+epoch the current network describes every training image (tapped layer -> GeM ->
+L2); each query gets a positive (another image of its class, drawn at random) and
+the ``neg_num`` most similar images of *other* classes as hard negatives, at most one
+per class (as they take one per 3D model). The loss of a tuple is
+
+    0.5 * d(q, p)^2 + sum_n 0.5 * max(0, margin - d(q, n))^2
+
+with ``d`` the Euclidean distance of L2-normalised descriptors. The GeM power p is a
+parameter learned end to end (learning rate x10, as in cirtorch). Learned whitening
+is not part of this implementation: whitening learned after pooling could not be
+carried by a tapped layer into ``deepfeat extract``; fit one instead with
+``--post pca-whiten:D`` on the fine-tuned descriptors.
+
+After the metric stage the classifier head (trained in the head stage on the old
+features) is re-fitted on the new backbone's features, so that the result classifies
+as well as it retrieves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..pooling import GeM, gem
+from . import data as D
+from . import heads as H
+
+
+def contrastive_loss(q: torch.Tensor, others: torch.Tensor, is_pos: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over pairs (q, other) of the contrastive loss; *q* is D, *others* K x D."""
+    d = (others - q[None]).norm(dim=1)
+    pos = 0.5 * d.pow(2)
+    neg = 0.5 * (margin - d).clamp_min(0).pow(2)
+    return torch.where(is_pos, pos, neg).sum()
+
+
+class MetricLearner:
+    """The ``--loss contrastive`` full stage for a :class:`~deepfeat.finetune.train.Finetuner`."""
+
+    def __init__(self, ft) -> None:
+        cfg = ft.cfg
+        self.ft = ft
+        self.layer = ft.eval_layer
+        self.gem = GeM(p=3.0, learnable=cfg.learn_gem).to(ft.device)
+        self.margin = float(cfg.margin)
+        self.neg_num = int(cfg.neg_num)
+        self.per_step = max(1, cfg.batch_size // (2 + self.neg_num))
+        self.refit: dict[str, Any] = {}
+
+    # -------------------------------------------------------------- bookkeeping
+
+    @property
+    def p(self) -> float:
+        return float(self.gem.p.detach().reshape(-1)[0])
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        if not isinstance(self.gem.p, torch.nn.Parameter):
+            return []
+        return [{"name": "gem_p", "params": [self.gem.p], "lr": base_lr * 10, "lr_mult": 10.0, "weight_decay": 0.0}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gem_p": self.gem.p.detach().cpu().clone()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.gem.p.copy_(d["gem_p"].to(self.gem.p.device))
+
+    def meta(self) -> dict[str, Any]:
+        return {"loss": "contrastive", "margin": self.margin, "neg_num": self.neg_num, "layer": self.layer,
+                "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.4g}", "whitening": None,
+                "head_refit": self.refit}
+
+    def n_queries(self) -> int:
+        n = len(self.ft.train)
+        return min(self.ft.cfg.tuples or n, n)
+
+    def iters_per_epoch(self) -> int:
+        if self.ft.cfg.iters_per_epoch:
+            return int(self.ft.cfg.iters_per_epoch)
+        return math.ceil(self.n_queries() / self.per_step)
+
+    # -------------------------------------------------------------- training
+
+    def _mine(self, epoch: int) -> list[tuple[int, int, list[int]]]:
+        """(query, positive, negatives) as train indices, from the current descriptors."""
+        ft, cfg = self.ft, self.ft.cfg
+        originals = [D.Sample(i, it.label, 0) for i, it in enumerate(ft.train)]
+        p = self.p
+        acts, kept = ft._describe(ft.loader, originals, [self.layer], pooled={self.layer: lambda a: gem(a, p=p)},
+                                  key=ft._train_key, fill_prefix=ft._train_key)
+        x = acts[self.layer].numpy()
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        labels = np.array([originals[i].label for i in kept])
+        index = np.array(kept)
+        rng = np.random.default_rng([int(cfg.seed) & 0xFFFFFFFF, zlib.crc32(b"metric"), int(epoch)])
+        n_q = min(self.n_queries(), len(kept))
+        out = []
+        for qi in rng.choice(len(kept), n_q, replace=False):
+            same = np.flatnonzero(labels == labels[qi])
+            same = same[same != qi]
+            if not len(same):
+                continue
+            pi = int(rng.choice(same))
+            order = np.argsort(-(x @ x[qi]), kind="stable")
+            negs, used = [], set()
+            for j in order:
+                lab = int(labels[j])
+                if lab == labels[qi] or lab in used:
+                    continue
+                negs.append(int(index[j]))
+                used.add(lab)
+                if len(negs) == self.neg_num:
+                    break
+            if negs:
+                out.append((int(index[qi]), int(index[pi]), negs))
+        return out
+
+    def epoch(self, ft, e: int, opt: torch.optim.Optimizer, sched, base_lr: float, it: int) -> dict[str, Any]:
+        from ..taps import Taps
+
+        cfg = ft.cfg
+        t0 = time.perf_counter()
+        tuples = self._mine(e)
+        mine_s = time.perf_counter() - t0
+        iters = self.iters_per_epoch()
+        taps = Taps(ft.net, [self.layer], getattr(ft.base, "layer_aliases", None))
+        tot_loss, n_tuples, lr = 0.0, 0, base_lr
+        ft.progress.start(iters, f"epoch {e} [full, contrastive]")
+        for b in range(iters):
+            chunk = [tuples[(b * self.per_step + k) % len(tuples)] for k in range(self.per_step)] if tuples else []
+            lr = sched.apply(opt, it, base_lr)
+            it += 1
+            samples, sizes = [], []
+            for q, pidx, negs in chunk:
+                idx = [q, pidx, *negs]
+                samples.extend(D.Sample(i, ft.train[i].label, 0) for i in idx)
+                sizes.append(len(idx))
+            x, _, kept = ft.loader._build(samples, ft.aug, cfg.augment, cfg.seed, e)
+            if len(kept) != len(samples):  # an image failed to decode: skip this step
+                continue
+            ft._train_mode()
+            keys = [ft._train_key(s) for s in samples] if ft._prefix_ok([self.layer]) else None
+            with ft._autocast():
+                fmap = ft.forward_from(x, keys, taps)[self.layer]
+            d = self.gem(fmap.float())
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            loss = d.new_zeros(())
+            start = 0
+            for n in sizes:
+                t = d[start:start + n]
+                is_pos = torch.zeros(n - 1, dtype=torch.bool, device=d.device)
+                is_pos[0] = True
+                loss = loss + contrastive_loss(t[0], t[1:], is_pos, self.margin)
+                start += n
+            loss = loss / max(len(sizes), 1)
+            ft._step(opt, loss)
+            with torch.no_grad():
+                self.gem.p.clamp_(min=1.0)  # p < 1 is not a generalised *max*; cirtorch keeps p >= 1 in practice
+            tot_loss += loss.item() * len(sizes)
+            n_tuples += len(sizes)
+            ft.progress.update(loss.item())
+        ft.progress.close()
+        return {"epoch": e, "stage": "full", "iters": iters, "images": int(n_tuples * (2 + self.neg_num)),
+                "train_loss": tot_loss / max(n_tuples, 1), "train_acc": None, "lr": lr, "gem_p": self.p,
+                "mine_seconds": round(mine_s, 2), "_it": it}
+
+    def refit_head(self, epochs: int) -> dict[str, Any]:
+        """Train the head again, on the fine-tuned backbone's features (precomputed once)."""
+        ft, cfg = self.ft, self.ft.cfg
+        if not ft.head_is_last or epochs <= 0:
+            self.refit = {"epochs": 0}
+            return self.refit
+        feats = ft._precompute(False)
+        H.set_trainable(ft.net, ft.head_module, [])
+        base_lr = cfg.head_stage_lr
+        groups = H.param_groups(ft.net, ft.head_module, base_lr, cfg.weight_decay, cfg.head_lr_mult,
+                                cfg.head_bias_lr_mult)
+        opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
+        from .train import Schedule, _ce
+
+        n = len(ft.samples)
+        iters = D.n_batches(n, cfg.batch_size)
+
+        sched = Schedule(cfg.schedule, epochs * iters, max(1, math.ceil(epochs / 3)) * iters, cfg.lr_gamma)
+        it = 0
+        for e in range(1, epochs + 1):
+            order = D.epoch_order(n, cfg.seed, "refit", e)
+            for b in range(iters):
+                rows = feats["pos_of"][order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+                rows = torch.from_numpy(rows[rows >= 0])
+                sched.apply(opt, it, base_lr)
+                it += 1
+                if not len(rows):
+                    continue
+                out = ft.head(feats["x"][rows].to(ft.device))
+                ft._step(opt, _ce(out, feats["y"][rows].to(ft.device), ft.probs))
+        self.refit = {"epochs": epochs, **ft._val_features(feats)}
+        return self.refit
