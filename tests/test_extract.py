@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from deepfeat.cli import main
 from deepfeat.errors import StoreError, UsageError
@@ -282,3 +283,25 @@ def test_pca_whitening_chain_fitted_and_changed_without_reextraction(collection,
     assert store.vectors().shape == (24, 4) and np.array_equal(store.raw(), raw_before)
     assert main(["postprocess", str(out), "--post", "l2"]) == 0
     assert not (out / "post.npz").exists() and FeatureStore(out).vectors().shape == (24, 1280)
+
+
+@pytest.fixture(scope="module")
+def large_jpegs(tmp_path_factory, photos) -> Path:
+    """Real photos saved large enough (and at awkward sizes) for JPEG draft decoding to kick in."""
+    root = tmp_path_factory.mktemp("large")
+    sizes = [(1037, 771), (771, 1037), (1201, 899), (997, 997), (1333, 750)]
+    for (name, p), (w, h) in zip(photos.items(), sizes):
+        Image.open(p).convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(root / f"{name}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("size", ["long:160", "short:150", "model"])
+def test_draft_decoded_sizes_match_the_plan(large_jpegs, tmp_path, lite0, size):
+    """Header-predicted sizes (used to batch) equal the draft-decoded sizes: no crash, same features."""
+    extract(_cfg([large_jpegs], tmp_path / "s", size=size, layers=["blocks.5"], pooling="gem", post="none",
+                 workers=1, batch_size=5))
+    store = FeatureStore(tmp_path / "s")
+    assert len(store) == 5
+    for row in range(5):
+        ref = _reference(lite0, store.paths[row], size, "blocks.5", "gem")
+        assert np.allclose(store.raw()[row], ref, rtol=1e-4, atol=1e-5)

@@ -115,3 +115,21 @@ def test_crop_box_in_original_coordinates(photos):
     assert np.array_equal(d.pixels, full[50:250, 100:300])
     with pytest.raises(ImageError, match="empty"):
         decode_image(photos["coffee"], None, None, crop_box=(700, 0, 800, 10))
+
+
+def test_draft_decode_gives_the_size_the_header_predicts(tmp_path, photos):
+    """The pipeline batches images by the size predicted from their headers: a JPEG decoded
+    at a reduced DCT scale must still come out at exactly that size."""
+    src = Image.open(photos["rocket"]).convert("RGB")
+    cfg = DataConfig()
+    mismatches = []
+    for i, (w, h) in enumerate([(1037, 771), (689, 500), (666, 500), (1201, 899), (701, 467), (523, 1000)]):
+        p = tmp_path / f"im{i}.jpg"
+        src.resize((w, h)).save(p, quality=85)
+        for pol in ("long:160", "short:150", "long:257", "short:97"):
+            policy = parse_size_policy(pol)
+            tw, th = target_size(w, h, policy, cfg)
+            got = decode_image(p, policy, cfg, draft=True).pixels.shape[:2]
+            if got != (th, tw):
+                mismatches.append((w, h, pol, got, (th, tw)))
+    assert mismatches == []

@@ -240,7 +240,10 @@ def decode_image(
                 raise ImageError(f"crop box {crop_box} is empty for a {ow}x{oh} image")
             img = img.crop(box)
         if policy is not None and cfg is not None:
-            img = resize_image(img, policy, cfg)
+            # sizes follow the full-resolution image, so a drafted decode gives exactly the
+            # size the header predicts (the pipeline batches by that prediction)
+            source = img.size if crop_box is not None else (ow, oh)
+            img = resize_image(img, policy, cfg, source_size=source)
         arr = np.array(img, dtype=np.uint8)  # a writable copy, independent of PIL's buffer
         if arr.ndim == 2:
             arr = arr[:, :, None]

@@ -11,6 +11,12 @@ Because the plan and the batches do not depend on timing, an interrupted run
 (Ctrl-C, ``kill -9``, power loss) continued later produces exactly the same store,
 byte for byte, as an uninterrupted one: committed shards are skipped, the shard in
 progress is redone.
+
+How one shard is computed (batches -> decode -> FeatureNet -> items + arrays -> commit)
+lives in :class:`ShardProcessor`, shared by the two engines: the local one below
+(``engine="local"``: decode processes feeding inference in this process, several
+shards in flight) and the Ray one in :mod:`deepfeat.distributed` (``engine="ray"``:
+one shard per actor call, on many machines). Both write the same store.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
 DTYPES = ("float32", "float16")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -55,7 +63,7 @@ class ExtractConfig:
     scale_combine: str = "sum"
     backend: str = "torch"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 8 on CPU (measured best for CNNs on few cores), 64 on CUDA
     workers: int | None = None
     decode_in: str = "processes"  # or "threads"
     resume: bool = False
@@ -70,13 +78,20 @@ class ExtractConfig:
     pool_fit_samples: int = 500  # else: fit on this many of the inputs (seeded sample)
     progress: str = "auto"  # auto | bar | lines | none
     labels: str | None = None
+    # where the shards are computed: "local" (this process + decode workers) or "ray"
+    # (an actor pool on a Ray cluster, see deepfeat.distributed); the store is the same
+    engine: str = "local"
+    ray_address: str | None = None  # None: $RAY_ADDRESS or a new local instance; "auto"; "HOST:PORT"
+    num_actors: int | None = None  # None: as many as the cluster's CPUs (GPUs) allow
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} unknown; choose {', '.join(DTYPES)}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, not {self.shard_size}")
@@ -88,6 +103,13 @@ class ExtractConfig:
             raise UsageError(f"decode_in must be 'processes' or 'threads', not {self.decode_in!r}")
         if not self.output:
             raise UsageError("an output store directory is required (-o STORE)")
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r} unknown; choose {', '.join(ENGINES)}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise UsageError(f"--num-actors must be at least 1, not {self.num_actors}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise UsageError(f"--gpus-per-actor must be 0 or more and --cpus-per-actor more than 0, not "
+                             f"{self.gpus_per_actor} and {self.cpus_per_actor}")
         parse_size_policy(self.size)
 
 
@@ -105,14 +127,25 @@ class ExtractReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     failures_report: str | None = None
     interrupted: bool = False
+    #: time until the first batch was done (model load, worker start, ONNX export, first batch)
+    warmup_seconds: float | None = None
+    warmup_items: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput after the first batch: what a long run achieves."""
+        if self.warmup_seconds is None or self.seconds <= self.warmup_seconds:
+            return self.images_per_s
+        return (self.processed - self.warmup_items) / (self.seconds - self.warmup_seconds)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["images_per_s"] = round(self.images_per_s, 2)
+        d["steady_images_per_s"] = round(self.steady_images_per_s, 2)
         return d
 
 
@@ -395,16 +428,168 @@ def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list
     }
 
 
-def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
-    """Run (or continue) an extraction into ``cfg.output``; see the module docstring."""
-    import torch
+# ---------------------------------------------------------------------------
+# One shard: the single definition shared by the local and the Ray engine
+# ---------------------------------------------------------------------------
 
-    from .features import FeatureNet, OnnxRunner, TorchRunner, pooled_dims
+
+@dataclass
+class ShardJob:
+    """A shard being computed: its items, deterministic batches, and the results so far."""
+
+    shard: int
+    items: list[tuple[int, str]]
+    batches: list[list[tuple[int, str]]]
+    bad: dict[int, str]  # items whose image header could not be read (variable-size policies)
+    results: dict[int, tuple] = field(default_factory=dict)  # id -> (vecs, w, h, notes) | (None, error)
+    left: int = 0  # batches not inferred yet
+
+    def __post_init__(self) -> None:
+        self.left = len(self.batches)
+
+
+class ShardProcessor:
+    """How one shard is computed, from its (id, path) items to a committed shard.
+
+    ``plan`` forms the deterministic batches (probing image headers on *executor* for
+    aspect-preserving size policies), ``infer`` runs the network on one decoded batch
+    (:func:`decode_batch` output), ``commit`` assembles the items table and the feature
+    arrays and commits them atomically. The local engine interleaves these across shards
+    to keep its decode workers busy; a Ray actor calls :meth:`run` for a whole shard.
+    Either way the same batches go through the same code, so the stores are equal.
+    """
+
+    def __init__(self, store: FeatureStore, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],
+                 dims: list[int], policy: SizePolicy, batch_size: int, dtype: str):
+        self.store, self.runner, self.layers, self.dims = store, runner, layers, dims
+        self.policy, self.batch_size = policy, batch_size
+        self.out_dtype = np.float16 if dtype == "float16" else np.float32
+        self.stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+
+    def plan(self, shard: int, items: list[tuple[int, str]], executor: Executor, workers: int) -> ShardJob:
+        sizes = None
+        if not self.policy.fixed:
+            chunk = max(1, math.ceil(len(items) / max(workers, 1)))
+            futs = [executor.submit(probe_sizes, [p for _, p in items[i: i + chunk]])
+                    for i in range(0, len(items), chunk)]
+            sizes = [s for f in futs for s in f.result()]
+        batches, bad = shard_batches(items, self.policy, self.batch_size, sizes)
+        return ShardJob(shard, items, batches, bad)
+
+    def infer(self, job: ShardJob, decoded: tuple[list[tuple], float, float]) -> int:
+        """Run the network on one decoded batch of *job*; returns the number of items in it."""
+        results, t_read, t_dec = decoded
+        self.stages["read"] += t_read
+        self.stages["decode"] += t_dec
+        good = [r for r in results if r[1] is not None]
+        # one forward pass per shape: a batch is planned as one shape, but a header that
+        # lies about the image (rare) must cost a smaller batch, never the run
+        by_shape: dict[tuple[int, ...], list[tuple]] = {}
+        for r in good:
+            by_shape.setdefault(r[1].shape, []).append(r)
+        for group in by_shape.values():
+            t0 = time.perf_counter()
+            outs = self.runner(np.stack([r[1] for r in group]))
+            self.stages["infer"] += time.perf_counter() - t0
+            for k, r in enumerate(group):
+                job.results[r[0]] = ([o[k].reshape(-1) for o in outs], r[3], r[4], r[5])
+        for r in results:
+            if r[1] is None:
+                job.results[r[0]] = (None, r[2])
+        job.left -= 1
+        return len(results)
+
+    def commit(self, job: ShardJob) -> tuple[int, int]:
+        """Write the shard (arrays, then the items file that marks it committed); returns (ok, failed)."""
+        t0 = time.perf_counter()
+        items_tab = ShardItems.empty()
+        feats: list[list[np.ndarray]] = [[] for _ in self.layers]
+        for item_id, path in job.items:
+            if item_id in job.bad:
+                items_tab.add(item_id, path, ok=False, error=job.bad[item_id])
+                continue
+            r = job.results[item_id]
+            if r[0] is None:
+                items_tab.add(item_id, path, ok=False, error=r[1])
+                continue
+            vecs, w, h, notes = r
+            items_tab.add(item_id, path, ok=True, width=w, height=h, offset=len(feats[0]), notes=notes)
+            for j, v in enumerate(vecs):
+                feats[j].append(v)
+        arrays = {
+            name: (np.stack(f).astype(self.out_dtype) if f else np.zeros((0, d), self.out_dtype))
+            for name, f, d in zip(self.layers, feats, self.dims)
+        }
+        try:
+            self.store.commit_shard(job.shard, items_tab, arrays)
+        except OSError as e:
+            raise StoreError(f"cannot write shard {job.shard} to {self.store.path}: {e.strerror or e}. Committed "
+                             "shards are kept; free space and run the same command again to continue.") from None
+        self.stages["write"] += time.perf_counter() - t0
+        n_ok = sum(s == "ok" for s in items_tab.status)
+        return n_ok, len(items_tab) - n_ok
+
+    def run(self, shard: int, items: list[tuple[int, str]], executor: Executor, workers: int) -> tuple[int, int]:
+        """Compute and commit a whole shard, decoding up to ``2 * workers`` batches ahead of inference."""
+        job = self.plan(shard, items, executor, workers)
+        ahead = max(2, 2 * workers)
+        pending: deque = deque()
+        nxt = 0
+        while nxt < len(job.batches) or pending:
+            while nxt < len(job.batches) and len(pending) < ahead:
+                pending.append(executor.submit(decode_batch, job.batches[nxt]))
+                nxt += 1
+            self.infer(job, pending.popleft().result())
+        return self.commit(job)
+
+
+def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[str], Any, Any]:
+    """(model, resolved layers, pooling, FeatureNet on *device*) as *cfg* defines them; a pooling
+    that learns is taken from --pool-fit or the store's saved codebook, else fitted and returned."""
+    from .features import FeatureNet
     from .models import load_model
-    from .models.base import resolve_device
     from .pooling import get_pooling
 
+    model = load_model(cfg.model, device=str(device), labels=cfg.labels)
+    layers = _resolve_layers(model, cfg.layers)
+    pooling = get_pooling(cfg.pooling)
+    if pooling.needs_fit:
+        pooling = _fitted_pooling(cfg, model, layers, pooling, parse_size_policy(cfg.size), out, device)
+    fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
+    return model, layers, pooling, fnet
+
+
+def make_runner(cfg: ExtractConfig, fnet, device) -> Callable[[np.ndarray], list[np.ndarray]]:
+    import torch
+
+    from .features import OnnxRunner, TorchRunner
+
+    if cfg.backend == "onnx":
+        return OnnxRunner(fnet, threads=torch.get_num_threads())
+    return TorchRunner(fnet, device)
+
+
+# ---------------------------------------------------------------------------
+# The run: setup, plan, one engine, finish
+# ---------------------------------------------------------------------------
+
+
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+    """Run (or continue) an extraction into ``cfg.output``; see the module docstring.
+
+    The setup (model, meta, store), the plan and the finish (items.parquet, fitted
+    post-processing, failures.csv) are the same for both engines; only where the
+    uncommitted shards are computed differs. *on_shard* is called with each shard id
+    as it is committed (in this process for both engines).
+    """
+    from .features import pooled_dims
+    from .models.base import resolve_device
+
     cfg.validate()
+    if cfg.engine == "ray":
+        from .distributed import require_ray
+
+        require_ray()  # before any heavy work: a missing extra is a UsageError that says how to install it
     t_start = time.perf_counter()
     out = Path(cfg.output)
     existing = FeatureStore(out) if (out / "meta.json").is_file() else None
@@ -413,14 +598,9 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     if existing is not None and cfg.resume:
         _adopt_meta(cfg, existing.meta)
 
-    device = resolve_device(cfg.device if cfg.backend == "torch" else "cpu")
-    model = load_model(cfg.model, device=str(device), labels=cfg.labels)
-    layers = _resolve_layers(model, cfg.layers)
-    pooling = get_pooling(cfg.pooling)
-    policy = parse_size_policy(cfg.size)
-    if pooling.needs_fit:
-        pooling = _fitted_pooling(cfg, model, layers, pooling, policy, out, device)
-    fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
+    # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
+    device = resolve_device(cfg.device if cfg.backend == "torch" and cfg.engine == "local" else "cpu")
+    model, layers, pooling, fnet = load_feature_net(cfg, out, device)
     dims = pooled_dims(fnet, model.data_config.input_size)
     meta = build_meta(cfg, model, layers, pooling, dims)
     store = FeatureStore.create(out, meta)
@@ -443,114 +623,27 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
         if s not in committed:
             by_shard.setdefault(s, []).append((i, p))
     report = ExtractReport(store=str(out), planned=len(ids), skipped_shards=len(committed))
+    if cfg.batch_size is None:
+        cfg.batch_size = 64 if device.type == "cuda" else 8
     todo = sum(len(v) for v in by_shard.values())
     if committed:
         log.info("resuming: %d shard(s) already committed", len(committed))
 
-    runner: Callable[[np.ndarray], list[np.ndarray]]
-    if cfg.backend == "onnx":
-        runner = OnnxRunner(fnet, threads=torch.get_num_threads())
-    else:
-        runner = TorchRunner(fnet, device)
-
-    workers = cfg.workers if cfg.workers is not None else default_workers()
     stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
     progress = Progress(len(ids), len(ids) - todo, cfg.progress)
-    out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
-    executor = make_executor(cfg.decode_in, workers, initargs)
-    inflight_max = max(2, 2 * max(workers, 1))
     try:
-        pending: deque = deque()
-        shard_state: dict[int, dict[str, Any]] = {}
+        if cfg.engine == "ray":
+            from .distributed import run_shards_on_ray
 
-        def submit_shard(shard: int, items: list[tuple[int, str]]) -> None:
-            sizes = None
-            if not policy.fixed:
-                chunk = max(1, math.ceil(len(items) / max(workers, 1)))
-                futs = [executor.submit(probe_sizes, [p for _, p in items[i: i + chunk]])
-                        for i in range(0, len(items), chunk)]
-                sizes = [s for f in futs for s in f.result()]
-            batches, bad = shard_batches(items, policy, cfg.batch_size, sizes)
-            shard_state[shard] = {"items": items, "left": len(batches), "results": {}, "bad": bad}
-            for b in batches:
-                pending.append((shard, executor.submit(decode_batch, b)))
-            if not batches:
-                finish_shard(shard)
-
-        def finish_shard(shard: int) -> None:
-            st = shard_state.pop(shard)
-            t0 = time.perf_counter()
-            items_tab = ShardItems.empty()
-            feats: list[list[np.ndarray]] = [[] for _ in layers]
-            for item_id, path in st["items"]:
-                if item_id in st["bad"]:
-                    items_tab.add(item_id, path, ok=False, error=st["bad"][item_id])
-                    continue
-                r = st["results"][item_id]
-                if r[0] is None:
-                    items_tab.add(item_id, path, ok=False, error=r[1])
-                    continue
-                vecs, w, h, notes = r
-                items_tab.add(item_id, path, ok=True, width=w, height=h, offset=len(feats[0]), notes=notes)
-                for j, v in enumerate(vecs):
-                    feats[j].append(v)
-            arrays = {
-                name: (np.stack(f).astype(out_dtype) if f else np.zeros((0, d), out_dtype))
-                for name, f, d in zip(layers, feats, dims)
-            }
-            try:
-                store.commit_shard(shard, items_tab, arrays)
-            except OSError as e:
-                raise StoreError(f"cannot write shard {shard} to {out}: {e.strerror or e}. Committed shards are "
-                                 "kept; free space and run the same command again to continue.") from None
-            stages["write"] += time.perf_counter() - t0
-            n_ok = sum(s == "ok" for s in items_tab.status)
-            report.ok += n_ok
-            report.failed += len(items_tab) - n_ok
-            if on_shard is not None:
-                on_shard(shard)
-
-        def drain_one() -> None:
-            shard, fut = pending.popleft()
-            results, t_read, t_dec = fut.result()
-            stages["read"] += t_read
-            stages["decode"] += t_dec
-            st = shard_state[shard]
-            good = [r for r in results if r[1] is not None]
-            if good:
-                t0 = time.perf_counter()
-                outs = runner(np.stack([r[1] for r in good]))
-                stages["infer"] += time.perf_counter() - t0
-                for k, r in enumerate(good):
-                    st["results"][r[0]] = ([o[k].reshape(-1) for o in outs], r[3], r[4], r[5])
-            for r in results:
-                if r[1] is None:
-                    st["results"][r[0]] = (None, r[2])
-            report.processed += len(results)
-            progress.update(len(results), stages)
-            st["left"] -= 1
-            if st["left"] == 0:
-                finish_shard(shard)
-
-        shard_iter = iter(by_shard.items())
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < inflight_max:
-                nxt = next(shard_iter, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                submit_shard(*nxt)
-            if not pending:
-                break
-            drain_one()
+            run_shards_on_ray(cfg, store, layers, by_shard, report, progress, stages, on_shard)
+        else:
+            _run_local(cfg, store, model, fnet, layers, dims, device, by_shard, report, progress, stages, on_shard,
+                       t_start)
     except KeyboardInterrupt:
         report.interrupted = True
         raise
     finally:
         progress.close()
-        _shutdown(executor, cancel=report.interrupted)
         report.seconds = time.perf_counter() - t_start
         report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
         try:
@@ -569,6 +662,75 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     return report
 
 
+def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list[str], dims: list[int], device,
+               by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
+               stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
+    """The local engine: decode workers feed inference in this process, several shards in flight."""
+    policy = parse_size_policy(cfg.size)
+    proc = ShardProcessor(store, make_runner(cfg, fnet, device), layers, dims, policy, cfg.batch_size, cfg.dtype)
+    proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
+    executor = make_executor(cfg.decode_in, workers, initargs)
+    inflight_max = max(2, 2 * max(workers, 1))
+    interrupted = False
+    try:
+        pending: deque = deque()  # (job, future of decode_batch), in submission order
+        jobs: dict[int, ShardJob] = {}
+
+        def submit_shard(shard: int, items: list[tuple[int, str]]) -> None:
+            job = jobs[shard] = proc.plan(shard, items, executor, workers)
+            for b in job.batches:
+                pending.append((job, executor.submit(decode_batch, b)))
+            if not job.batches:
+                finish_shard(job)
+
+        def finish_shard(job: ShardJob) -> None:
+            del jobs[job.shard]
+            n_ok, n_failed = proc.commit(job)
+            report.ok += n_ok
+            report.failed += n_failed
+            if on_shard is not None:
+                on_shard(job.shard)
+
+        def drain_one() -> None:
+            job, fut = pending.popleft()
+            try:
+                decoded = fut.result()
+            except BrokenProcessPool:
+                raise DeepfeatError(
+                    "the decode worker processes died. If you call deepfeat's extract() from a script, "
+                    "put the call under `if __name__ == \"__main__\":` (Python's spawn start method re-imports "
+                    "the script in each worker), or pass workers=0 / decode_in=\"threads\". Committed shards "
+                    "are kept; run again to continue.") from None
+            n = proc.infer(job, decoded)
+            report.processed += n
+            if report.warmup_seconds is None:
+                report.warmup_seconds = time.perf_counter() - t_start
+                report.warmup_items = n
+            progress.update(n, stages)
+            if job.left == 0:
+                finish_shard(job)
+
+        shard_iter = iter(by_shard.items())
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < inflight_max:
+                nxt = next(shard_iter, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                submit_shard(*nxt)
+            if not pending:
+                break
+            drain_one()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        _shutdown(executor, cancel=interrupted)
+
+
 POOLING_FILE = "pooling.npz"
 
 
@@ -578,7 +740,7 @@ def _fitted_pooling(cfg: ExtractConfig, model, layers: list[str], pooling, polic
     import torch
 
     from .pooling import load_pooling
-    from .taps import Taps
+    from .taps import make_taps
 
     if len(layers) != 1:
         raise UsageError(f"pooling {pooling.spec!r} learns a codebook per layer; tap one layer, not {layers}")
@@ -596,7 +758,7 @@ def _fitted_pooling(cfg: ExtractConfig, model, layers: list[str], pooling, polic
     sample = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), cfg.pool_fit_samples),
                                                   replace=False))]
     log.warning("fitting %s on %d of the input images", pooling.spec, len(sample))
-    taps = Taps(model.net, layers, model.layer_aliases)
+    taps = make_taps(model, layers)
 
     def batches():
         for p in sample:

@@ -216,9 +216,18 @@ def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + tw, top + th))
 
 
-def resize_image(img: Image.Image, policy: SizePolicy, cfg: DataConfig) -> Image.Image:
-    """Apply the geometry of *policy* to a decoded PIL image (mode RGB or L)."""
-    tw, th = target_size(img.width, img.height, policy, cfg)
+def resize_image(img: Image.Image, policy: SizePolicy, cfg: DataConfig,
+                 source_size: tuple[int, int] | None = None) -> Image.Image:
+    """Apply the geometry of *policy* to a decoded PIL image (mode RGB or L).
+
+    *source_size* is the (W, H) of the image at full resolution when *img* was decoded
+    smaller (JPEG draft): the output size is computed from it, so it is exactly the size
+    predicted from the file's header, whatever DCT scale the decoder chose. (Resampling
+    only the centre crop with ``resize(box=...)`` would be faster but differs from
+    timm/torchvision's resize-then-crop by up to 3 grey levels, so it is not done.)
+    """
+    sw, sh = source_size or img.size
+    tw, th = target_size(sw, sh, policy, cfg)
     if (tw, th) != img.size:
         img = img.resize((tw, th), INTERPOLATIONS[cfg.interpolation])
     if policy.kind == "model":

@@ -33,8 +33,10 @@ def register(sub) -> None:
     p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale factors, e.g. 1,0.707,0.5")
     p.add_argument("--scale-combine", default="sum", choices=["sum", "gem"])
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--batch-size", type=int, default=32, metavar="N")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode processes (default: cores; 0 = inline)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="default 8 on CPU, 64 on CUDA")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="decode processes (default: cores; 0 = inline); with --engine ray: decode threads per actor "
+                        "(default: --cpus-per-actor)")
     p.add_argument("--decode-in", default="processes", choices=["processes", "threads"])
     p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard (commit unit)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
@@ -43,6 +45,17 @@ def register(sub) -> None:
                    help="continue the store's run with its own settings (inputs and flags may be omitted)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"])
+    g = p.add_argument_group("distributed extraction (pip install 'deepfeat[ray]'; see docs/scaling.md)")
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (this machine) or ray (an actor pool on a Ray cluster; the store directory must be "
+                        "on a file system every node shares)")
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local instance)")
+    g.add_argument("--num-actors", type=int, metavar="N",
+                   help="model replicas (default: as many as the cluster's CPUs, or GPUs, allow)")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs per actor (default 0)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+                   help="CPUs per actor, for its inference threads and decode threads (default 1)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.set_defaults(func=run)
 
@@ -59,7 +72,9 @@ def run(args) -> int:
         backend=args.backend, device=args.device, batch_size=args.batch_size, workers=args.workers,
         decode_in=args.decode_in, resume=args.resume, limit=args.limit, dtype=args.dtype,
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
-        pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples,
+        pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples, engine=args.engine,
+        ray_address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
     )
     try:
         rep = extract(cfg)
@@ -71,7 +86,8 @@ def run(args) -> int:
         print(json.dumps(rep.to_dict(), indent=2))
     else:
         st = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
-        print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s): "
+        print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s, "
+              f"{rep.steady_images_per_s:.1f} after the first batch): "
               f"{rep.ok} ok, {rep.failed} failed; {rep.skipped_shards} shard(s) were already done")
         print(f"stages: {st}")
         print(f"store: {rep.store} ({rep.planned} items planned)")
