@@ -305,3 +305,34 @@ def test_draft_decoded_sizes_match_the_plan(large_jpegs, tmp_path, lite0, size):
     for row in range(5):
         ref = _reference(lite0, store.paths[row], size, "blocks.5", "gem")
         assert np.allclose(store.raw()[row], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypatch):
+    """ENOSPC while writing a shard: a clear error, earlier shards kept, no temp files left,
+    and the same command completes the store once there is space again."""
+    import errno
+
+    import deepfeat.store as store_mod
+
+    real_save = np.save
+    calls = {"n": 0}
+
+    def full_after_two(f, arr, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            f.write(b"partial")  # the disk fills half-way through a shard's array
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(f, arr, **kw)
+
+    out = tmp_path / "s"
+    monkeypatch.setattr(store_mod.np, "save", full_after_two)
+    with pytest.raises(StoreError, match="No space left on device.*free space and run the same command"):
+        extract(_cfg([collection], out, shard_size=5, pooling="mac"))
+    assert FeatureStore(out).committed_shards() == [0, 1]
+    assert not [f for f in (out / "shards").iterdir() if ".tmp-" in f.name]
+    monkeypatch.setattr(store_mod.np, "save", real_save)
+    rep = extract(_cfg([collection], out, shard_size=5, pooling="mac"))
+    assert rep.skipped_shards == 2 and len(FeatureStore(out)) == 24
+    ref = tmp_path / "ref"
+    extract(_cfg([collection], ref, shard_size=5, pooling="mac"))
+    assert np.array_equal(FeatureStore(out).raw(), FeatureStore(ref).raw())

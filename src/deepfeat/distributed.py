@@ -126,13 +126,10 @@ class ShardWorker:
     def _compute(self, shard: int, items: list[tuple[int, str]]) -> dict[str, Any]:
         if self.init_error is not None:
             raise self.init_error
-        # the store layout's own name for the commit marker (a public FeatureStore.is_committed would be nicer)
-        done = self.store._shard_items_path(shard)
-        if done.is_file():
+        done = self.store.shard_items(shard)
+        if done is not None:
             # a retry of a shard whose commit had finished before its worker died
-            import pyarrow.parquet as pq
-
-            status = pq.read_table(done, columns=["status"]).column("status").to_pylist()
+            status = done.column("status").to_pylist()
             n_ok, n_failed, skipped = status.count("ok"), len(status) - status.count("ok"), True
             stages = dict.fromkeys(STAT_KEYS, 0.0)
         else:

@@ -64,13 +64,35 @@ def feature_file_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def _tmp_name(path: Path) -> Path:
+    import socket
+
+    # host and pid: two machines (or two retries) writing the same shard never share a temp file
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename it over *path*; never leave the temp behind."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -78,20 +100,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -249,6 +273,15 @@ class FeatureStore:
 
     def shard_feature_path(self, shard: int, name: str) -> Path:
         return self.path / "shards" / f"{shard:06d}.{feature_file_key(name)}.npy"
+
+    def is_committed(self, shard: int) -> bool:
+        """Whether *shard* has been committed (its items file, written last, exists)."""
+        return self._shard_items_path(shard).is_file()
+
+    def shard_items(self, shard: int) -> pa.Table | None:
+        """The items table of a committed shard, or None if it is not committed."""
+        p = self._shard_items_path(shard)
+        return pq.read_table(p) if p.is_file() else None
 
     def committed_shards(self) -> list[int]:
         out = []
