@@ -92,6 +92,11 @@ def requires_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 
 
+#: for tests that use the real Caffe models and reference prototxts of ../shared/caffe
+needs_shared_caffe = pytest.mark.skipif(not SHARED_CAFFE.is_dir(),
+                                        reason=f"shared Caffe models not found at {SHARED_CAFFE}")
+
+
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory, photos) -> Path:
     """A small collection of real photos at several sizes and aspect ratios (24 files in 2 folders)."""

@@ -27,7 +27,7 @@ from deepfeat.models.base import Model
 from deepfeat.preprocess import DataConfig, SizePolicy
 from deepfeat.surgery import DenseClassifier, DenseMap, dense_map, fc_to_conv_weight, fully_convolutional
 
-from .conftest import CAT_CLASSES, SHARED_CAFFE
+from .conftest import CAT_CLASSES, SHARED_CAFFE, needs_shared_caffe
 
 CAFFENET = SHARED_CAFFE / "reference_prototxts" / "bvlc_reference_caffenet" / "deploy.prototxt"
 LENET = SHARED_CAFFE / "lenet_mnist"
@@ -92,6 +92,7 @@ def caffenet():
     return model, fully_convolutional(model)
 
 
+@needs_shared_caffe
 def test_caffenet_fc_layers_become_convolutions(caffenet):
     model, dense = caffenet
     assert isinstance(dense, DenseClassifier) and dense.kind == "fc" and dense.window == (6, 6)
@@ -106,6 +107,7 @@ def test_caffenet_fc_layers_become_convolutions(caffenet):
     assert isinstance(model.net.fc6, nn.Linear)
 
 
+@needs_shared_caffe
 def test_caffenet_451_gives_8x8_and_native_equals_classifier(caffenet, photos):
     model, dense = caffenet
     dm = dense_map(model, photos["chelsea"], 451, net=dense)
@@ -121,6 +123,7 @@ def test_caffenet_451_gives_8x8_and_native_equals_classifier(caffenet, photos):
     assert np.abs(native.probs[:, 0, 0] - ref).max() < 1e-5
 
 
+@needs_shared_caffe
 def test_lenet_cells_are_lenet_on_each_window():
     """Real trained weights, no padding anywhere: each cell of a 56 x 56 input is exactly
     LeNet on the 28 x 28 window at 4-pixel steps."""
@@ -354,15 +357,18 @@ def test_cli_densemap(monkeypatch, capsys, photos, tmp_path):
     saved = torch.load(net_path, weights_only=False)
     assert isinstance(saved, DenseClassifier) and saved.native_size == (224, 224)
 
+    assert _cli(monkeypatch, ["densemap", photos["chelsea"], "--window", "zero"]) == 2
+    assert "--window" in capsys.readouterr().err
+    assert _cli(monkeypatch, ["densemap", photos["chelsea"], "--dpi", "0"]) == 2
+
+
+@needs_shared_caffe
+def test_cli_densemap_caffe_lenet(monkeypatch, capsys, photos):
     lenet = f"caffe:{LENET / 'lenet.prototxt'}@{LENET / 'lenet_iter_10000.caffemodel'}"
     assert _cli(monkeypatch, ["densemap", photos["chelsea"], "--model", lenet, "--size", "40", "--top-labels"]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == "chelsea_cat.jpg: 4 x 4 dense map from a 40 x 40 input (native 28 x 28), LeNet"
     assert len(text[2].split()) == 8 and text[2].split()[0] == "class"  # 4 cells named 'class N' (no labels file)
-
-    assert _cli(monkeypatch, ["densemap", photos["chelsea"], "--window", "zero"]) == 2
-    assert "--window" in capsys.readouterr().err
-    assert _cli(monkeypatch, ["densemap", photos["chelsea"], "--dpi", "0"]) == 2
 
 
 def test_densemap_value_type():

@@ -19,7 +19,7 @@ from deepfeat.errors import LayerError, UsageError
 from deepfeat.pooling import crow
 from deepfeat.surgery import dense_map, fully_convolutional
 
-from .conftest import SHARED_CAFFE
+from .conftest import SHARED_CAFFE, needs_shared_caffe
 
 CIFAR = SHARED_CAFFE / "cifar10_quick"
 LENET = SHARED_CAFFE / "lenet_mnist"
@@ -132,6 +132,7 @@ def test_every_picture_renders(lite0, photos, cat_dense_map, tmp_path):
         assert_png(path, (round(w_in * 40), round(h_in * 40)))
 
 
+@needs_shared_caffe
 def test_filters_colour_order_and_gray_tiles():
     caffe = deepfeat.load_model(f"caffe:{CIFAR / 'cifar10_quick_deploy_v2_bvlc.prototxt'}@"
                                 f"{CIFAR / 'cifar10_quick_iter_5000.caffemodel'}")
@@ -176,7 +177,8 @@ def _cli(monkeypatch, argv: list[str]) -> int:
     ("histogram", ["--layer", "classifier"], (240, 180)),
     ("probabilities", [], (240, 120)),
     ("crow", ["--layer", "conv_head", "--size", "long:256"], (300, 138)),
-    ("densemap", ["--size", "56", "--model", LENET_SPEC], (300, 144)),  # LeNet: cheap, 8 x 8 cells
+    pytest.param("densemap", ["--size", "56", "--model", LENET_SPEC], (300, 144),  # LeNet: cheap, 8 x 8 cells
+                 marks=needs_shared_caffe),
 ])
 def test_cli_visualize(monkeypatch, capsys, photos, tmp_path, kind, extra, size):
     out = tmp_path / f"{kind}.png"
