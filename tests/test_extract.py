@@ -336,3 +336,19 @@ def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypat
     ref = tmp_path / "ref"
     extract(_cfg([collection], ref, shard_size=5, pooling="mac"))
     assert np.array_equal(FeatureStore(out).raw(), FeatureStore(ref).raw())
+
+
+def test_onnx_static_batch_pads_and_splits(lite0):
+    """The ONNX runner's static-batch graph: a short batch is padded, a long one split, and each
+    image's descriptor is the same as when it is computed with other images."""
+    from deepfeat.features import OnnxRunner, TorchRunner
+
+    fnet = FeatureNet(lite0, ["blocks.4"], get_pooling("gem"))
+    x = np.random.default_rng(0).integers(0, 256, (7, 96, 96, 3), dtype=np.uint8)
+    ref = TorchRunner(fnet, torch.device("cpu"))(x)[0]
+    r = OnnxRunner(fnet, batch_size=3)
+    for chunk in (x[:1], x[:3], x):  # padded 1 -> 3, exact, split 7 -> 3 + 3 + 1
+        out = r(chunk)[0]
+        assert out.shape == (len(chunk), ref.shape[1])
+        assert np.abs(out - ref[: len(chunk)]).max() < 1e-4
+    assert len(r._sessions) == 1  # one graph for every batch size

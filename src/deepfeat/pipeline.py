@@ -565,7 +565,7 @@ def make_runner(cfg: ExtractConfig, fnet, device) -> Callable[[np.ndarray], list
     from .features import OnnxRunner, TorchRunner
 
     if cfg.backend == "onnx":
-        return OnnxRunner(fnet, threads=torch.get_num_threads())
+        return OnnxRunner(fnet, threads=torch.get_num_threads(), batch_size=cfg.batch_size or 8)
     return TorchRunner(fnet, device)
 
 
