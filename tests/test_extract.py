@@ -352,3 +352,25 @@ def test_onnx_static_batch_pads_and_splits(lite0):
         assert out.shape == (len(chunk), ref.shape[1])
         assert np.abs(out - ref[: len(chunk)]).max() < 1e-4
     assert len(r._sessions) == 1  # one graph for every batch size
+
+
+def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
+    rep = extract(_cfg([collection], tmp_path / "a", limit=4, pooling="mac"))
+    assert rep.backend == "onnx"  # one shape on the CPU: ONNX Runtime
+    rep = extract(_cfg([collection], tmp_path / "b", limit=4, pooling="mac", size="long:128"))
+    assert rep.backend == "torch"  # one graph per shape would cost an export each
+
+    from deepfeat.features import FallbackRunner, TorchRunner
+
+    class Broken:
+        name = "onnx"
+
+        def __call__(self, pixels):
+            raise RuntimeError("Exporting the operator 'aten::weird' to ONNX opset 17 is not supported")
+
+    fnet = FeatureNet(lite0, ["blocks.2"], get_pooling("mac"))
+    r = FallbackRunner(Broken(), TorchRunner(fnet, torch.device("cpu")))
+    x = np.zeros((2, 64, 64, 3), np.uint8)
+    out = r(x)[0]
+    assert out.shape[0] == 2 and r.name == "torch"
+    assert "onnx backend unavailable" in caplog.text and "aten::weird" in caplog.text

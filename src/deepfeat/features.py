@@ -176,6 +176,32 @@ class OnnxRunner:
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
+class FallbackRunner:
+    """Tries a fast runner; if it fails on its first batch (an operator the ONNX exporter
+    does not support, say), says so once and uses the safe one for the whole run."""
+
+    def __init__(self, primary, fallback):
+        self.primary, self.fallback = primary, fallback
+        self.active = None
+
+    @property
+    def name(self) -> str:
+        return (self.active or self.primary).name
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if self.active is not None:
+            return self.active(pixels)
+        try:
+            out = self.primary(pixels)
+            self.active = self.primary
+            return out
+        except Exception as e:  # noqa: BLE001 - any export/runtime failure means: use the other runner
+            log.warning("%s backend unavailable for this model (%s: %s); using %s",
+                        self.primary.name, type(e).__name__, str(e).splitlines()[0][:200], self.fallback.name)
+            self.active = self.fallback
+            return self.fallback(pixels)
+
+
 def export_feature_net(fnet: FeatureNet, shape: tuple[int, int, int], path: str, opset: int = 17,
                        batch_size: int | None = None) -> None:
     """Export *fnet* for uint8 inputs of ``shape`` (H, W, C), batch *batch_size* (None: dynamic)."""

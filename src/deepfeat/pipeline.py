@@ -43,7 +43,7 @@ from .store import FeatureStore, ShardItems
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("float32", "float16")
 ENGINES = ("local", "ray")
 
@@ -61,7 +61,7 @@ class ExtractConfig:
     size: str = "model"
     scales: tuple[float, ...] = (1.0,)
     scale_combine: str = "sum"
-    backend: str = "torch"
+    backend: str = "auto"  # auto: ONNX Runtime on CPU for one-shape size policies, else torch
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on CPU (measured best for CNNs on few cores), 64 on CUDA
     workers: int | None = None
@@ -127,6 +127,7 @@ class ExtractReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     failures_report: str | None = None
     interrupted: bool = False
+    backend: str | None = None  # the runner that did the work (torch or onnx)
     #: time until the first batch was done (model load, worker start, ONNX export, first batch)
     warmup_seconds: float | None = None
     warmup_items: int = 0
@@ -562,11 +563,24 @@ def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[s
 def make_runner(cfg: ExtractConfig, fnet, device) -> Callable[[np.ndarray], list[np.ndarray]]:
     import torch
 
-    from .features import OnnxRunner, TorchRunner
+    from .features import FallbackRunner, OnnxRunner, TorchRunner
 
     if cfg.backend == "onnx":
         return OnnxRunner(fnet, threads=torch.get_num_threads(), batch_size=cfg.batch_size or 8)
+    if cfg.backend == "auto" and auto_prefers_onnx(cfg, fnet, device):
+        onnx = OnnxRunner(fnet, threads=torch.get_num_threads(), batch_size=cfg.batch_size or 8)
+        return FallbackRunner(onnx, TorchRunner(fnet, device))
     return TorchRunner(fnet, device)
+
+
+def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
+    """``--backend auto``: ONNX Runtime (about 2x eager PyTorch on CPU, docs/benchmarks.md) when
+    every image has the same shape (one graph to export) on the CPU; eager torch on CUDA and
+    for aspect-preserving policies, where each distinct shape would cost an export."""
+    import importlib.util
+
+    return (device.type == "cpu" and parse_size_policy(cfg.size).fixed and fnet.exportable
+            and importlib.util.find_spec("onnxruntime") is not None)
 
 
 # ---------------------------------------------------------------------------
@@ -599,7 +613,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
         _adopt_meta(cfg, existing.meta)
 
     # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
-    device = resolve_device(cfg.device if cfg.backend == "torch" and cfg.engine == "local" else "cpu")
+    device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
     model, layers, pooling, fnet = load_feature_net(cfg, out, device)
     dims = pooled_dims(fnet, model.data_config.input_size)
     meta = build_meta(cfg, model, layers, pooling, dims)
@@ -669,6 +683,7 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
     policy = parse_size_policy(cfg.size)
     proc = ShardProcessor(store, make_runner(cfg, fnet, device), layers, dims, policy, cfg.batch_size, cfg.dtype)
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
+    report.backend = proc.runner.name
     workers = cfg.workers if cfg.workers is not None else default_workers()
     initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
     executor = make_executor(cfg.decode_in, workers, initargs)
@@ -704,6 +719,7 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
                     "the script in each worker), or pass workers=0 / decode_in=\"threads\". Committed shards "
                     "are kept; run again to continue.") from None
             n = proc.infer(job, decoded)
+            report.backend = proc.runner.name
             report.processed += n
             if report.warmup_seconds is None:
                 report.warmup_seconds = time.perf_counter() - t_start

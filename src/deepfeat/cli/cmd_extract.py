@@ -32,7 +32,8 @@ def register(sub) -> None:
                    help="model | short:S | long:S | warp:S | warp:HxW | native (default model)")
     p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale factors, e.g. 1,0.707,0.5")
     p.add_argument("--scale-combine", default="sum", choices=["sum", "gem"])
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto (default): ONNX Runtime on CPU when all images have one shape, else torch")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="default 8 on CPU, 64 on CUDA")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="decode processes (default: cores; 0 = inline); with --engine ray: decode threads per actor "
@@ -89,7 +90,7 @@ def run(args) -> int:
         print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s, "
               f"{rep.steady_images_per_s:.1f} after the first batch): "
               f"{rep.ok} ok, {rep.failed} failed; {rep.skipped_shards} shard(s) were already done")
-        print(f"stages: {st}")
+        print(f"stages: {st}" + (f"; backend {rep.backend}" if rep.backend else ""))
         print(f"store: {rep.store} ({rep.planned} items planned)")
         if rep.failures_report:
             print(f"failures: {rep.failures_report}")
