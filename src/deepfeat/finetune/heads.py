@@ -26,6 +26,9 @@ _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList)
 def head_module_name(model) -> str:
     """The module name of the model's classifier, or a clear error."""
     name = getattr(model, "classifier", None)
+    if getattr(model, "tapper", None) is not None:
+        raise ModelError(f"model {model.spec} runs in ONNX Runtime and cannot be trained; fine-tune the PyTorch, "
+                         "timm, torchvision or Caffe model it was exported from")
     if not name:
         raise ModelError(f"model {model.spec} has no known classifier layer, so it cannot get a new head; "
                          "fine-tuning needs a classification model (timm, torchvision, embedded, Caffe with an "
