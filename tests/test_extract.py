@@ -374,3 +374,20 @@ def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
     out = r(x)[0]
     assert out.shape[0] == 2 and r.name == "torch"
     assert "onnx backend unavailable" in caplog.text and "aten::weird" in caplog.text
+
+
+def test_relative_paths_work_from_any_folder(collection, tmp_path, monkeypatch):
+    """Stores keep paths as given; relative ones resolve against the folder the extraction
+    ran in, and appending from elsewhere keeps them consistent."""
+    monkeypatch.chdir(collection)
+    out = tmp_path / "s"
+    extract(_cfg(["a"], out, pooling="mac"))
+    st = FeatureStore(out)
+    assert st.paths[0].startswith("a/") and st.meta["root"] == str(collection)
+    monkeypatch.chdir(tmp_path)
+    assert Path(st.resolve_path(st.paths[0])).is_file()
+    rep = extract(_cfg([str(collection / "a"), os.path.relpath(collection / "b", tmp_path)], out, pooling="mac"))
+    st = FeatureStore(out)
+    assert rep.processed == 12 and len(st) == 24  # "a" already known, "b" appended
+    assert all(p.startswith(("a/", "b/")) for p in st.paths[:12] + [q for q in st.paths if q.startswith("b/")])
+    assert all(Path(st.resolve_path(p)).is_file() for p in st.paths)

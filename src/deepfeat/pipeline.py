@@ -352,8 +352,19 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
         shards = plan.column("shard").to_pylist()
     else:
         ids, ppaths, shards = [], [], []
-    known = set(ppaths)
-    new = [p for p in paths if p not in known]
+    # one file, one item: relative and absolute spellings of the same file are the same input
+    root = store.meta.get("root") or os.getcwd()
+
+    def key(p: str) -> str:
+        return os.path.normpath(os.path.join(root, p))
+
+    known = {key(p) for p in ppaths}
+    new = []
+    for p in paths:
+        k = key(p)
+        if k not in known:
+            known.add(k)
+            new.append(p)
     if new:
         next_id = (max(ids) + 1) if ids else 0
         next_shard = (max(shards) + 1) if shards else 0
@@ -426,6 +437,8 @@ def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list
         "dtype": cfg.dtype,
         "draft_decode": cfg.draft,
         "features": {name: {"dim": d, "dtype": cfg.dtype} for name, d in zip(layers, dims)},
+        # relative item paths are relative to this folder (where the extraction ran)
+        "root": os.getcwd(),
     }
 
 
@@ -468,13 +481,16 @@ class ShardProcessor:
         self.stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
 
     def plan(self, shard: int, items: list[tuple[int, str]], executor: Executor, workers: int) -> ShardJob:
+        # decode from the files (relative paths resolved against the store's root); the
+        # items table keeps the paths as they were given
+        files = [(i, self.store.resolve_path(p)) for i, p in items]
         sizes = None
         if not self.policy.fixed:
-            chunk = max(1, math.ceil(len(items) / max(workers, 1)))
-            futs = [executor.submit(probe_sizes, [p for _, p in items[i: i + chunk]])
-                    for i in range(0, len(items), chunk)]
+            chunk = max(1, math.ceil(len(files) / max(workers, 1)))
+            futs = [executor.submit(probe_sizes, [p for _, p in files[i: i + chunk]])
+                    for i in range(0, len(files), chunk)]
             sizes = [s for f in futs for s in f.result()]
-        batches, bad = shard_batches(items, self.policy, self.batch_size, sizes)
+        batches, bad = shard_batches(files, self.policy, self.batch_size, sizes)
         return ShardJob(shard, items, batches, bad)
 
     def infer(self, job: ShardJob, decoded: tuple[list[tuple], float, float]) -> int:
@@ -626,6 +642,10 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
 
     # plan
     paths = discover(cfg.inputs) if cfg.inputs else []
+    root = store.meta.get("root")
+    if root and os.path.abspath(root) != os.getcwd():
+        # appending from another folder: keep relative paths relative to the store's root
+        paths = [p if os.path.isabs(p) else os.path.relpath(os.path.abspath(p), root) for p in paths]
     if cfg.limit is not None:
         paths = paths[: cfg.limit]
     ids, ppaths, shards = plan_inputs(store, paths, cfg.shard_size)

@@ -407,6 +407,19 @@ class FeatureStore:
             )
         return np.ascontiguousarray(chain.apply(x), dtype=np.float32)
 
+    def resolve_path(self, path: str) -> str:
+        """The file of a stored item path: relative paths are relative to the folder the
+        extraction ran in (``meta["root"]``), so they work from any working directory
+        (falling back to the working directory when the root is gone, e.g. a moved store)."""
+        if os.path.isabs(path):
+            return path
+        root = self.meta.get("root")
+        if root:
+            cand = os.path.normpath(os.path.join(root, path))
+            if os.path.exists(cand) or not os.path.exists(path):
+                return cand
+        return path
+
     def row_of_path(self, path: str) -> int:
         """Feature row of an image path (as stored, or normalised)."""
         paths = self.paths

@@ -92,11 +92,16 @@ def run_search(args) -> int:
         if len(results) != 1:
             raise UsageError("--grid draws one query; give a single QUERY")
         q = args.queries[0]
-        query_img = q if Path(q).is_file() and not q.endswith(".npy") else (engine.paths[rows[0]]
-                                                                            if rows[0] is not None else None)
+        if Path(q).is_file() and not q.endswith(".npy"):
+            query_img = q
+        else:
+            query_img = engine.store.resolve_path(engine.paths[rows[0]]) if rows[0] is not None else None
+        from dataclasses import replace
+
         from ..grid import search_grid
 
-        search_grid(query_img, labels[0], results[0], args.grid, _verdicts(engine, args.gt, rows[0], results[0]),
+        shown = [replace(h, path=engine.store.resolve_path(h.path)) for h in results[0]]
+        search_grid(query_img, labels[0], shown, args.grid, _verdicts(engine, args.gt, rows[0], results[0]),
                     query_bbox=bbox)
     if args.json:
         print_json([{"query": lab, "hits": [h.to_dict() for h in hits]} for lab, hits in zip(labels, results)])
@@ -145,7 +150,7 @@ def query_vectors(engine: SearchEngine, gt):
         if q.bbox is not None or q.index is None:
             if q.path is None:
                 raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
-            out.append(engine.embed_images([q.path], [q.bbox]))
+            out.append(engine.embed_images([engine.store.resolve_path(q.path)], [q.bbox]))
         else:
             out.append(engine.xb[q.index: q.index + 1])
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

@@ -119,7 +119,8 @@ class SearchService:
     def __init__(self, store_path: str | os.PathLike, cfg: ServeConfig):
         self.cfg = cfg
         self.engine = SearchEngine(store_path, device=cfg.device, threads=cfg.search_threads)
-        self.root = os.path.abspath(cfg.image_root or os.getcwd())
+        # relative item paths: --root, else the folder the extraction ran in, else here
+        self.root = os.path.abspath(cfg.image_root or self.engine.store.meta.get("root") or os.getcwd())
         items = self.engine.store.ok_items()
         self.widths = items.column("width").to_pylist()
         self.heights = items.column("height").to_pylist()
