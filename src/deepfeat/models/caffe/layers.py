@@ -716,7 +716,9 @@ class InnerProduct(CaffeLayer, nn.Linear):
             c, h, w = self.in_shape[0], 1, 1
         else:
             raise ModelError(f"layer '{self.label}': an input of shape {_fmt(self.in_shape)} has no convolution form")
-        conv = nn.Conv2d(c, self.out_features, (h, w), bias=self.bias is not None)
+        # skip_init: no random initialisation of weights that are overwritten at once (fc6 of VGG: 100M)
+        conv = torch.nn.utils.skip_init(nn.Conv2d, c, self.out_features, (h, w), bias=self.bias is not None,
+                                        device=self.weight.device)
         with torch.no_grad():
             conv.weight.copy_(self.weight.reshape(self.out_features, c, h, w))
             if self.bias is not None:
