@@ -285,6 +285,28 @@ def test_pca_whitening_chain_fitted_and_changed_without_reextraction(collection,
     assert not (out / "post.npz").exists() and FeatureStore(out).vectors().shape == (24, 1280)
 
 
+def test_post_from_a_saved_chain_file_and_bad_chains_fail_before_extracting(collection, tmp_path):
+    """--post FILE.npz uses a chain fitted elsewhere (as it is); a bad chain fails at once."""
+    fitted = tmp_path / "fitted"
+    extract(_cfg([collection], fitted, pooling="gem", post="pca-whiten:8,l2", limit=16))
+    other = tmp_path / "other"
+    extract(_cfg([collection], other, pooling="gem", post=str(fitted / "post.npz")))
+    store = FeatureStore(other)
+    assert store.meta["post"] == "pca-whiten:8,l2" and store.meta["post_fitted_on"] == str(fitted / "post.npz")
+    want = FeatureStore(fitted).post.apply(store.raw())  # fitted on 16 images, applied to all 24
+    np.testing.assert_array_equal(store.vectors(), want)
+    with pytest.raises(UsageError, match="post-processes 1280-D descriptors but this store's are 40-D"):
+        extract(_cfg([collection], tmp_path / "wrongdim", layers=["blocks.2"], pooling="gem",
+                     post=str(fitted / "post.npz")))
+    assert main(["postprocess", str(fitted), "--post", "pca:4"]) == 0
+    assert main(["postprocess", str(fitted), "--post", str(other / "post.npz")]) == 0
+    np.testing.assert_array_equal(FeatureStore(fitted).vectors(), want[:16])
+    for bad, msg in (("pca-whitn:8", "unknown post-processing step"), (str(tmp_path / "nope.npz"), "not found")):
+        with pytest.raises(UsageError, match=msg):
+            extract(_cfg([collection], tmp_path / "bad", post=bad))
+        assert not (tmp_path / "bad").exists()  # nothing extracted, nothing written
+
+
 @pytest.fixture(scope="module")
 def large_jpegs(tmp_path_factory, photos) -> Path:
     """Real photos saved large enough (and at awkward sizes) for JPEG draft decoding to kick in."""

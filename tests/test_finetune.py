@@ -373,3 +373,48 @@ def test_contrastive_metric_learning(labelled, tmp_path):
 
     m = deepfeat.load_model(f"finetuned:{out}")
     assert m.extra_meta["finetuned"]["pooling"] == ml["pooling"]
+
+
+def test_contrastive_learned_whitening_travels_to_extract(labelled, tmp_path):
+    """--whiten: the whitening is trained with the network, saved as whitening.npz, and
+    `extract --post RUN/whitening.npz` reproduces the run's own whitened retrieval mAP."""
+    from deepfeat.finetune.retrieval import evaluate_descriptors
+    from deepfeat.pipeline import ExtractConfig, extract
+    from deepfeat.postprocess import PostChain
+    from deepfeat.store import FeatureStore
+
+    out = tmp_path / "whiten"
+    cfg = dict(data=str(labelled), image_size=64, batch_size=8, head_epochs=1, epochs=2, loss="contrastive",
+               neg_num=2, train_blocks="2", progress="none", eval_retrieval=True, lr=0.01, workers=2, whiten=8)
+    res = finetune(FinetuneConfig(output=str(out), **cfg))
+    meta = json.loads((out / "meta.json").read_text())
+    wh = meta["metric_learning"]["whitening"]
+    assert wh == {"dim": 8, "file": "whitening.npz", "post": "l2,lw:8,l2", "init": "pca"}
+    chain = PostChain.load(out / "whitening.npz")
+    assert chain.spec == "l2,lw:8,l2" and chain.fitted and chain.dim_in == 1280
+    W = chain.steps[1].affine.weight
+    # trained: no longer the orthonormal PCA directions it started from
+    assert W.shape == (8, 1280) and not np.allclose(W @ W.T, np.eye(8), atol=1e-6)
+    snap = load_snapshot(sorted((out / "snapshots").glob("epoch_*.pt"))[-1])
+    assert np.allclose(snap["metric"]["whiten.weight"].double().numpy(), W, atol=1e-6)
+
+    r = res.retrieval["after_learned_whitening"]
+    assert r["post"] == "l2,lw:8,l2" and 0 < r["map"] <= 1
+    pool = res.retrieval["after_learned_pooling"]["pooling"]
+    val = D.read_split(out / "val.txt", json.loads((out / "check.json").read_text())["root"], 3)
+    rep = extract(ExtractConfig(inputs=[v.path for v in val], output=str(tmp_path / "store"), model=f"finetuned:{out}",
+                                pooling=pool, post=str(out / "whitening.npz"), workers=0, progress="none"))
+    assert rep.ok == len(val)
+    store = FeatureStore(tmp_path / "store")
+    assert store.meta["post"] == "l2,lw:8,l2" and store.meta["post_fitted_on"] == str(out / "whitening.npz")
+    x = store.vectors()
+    assert x.shape == (len(val), 8) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    order = {p: i for i, p in enumerate(store.paths)}
+    rows = [order[v.path] for v in val]
+    ev = evaluate_descriptors(x[rows], [v.label for v in val], [v.path for v in val], res.classes)
+    assert ev.map == pytest.approx(r["map"], abs=1e-4)
+
+    with pytest.raises(UsageError, match="--loss contrastive"):
+        finetune(FinetuneConfig(output=str(tmp_path / "ce"), **{**cfg, "loss": "ce"}))
+    with pytest.raises(UsageError, match="more than the 1280 dims"):
+        finetune(FinetuneConfig(output=str(tmp_path / "big"), **{**cfg, "whiten": 5000}))

@@ -10,7 +10,7 @@ import pytest
 
 import deepfeat
 from deepfeat.errors import FormatError, UsageError
-from deepfeat.postprocess import PCA, PostChain, l2n, parse_post, power_law
+from deepfeat.postprocess import PCA, PostChain, l2n, learned_whitening_chain, parse_post, power_law
 
 
 def rand(n, d, seed=0):
@@ -203,7 +203,7 @@ def test_dimension_larger_than_rank_is_a_clear_error():
         ("pca-whiten:128,l2", "pca-whiten:128,l2", True), ("pcaw:32", "pca-whiten:32", True),
         ("pca-whiten:256:shrink=0.5", "pca-whiten:256:shrink=0.5", True),
         ("l2, pca-whiten:16:shrinkage=0.25 ,l2", "l2,pca-whiten:16:shrink=0.25,l2", True),
-        ("pca-whiten:8:shrink=0", "pca-whiten:8", True),
+        ("pca-whiten:8:shrink=0", "pca-whiten:8", True), ("l2,lw:16,l2", "l2,lw:16,l2", True),
     ],
 )
 def test_chain_grammar(spec, canonical, needs_fit):
@@ -220,7 +220,8 @@ def test_chain_grammar(spec, canonical, needs_fit):
         ("pca:128:shrink=0.5", "applies to pca-whiten only"), ("pca-whiten:128:shrink=2", "in [0, 1]"),
         ("power:-1", "alpha must be > 0"), ("l2:3", "takes no arguments"), ("l2,,pca:3", "empty step"),
         ("whitening:128", "valid steps: l2, power, sqrt, pca, pca-whiten"), ("l2,none", "whole post-processing"),
-        ("pca:12:34", "not understood"), ("pca-whiten:8:foo=1", "not understood"),
+        ("pca:12:34", "not understood"), ("pca-whiten:8:foo=1", "not understood"), ("lw", "use lw:DIM"),
+        ("lw:0", ">= 1"),
     ],
 )
 def test_bad_chains_raise_usage_errors(spec, fragment):
@@ -295,3 +296,34 @@ def test_pca_files_round_trip_and_bad_files_are_rejected(tmp_path):
         PCA.load(tmp_path / "obj.npz")
     with pytest.raises(UsageError, match="file not found"):
         PCA.load(tmp_path / "missing.npz")
+
+
+def test_learned_whitening_chain_is_an_affine_map_that_round_trips(tmp_path):
+    rng = np.random.default_rng(3)
+    W, b = rng.normal(size=(3, 6)), rng.normal(size=3)
+    x = structured(12, seed=13)
+    chain = learned_whitening_chain(W, b, {"layer": "bn2", "trained_on": 40})
+    assert chain.spec == "l2,lw:3,l2" and chain.fitted and chain.dim_in == 6 and chain.output_dim(6) == 3
+    want = []
+    for row in x:  # loops: L2, then y_i = sum_j W_ij x_j + b_i, then L2
+        v = row / math.sqrt(sum(float(t) ** 2 for t in row))
+        y = [sum(W[i, j] * v[j] for j in range(6)) + b[i] for i in range(3)]
+        n = math.sqrt(sum(t * t for t in y))
+        want.append([t / n for t in y])
+    np.testing.assert_allclose(chain.apply(x), np.array(want), atol=1e-6)
+    chain.save(tmp_path / "whitening.npz")
+    loaded = PostChain.from_arg(str(tmp_path / "whitening.npz"))
+    assert loaded.spec == chain.spec and loaded.n_fit == 40
+    assert loaded.to_dict()["steps"][1]["learned"]["layer"] == "bn2"
+    np.testing.assert_array_equal(loaded.apply(x), chain.apply(x))
+    # fitting keeps the learned step and fits the PCA after it
+    mixed = parse_post("l2,lw:3,pca:2")
+    with pytest.raises(UsageError, match="learned by `deepfeat finetune --whiten`"):
+        mixed.fit(x)
+    mixed.steps[1].affine = loaded.steps[1].affine
+    assert mixed.fit(x).apply(x).shape == (12, 2)
+    with pytest.raises(UsageError, match="fitted on 6-D descriptors, got 5-D"):
+        chain.apply(rand(2, 5))
+    with pytest.raises(UsageError, match="chain file not found"):
+        PostChain.from_arg(str(tmp_path / "missing.npz"))
+    assert PostChain.from_arg("pca:4").spec == "pca:4"

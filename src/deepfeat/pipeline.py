@@ -111,6 +111,13 @@ class ExtractConfig:
             raise UsageError(f"--gpus-per-actor must be 0 or more and --cpus-per-actor more than 0, not "
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
         parse_size_policy(self.size)
+        self.post_chain()  # a bad chain (or a missing chain file) fails now, not after the extraction
+
+    def post_chain(self):
+        """The ``post`` setting as a :class:`~deepfeat.postprocess.PostChain` (a spec, or a saved chain file)."""
+        from .postprocess import PostChain
+
+        return PostChain.from_arg(self.post or "none")
 
 
 @dataclass
@@ -616,6 +623,9 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     from .models.base import resolve_device
 
     cfg.validate()
+    post = cfg.post_chain()
+    post_file = cfg.post if post.fitted and post.needs_fit else None  # a saved, fitted chain file
+    cfg.post = post.spec
     if cfg.engine == "ray":
         from .distributed import require_ray
 
@@ -639,6 +649,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     if store.meta.get("post") != meta["post"]:
         store.update_meta(post=meta["post"])
         (store.path / "post.npz").unlink(missing_ok=True)
+    if post_file:
+        install_post(store, post, post_file, dims[0])
 
     # plan
     paths = discover(cfg.inputs) if cfg.inputs else []
@@ -838,6 +850,17 @@ def _finish_post(store: FeatureStore, cfg: ExtractConfig) -> None:
     if not chain.needs_fit or (store.path / "post.npz").is_file():
         return
     fit_post(store, chain, cfg.fit_on, cfg.fit_max)
+
+
+def install_post(store: FeatureStore, chain, source: str, dim: int | None = None) -> None:
+    """Use an already fitted *chain* (loaded from the file *source*) as *store*'s post-processing."""
+    dim = store.dim if dim is None else dim
+    if chain.dim_in is not None and int(chain.dim_in) != int(dim):
+        raise UsageError(f"{source} post-processes {chain.dim_in}-D descriptors but this store's are {dim}-D "
+                         "(another layer or pooling?)")
+    chain.save(store.path / "post.npz", extra={"copied_from": str(source)})
+    store.update_meta(post=chain.spec, post_fitted_on=str(source), post_fitted_rows=int(chain.n_fit))
+    store._post = None
 
 
 def fit_post(store: FeatureStore, chain, fit_on: str | None, fit_max: int = 100_000, seed: int = 0) -> None:

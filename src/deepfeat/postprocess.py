@@ -10,10 +10,18 @@ version and when it was made. Files are read with ``allow_pickle=False``.
 A chain of steps is one string (see :class:`PostChain`)::
 
     none | step[,step...]
-    step := l2 | power[:ALPHA] | sqrt | pca:DIM | pca-whiten:DIM[:shrink=S]
+    step := l2 | power[:ALPHA] | sqrt | pca:DIM | pca-whiten:DIM[:shrink=S] | lw:DIM
 
 e.g. ``l2``, ``power:0.5,l2``, ``pca:128``, ``pca-whiten:128,l2``,
 ``l2,pca-whiten:256:shrink=0.5,l2`` (the classic SPoC/R-MAC/CroW post-processing).
+
+``lw:DIM`` is a whitening *learned* end to end with the network (``deepfeat finetune
+--loss contrastive --whiten DIM``): an affine map ``x W^T + b`` that cannot be fitted
+from descriptors alone, so it only exists in a saved chain file (the run's
+``whitening.npz``). Wherever a chain is given (``extract --post``, ``postprocess
+--post``), the path of a saved chain file (``.npz``) is accepted in place of a spec and
+used as it is, fitted steps included: a PCA-whitening fitted on one collection (say
+Paris) applied to another (Oxford), or a learned whitening.
 """
 
 from __future__ import annotations
@@ -334,20 +342,66 @@ def _read_npz(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
 # Chains
 # ---------------------------------------------------------------------------
 
-STEP_NAMES = ("l2", "power", "sqrt", "pca", "pca-whiten")
+STEP_NAMES = ("l2", "power", "sqrt", "pca", "pca-whiten", "lw")
 _ALIASES = {"l2n": "l2", "pow": "power", "ssr": "sqrt", "pcaw": "pca-whiten", "pca_whiten": "pca-whiten",
             "whiten": "pca-whiten"}
-CHAIN_GRAMMAR = "none | step[,step...] with step = l2 | power[:ALPHA] | sqrt | pca:DIM | pca-whiten:DIM[:shrink=S]"
+CHAIN_GRAMMAR = ("none | step[,step...] with step = l2 | power[:ALPHA] | sqrt | pca:DIM | "
+                 "pca-whiten:DIM[:shrink=S] | lw:DIM (learned, from a saved chain file); or the path of a "
+                 "saved chain file (.npz)")
+
+
+class Affine:
+    """A learned linear map with bias, ``y = x W^T + b`` (``W``: dim x D): the learned
+    whitening of Radenović, Tolias & Chum (TPAMI 2018; cirtorch's ``whiten`` layer),
+    trained end to end by ``deepfeat finetune --whiten``. Unlike :class:`PCA` it is not
+    fitted from descriptors; it is made from the trained layer's weights."""
+
+    def __init__(self, weight: Any, bias: Any, info: dict[str, Any] | None = None) -> None:
+        self.weight = np.asarray(weight, dtype=np.float64)
+        self.bias = np.asarray(bias, dtype=np.float64)
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise FormatError(f"a learned whitening needs a dim x D weight and a dim bias, got "
+                              f"{self.weight.shape} and {self.bias.shape}")
+        self.info = dict(info or {})
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def dim_in(self) -> int:
+        return int(self.weight.shape[1])
+
+    def apply(self, X: Any) -> np.ndarray:
+        X = as_descriptors(X)
+        if X.shape[1] != self.dim_in:
+            raise UsageError(f"this learned whitening maps {self.dim_in}-D descriptors, got {X.shape[1]}-D ones")
+        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        Wt = self.weight.T
+        for i in range(0, X.shape[0], _APPLY_CHUNK):
+            out[i : i + _APPLY_CHUNK] = X[i : i + _APPLY_CHUNK].astype(np.float64) @ Wt + self.bias
+        return out
+
+    def _arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {prefix + "weight": self.weight, prefix + "bias": self.bias}
+
+    @classmethod
+    def _from_arrays(cls, arrays: Any, prefix: str, info: dict[str, Any], path: str) -> Affine:
+        try:
+            return cls(arrays[prefix + "weight"], arrays[prefix + "bias"], info.get("learned"))
+        except KeyError as e:
+            raise FormatError(f"{path}: missing array {e.args[0]!r}; a damaged post-processing file") from None
 
 
 @dataclass
 class _Step:
-    kind: str  # "l2", "power" or "pca"
+    kind: str  # "l2", "power", "pca" or "lw"
     alpha: float = 0.5
     dim: int = 0
     whiten: bool = False
     shrinkage: float = 0.0
     pca: PCA | None = None
+    affine: Affine | None = None
 
     @property
     def spec(self) -> str:
@@ -355,19 +409,31 @@ class _Step:
             return "l2"
         if self.kind == "power":
             return f"power:{_fmt(self.alpha)}"
+        if self.kind == "lw":
+            return f"lw:{self.dim}"
         name = "pca-whiten" if self.whiten else "pca"
         shrink = f":shrink={_fmt(self.shrinkage)}" if self.shrinkage else ""
         return f"{name}:{self.dim}{shrink}"
 
     @property
     def needs_fit(self) -> bool:
-        return self.kind == "pca"
+        """True for the steps that hold learned arrays (PCA, learned whitening)."""
+        return self.kind in ("pca", "lw")
+
+    @property
+    def fitted(self) -> bool:
+        return self.pca is not None if self.kind == "pca" else self.affine is not None if self.kind == "lw" else True
 
     def apply(self, X: np.ndarray) -> np.ndarray:
         if self.kind == "l2":
             return l2n(X)
         if self.kind == "power":
             return power_law(X, self.alpha)
+        if self.kind == "lw":
+            if self.affine is None:
+                raise UsageError(f"post-processing step {self.spec!r} is learned by `deepfeat finetune --whiten`; "
+                                 "load it from the run's whitening.npz")
+            return self.affine.apply(X)
         if self.pca is None:
             raise UsageError(f"post-processing step {self.spec!r} is not fitted")
         return self.pca.apply(X)
@@ -381,6 +447,10 @@ class _Step:
                      fitted=self.pca is not None)
             if self.pca is not None:
                 d.update(self.pca._step_meta())
+        if self.kind == "lw":
+            d.update(dim=self.dim, fitted=self.affine is not None)
+            if self.affine is not None:
+                d.update(dim_in=self.affine.dim_in, learned=self.affine.info)
         return d
 
 
@@ -424,6 +494,13 @@ def _parse_step(text: str) -> _Step:
         if not alpha > 0:
             raise UsageError(f"post-processing step {raw!r}: alpha must be > 0")
         return _Step("power", alpha=alpha)
+    if name == "lw":
+        if len(positional) != 1 or keyed:
+            raise UsageError(f"post-processing step {raw!r}: use lw:DIM (a whitening learned by deepfeat finetune)")
+        dim = _number(raw, "the dimension", positional[0], int)
+        if dim < 1:
+            raise UsageError(f"post-processing step {raw!r}: the dimension must be >= 1")
+        return _Step("lw", dim=dim)
     # pca / pca-whiten
     if "shrinkage" in keyed:
         keyed["shrink"] = keyed.pop("shrinkage")
@@ -488,6 +565,19 @@ class PostChain:
     def parse(cls, spec: str | PostChain) -> PostChain:
         return spec if isinstance(spec, PostChain) else cls(spec)
 
+    @classmethod
+    def from_arg(cls, arg: str | os.PathLike | PostChain) -> PostChain:
+        """A chain from a command-line value: a spec (``pca-whiten:128,l2``) or the path of a
+        saved chain file (``.npz``, e.g. a fine-tuning run's ``whitening.npz``), loaded fitted."""
+        if isinstance(arg, PostChain):
+            return arg
+        text = os.fspath(arg)
+        if is_chain_file(text):
+            if not os.path.isfile(text):
+                raise UsageError(f"post-processing chain file not found: {text}")
+            return cls.load(text)
+        return cls(text)
+
     # -- state -----------------------------------------------------------------
 
     @property
@@ -502,12 +592,17 @@ class PostChain:
     @property
     def fitted(self) -> bool:
         """True when ``apply`` can run: no step needs fitting, or all have been fitted."""
-        return all(s.pca is not None for s in self.steps if s.needs_fit)
+        return all(s.fitted for s in self.steps)
+
+    @property
+    def learned(self) -> bool:
+        """True when the chain has learned steps (``lw``) that no ``fit`` can produce."""
+        return any(s.kind == "lw" for s in self.steps)
 
     def output_dim(self, dim_in: int) -> int:
         d = int(dim_in)
         for s in self.steps:
-            if s.kind == "pca":
+            if s.kind in ("pca", "lw"):
                 d = s.dim
         return d
 
@@ -520,11 +615,19 @@ class PostChain:
     # -- fit / apply -------------------------------------------------------------
 
     def fit(self, X: Any) -> PostChain:
-        """Fit every PCA step on *X* passed through the steps before it; returns ``self``."""
+        """Fit every PCA step on *X* passed through the steps before it; returns ``self``.
+
+        Learned steps (``lw``) are kept as they are; they must be loaded already."""
         X = as_descriptors(X, "training descriptors")
+        missing = [s.spec for s in self.steps if s.kind == "lw" and s.affine is None]
+        if missing:
+            raise UsageError(
+                f"post-processing step {missing[0]!r} is a whitening learned by `deepfeat finetune --whiten`, not "
+                "fitted from descriptors: give the run's whitening.npz file instead of the spec"
+            )
         self.dim_in = int(X.shape[1])
         for step in self.steps:
-            if step.needs_fit:
+            if step.kind == "pca":
                 if step.dim > X.shape[1]:
                     raise UsageError(
                         f"step {step.spec!r} reduces to {step.dim} dims but receives {X.shape[1]}-D descriptors"
@@ -578,6 +681,8 @@ class PostChain:
         for i, s in enumerate(self.steps):
             if s.pca is not None:
                 arrays.update(s.pca._arrays(f"step{i}."))
+            if s.affine is not None:
+                arrays.update(s.affine._arrays(f"step{i}."))
         meta = {
             **self.to_dict(),
             "kind": CHAIN_FILE_KIND,
@@ -599,10 +704,14 @@ class PostChain:
         if len(steps_meta) != len(chain.steps):
             raise FormatError(f"{path}: meta lists {len(steps_meta)} steps but the spec has {len(chain.steps)}")
         for i, (s, info) in enumerate(zip(chain.steps, steps_meta)):
-            if s.needs_fit:
+            if s.kind == "pca":
                 s.pca = PCA._from_arrays(arrays, f"step{i}.", info, str(path))
                 if s.pca.dim != s.dim:
                     raise FormatError(f"{path}: step {i} has {s.pca.dim} components, its spec says {s.dim}")
+            elif s.kind == "lw":
+                s.affine = Affine._from_arrays(arrays, f"step{i}.", info, str(path))
+                if s.affine.dim != s.dim:
+                    raise FormatError(f"{path}: step {i} maps to {s.affine.dim} dims, its spec says {s.dim}")
         chain.dim_in = meta.get("dim_in")
         chain.n_fit = int(meta.get("fitted_on", 0))
         chain.created = meta.get("created")
@@ -611,6 +720,23 @@ class PostChain:
     def __repr__(self) -> str:
         state = "" if not self.needs_fit else (", fitted" if self.fitted else ", unfitted")
         return f"PostChain({self.spec!r}{state})"
+
+
+def learned_whitening_chain(weight: Any, bias: Any, info: dict[str, Any] | None = None) -> PostChain:
+    """The fitted chain ``l2,lw:DIM,l2`` of a learned whitening (cirtorch's descriptor:
+    L2-normalised pooled vector -> linear whitening -> L2), ready to save."""
+    affine = Affine(weight, bias, info)
+    chain = PostChain(f"l2,lw:{affine.dim},l2")
+    chain.steps[1].affine = affine
+    chain.dim_in = affine.dim_in
+    chain.n_fit = int((info or {}).get("trained_on", 0))
+    chain.created = _now()
+    return chain
+
+
+def is_chain_file(arg: str) -> bool:
+    """Whether a ``--post`` value names a saved chain file rather than a spec."""
+    return arg.strip().lower().endswith(".npz")
 
 
 def parse_post(spec: str | PostChain) -> PostChain:

@@ -23,7 +23,8 @@ def register(sub) -> None:
                    help="layer(s) to tap (default: the last feature map; see `deepfeat layers`)")
     p.add_argument("--pool", default="gem", metavar="NAME[:ARGS]", help="pooling, e.g. gem:p=3, mac, rmac:L=3, crow")
     p.add_argument("--post", default="l2", metavar="CHAIN",
-                   help="post-processing applied on read, e.g. l2 or pca-whiten:128,l2 (default l2)")
+                   help="post-processing applied on read, e.g. l2 or pca-whiten:128,l2 (default l2), or a saved "
+                        "chain file (.npz, e.g. a fine-tuning run's whitening.npz)")
     p.add_argument("--fit-on", metavar="STORE", help="fit PCA/whitening on this other store's features")
     p.add_argument("--pool-fit", metavar="FILE", help="a fitted codebook for poolings that learn one (mop)")
     p.add_argument("--pool-fit-samples", type=int, default=500, metavar="N",

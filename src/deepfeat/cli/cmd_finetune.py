@@ -77,6 +77,9 @@ def register(sub) -> None:
     t.add_argument("--margin", type=float, metavar="M", help="contrastive margin (default 0.7)")
     t.add_argument("--neg-num", type=int, metavar="N", help="hard negatives per query (default 5)")
     t.add_argument("--tuples", type=int, metavar="N", help="queries per contrastive epoch (default: all)")
+    t.add_argument("--whiten", type=int, metavar="DIM",
+                   help="contrastive: learn a DIM-d whitening after GeM end to end (saved as RUN/whitening.npz, "
+                        "for extract --post)")
     s = p.add_argument_group("snapshots and evaluation")
     s.add_argument("--snapshot-every", type=int, metavar="K", help="snapshot every K epochs (default 1; and at "
                                                                    "the end of each stage)")
@@ -146,6 +149,12 @@ def run(args) -> int:
         print(f"\nretrieval on the validation split ({doc.get('n_queries')} queries; layer {doc.get('layer')}, "
               f"pooling {doc.get('pooling')}, L2):")
         print(comparison_table(res.retrieval["before"], res.retrieval["after"]))
+        for key, what in (("after_learned_pooling", "learned pooling {pooling}"),
+                          ("after_learned_whitening", "learned pooling {pooling} + whitening {file}")):
+            r = res.retrieval.get(key)
+            if r:
+                print(f"fine-tuned with {what.format(**r)}: mAP {100 * r['map']:.2f}, "
+                      f"mP@10 {100 * r['mp_at_k']['10']:.2f}")
     if res.failures:
         print(f"{len(res.failures)} image(s) failed to decode during training and were skipped", file=sys.stderr)
     print(f"\nrun time {res.seconds:.0f}s; model: {res.spec} (RUN_DIR/meta.json, model.safetensors)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..pipeline import fit_post
+from ..pipeline import fit_post, install_post
 from ..postprocess import PostChain
 from ..store import FeatureStore
 
@@ -13,7 +13,8 @@ def register(sub) -> None:
                                    "vectors are read. This sets the chain, fitting PCA/whitening on --fit-on "
                                    "(another store made the same way) or on the store itself.")
     p.add_argument("store", metavar="STORE")
-    p.add_argument("--post", required=True, metavar="CHAIN", help="e.g. l2, power:0.5,l2, pca-whiten:128,l2")
+    p.add_argument("--post", required=True, metavar="CHAIN", help="e.g. l2, power:0.5,l2, pca-whiten:128,l2, or a saved chain file (.npz, e.g. a "
+                        "fine-tuning run's whitening.npz)")
     p.add_argument("--fit-on", metavar="STORE", help="fit on this store's features (recommended)")
     p.add_argument("--fit-max", type=int, default=100_000, metavar="N", help="fit on at most N vectors")
     p.set_defaults(func=run)
@@ -21,12 +22,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     store = FeatureStore(args.store)
-    chain = PostChain.parse(args.post)
-    (store.path / "post.npz").unlink(missing_ok=True)
-    store.update_meta(post=chain.spec)
-    store._post = None
-    if chain.needs_fit:
+    chain = PostChain.from_arg(args.post)
+    if chain.needs_fit and chain.fitted:  # a saved chain file, used as it is
+        install_post(store, chain, args.post)
+    elif chain.needs_fit:  # fitted before the old chain is replaced: a failed fit changes nothing
         fit_post(store, chain, args.fit_on, args.fit_max)
+    else:
+        (store.path / "post.npz").unlink(missing_ok=True)
+        store.update_meta(post=chain.spec)
+        store._post = None
     d_out = store.post.output_dim(store.dim)
     print(f"{store.path}: post-processing {chain.spec} ({store.dim} -> {d_out} dims)"
           + (f", fitted on {store.meta.get('post_fitted_rows')} vectors of {store.meta.get('post_fitted_on')}"

@@ -10,10 +10,17 @@ per class (as they take one per 3D model). The loss of a tuple is
     0.5 * d(q, p)^2 + sum_n 0.5 * max(0, margin - d(q, n))^2
 
 with ``d`` the Euclidean distance of L2-normalised descriptors. The GeM power p is a
-parameter learned end to end (learning rate x10, as in cirtorch). Learned whitening
-is not part of this implementation: whitening learned after pooling could not be
-carried by a tapped layer into ``deepfeat extract``; fit one instead with
-``--post pca-whiten:D`` on the fine-tuned descriptors.
+parameter learned end to end (learning rate x10, as in cirtorch).
+
+With ``--whiten DIM`` the descriptor is cirtorch's whitened one,
+``L2(W L2(GeM(x)) + b)``, with the linear whitening ``W`` (DIM x D) and ``b`` learned
+end to end with the network (base learning rate, weight decay on ``W``). It starts as
+the PCA of the descriptors of the training images (``W`` = the leading DIM principal
+directions, ``b = -W mean``): a rotation with centring when DIM = D, the PCA reduction
+otherwise. The trained whitening is saved as the run's ``whitening.npz``, a fitted
+post-processing chain ``l2,lw:DIM,l2`` that ``deepfeat extract --post RUN/whitening.npz``
+(or ``deepfeat postprocess``) applies to the pooled features, so the whitening travels
+with the store like any fitted PCA.
 
 After the metric stage the classifier head (trained in the head stage on the old
 features) is re-fitted on the new backbone's features, so that the result classifies
@@ -33,6 +40,9 @@ import torch
 from ..pooling import GeM, gem
 from . import data as D
 from . import heads as H
+
+#: the learned whitening of a run, a fitted post-processing chain (``l2,lw:DIM,l2``)
+WHITENING_FILE = "whitening.npz"
 
 
 def contrastive_loss(q: torch.Tensor, others: torch.Tensor, is_pos: torch.Tensor, margin: float) -> torch.Tensor:
@@ -55,6 +65,9 @@ class MetricLearner:
         self.neg_num = int(cfg.neg_num)
         self.per_step = max(1, cfg.batch_size // (2 + self.neg_num))
         self.refit: dict[str, Any] = {}
+        self.whiten_dim = int(cfg.whiten) if cfg.whiten else None
+        self.whiten: torch.nn.Linear | None = None  # made at the start of the stage (or from a snapshot)
+        self._first_descriptors: tuple | None = None  # the init pass, reused by the first mining
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -63,21 +76,94 @@ class MetricLearner:
         return float(self.gem.p.detach().reshape(-1)[0])
 
     def param_groups(self, base_lr: float) -> list[dict]:
-        if not isinstance(self.gem.p, torch.nn.Parameter):
-            return []
-        return [{"name": "gem_p", "params": [self.gem.p], "lr": base_lr * 10, "lr_mult": 10.0, "weight_decay": 0.0}]
+        groups = []
+        if isinstance(self.gem.p, torch.nn.Parameter):
+            groups.append({"name": "gem_p", "params": [self.gem.p], "lr": base_lr * 10, "lr_mult": 10.0,
+                           "weight_decay": 0.0})
+        if self.whiten_dim:
+            if self.whiten is None:
+                self._init_whitening()
+            wd = self.ft.cfg.weight_decay
+            groups += [{"name": "whiten_weight", "params": [self.whiten.weight], "lr": base_lr, "lr_mult": 1.0,
+                        "weight_decay": wd},
+                       {"name": "whiten_bias", "params": [self.whiten.bias], "lr": base_lr, "lr_mult": 1.0,
+                        "weight_decay": 0.0}]
+        return groups
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gem_p": self.gem.p.detach().cpu().clone()}
+        d = {"gem_p": self.gem.p.detach().cpu().clone()}
+        if self.whiten is not None:
+            d.update({f"whiten.{k}": v.detach().cpu().clone() for k, v in self.whiten.state_dict().items()})
+        return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         with torch.no_grad():
             self.gem.p.copy_(d["gem_p"].to(self.gem.p.device))
+        if self.whiten_dim and "whiten.weight" in d:
+            w = d["whiten.weight"]
+            if tuple(w.shape)[0] != self.whiten_dim:
+                from ..errors import UsageError
+
+                raise UsageError(f"the snapshot's whitening has {w.shape[0]} dims, --whiten asks for "
+                                 f"{self.whiten_dim}; resume with --whiten {w.shape[0]}")
+            self.whiten = self._linear(int(w.shape[1]))
+            self.whiten.load_state_dict({"weight": w, "bias": d["whiten.bias"]})
 
     def meta(self) -> dict[str, Any]:
         return {"loss": "contrastive", "margin": self.margin, "neg_num": self.neg_num, "layer": self.layer,
-                "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.4g}", "whitening": None,
+                "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.4g}",
+                "whitening": ({"dim": self.whiten_dim, "file": WHITENING_FILE, "post": self.whitening_chain().spec,
+                               "init": "pca"} if self.whiten is not None else None),
                 "head_refit": self.refit}
+
+    # -------------------------------------------------------------- whitening
+
+    def _linear(self, dim_in: int) -> torch.nn.Linear:
+        if self.whiten_dim > dim_in:
+            from ..errors import UsageError
+
+            raise UsageError(f"--whiten {self.whiten_dim} is more than the {dim_in} dims of layer {self.layer!r}")
+        return torch.nn.Linear(dim_in, self.whiten_dim, bias=True).to(self.ft.device)
+
+    def _init_whitening(self) -> None:
+        """``W`` = leading principal directions of the training descriptors, ``b = -W mean``."""
+        x, labels, index = self._descriptors(whitened=False)
+        self._first_descriptors = (x, labels, index)
+        mean = x.mean(0, dtype=np.float64)
+        cov = np.cov(x.astype(np.float64), rowvar=False)
+        vals, vecs = np.linalg.eigh(cov)
+        W = vecs[:, np.argsort(-vals, kind="stable")[: self.whiten_dim]].T
+        W *= np.where(W.sum(1, keepdims=True) < 0, -1.0, 1.0)  # a deterministic sign per direction
+        self.whiten = self._linear(x.shape[1])
+        with torch.no_grad():
+            self.whiten.weight.copy_(torch.from_numpy(W).float())
+            self.whiten.bias.copy_(torch.from_numpy(-W @ mean).float())
+
+    def _whiten_np(self, x: np.ndarray) -> np.ndarray:
+        W = self.whiten.weight.detach().cpu().double().numpy()
+        b = self.whiten.bias.detach().cpu().double().numpy()
+        y = x.astype(np.float64) @ W.T + b
+        return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def whitening_chain(self):
+        """The learned whitening as a fitted post-processing chain (``l2,lw:DIM,l2``)."""
+        from ..postprocess import learned_whitening_chain
+
+        return learned_whitening_chain(
+            self.whiten.weight.detach().cpu().double().numpy(), self.whiten.bias.detach().cpu().double().numpy(),
+            {"layer": self.layer, "pooling": f"gem:p={self.p:.6g}", "model": f"finetuned:{self.ft.run}",
+             "trained_on": len(self.ft.train), "init": "pca"})
+
+    def save_files(self, run) -> None:
+        """Write ``whitening.npz`` into the run directory (when a whitening is learned)."""
+        if self.whiten is not None:
+            self.whitening_chain().save(run / WHITENING_FILE, extra={"layer": self.layer,
+                                                                      "pooling": f"gem:p={self.p:.6g}"})
+
+    def describe_np(self, x: np.ndarray) -> np.ndarray:
+        """The final descriptors of pooled (GeM) rows *x*: L2, then the learned whitening and L2."""
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return self._whiten_np(x) if self.whiten is not None else x
 
     def n_queries(self) -> int:
         n = len(self.ft.train)
@@ -90,17 +176,28 @@ class MetricLearner:
 
     # -------------------------------------------------------------- training
 
-    def _mine(self, epoch: int) -> list[tuple[int, int, list[int]]]:
-        """(query, positive, negatives) as train indices, from the current descriptors."""
-        ft, cfg = self.ft, self.ft.cfg
+    def _descriptors(self, whitened: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(descriptors, labels, train indices) of the training originals with the current network."""
+        ft = self.ft
         originals = [D.Sample(i, it.label, 0) for i, it in enumerate(ft.train)]
         p = self.p
         acts, kept = ft._describe(ft.loader, originals, [self.layer], pooled={self.layer: lambda a: gem(a, p=p)},
                                   key=ft._train_key, fill_prefix=ft._train_key)
         x = acts[self.layer].numpy()
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        labels = np.array([originals[i].label for i in kept])
-        index = np.array(kept)
+        return x, np.array([originals[i].label for i in kept]), np.array(kept)
+
+    def _mine(self, epoch: int) -> list[tuple[int, int, list[int]]]:
+        """(query, positive, negatives) as train indices, from the current descriptors."""
+        cfg = self.ft.cfg
+        if self._first_descriptors is not None:  # computed by the whitening's init, nothing trained since
+            x, labels, index = self._first_descriptors
+            self._first_descriptors = None
+        else:
+            x, labels, index = self._descriptors()
+        if self.whiten is not None:
+            x = self._whiten_np(x)
+        kept = index
         rng = np.random.default_rng([int(cfg.seed) & 0xFFFFFFFF, zlib.crc32(b"metric"), int(epoch)])
         n_q = min(self.n_queries(), len(kept))
         out = []
@@ -153,6 +250,9 @@ class MetricLearner:
                 fmap = ft.forward_from(x, keys, taps)[self.layer]
             d = self.gem(fmap.float())
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.whiten is not None:
+                d = self.whiten(d)
+                d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
             loss = d.new_zeros(())
             start = 0
             for n in sizes:

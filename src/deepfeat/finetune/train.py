@@ -96,6 +96,7 @@ class FinetuneConfig:
     neg_num: int = 5
     tuples: int | None = None
     learn_gem: bool = True
+    whiten: int | None = None
     workers: int | None = None
     threads: int | None = None
     cache_images: str = "auto"
@@ -139,6 +140,7 @@ class FinetuneConfig:
             (self.margin > 0, "--margin must be > 0"),
             (self.neg_num >= 1, "--neg-num must be at least 1"),
             (self.tuples is None or self.tuples >= 1, "--tuples must be at least 1"),
+            (self.whiten is None or self.whiten >= 1, "--whiten must be at least 1 dimension"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -147,6 +149,8 @@ class FinetuneConfig:
             raise UsageError("--eval-retrieval measures retrieval on the validation split; --val-frac is 0")
         if self.loss == "contrastive" and self.epochs == 0:
             raise UsageError("--loss contrastive trains the backbone in the full stage; give --epochs > 0")
+        if self.whiten and self.loss != "contrastive":
+            raise UsageError("--whiten learns a whitening with the contrastive loss; add --loss contrastive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +158,7 @@ class FinetuneConfig:
 
 #: settings that define the data, the split and the network: a resumed run must keep them
 IDENTITY_KEYS = ("data", "model", "image_size", "val_frac", "seed", "per_class", "exclude_odd", "head_epochs",
-                 "loss", "augment")
+                 "loss", "augment", "whiten")
 
 
 @dataclass
@@ -602,7 +606,8 @@ class Finetuner:
 
     def _val_pass(self, need_desc: bool, pool: str | None = None) -> dict[str, Any]:
         """Loss, accuracy (and retrieval mAP of the eval layer, pooled with *pool* or
-        ``--eval-pool``) on the validation split."""
+        ``--eval-pool``; the pooled descriptors and their val positions as ``_desc``) on
+        the validation split."""
         from ..pooling import get_pooling
         from ..taps import OUTPUT
 
@@ -618,8 +623,9 @@ class Finetuner:
         res = {"val_loss": float(_ce(out, y, self.probs)), "val_acc": float((out.flatten(1).argmax(1) == y)
                                                                              .float().mean())}
         if need_desc:
-            ev = self._eval_retrieval(acts[self.eval_layer].numpy(), kept)
-            res.update(val_map=ev[0].map, val_mp10=ev[0].mp_at_k[10], _eval=ev)
+            desc = acts[self.eval_layer].numpy()
+            ev = self._eval_retrieval(desc, kept)
+            res.update(val_map=ev[0].map, val_mp10=ev[0].mp_at_k[10], _eval=ev, _desc=(desc, kept))
         return res
 
     def _eval_retrieval(self, desc: np.ndarray, kept: list[int]) -> tuple[Any, dict[str, float]]:
@@ -981,6 +987,7 @@ class Finetuner:
             "seconds": round(time.perf_counter() - self.t_start + self._seconds_before, 1),
         }
         if self.metric is not None:
+            self.metric.save_files(self.run)
             meta["metric_learning"] = self.metric.meta()
         if self.retrieval.get("after"):
             meta["retrieval"] = {k: self.retrieval[k] for k in ("before", "after") if k in self.retrieval}
@@ -1057,10 +1064,16 @@ class Finetuner:
                                   else ""))
         if cfg.eval_retrieval:
             if self.metric is not None:
-                v = self._val_pass(True, pool=f"gem:p={self.metric.p:.6g}")
+                pool = f"gem:p={self.metric.p:.6g}"
+                v = self._val_pass(True, pool=pool)
                 if v.get("_eval") is not None:
-                    self.retrieval["after_learned_pooling"] = {"pooling": f"gem:p={self.metric.p:.6g}",
-                                                               **R.summary(v["_eval"][0])}
+                    self.retrieval["after_learned_pooling"] = {"pooling": pool, **R.summary(v["_eval"][0])}
+                    if self.metric.whiten is not None:
+                        desc, kept = v["_desc"]
+                        ev = self._eval_retrieval(self.metric.describe_np(desc), kept)
+                        self.retrieval["after_learned_whitening"] = {
+                            "pooling": pool, "post": self.metric.whitening_chain().spec,
+                            "file": str(self.run / "whitening.npz"), **R.summary(ev[0])}
             if self.after_eval is None and "after" not in self.retrieval:
                 v = self._val_pass(True)
                 self.after_eval = v.get("_eval")
