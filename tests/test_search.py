@@ -133,16 +133,22 @@ def test_oxford_style_eval_with_query_regions(store, views, tmp_path):
 
 
 def test_sweep_table(views, tmp_path, capsys):
+    from deepfeat.postprocess import PostChain
+
     out = tmp_path / "sw"
+    saved = tmp_path / "fitted.npz"  # a chain fitted elsewhere, on 1280-D vectors: applies to bn2 only
+    PostChain("l2,pca:4").fit(np.random.default_rng(0).normal(size=(50, 1280))).save(saved)
     rc = main(["sweep", str(views), "--gt", "folders", "--layers", "blocks.5,bn2", "--pools", "gem,mac,crow",
-               "--post", "none;l2;pca:8,l2;pca:4096", "--out", str(out), "--workers", "0"])
+               "--post", f"none;l2;pca:8,l2;pca:4096;{saved}", "--out", str(out), "--workers", "0"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "| layer | pooling | none | l2 | pca:8,l2 | pca:4096 |" in text
+    assert f"| layer | pooling | none | l2 | pca:8,l2 | pca:4096 | {saved} |" in text
     assert "| blocks.5 | crow:a=2,b=2 |" in text and "**" in text and "n/a" in text  # 4096 > dims: n/a
     rows = (out / "sweep_folders.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 3 * 4 and sum(r.endswith(",1") for r in rows) == 1
+    assert len(rows) == 1 + 2 * 3 * 5 and sum(r.endswith(",1") for r in rows) == 1
     doc = json.loads((out / "sweep_folders.json").read_text())
+    by_file = {(c["layer"], c["pooling"]): c for c in doc["cells"] if c["post"] == str(saved)}
+    assert by_file[("bn2", "gem:p=3")]["dim"] == 4 and by_file[("blocks.5", "gem:p=3")]["map"] is None
     best = doc["best"]
     cell = next(c for c in doc["cells"] if [c["layer"], c["pooling"], c["post"]] == best)
     assert cell["map"] == max(c["map"] for c in doc["cells"] if c["map"] is not None)

@@ -28,7 +28,7 @@ from .errors import DeepfeatError, UsageError
 from .images import discover
 from .pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
 from .pooling import get_pooling
-from .postprocess import PostChain
+from .postprocess import PostChain, is_chain_file
 from .preprocess import parse_size_policy
 from .taps import make_taps
 
@@ -189,7 +189,9 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     for p in poolings:
         if p.needs_fit:
             raise UsageError(f"pooling {p.spec!r} learns a codebook; the sweep takes poolings without one")
-    posts = [PostChain.parse(p).spec for p in posts]  # validates the grammar up front
+    # validates the grammar (and loads saved chain files) up front; a file's column is named by its path
+    files = {p: PostChain.from_arg(p) for p in posts if is_chain_file(p)}
+    posts = [p if p in files else PostChain.parse(p).spec for p in posts]
     net = MultiPoolNet(model, layers, poolings).to(device).eval()
     paths = discover(dataset)
     if not paths:
@@ -233,9 +235,9 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
                     qrows.append(xb_raw[q.index])
             xq_raw = np.stack(qrows).astype(np.float32)
             for post in posts:
-                chain = PostChain.parse(post)
+                chain = files.get(post) or PostChain.parse(post)
                 try:
-                    if chain.needs_fit:
+                    if chain.needs_fit and post not in files:
                         chain.fit(fit_arrays[j] if fit_arrays is not None else xb_raw[ok])
                     xb, xq = chain.apply(xb_raw), chain.apply(xq_raw)
                 except UsageError as e:
@@ -250,7 +252,7 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
         res.seconds = time.perf_counter() - t0
         res.extract_seconds = extract_seconds
         results.append(res)
-    if not fit_on and any(PostChain.parse(p).needs_fit for p in posts):
+    if not fit_on and any(p not in files and PostChain.parse(p).needs_fit for p in posts):
         log.warning("PCA/whitening was fitted on the evaluation set itself (no --fit-on): optimistic, as in many "
                     "papers")
     return results

@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--pools", default="gem,mac,rmac,crow,spoc", metavar="P1,P2,...")
     p.add_argument("--post", default="none;l2;pca-whiten:128,l2", metavar="C1;C2;...",
                    help="post-processing chains separated by ';' (a chain may contain commas), "
-                        "e.g. 'none;l2;pca:128,l2;pca-whiten:128,l2'")
+                        "e.g. 'none;l2;pca:128,l2;pca-whiten:128,l2'; a saved chain file (.npz) is applied "
+                        "as it is (its column is named by its path)")
     p.add_argument("--fit-on", nargs="+", metavar="IMAGES", help="separate images to fit PCA/whitening on")
     p.add_argument("--size", default="model", metavar="POLICY")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
