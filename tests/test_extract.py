@@ -298,6 +298,7 @@ def test_post_from_a_saved_chain_file_and_bad_chains_fail_before_extracting(coll
     with pytest.raises(UsageError, match="post-processes 1280-D descriptors but this store's are 40-D"):
         extract(_cfg([collection], tmp_path / "wrongdim", layers=["blocks.2"], pooling="gem",
                      post=str(fitted / "post.npz")))
+    assert not (tmp_path / "wrongdim").exists()
     assert main(["postprocess", str(fitted), "--post", "pca:4"]) == 0
     assert main(["postprocess", str(fitted), "--post", str(other / "post.npz")]) == 0
     np.testing.assert_array_equal(FeatureStore(fitted).vectors(), want[:16])

@@ -642,6 +642,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
     model, layers, pooling, fnet = load_feature_net(cfg, out, device)
     dims = pooled_dims(fnet, model.data_config.input_size)
+    if post_file:
+        check_post_dim(post, post_file, dims[0])  # before the store is made
     meta = build_meta(cfg, model, layers, pooling, dims)
     store = FeatureStore.create(out, meta)
     if pooling.needs_fit and not (store.path / POOLING_FILE).is_file():
@@ -852,12 +854,16 @@ def _finish_post(store: FeatureStore, cfg: ExtractConfig) -> None:
     fit_post(store, chain, cfg.fit_on, cfg.fit_max)
 
 
-def install_post(store: FeatureStore, chain, source: str, dim: int | None = None) -> None:
-    """Use an already fitted *chain* (loaded from the file *source*) as *store*'s post-processing."""
-    dim = store.dim if dim is None else dim
+def check_post_dim(chain, source: str, dim: int) -> None:
+    """A fitted chain from the file *source* must take *dim*-D descriptors."""
     if chain.dim_in is not None and int(chain.dim_in) != int(dim):
         raise UsageError(f"{source} post-processes {chain.dim_in}-D descriptors but this store's are {dim}-D "
                          "(another layer or pooling?)")
+
+
+def install_post(store: FeatureStore, chain, source: str, dim: int | None = None) -> None:
+    """Use an already fitted *chain* (loaded from the file *source*) as *store*'s post-processing."""
+    check_post_dim(chain, source, store.dim if dim is None else dim)
     chain.save(store.path / "post.npz", extra={"copied_from": str(source)})
     store.update_meta(post=chain.spec, post_fitted_on=str(source), post_fitted_rows=int(chain.n_fit))
     store._post = None
