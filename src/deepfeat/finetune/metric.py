@@ -111,7 +111,7 @@ class MetricLearner:
 
     def meta(self) -> dict[str, Any]:
         return {"loss": "contrastive", "margin": self.margin, "neg_num": self.neg_num, "layer": self.layer,
-                "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.4g}",
+                "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.6g}",
                 "whitening": ({"dim": self.whiten_dim, "file": WHITENING_FILE, "post": self.whitening_chain().spec,
                                "init": "pca"} if self.whiten is not None else None),
                 "head_refit": self.refit}
