@@ -418,3 +418,4 @@ def test_contrastive_learned_whitening_travels_to_extract(labelled, tmp_path):
         finetune(FinetuneConfig(output=str(tmp_path / "ce"), **{**cfg, "loss": "ce"}))
     with pytest.raises(UsageError, match="more than the 1280 dims"):
         finetune(FinetuneConfig(output=str(tmp_path / "big"), **{**cfg, "whiten": 5000}))
+    assert not list((tmp_path / "big").glob("snapshots/*.pt"))  # refused before any training

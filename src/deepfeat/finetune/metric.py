@@ -68,6 +68,8 @@ class MetricLearner:
         self.whiten_dim = int(cfg.whiten) if cfg.whiten else None
         self.whiten: torch.nn.Linear | None = None  # made at the start of the stage (or from a snapshot)
         self._first_descriptors: tuple | None = None  # the init pass, reused by the first mining
+        if self.whiten_dim:
+            self._check_whiten_dim()
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -118,11 +120,32 @@ class MetricLearner:
 
     # -------------------------------------------------------------- whitening
 
-    def _linear(self, dim_in: int) -> torch.nn.Linear:
+    def _check_whiten_dim(self) -> None:
+        """--whiten DIM fits the layer's dimension: checked with one tiny forward pass now,
+        not after the head stage."""
+        from ..taps import Taps
+
+        ft, net = self.ft, self.ft.net
+        flags = {m: m.training for m in net.modules()}
+        net.eval()
+        try:
+            h, w = ft.data_config.input_size
+            x = torch.zeros(1, len(ft.data_config.mean), h, w, device=ft.device)
+            with torch.inference_mode():
+                out = Taps(net, [self.layer], getattr(ft.base, "layer_aliases", None))(x)[self.layer]
+        finally:
+            for m, f in flags.items():
+                m.training = f
+        self._fits(int(out.shape[1]))
+
+    def _fits(self, dim_in: int) -> None:
         if self.whiten_dim > dim_in:
             from ..errors import UsageError
 
             raise UsageError(f"--whiten {self.whiten_dim} is more than the {dim_in} dims of layer {self.layer!r}")
+
+    def _linear(self, dim_in: int) -> torch.nn.Linear:
+        self._fits(dim_in)
         return torch.nn.Linear(dim_in, self.whiten_dim, bias=True).to(self.ft.device)
 
     def _init_whitening(self) -> None:
