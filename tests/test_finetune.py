@@ -419,3 +419,33 @@ def test_contrastive_learned_whitening_travels_to_extract(labelled, tmp_path):
     with pytest.raises(UsageError, match="more than the 1280 dims"):
         finetune(FinetuneConfig(output=str(tmp_path / "big"), **{**cfg, "whiten": 5000}))
     assert not list((tmp_path / "big").glob("snapshots/*.pt"))  # refused before any training
+
+
+def test_metric_losses_match_loop_references():
+    from deepfeat.finetune.metric import contrastive_loss, triplet_loss
+
+    g = torch.Generator().manual_seed(0)
+    q, others = torch.randn(6, generator=g), torch.randn(4, 6, generator=g)
+
+    def dist2(a, b):
+        return sum((float(x) - float(y)) ** 2 for x, y in zip(a, b))
+
+    m = 0.7
+    want = 0.5 * dist2(q, others[0]) + sum(0.5 * max(0.0, m - dist2(q, n) ** 0.5) ** 2 for n in others[1:])
+    is_pos = torch.tensor([True, False, False, False])
+    assert float(contrastive_loss(q, others, is_pos, m)) == pytest.approx(want, rel=1e-5)
+    for m in (0.1, 5.0):  # a small margin leaves some negatives at zero loss; a large one none
+        want = sum(max(0.0, m + dist2(q, others[0]) - dist2(q, n)) for n in others[1:])
+        assert float(triplet_loss(q, others[0], others[1:], m)) == pytest.approx(want, rel=1e-5)
+
+
+def test_triplet_metric_learning_runs_and_records_its_margin(labelled, tmp_path):
+    out = tmp_path / "triplet"
+    res = finetune(FinetuneConfig(data=str(labelled), output=str(out), image_size=64, batch_size=8, head_epochs=1,
+                                  epochs=2, loss="triplet", neg_num=2, train_blocks="2", progress="none",
+                                  eval_retrieval=True, lr=0.01, workers=2))
+    full = [h for h in res.history if h["stage"] == "full"]
+    assert len(full) == 2 and all(np.isfinite(h["train_loss"]) for h in full)
+    ml = json.loads((out / "meta.json").read_text())["metric_learning"]
+    assert ml["loss"] == "triplet" and ml["margin"] == 0.1
+    assert "after_learned_pooling" in res.retrieval

@@ -71,14 +71,15 @@ def register(sub) -> None:
     t.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (default 0: off)")
     t.add_argument("--amp", choices=["auto", "on", "off"], help="mixed precision (auto: on with CUDA)")
     t.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--loss", choices=["ce", "contrastive"],
-                   help="stage 2 loss: ce (classification, default) or contrastive (metric learning with hard "
-                        "negatives and learned GeM, Radenovic et al.)")
-    t.add_argument("--margin", type=float, metavar="M", help="contrastive margin (default 0.7)")
+    t.add_argument("--loss", choices=["ce", "contrastive", "triplet"],
+                   help="stage 2 loss: ce (classification, default), contrastive or triplet (metric learning with "
+                        "hard negatives and learned GeM, Radenovic et al.)")
+    t.add_argument("--margin", type=float, metavar="M", help="metric-learning margin (default 0.7 contrastive, "
+                                                             "0.1 triplet)")
     t.add_argument("--neg-num", type=int, metavar="N", help="hard negatives per query (default 5)")
-    t.add_argument("--tuples", type=int, metavar="N", help="queries per contrastive epoch (default: all)")
+    t.add_argument("--tuples", type=int, metavar="N", help="queries per metric-learning epoch (default: all)")
     t.add_argument("--whiten", type=int, metavar="DIM",
-                   help="contrastive: learn a DIM-d whitening after GeM end to end (saved as RUN/whitening.npz, "
+                   help="contrastive/triplet: learn a DIM-d whitening after GeM end to end (saved as RUN/whitening.npz, "
                         "for extract --post)")
     s = p.add_argument_group("snapshots and evaluation")
     s.add_argument("--snapshot-every", type=int, metavar="K", help="snapshot every K epochs (default 1; and at "

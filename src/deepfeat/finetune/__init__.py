@@ -9,7 +9,7 @@ end to end with snapshots, and writes a run directory that is itself a model spe
 Modules: :mod:`.data` (listing, check, split, balance, augmentation, loading),
 :mod:`.heads` (new head, trainable units, parameter groups, BatchNorm),
 :mod:`.train` (the run), :mod:`.retrieval` (before/after mAP), :mod:`.metric`
-(contrastive loss with hard negatives). Exports are resolved lazily so that
+(contrastive or triplet loss with hard negatives). Exports are resolved lazily so that
 ``deepfeat.models.finetuned`` can import :mod:`.heads` without pulling in the rest.
 """
 

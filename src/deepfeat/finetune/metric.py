@@ -1,4 +1,4 @@
-"""Metric learning for retrieval: contrastive loss on tuples with mined hard negatives.
+"""Metric learning for retrieval: contrastive or triplet loss on tuples with mined hard negatives.
 
 Radenović, Tolias & Chum, *Fine-tuning CNN image retrieval with no human annotation*
 (TPAMI 2018), with class labels in place of their 3D-reconstruction clusters: each
@@ -9,7 +9,12 @@ per class (as they take one per 3D model). The loss of a tuple is
 
     0.5 * d(q, p)^2 + sum_n 0.5 * max(0, margin - d(q, n))^2
 
-with ``d`` the Euclidean distance of L2-normalised descriptors. The GeM power p is a
+with ``d`` the Euclidean distance of L2-normalised descriptors (margin 0.7 by default).
+``--loss triplet`` uses cirtorch's triplet loss on the same tuples instead,
+
+    sum_n max(0, margin + d(q, p)^2 - d(q, n)^2)        (margin 0.1 by default)
+
+which only asks each negative to be further than the positive by the margin. The GeM power p is a
 parameter learned end to end (learning rate x10, as in cirtorch).
 
 With ``--whiten DIM`` the descriptor is cirtorch's whitened one,
@@ -53,15 +58,27 @@ def contrastive_loss(q: torch.Tensor, others: torch.Tensor, is_pos: torch.Tensor
     return torch.where(is_pos, pos, neg).sum()
 
 
+def triplet_loss(q: torch.Tensor, p: torch.Tensor, negs: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over negatives of ``max(0, margin + |q - p|^2 - |q - n|^2)``; *q*, *p* are D, *negs* K x D."""
+    d_pos = (q - p).pow(2).sum()
+    d_neg = (negs - q[None]).pow(2).sum(dim=1)
+    return (margin + d_pos - d_neg).clamp_min(0).sum()
+
+
+#: default margins, as in cirtorch
+DEFAULT_MARGIN = {"contrastive": 0.7, "triplet": 0.1}
+
+
 class MetricLearner:
-    """The ``--loss contrastive`` full stage for a :class:`~deepfeat.finetune.train.Finetuner`."""
+    """The ``--loss contrastive|triplet`` full stage for a :class:`~deepfeat.finetune.train.Finetuner`."""
 
     def __init__(self, ft) -> None:
         cfg = ft.cfg
         self.ft = ft
         self.layer = ft.eval_layer
         self.gem = GeM(p=3.0, learnable=cfg.learn_gem).to(ft.device)
-        self.margin = float(cfg.margin)
+        self.loss = cfg.loss
+        self.margin = float(cfg.margin if cfg.margin is not None else DEFAULT_MARGIN[cfg.loss])
         self.neg_num = int(cfg.neg_num)
         self.per_step = max(1, cfg.batch_size // (2 + self.neg_num))
         self.refit: dict[str, Any] = {}
@@ -112,7 +129,7 @@ class MetricLearner:
             self.whiten.load_state_dict({"weight": w, "bias": d["whiten.bias"]})
 
     def meta(self) -> dict[str, Any]:
-        return {"loss": "contrastive", "margin": self.margin, "neg_num": self.neg_num, "layer": self.layer,
+        return {"loss": self.loss, "margin": self.margin, "neg_num": self.neg_num, "layer": self.layer,
                 "gem_p": round(self.p, 6), "pooling": f"gem:p={self.p:.6g}",
                 "whitening": ({"dim": self.whiten_dim, "file": WHITENING_FILE, "post": self.whitening_chain().spec,
                                "init": "pca"} if self.whiten is not None else None),
@@ -254,7 +271,7 @@ class MetricLearner:
         iters = self.iters_per_epoch()
         taps = Taps(ft.net, [self.layer], getattr(ft.base, "layer_aliases", None))
         tot_loss, n_tuples, lr = 0.0, 0, base_lr
-        ft.progress.start(iters, f"epoch {e} [full, contrastive]")
+        ft.progress.start(iters, f"epoch {e} [full, {self.loss}]")
         for b in range(iters):
             chunk = [tuples[(b * self.per_step + k) % len(tuples)] for k in range(self.per_step)] if tuples else []
             lr = sched.apply(opt, it, base_lr)
@@ -280,9 +297,12 @@ class MetricLearner:
             start = 0
             for n in sizes:
                 t = d[start:start + n]
-                is_pos = torch.zeros(n - 1, dtype=torch.bool, device=d.device)
-                is_pos[0] = True
-                loss = loss + contrastive_loss(t[0], t[1:], is_pos, self.margin)
+                if self.loss == "triplet":
+                    loss = loss + triplet_loss(t[0], t[1], t[2:], self.margin)
+                else:
+                    is_pos = torch.zeros(n - 1, dtype=torch.bool, device=d.device)
+                    is_pos[0] = True
+                    loss = loss + contrastive_loss(t[0], t[1:], is_pos, self.margin)
                 start += n
             loss = loss / max(len(sizes), 1)
             ft._step(opt, loss)

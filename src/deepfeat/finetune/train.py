@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 META_FORMAT = "deepfeat-finetuned/1"
 SNAPSHOT_FORMAT = "deepfeat-finetune-snapshot/1"
 SCHEDULES = ("cosine", "step", "constant")
-LOSSES = ("ce", "contrastive")
+LOSSES = ("ce", "contrastive", "triplet")
+METRIC_LOSSES = ("contrastive", "triplet")
 STAGES = ("head", "full")
 
 
@@ -92,7 +93,7 @@ class FinetuneConfig:
     eval_layer: str = "default"
     eval_pool: str = "gem"
     loss: str = "ce"
-    margin: float = 0.7
+    margin: float | None = None  # None: 0.7 for contrastive, 0.1 for triplet
     neg_num: int = 5
     tuples: int | None = None
     learn_gem: bool = True
@@ -137,7 +138,7 @@ class FinetuneConfig:
             (self.image_size is None or 16 <= self.image_size <= 4096, "--image-size must be in 16..4096"),
             (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
             (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
-            (self.margin > 0, "--margin must be > 0"),
+            (self.margin is None or self.margin > 0, "--margin must be > 0"),
             (self.neg_num >= 1, "--neg-num must be at least 1"),
             (self.tuples is None or self.tuples >= 1, "--tuples must be at least 1"),
             (self.whiten is None or self.whiten >= 1, "--whiten must be at least 1 dimension"),
@@ -147,10 +148,11 @@ class FinetuneConfig:
                 raise UsageError(msg)
         if self.eval_retrieval and self.val_frac == 0:
             raise UsageError("--eval-retrieval measures retrieval on the validation split; --val-frac is 0")
-        if self.loss == "contrastive" and self.epochs == 0:
-            raise UsageError("--loss contrastive trains the backbone in the full stage; give --epochs > 0")
-        if self.whiten and self.loss != "contrastive":
-            raise UsageError("--whiten learns a whitening with the contrastive loss; add --loss contrastive")
+        if self.loss in METRIC_LOSSES and self.epochs == 0:
+            raise UsageError(f"--loss {self.loss} trains the backbone in the full stage; give --epochs > 0")
+        if self.whiten and self.loss not in METRIC_LOSSES:
+            raise UsageError("--whiten learns a whitening with a metric-learning loss; add --loss contrastive "
+                             "(or triplet)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -649,7 +651,7 @@ class Finetuner:
         base_lr = cfg.head_stage_lr if stage == "head" else cfg.lr
         groups = H.param_groups(self.net, self.head_module, base_lr, cfg.weight_decay, cfg.head_lr_mult,
                                 cfg.head_bias_lr_mult)
-        if stage == "full" and cfg.loss == "contrastive" and self.metric is not None:
+        if stage == "full" and cfg.loss in METRIC_LOSSES and self.metric is not None:
             groups += self.metric.param_groups(base_lr)
         return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum), base_lr
 
@@ -1019,7 +1021,7 @@ class Finetuner:
         self._prepare_data()
         self._prepare_model()
         self.metric = None
-        if cfg.loss == "contrastive":
+        if cfg.loss in METRIC_LOSSES:
             from .metric import MetricLearner
 
             self.metric = MetricLearner(self)
