@@ -9,8 +9,10 @@ by side in one run, what batch size is worth on this machine:
    CPU): images/s of the tapped network on random tensors for each input size and batch
    size, with the ratio to batch 1;
 2. end to end (optional, ``--images DIR``): ``deepfeat extract DIR --size POLICY
-   --backend torch`` with ``--batch-size 1`` and ``--batch-size 8``, alternated
-   ``--repeat`` times, images/s after the first batch.
+   --backend torch`` with deepfeat's default batching (at most 8 images and
+   ``CPU_BATCH_PIXELS`` pixels per batch) and with ``--batch-size 8`` (8 images whatever
+   their size, the default before the pixel cap), alternated ``--repeat`` times,
+   images/s after the first batch.
 
     python benchmarks/bench_batch.py
     python benchmarks/bench_batch.py --images ../shared/data/flowers17 --policy long:512 --limit 400
@@ -69,11 +71,12 @@ def end_to_end(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     try:
         for r in range(args.repeat):
-            for bs in (1, 8):
+            for bs in ("default", "8"):
                 out = tmp / f"s{bs}"
                 cmd = [sys.executable, "-m", "deepfeat.cli", "extract", args.images, "-o", str(out), "--size",
-                       args.policy, "--backend", "torch", "--batch-size", str(bs), "--progress", "none",
-                       "--layer", args.layer] + (["--limit", str(args.limit)] if args.limit else [])
+                       args.policy, "--backend", "torch", "--progress", "none", "--layer", args.layer]
+                cmd += (["--limit", str(args.limit)] if args.limit else []) + \
+                    (["--batch-size", bs] if bs != "default" else [])
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     raise SystemExit(f"extract failed:\n{res.stderr[-2000:]}")
@@ -85,8 +88,8 @@ def end_to_end(args) -> list[dict]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in range(args.repeat):
-        b1, b8 = (x["img_per_s_after_first_batch"] for x in runs if x["repeat"] == r)
-        print(f"  run {r}: batch 1 / batch 8 = {b1 / b8:.2f}x")
+        auto, b8 = (x["img_per_s_after_first_batch"] for x in runs if x["repeat"] == r)
+        print(f"  run {r}: default batching / --batch-size 8 = {auto / b8:.2f}x")
     return runs
 
 

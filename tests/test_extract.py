@@ -414,3 +414,19 @@ def test_relative_paths_work_from_any_folder(collection, tmp_path, monkeypatch):
     assert rep.processed == 12 and len(st) == 24  # "a" already known, "b" appended
     assert all(p.startswith(("a/", "b/")) for p in st.paths[:12] + [q for q in st.paths if q.startswith("b/")])
     assert all(Path(st.resolve_path(p)).is_file() for p in st.paths)
+
+
+def test_aspect_preserving_batches_are_one_shape_and_capped_in_pixels():
+    from deepfeat.pipeline import CPU_BATCH_PIXELS, shard_batches
+
+    items = [(i, f"{i}.jpg") for i in range(12)]
+    sizes = [(224, 224)] * 6 + [(512, 384)] * 3 + [(160, 224), "unreadable header", (224, 224)]
+    policy = parse_size_policy("long:512")
+    batches, bad = shard_batches(items, policy, 8, sizes)
+    assert bad == {10: "unreadable header"}
+    assert [[i for i, _ in b] for b in batches] == [[0, 1, 2, 3, 4, 5, 11], [6, 7, 8], [9]]
+    batches, _ = shard_batches(items, policy, 8, sizes, CPU_BATCH_PIXELS)
+    # 4 x 224 x 224 pixels at most: four 224 x 224 images, one 512 x 384, five 160 x 224 (capped at 8)
+    assert [[i for i, _ in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 11], [6], [7], [8], [9]]
+    fixed, _ = shard_batches(items, parse_size_policy("model"), 5, None, CPU_BATCH_PIXELS)
+    assert [len(b) for b in fixed] == [5, 5, 2]  # fixed-size policies: batch size only

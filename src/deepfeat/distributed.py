@@ -97,7 +97,7 @@ class ShardWorker:
         self.store.check_compatible(build_meta(cfg, model, layers, pooling, dims))
         policy = parse_size_policy(cfg.size)
         self.processor = ShardProcessor(self.store, make_runner(cfg, fnet, device), layers, dims, policy,
-                                        cfg.batch_size, cfg.dtype)
+                                        cfg.batch_size, cfg.dtype, cfg.batch_pixels)
         self.workers = decode_threads
         self.executor = make_executor("threads", decode_threads, (policy, model.data_config, cfg.draft,
                                                                   cfg.max_pixels))

@@ -64,6 +64,9 @@ class ExtractConfig:
     backend: str = "auto"  # auto: ONNX Runtime on CPU for one-shape size policies, else torch
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on CPU (measured best for CNNs on few cores), 64 on CUDA
+    #: pixels per batch at most, for aspect-preserving policies; None: set by ``extract``
+    #: (CPU_BATCH_PIXELS with eager torch on the CPU when --batch-size is not given, else no limit)
+    batch_pixels: int | None = None
     workers: int | None = None
     decode_in: str = "processes"  # or "threads"
     resume: bool = False
@@ -383,9 +386,21 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
     return ids, ppaths, shards
 
 
+#: eager PyTorch on the CPU slows down when a batch outgrows the caches: at 384 x 512 one
+#: image at a time runs about 1.5x faster than 8 (benchmarks/bench_batch.py), while at
+#: 224 x 224 batches of 4-8 are best. Aspect-preserving batches are therefore capped at the
+#: pixels of four 224 x 224 images (one image per batch from about 320 x 320 up).
+CPU_BATCH_PIXELS = 4 * 224 * 224
+
+
 def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: int,
-                  sizes: list[tuple[int, int] | str] | None) -> tuple[list[list[tuple[int, str]]], dict[int, str]]:
-    """Deterministic batches of a shard, and the items whose header could not be read."""
+                  sizes: list[tuple[int, int] | str] | None, batch_pixels: int | None = None
+                  ) -> tuple[list[list[tuple[int, str]]], dict[int, str]]:
+    """Deterministic batches of a shard, and the items whose header could not be read.
+
+    Fixed-size policies: consecutive items, *batch_size* at a time. Aspect-preserving ones:
+    items of exactly the same output size together, at most *batch_size* per batch and, with
+    *batch_pixels*, at most that many pixels (but at least one image)."""
     if policy.fixed or sizes is None:
         return [items[i: i + batch_size] for i in range(0, len(items), batch_size)], {}
     groups: OrderedDict[tuple[int, int], list[tuple[int, str]]] = OrderedDict()
@@ -396,8 +411,9 @@ def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: 
         else:
             groups.setdefault(tuple(size), []).append(item)
     batches = []
-    for group in groups.values():
-        batches.extend(group[i: i + batch_size] for i in range(0, len(group), batch_size))
+    for size, group in groups.items():
+        n = batch_size if not batch_pixels else max(1, min(batch_size, batch_pixels // (size[0] * size[1])))
+        batches.extend(group[i: i + n] for i in range(0, len(group), n))
     return batches, bad
 
 
@@ -481,9 +497,9 @@ class ShardProcessor:
     """
 
     def __init__(self, store: FeatureStore, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],
-                 dims: list[int], policy: SizePolicy, batch_size: int, dtype: str):
+                 dims: list[int], policy: SizePolicy, batch_size: int, dtype: str, batch_pixels: int | None = None):
         self.store, self.runner, self.layers, self.dims = store, runner, layers, dims
-        self.policy, self.batch_size = policy, batch_size
+        self.policy, self.batch_size, self.batch_pixels = policy, batch_size, batch_pixels
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
         self.stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
 
@@ -497,7 +513,7 @@ class ShardProcessor:
             futs = [executor.submit(probe_sizes, [p for _, p in files[i: i + chunk]])
                     for i in range(0, len(files), chunk)]
             sizes = [s for f in futs for s in f.result()]
-        batches, bad = shard_batches(files, self.policy, self.batch_size, sizes)
+        batches, bad = shard_batches(files, self.policy, self.batch_size, sizes, self.batch_pixels)
         return ShardJob(shard, items, batches, bad)
 
     def infer(self, job: ShardJob, decoded: tuple[list[tuple], float, float]) -> int:
@@ -596,6 +612,14 @@ def make_runner(cfg: ExtractConfig, fnet, device) -> Callable[[np.ndarray], list
     return TorchRunner(fnet, device)
 
 
+def eager_cpu(cfg: ExtractConfig, device) -> bool:
+    """Whether an aspect-preserving extraction runs eager PyTorch on CPUs (here, or on Ray's
+    CPU-only actors): the case for :data:`CPU_BATCH_PIXELS`. ``--backend auto`` uses torch
+    for these policies (ONNX Runtime would need an export per shape)."""
+    on_cpu = device.type == "cpu" and (cfg.engine == "local" or not cfg.gpus_per_actor)
+    return on_cpu and cfg.backend != "onnx" and not parse_size_policy(cfg.size).fixed
+
+
 def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
     """``--backend auto``: ONNX Runtime (about 2x eager PyTorch on CPU, docs/benchmarks.md) when
     every image has the same shape (one graph to export) on the CPU; eager torch on CUDA and
@@ -673,6 +697,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     report = ExtractReport(store=str(out), planned=len(ids), skipped_shards=len(committed))
     if cfg.batch_size is None:
         cfg.batch_size = 64 if device.type == "cuda" else 8
+        if cfg.batch_pixels is None and eager_cpu(cfg, device):
+            cfg.batch_pixels = CPU_BATCH_PIXELS
     todo = sum(len(v) for v in by_shard.values())
     if committed:
         log.info("resuming: %d shard(s) already committed", len(committed))
@@ -715,7 +741,8 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
                stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
     """The local engine: decode workers feed inference in this process, several shards in flight."""
     policy = parse_size_policy(cfg.size)
-    proc = ShardProcessor(store, make_runner(cfg, fnet, device), layers, dims, policy, cfg.batch_size, cfg.dtype)
+    proc = ShardProcessor(store, make_runner(cfg, fnet, device), layers, dims, policy, cfg.batch_size, cfg.dtype,
+                          cfg.batch_pixels)
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
     report.backend = proc.runner.name
     workers = cfg.workers if cfg.workers is not None else default_workers()
