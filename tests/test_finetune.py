@@ -414,6 +414,18 @@ def test_contrastive_learned_whitening_travels_to_extract(labelled, tmp_path):
     ev = evaluate_descriptors(x[rows], [v.label for v in val], [v.path for v in val], res.classes)
     assert ev.map == pytest.approx(r["map"], abs=1e-4)
 
+    # interrupted after the first full epoch and resumed: the same whitening as uninterrupted
+    def stop_after_2(entry):
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneConfig(output=str(tmp_path / "again"), **cfg), on_epoch=stop_after_2)
+    finetune(FinetuneConfig(output=str(tmp_path / "again"), resume=True, **cfg))
+    again = PostChain.load(tmp_path / "again" / "whitening.npz").steps[1].affine
+    np.testing.assert_allclose(again.weight, W, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(again.bias, chain.steps[1].affine.bias, rtol=1e-4, atol=1e-5)
+
     with pytest.raises(UsageError, match="--loss contrastive"):
         finetune(FinetuneConfig(output=str(tmp_path / "ce"), **{**cfg, "loss": "ce"}))
     with pytest.raises(UsageError, match="more than the 1280 dims"):
