@@ -117,7 +117,8 @@ def test_health_info_schema_and_page(client, engine, store):
     assert info["meta"]["model"]["weights_sha256"] == json.loads((store / "meta.json").read_text())["model"][
         "weights_sha256"]
     assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "top_k_max": 20,
-                              "default_k": 10, "thumbnail_sizes": [16, 1024]}
+                              "default_k": 10, "thumbnail_sizes": [16, 1024], "concurrency": 64, "queue": 64,
+                              "body_timeout_seconds": 30.0}
 
     schema = client.get("/api/openapi.json").json()
     for path in ("/api/health", "/api/info", "/api/items/{item_id}", "/api/items/{item_id}/thumbnail",
@@ -517,10 +518,15 @@ def test_cli_serve_warns_off_loopback(monkeypatch, store, capsys):
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(self.config))
     assert cli.main(["serve", str(store), "--port", "8123", "--max-upload-mb", "2", "--max-pixels", "1000"]) == 0
     cfg = seen[-1]
-    assert (cfg.host, cfg.port, cfg.limit_concurrency) == ("127.0.0.1", 8123, 64)
+    assert (cfg.host, cfg.port, cfg.limit_concurrency) == ("127.0.0.1", 8123, None)  # the app limits: JSON 503
+    assert cfg.app.state.service.cfg.limit_concurrency == 64
     assert cfg.app.state.service.cfg.max_upload_bytes == 2 << 20 and cfg.app.state.service.cfg.max_pixels == 1000
     assert "WARNING" not in capsys.readouterr().err
-    assert cli.main(["serve", str(store), "--host", "0.0.0.0", "--workers-threads", "3"]) == 0
+    monkeypatch.delenv("DEEPFEAT_API_KEY", raising=False)
+    n = len(seen)
+    assert cli.main(["serve", str(store), "--host", "0.0.0.0"]) == 2  # beyond loopback without a key: refused
+    assert "--no-auth" in capsys.readouterr().err and len(seen) == n
+    assert cli.main(["serve", str(store), "--host", "0.0.0.0", "--no-auth", "--workers-threads", "3"]) == 0
     err = capsys.readouterr().err
     assert "WARNING: listening on 0.0.0.0" in err and "no authentication" in err
     assert seen[-1].app.state.service.cfg.worker_threads == 3

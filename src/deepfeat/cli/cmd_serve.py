@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 
 from ..errors import UsageError
@@ -13,8 +14,9 @@ def register(sub) -> None:
         "serve", help="serve a store: HTTP search API and web page",
         description="Search the store by uploaded image, stored id/path or vector, over HTTP (FastAPI + uvicorn), "
                     "with a web page at /. Queries are embedded with the store's own model, layer, pooling and "
-                    "post-processing, loaded once. Listens on 127.0.0.1 unless --host says otherwise; there is no "
-                    "authentication. Needs the [serve] extra.")
+                    "post-processing, loaded once. Listens on 127.0.0.1 unless --host says otherwise. With --api-key (or "
+                    "the DEEPFEAT_API_KEY environment variable) every /api/ route needs the key; listening beyond "
+                    "this machine without a key is refused unless --no-auth. Needs the [serve] extra.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
@@ -35,7 +37,17 @@ def register(sub) -> None:
                    help="PyTorch threads inside one forward pass (default: PyTorch's, the number of cores)")
     p.add_argument("--root", metavar="DIR", help="base folder of the store's relative image paths (default: here)")
     p.add_argument("--limit-concurrency", type=int, default=64, metavar="N",
-                   help="most connections handled at once; more get 503 (default 64)")
+                   help="most requests in progress at once; more get a JSON 503 with Retry-After (default 64)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="most decoded uploads waiting for the model; more get a JSON 503 (default 64)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="a request body that stalls this long between two chunks gets 408 (default 30)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require KEY on every /api/ route (header X-API-Key or Authorization: Bearer; the web "
+                        "page asks for it); default: the DEEPFEAT_API_KEY environment variable, else no key")
+    p.add_argument("--no-auth", action="store_true",
+                   help="allow a --host beyond this machine without an API key (anyone who can reach the port "
+                        "can search the store and download its images)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -62,6 +74,7 @@ def run(args) -> int:
         import uvicorn
 
         from ..serve import create_app
+        from ..serve.guards import API_KEY_ENV, JsonH11Protocol
     except ImportError as e:
         raise UsageError(f"deepfeat serve needs the [serve] extra ({e.name} is missing): "
                          "pip install 'deepfeat[serve]'") from None
@@ -71,23 +84,35 @@ def run(args) -> int:
         raise UsageError(f"--max-upload-mb must be positive, not {args.max_upload_mb}")
     if args.limit_concurrency < 1:
         raise UsageError(f"--limit-concurrency must be at least 1, not {args.limit_concurrency}")
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    if api_key and args.no_auth:
+        raise UsageError("--no-auth and an API key (--api-key or $DEEPFEAT_API_KEY) contradict each other")
+    if not is_loopback(args.host) and not api_key and not args.no_auth:
+        raise UsageError(f"--host {args.host} listens beyond this machine: give an API key (--api-key KEY or "
+                         f"${API_KEY_ENV}), or --no-auth to serve the store to anyone who can reach the port")
 
     app = create_app(args.store, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
                      top_k_max=args.top_k_max, worker_threads=args.worker_threads, max_batch=args.max_batch,
                      batch_window_ms=args.batch_window_ms, image_root=args.root, device=args.device,
-                     search_threads=args.search_threads, torch_threads=args.torch_threads)
+                     search_threads=args.search_threads, torch_threads=args.torch_threads, api_key=api_key,
+                     limit_concurrency=args.limit_concurrency, max_queue=args.max_queue,
+                     body_timeout_s=args.body_timeout)
     svc = app.state.service
     if not is_loopback(args.host):
         bar = "!" * 78
+        who = ("Anyone who has the API key" if api_key else "Anyone who can reach this port")
+        auth = ("The key and the images travel unencrypted (no TLS)" if api_key
+                else "There is no authentication (--no-auth) and no TLS")
         print(f"{bar}\n"
               f"WARNING: listening on {args.host}, not on this machine only.\n"
-              f"Anyone who can reach this port can search the store and download every image in it\n"
-              f"({len(svc.engine.ids)} images from {svc.engine.store.path}). There is no authentication and no TLS:\n"
-              f"put it behind a reverse proxy that adds both before exposing it.\n"
+              f"{who} can search the store and download every image in it\n"
+              f"({len(svc.engine.ids)} images from {svc.engine.store.path}). {auth}:\n"
+              f"put it behind a reverse proxy that adds TLS before exposing it.\n"
               f"{bar}", file=sys.stderr, flush=True)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            limit_concurrency=args.limit_concurrency, server_header=False, proxy_headers=False)
+    # the app limits requests itself (JSON 503); uvicorn's limit_concurrency would answer plain text
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=JsonH11Protocol,
+                            limit_concurrency=None, server_header=False, proxy_headers=False)
     server = uvicorn.Server(config)
     _announce_when_started(server, args.host, svc)
     server.run()

@@ -22,7 +22,9 @@ Files are only ever read from the store's own items, looked up by id: no request
 names a file. Uploads stay in memory, bounded in bytes and pixels. Decoding and
 thumbnails run in a small thread pool, inference in one thread that batches
 concurrent requests (:mod:`deepfeat.serve.batching`), searches in worker threads:
-the event loop never computes. Every error is JSON ``{"error": message, "detail": ...}``.
+the event loop never computes. Every error is JSON ``{"error": message, "detail": ...}``,
+overload included (503 with ``Retry-After``: too many requests in progress, or the model's
+queue full); with an API key, ``/api/`` routes answer 401 without it (:mod:`.guards`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .. import __version__
 from ..errors import DeepfeatError, ImageError, UsageError
 from ..search import Hit, SearchEngine, parse_bbox
 from .batching import MicroBatcher
+from .guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware, check_api_key
 from .thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache, make_thumbnail
 from .uploads import MEDIA_TYPES, MULTIPART_SLACK, ApiError, BodyLimitMiddleware, read_multipart_file, sniff_image
 
@@ -92,6 +95,9 @@ class ServeConfig:
     search_threads: int = 1  # FAISS OpenMP threads per search: requests run in parallel, not one query's scan
     torch_threads: int | None = None  # PyTorch intra-op threads for the model (None: PyTorch's default, the cores)
     self_check: bool = True  # embed the first stored image at start-up and compare with its stored vector
+    api_key: str | None = None  # when set, every /api/ route needs it (deepfeat.serve.guards)
+    limit_concurrency: int = 64  # requests in progress at once; more get a JSON 503 with Retry-After
+    body_timeout_s: float = 30.0  # longest stall between two chunks of a request body (then 408)
 
     def validate(self) -> None:
         checks = [
@@ -106,10 +112,13 @@ class ServeConfig:
             (self.search_threads >= 1, f"search threads must be at least 1, not {self.search_threads}"),
             (self.torch_threads is None or self.torch_threads >= 1,
              f"torch threads must be at least 1, not {self.torch_threads}"),
+            (self.limit_concurrency >= 1, f"concurrency limit must be at least 1, not {self.limit_concurrency}"),
+            (self.body_timeout_s > 0, f"body timeout must be positive, not {self.body_timeout_s}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+        self.api_key = check_api_key(self.api_key)
         self.default_k = min(self.default_k, self.top_k_max)
 
 
@@ -257,7 +266,9 @@ class SearchService:
             "meta": meta,
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                        "top_k_max": self.cfg.top_k_max, "default_k": self.cfg.default_k,
-                       "thumbnail_sizes": [THUMB_MIN, THUMB_MAX]},
+                       "thumbnail_sizes": [THUMB_MIN, THUMB_MAX], "concurrency": self.cfg.limit_concurrency,
+                       "queue": self.cfg.max_queue, "body_timeout_seconds": self.cfg.body_timeout_s},
+            "auth": "api-key" if self.cfg.api_key else None,
             "version": __version__,
         }
 
@@ -323,10 +334,13 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
     app.state.service = svc
 
     json_limit = max(DEFAULT_MAX_JSON_BYTES, svc.dim * 32)
-    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: (
         (cfg.max_upload_bytes + MULTIPART_SLACK, cfg.max_upload_bytes, "upload") if path == UPLOAD_PATH
         else (json_limit, json_limit, "request body")))
+    if cfg.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=cfg.limit_concurrency, body_timeout=cfg.body_timeout_s)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: refusals (401, 413, 503) carry the headers too
 
     # -- errors: always JSON {"error", "detail"} ---------------------------------------
 

@@ -17,10 +17,20 @@
   const baseName = (p) => p.split(/[\\/]/).pop();
   const shortName = (p) => p.split(/[\\/]/).slice(-2).join("/");  // folder/file: often the class
 
-  async function api(url, options) {
+  // A server started with --api-key answers 401: ask for the key once, keep it in a
+  // same-site session cookie (sent with fetch and with <img> requests alike), retry.
+  function askKey() {
+    const key = window.prompt("This server needs an API key:");
+    if (!key) return false;
+    document.cookie = `deepfeat_key=${encodeURIComponent(key.trim())}; path=/; SameSite=Strict`;
+    return true;
+  }
+
+  async function api(url, options, retried = false) {
     const r = await fetch(url, options);
     let body = null;
     try { body = await r.json(); } catch (_) { /* not JSON */ }
+    if (r.status === 401 && !retried && askKey()) return api(url, options, true);
     if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
     return body;
   }
