@@ -34,9 +34,13 @@ class Hit:
     id: int
     path: str
     score: float
+    inliers: int | None = None  # spatial verification inliers, for verified hits
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "score": round(self.score, 6)}
+        d = {"rank": self.rank, "id": self.id, "path": self.path, "score": round(self.score, 6)}
+        if self.inliers is not None:
+            d["inliers"] = self.inliers
+        return d
 
 
 def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
@@ -88,6 +92,8 @@ class SearchEngine:
         self._fnet = None
         self._model = None
         self._dba_cache: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
+        self._local: dict[str | None, Any] = {}  # local-feature caches and their query extractors
+        self._local_x: dict[str | None, Any] = {}
 
     # -- index ----------------------------------------------------------------
 
@@ -274,6 +280,46 @@ class SearchEngine:
             xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
             ranks = rank_by_similarity(xq, xb)
         return ranks
+
+    # -- spatial verification (deepfeat.verify) ---------------------------------
+
+    def local_cache(self, name: str | None = None):
+        """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`)."""
+        if name not in self._local:
+            from .local_store import LocalFeatureCache
+
+            self._local[name] = LocalFeatureCache(self.store, name)
+        return self._local[name]
+
+    def query_local_features(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
+                             bbox: Sequence[float] | None = None, name: str | None = None):
+        """Local features of a query: cached for a stored image (*row*), else computed from
+        *image* like the cached ones; restricted to *bbox* (original pixels) if given."""
+        cache = self.local_cache(name)
+        if row is not None:
+            return cache[row].within(bbox)
+        if image is None:
+            raise UsageError("spatial verification needs a query image or a stored query (vectors have no keypoints)")
+        if name not in self._local_x:
+            from dataclasses import replace
+
+            from .local_features import LocalExtractor, parse_local_spec
+
+            spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
+            self._local_x[name] = LocalExtractor(spec, self.model if spec.extractor == "cnn" else None)
+        return self._local_x[name].extract(image).within(bbox)
+
+    def verify(self, hits: list[Hit], query_features, params, name: str | None = None) -> list[Hit]:
+        """Re-order *hits* (one query's, best first) by spatial verification of the first
+        ``params.top`` (:func:`deepfeat.verify.verify_ranking`); verified hits carry inliers."""
+        from dataclasses import replace
+
+        from .verify import verify_ranking
+
+        cache = self.local_cache(name)
+        res = verify_ranking(query_features, [h.row for h in hits], cache.__getitem__, params)
+        return [replace(hits[i], rank=k + 1, inliers=res.inliers.get(hits[i].row))
+                for k, i in enumerate(res.order)]
 
 
 def _drop_rows(I: np.ndarray, rows: Sequence[int | None], n: int) -> np.ndarray:

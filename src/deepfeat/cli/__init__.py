@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "cmd_postprocess",
     "cmd_compute_ap",
     "cmd_search",
+    "cmd_local_features",
     "cmd_sweep",
     "cmd_densemap",
     "cmd_visualize",

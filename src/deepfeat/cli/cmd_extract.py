@@ -58,6 +58,8 @@ def register(sub) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs per actor (default 0)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
                    help="CPUs per actor, for its inference threads and decode threads (default 1)")
+    p.add_argument("--local-features", metavar="cnn|sift|orb[:ARGS]",
+                   help="also cache local features for `search/eval --verify` (see `deepfeat local-features`)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.set_defaults(func=run)
 
@@ -67,6 +69,10 @@ def run(args) -> int:
 
     if not args.inputs and not args.resume:
         raise UsageError("give INPUT folders/files/globs/@list.txt, or --resume an existing store")
+    if args.local_features:
+        from ..local_features import parse_local_spec
+
+        parse_local_spec(args.local_features)  # a bad spec fails before extracting
     cfg = ExtractConfig(
         inputs=args.inputs, output=args.output, model=args.model,
         layers=[s for s in args.layer.split(",") if s.strip()], pooling=args.pool, post=args.post,
@@ -84,9 +90,9 @@ def run(args) -> int:
         print(f"\ninterrupted: committed shards are kept in {args.output}; run the same command again "
               "(or `deepfeat extract --resume -o STORE`) to continue", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and not args.local_features:
         print(json.dumps(rep.to_dict(), indent=2))
-    else:
+    elif not args.json:
         st = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
         print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s, "
               f"{rep.steady_images_per_s:.1f} after the first batch): "
@@ -95,4 +101,17 @@ def run(args) -> int:
         print(f"store: {rep.store} ({rep.planned} items planned)")
         if rep.failures_report:
             print(f"failures: {rep.failures_report}")
+    if args.local_features and (rep.ok or rep.skipped_shards):
+        from ..local_store import build_local_features
+        from .cmd_local_features import print_report
+
+        try:
+            lrep = build_local_features(args.output, args.local_features, device=args.device)
+        except KeyboardInterrupt:
+            print("\ninterrupted: run the same command again to finish the local features", file=sys.stderr)
+            return 130
+        if args.json:
+            print(json.dumps({**rep.to_dict(), "local_features": lrep}, indent=2))
+        else:
+            print_report(lrep, args.output)
     return 0 if rep.ok or rep.skipped_shards else 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import UsageError
-from ..search import SearchEngine, build_index, parse_bbox
+from ..search import Hit, SearchEngine, build_index, parse_bbox
+from ..verify import parse_verify_spec
 from .common import print_json
 
 
@@ -33,6 +35,7 @@ def register(sub) -> None:
     s.add_argument("--alpha", type=float, default=0.0, metavar="A", help="alpha-QE/DBA weight power (0 = average)")
     s.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation with N neighbours")
     s.add_argument("--bbox", metavar="X1,Y1,X2,Y2", help="query region (crop before extraction)")
+    _add_verify_args(s)
     s.add_argument("--grid", metavar="OUT.png", help="draw the query and its results")
     s.add_argument("--gt", metavar="SPEC", help="ground truth to colour the grid (e.g. folders)")
     s.add_argument("--feature", metavar="LAYER")
@@ -48,12 +51,21 @@ def register(sub) -> None:
     e.add_argument("--qe", type=int, default=0, metavar="N")
     e.add_argument("--alpha", type=float, default=0.0, metavar="A")
     e.add_argument("--dba", type=int, default=0, metavar="N")
+    _add_verify_args(e)
     e.add_argument("--ks", default="1,5,10", metavar="K1,K2", help="precision cut-offs (default 1,5,10)")
     e.add_argument("--feature", metavar="LAYER")
     e.add_argument("--per-query", action="store_true", help="print the per-query table")
     e.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=run_eval)
+
+
+def _add_verify_args(p) -> None:
+    p.add_argument("--verify", metavar="N[:ARGS]",
+                   help="re-rank the top N by spatial verification of cached local features (see `deepfeat "
+                        "local-features`); ARGS: weight=W,cap=C,min_inliers=M,ransac=R,ratio=T,model=similarity|"
+                        "affine|homography")
+    p.add_argument("--local", metavar="NAME", help="which cached local features to verify with (default: the first)")
 
 
 def run_index(args) -> int:
@@ -86,8 +98,20 @@ def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
 def run_search(args) -> int:
     engine = SearchEngine(args.store, feature=args.feature, device=args.device)
     bbox = parse_bbox(args.bbox)
+    verify = parse_verify_spec(args.verify)
+    if verify and any(q.endswith(".npy") and Path(q).is_file() for q in args.queries):
+        raise UsageError("--verify needs query images or stored images; .npy vectors have no keypoints")
     xq, labels, rows = engine.resolve_queries(args.queries, bbox)
-    results = engine.search(xq, k=args.top, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows)
+    k = max(args.top, verify.top) if verify else args.top
+    results = engine.search(xq, k=k, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows)
+    if verify:
+        t0 = time.perf_counter()
+        for qi, (q, row) in enumerate(zip(args.queries, rows)):
+            qlf = engine.query_local_features(image=None if row is not None else q, row=row, bbox=bbox,
+                                              name=args.local)
+            results[qi] = engine.verify(results[qi], qlf, verify, name=args.local)[: args.top]
+        print(f"verified the top {verify.top} in {1000 * (time.perf_counter() - t0) / len(results):.0f} ms/query "
+              f"({engine.local_cache(args.local).spec})", file=sys.stderr)
     if args.grid:
         if len(results) != 1:
             raise UsageError("--grid draws one query; give a single QUERY")
@@ -109,7 +133,8 @@ def run_search(args) -> int:
     for lab, hits in zip(labels, results):
         print(f"query: {lab}")
         for h in hits:
-            print(f"  {h.rank:3d}  {h.score:.4f}  {h.path}")
+            inl = "" if h.inliers is None else f"  {h.inliers:4d} inliers"
+            print(f"  {h.rank:3d}  {h.score:.4f}{inl}  {h.path}")
     if args.grid:
         print(f"grid: {args.grid}", file=sys.stderr)
     return 0
@@ -123,10 +148,15 @@ def run_eval(args) -> int:
     except ValueError:
         raise UsageError(f"--ks {args.ks!r}: give comma-separated integers") from None
     engine = SearchEngine(args.store, feature=args.feature, device=args.device, use_index=False)
+    verify = parse_verify_spec(args.verify)
     results = []
     for gt in parse_gt_spec(args.gt, engine.paths):
         xq = query_vectors(engine, gt)
         ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba)
+        if verify:
+            ranks, ms = verify_ranks(engine, gt, ranks, verify, args.local)
+            print(f"verified the top {verify.top} in {ms:.0f} ms/query ({engine.local_cache(args.local).spec})",
+                  file=sys.stderr)
         res = evaluate_ranks(ranks, gt, ks)
         results.append(res)
         if args.per_query:
@@ -136,8 +166,28 @@ def run_eval(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "store": str(engine.store.path), "gt": args.gt, "qe": args.qe, "alpha": args.alpha, "dba": args.dba,
+            "verify": verify.to_dict() if verify else None,
             "results": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
+
+
+def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = None):
+    """Rankings with each query's top N re-ordered by spatial verification; (ranks, ms/query).
+    A query's keypoints are the cached ones of its stored image (restricted to its region,
+    if it has one), or computed from its file."""
+    ranks = ranks.copy()
+    t0 = time.perf_counter()
+    for qi, q in enumerate(gt.queries):
+        if q.index is not None:
+            qlf = engine.query_local_features(row=q.index, bbox=q.bbox, name=name)
+        else:
+            if q.path is None:
+                raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
+            qlf = engine.query_local_features(image=engine.store.resolve_path(q.path), bbox=q.bbox, name=name)
+        n = min(params.top, ranks.shape[1])
+        hits = [Hit(i + 1, int(r), int(engine.ids[r]), engine.paths[r], 0.0) for i, r in enumerate(ranks[qi, :n])]
+        ranks[qi, :n] = [h.row for h in engine.verify(hits, qlf, params, name=name)]
+    return ranks, 1000 * (time.perf_counter() - t0) / max(len(gt.queries), 1)
 
 
 def query_vectors(engine: SearchEngine, gt):

@@ -1,0 +1,307 @@
+"""Local features for spatial verification: keypoints with descriptors, per image.
+
+Three extractors, chosen by a spec ``NAME[:key=value,...]``:
+
+* ``cnn`` (default): dense CNN keypoints from a tapped feature map of the store's own
+  model, DELF-style without the attention network (Noh et al., ICCV 2017): the
+  keypoints are the local maxima (3 x 3) of the L2 norm of an intermediate layer's
+  activations, strongest first; the descriptor of a keypoint is its L2-normalised
+  activation vector. A feature-map cell ``(i, j)`` is mapped back to image pixels
+  through the layer's stride: its centre ``((j + 0.5) * W_in / w, (i + 0.5) * H_in / h)``
+  (the centre of the cell's receptive field for 'same'-padded convolutions), then to
+  the original image's pixels. Options: ``layer`` (default: the last layer at stride
+  16, e.g. ``blocks.4`` of EfficientNet-Lite0), ``scales`` (image scales joined by
+  ``/``, e.g. ``1/0.707``, keypoints of all scales pooled), ``max`` (keypoints kept,
+  default 500), ``size`` (the image's longer side in pixels before extraction,
+  default 640).
+* ``sift``: OpenCV SIFT (Lowe 2004) with RootSIFT descriptors (Arandjelovic &
+  Zisserman 2012), so they compare by cosine like the CNN ones. ``max`` (default
+  1000), ``size`` (default 640).
+* ``orb``: OpenCV ORB binary descriptors (compared by Hamming distance). ``max``
+  (default 1000), ``size`` (default 640).
+
+Keypoint coordinates are always in pixels of the original image (after EXIF
+orientation), so a query region ``x1,y1,x2,y2`` in those pixels restricts them
+directly (:meth:`LocalFeatures.within`). Each keypoint also carries its localisation
+scale in original pixels, which sets the RANSAC tolerance of verification: the
+layer's stride (cnn), or 4 pixels of the extraction frame (sift/orb, whose keypoints
+are localised to about a pixel).
+
+OpenCV comes with the ``[verify]`` extra (``pip install 'deepfeat[verify]'``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from .errors import UsageError, suggest
+
+#: version of the extraction code; recorded in the store section so a change is detected
+LOCAL_FEATURES_VERSION = 1
+
+EXTRACTORS = ("cnn", "sift", "orb")
+#: localisation scale of a SIFT/ORB keypoint, in pixels of the extraction frame
+OPENCV_TOLERANCE = 4.0
+_DEFAULTS = {
+    "cnn": {"max": 500, "size": 640, "layer": None, "scales": (1.0,)},
+    "sift": {"max": 1000, "size": 640},
+    "orb": {"max": 1000, "size": 640},
+}
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """A parsed local-feature spec (see the module docstring)."""
+
+    extractor: str = "cnn"
+    max_keypoints: int = 500
+    size: int = 640
+    layer: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+
+    @property
+    def binary(self) -> bool:
+        """Binary descriptors (compared by Hamming distance), as ORB's."""
+        return self.extractor == "orb"
+
+    def __str__(self) -> str:
+        args = [f"max={self.max_keypoints}", f"size={self.size}"]
+        if self.extractor == "cnn":
+            if self.layer:
+                args.insert(0, f"layer={self.layer}")
+            if self.scales != (1.0,):
+                args.append("scales=" + "/".join(f"{s:g}" for s in self.scales))
+        return f"{self.extractor}:" + ",".join(args)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        d["spec"] = str(self)
+        return d
+
+
+def parse_local_spec(text: str | LocalSpec | None) -> LocalSpec:
+    """``cnn``, ``cnn:layer=blocks.4,max=300,scales=1/0.707``, ``sift:max=2000``, ``orb``..."""
+    if isinstance(text, LocalSpec):
+        return text
+    raw = (text or "cnn").strip()
+    name, _, argstr = raw.partition(":")
+    name = name.strip().lower()
+    if name not in EXTRACTORS:
+        raise UsageError(f"unknown local-feature extractor {name!r}; choose {', '.join(EXTRACTORS)}"
+                         f"{suggest(name, EXTRACTORS)}")
+    vals: dict[str, Any] = dict(_DEFAULTS[name])
+    for arg in (a.strip() for a in argstr.split(",")) if argstr.strip() else ():
+        key, eq, v = arg.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in vals:
+            raise UsageError(f"local-feature spec {raw!r}: {arg!r} is not one of "
+                             f"{', '.join(k + '=...' for k in vals)}")
+        v = v.strip()
+        try:
+            if key in ("max", "size"):
+                n = int(v)
+                if n < 1 or (key == "size" and n < 32):
+                    raise ValueError
+                vals[key] = n
+            elif key == "scales":
+                scales = tuple(float(s) for s in v.split("/"))
+                if not scales or any(not (0 < s <= 4) or not math.isfinite(s) for s in scales):
+                    raise ValueError
+                vals[key] = scales
+            else:
+                if not v:
+                    raise ValueError
+                vals[key] = v
+        except ValueError:
+            rule = {"max": "a positive integer", "size": "an integer of at least 32",
+                    "scales": "numbers in (0, 4] joined by '/', e.g. 1/0.707", "layer": "a layer name"}[key]
+            raise UsageError(f"local-feature spec {raw!r}: {key} must be {rule}, got {v!r}") from None
+    return LocalSpec(name, vals["max"], vals["size"], vals.get("layer"), tuple(vals.get("scales", (1.0,))))
+
+
+@dataclass
+class LocalFeatures:
+    """Keypoints of one image: ``xy`` (M x 2, original pixels), ``sizes`` (M), ``desc``
+    (M x D, float32 unit vectors or uint8 binary), and the image's original (W, H)."""
+
+    xy: np.ndarray
+    sizes: np.ndarray
+    desc: np.ndarray
+    image_size: tuple[int, int]
+    binary: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def within(self, bbox: Sequence[float] | None) -> "LocalFeatures":
+        """The keypoints inside a region ``(x1, y1, x2, y2)`` of the original image."""
+        if bbox is None:
+            return self
+        x1, y1, x2, y2 = bbox
+        m = (self.xy[:, 0] >= x1) & (self.xy[:, 0] <= x2) & (self.xy[:, 1] >= y1) & (self.xy[:, 1] <= y2)
+        return LocalFeatures(self.xy[m], self.sizes[m], self.desc[m], self.image_size, self.binary, self.meta)
+
+
+def require_cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise UsageError("sift/orb local features and spatial verification need OpenCV: "
+                         "pip install 'deepfeat[verify]'") from None
+    return cv2
+
+
+def default_cnn_layer(model) -> str:
+    """The last top-level-most layer whose output has stride 16 (``blocks.4`` of
+    EfficientNet-Lite0, ``layer3`` of a ResNet): fine enough to localise, deep enough
+    to describe."""
+    from .taps import model_layer_table
+
+    side = 224
+    table = model_layer_table(model, (model.data_config.channels, side, side))
+    best: tuple[int, int, str] | None = None
+    for order, row in enumerate(table.layers):
+        shape = list(row.shape or [])
+        if len(shape) != 3 or row.name.endswith(":in") or shape[1] != side // 16:
+            continue
+        key = (-row.name.count("."), order, row.name)
+        if best is None or key > best:
+            best = key
+    if best is None:
+        raise UsageError(f"model {model.spec} has no feature map at stride 16; give cnn:layer=NAME")
+    return best[2]
+
+
+class LocalExtractor:
+    """Computes :class:`LocalFeatures` of image files as a :class:`LocalSpec` says.
+
+    *model* is needed for ``cnn`` (the store's model: its preprocessing and layers)."""
+
+    def __init__(self, spec: str | LocalSpec, model=None):
+        self.spec = parse_local_spec(spec)
+        self.model = model
+        self._taps = None
+        self.layer: str | None = None
+        if self.spec.extractor == "cnn":
+            if model is None:
+                raise UsageError("cnn local features need the store's model")
+            from .taps import make_taps, resolve_layers
+
+            self.layer = self.spec.layer or default_cnn_layer(model)
+            resolve_layers(model.net, [self.layer], getattr(model, "layer_aliases", None))  # clear error if unknown
+            self._taps = make_taps(model, [self.layer])
+        else:
+            require_cv2()
+
+    def describe(self) -> dict[str, Any]:
+        """What the features are, for the store section's meta."""
+        d = self.spec.to_dict()
+        d["layer"] = self.layer
+        d["binary"] = self.spec.binary
+        d["version"] = LOCAL_FEATURES_VERSION
+        if self.model is not None and self.spec.extractor == "cnn":
+            d["model"] = self.model.spec
+        return d
+
+    def _decode(self, image: str | os.PathLike | BinaryIO):
+        from .images import decode_image
+        from .preprocess import DataConfig, SizePolicy
+
+        cfg = self.model.data_config if self.model is not None else DataConfig()
+        if self.spec.extractor != "cnn":
+            cfg = DataConfig(interpolation=cfg.interpolation, channel_order="RGB")
+        return decode_image(image, SizePolicy("long", self.spec.size), cfg)
+
+    def extract(self, image: str | os.PathLike | BinaryIO) -> LocalFeatures:
+        dec = self._decode(image)
+        px = dec.pixels
+        fx, fy = dec.width / px.shape[1], dec.height / px.shape[0]  # frame -> original pixels
+        if self.spec.extractor == "cnn":
+            xy, sizes, desc = self._cnn(px)
+        else:
+            xy, sizes, desc = self._opencv(px)
+        xy = xy * np.array([fx, fy], np.float32)
+        sizes = sizes * np.float32((fx + fy) / 2)
+        return LocalFeatures(xy.astype(np.float32), sizes.astype(np.float32), desc, (dec.width, dec.height),
+                             self.spec.binary)
+
+    def _cnn(self, px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        from .pooling import rescale
+
+        H, W = px.shape[:2]
+        xys, sizes, descs, strengths = [], [], [], []
+        with torch.inference_mode():
+            x = self.model.normalize(torch.from_numpy(px)[None].to(self.model.device))
+            for s in self.spec.scales:
+                xs = rescale(x, s)
+                a = self._taps(xs)[self.layer].float()[0]  # C x h x w
+                c, h, w = a.shape
+                norm = a.norm(dim=0)
+                peak = (F.max_pool2d(norm[None, None], 3, stride=1, padding=1)[0, 0] == norm) & (norm > 0)
+                ii, jj = torch.nonzero(peak, as_tuple=True)
+                sx, sy = xs.shape[3] / w, xs.shape[2] / h  # stride in the scaled input
+                to_frame_x, to_frame_y = W / xs.shape[3], H / xs.shape[2]
+                xys.append(torch.stack([(jj.float() + 0.5) * sx * to_frame_x,
+                                        (ii.float() + 0.5) * sy * to_frame_y], 1).cpu().numpy())
+                sizes.append(np.full(len(ii), (sx * to_frame_x + sy * to_frame_y) / 2, np.float32))
+                d = a[:, ii, jj].T
+                descs.append(F.normalize(d, dim=1).cpu().numpy())
+                strengths.append(norm[ii, jj].cpu().numpy())
+        xy, size, desc, st = (np.concatenate(v) for v in (xys, sizes, descs, strengths))
+        keep = np.argsort(-st, kind="stable")[: self.spec.max_keypoints]
+        return xy[keep], size[keep], np.ascontiguousarray(desc[keep], dtype=np.float32)
+
+    def _opencv(self, px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cv2 = require_cv2()
+        gray = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY) if px.shape[2] == 3 else px[:, :, 0]
+        if self.spec.extractor == "sift":
+            det = cv2.SIFT_create(nfeatures=self.spec.max_keypoints)
+        else:
+            det = cv2.ORB_create(nfeatures=self.spec.max_keypoints)
+        kps, desc = det.detectAndCompute(gray, None)
+        n = len(kps)
+        if self.spec.extractor == "sift":
+            dim = 128
+        else:
+            dim = 32
+        if desc is None or n == 0:
+            dtype = np.uint8 if self.spec.binary else np.float32
+            return np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros((0, dim), dtype)
+        # strongest first (SIFT/ORB return them in detection order), capped
+        resp = np.array([k.response for k in kps], np.float32)
+        keep = np.argsort(-resp, kind="stable")[: self.spec.max_keypoints]
+        xy = np.array([kps[i].pt for i in keep], np.float32).reshape(-1, 2)
+        sizes = np.full(len(keep), OPENCV_TOLERANCE, np.float32)
+        desc = desc[keep]
+        if self.spec.extractor == "sift":  # RootSIFT: L1-normalise, square root -> unit L2 norm
+            desc = desc.astype(np.float32)
+            desc /= np.maximum(desc.sum(1, keepdims=True), 1e-12)
+            desc = np.sqrt(desc)
+        return xy, sizes, np.ascontiguousarray(desc)
+
+
+def descriptor_dim(extractor: LocalExtractor) -> int:
+    """The descriptor dimension an extractor produces (probed for cnn layers)."""
+    spec = extractor.spec
+    if spec.extractor == "sift":
+        return 128
+    if spec.extractor == "orb":
+        return 32
+    from .taps import model_layer_table
+
+    cfg = extractor.model.data_config
+    table = model_layer_table(extractor.model, (cfg.channels, 224, 224))
+    for row in table.layers:
+        if row.name == extractor.layer:
+            return int(row.shape[0])
+    raise UsageError(f"layer {extractor.layer!r} not found in {extractor.model.spec}")

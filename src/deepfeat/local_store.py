@@ -1,0 +1,194 @@
+"""Local features cached in a feature store: an optional, resumable section.
+
+Layout, next to the store's own shards::
+
+    local/<name>/000007.npz     the local features of store shard 7, one file per shard
+
+Each shard file holds, for the shard's ok items in feature-row order (``offset``):
+``ids`` (n), ``counts`` (n, keypoints per image), ``image_sizes`` (n x 2, original
+W, H), and the concatenated keypoints ``xy`` (M x 2), ``sizes`` (M) and descriptors
+``desc`` (M x D; float16 for float descriptors, uint8 for binary ones). A file is
+written atomically (temporary file + rename, :func:`deepfeat.store.atomic_write_bytes`),
+so it is the shard's commit: after a crash or ``kill -9`` a shard is present in full
+or absent, and running the same command again computes only the missing shards and
+ends with the same bytes as an uninterrupted run. The section describes itself in the
+store's ``meta.json`` under ``local_features.<name>``: extractor spec, layer, model,
+maximum keypoints, frame size, descriptor dim and dtype, code version.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ImageError, StoreError, UsageError
+from .local_features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
+from .store import FeatureStore, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local"
+#: meta keys that must agree for a run to continue an existing section
+_IDENTITY = ("spec", "extractor", "layer", "model", "max_keypoints", "size", "scales", "dim", "version")
+
+
+def section_meta(store: FeatureStore, name: str) -> dict[str, Any] | None:
+    return (store.meta.get("local_features") or {}).get(name)
+
+
+def local_feature_names(store: FeatureStore) -> list[str]:
+    return list(store.meta.get("local_features") or {})
+
+
+def _shard_path(store: FeatureStore, name: str, shard: int) -> Path:
+    return store.path / LOCAL_DIR / name / f"{shard:06d}.npz"
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def open_extractor(store: FeatureStore, spec, device: str = "cpu") -> LocalExtractor:
+    """A :class:`LocalExtractor` for *store* (the store's model, checked against its weights)."""
+    spec = parse_local_spec(spec)
+    model = None
+    if spec.extractor == "cnn":
+        from .models import load_model
+
+        mspec = store.meta["model"]["spec"]
+        model = load_model(mspec, device=device)
+        sha = store.meta["model"].get("weights_sha256")
+        if sha and model.weights_sha256 and sha != model.weights_sha256:
+            raise StoreError(f"the weights of {mspec} changed since the store was made")
+    return LocalExtractor(spec, model)
+
+
+def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str | None = None, device: str = "cpu",
+                         on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Compute (or continue computing) the local features of every ok item of *store*.
+
+    Shards already written are skipped, so an interrupted run continues where it
+    stopped. A section of the same *name* made with different settings is refused.
+    Returns a small report (shards done/skipped, images, keypoints, seconds, failures)."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    extractor = open_extractor(store, spec, device)
+    name = name or extractor.spec.extractor
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise UsageError(f"local-feature section name {name!r}: use letters, digits, '-' and '_'")
+    desc = {**extractor.describe(), "dim": descriptor_dim(extractor),
+            "dtype": "uint8" if extractor.spec.binary else "float16"}
+    have = section_meta(store, name)
+    if have is not None:
+        diffs = [f"{k}: store has {have.get(k)!r}, this run has {desc.get(k)!r}" for k in _IDENTITY
+                 if have.get(k) != desc.get(k)]
+        if diffs:
+            raise StoreError(f"{store.path} already has local features {name!r} made differently:\n  "
+                             + "\n  ".join(diffs) + f"\nGive another --name, or the same spec ({have.get('spec')}).")
+    else:
+        sections = dict(store.meta.get("local_features") or {})
+        sections[name] = {**desc, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        store.update_meta(local_features=sections)
+    section = store.path / LOCAL_DIR / name
+    section.mkdir(parents=True, exist_ok=True)
+    for stale in section.glob(".*.npz.tmp-*"):  # left by a run killed while writing (kill -9)
+        stale.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    report = {"name": name, "spec": desc["spec"], "shards_done": 0, "shards_skipped": 0, "images": 0,
+              "keypoints": 0, "failed": []}
+    store.items(refresh=True)
+    for shard in store.committed_shards():
+        out = _shard_path(store, name, shard)
+        if out.is_file():
+            report["shards_skipped"] += 1
+            continue
+        t = store.shard_items(shard)
+        ok = [(i, p, o) for i, p, s, o in zip(t.column("id").to_pylist(), t.column("path").to_pylist(),
+                                              t.column("status").to_pylist(), t.column("offset").to_pylist())
+              if s == "ok"]
+        ok.sort(key=lambda r: r[2])
+        feats = []
+        for item_id, path, _ in ok:
+            try:
+                feats.append(extractor.extract(store.resolve_path(path)))
+            except ImageError as e:  # the image moved or broke since extraction: no keypoints, reported
+                log.warning("local features of %s: %s", path, e)
+                report["failed"].append(f"{path}: {e}")
+                feats.append(LocalFeatures(np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                                           np.zeros((0, desc["dim"]), np.uint8 if desc["dtype"] == "uint8"
+                                                    else np.float32), (0, 0), extractor.spec.binary))
+        ddtype = np.uint8 if desc["dtype"] == "uint8" else np.float16
+        arrays = {
+            "ids": np.array([r[0] for r in ok], np.int64),
+            "counts": np.array([len(f) for f in feats], np.int64),
+            "image_sizes": np.array([f.image_size for f in feats], np.int64).reshape(-1, 2),
+            "xy": np.concatenate([f.xy for f in feats]).astype(np.float32) if feats else np.zeros((0, 2), np.float32),
+            "sizes": np.concatenate([f.sizes for f in feats]).astype(np.float32) if feats else np.zeros(0, np.float32),
+            "desc": (np.concatenate([f.desc for f in feats]).astype(ddtype) if feats
+                     else np.zeros((0, desc["dim"]), ddtype)),
+        }
+        atomic_write_bytes(out, _npz_bytes(**arrays))
+        report["shards_done"] += 1
+        report["images"] += len(ok)
+        report["keypoints"] += int(arrays["counts"].sum())
+        if on_shard is not None:
+            on_shard(shard)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+class LocalFeatureCache:
+    """Read the cached local features of a store section, by feature row.
+
+    Raises :class:`UsageError` (saying how to make them) when the store has none, and
+    :class:`StoreError` when a shard of the section is missing (an unfinished run)."""
+
+    def __init__(self, store: FeatureStore, name: str | None = None):
+        self.store = store
+        names = local_feature_names(store)
+        if not names:
+            raise UsageError(f"{store.path} has no cached local features; compute them once with "
+                             f"`deepfeat local-features {store.path}` (or extract with --local-features)")
+        if name is None:
+            name = names[0]
+        if name not in names:
+            raise UsageError(f"{store.path} has no local features {name!r}; it has: {', '.join(names)}")
+        self.name = name
+        self.meta = section_meta(store, name)
+        self.binary = bool(self.meta.get("binary"))
+        items = store.ok_items()
+        self._where = list(zip(items.column("shard").to_pylist(), items.column("offset").to_pylist()))
+        self._shards: dict[int, dict[str, np.ndarray]] = {}
+
+    @property
+    def spec(self) -> str:
+        return self.meta["spec"]
+
+    def _shard(self, shard: int) -> dict[str, np.ndarray]:
+        if shard not in self._shards:
+            p = _shard_path(self.store, self.name, shard)
+            if not p.is_file():
+                raise StoreError(f"{self.store.path}: local features {self.name!r} of shard {shard} are missing; "
+                                 f"finish them with `deepfeat local-features {self.store.path} --name {self.name} "
+                                 f"--extractor {self.spec}`")
+            with np.load(p, allow_pickle=False) as z:
+                arr = {k: z[k] for k in z.files}
+            arr["starts"] = np.concatenate([[0], np.cumsum(arr["counts"])])
+            self._shards[shard] = arr
+        return self._shards[shard]
+
+    def __getitem__(self, row: int) -> LocalFeatures:
+        shard, offset = self._where[int(row)]
+        a = self._shard(shard)
+        s, e = a["starts"][offset], a["starts"][offset + 1]
+        desc = a["desc"][s:e]
+        if not self.binary:
+            desc = desc.astype(np.float32)
+        w, h = a["image_sizes"][offset]
+        return LocalFeatures(a["xy"][s:e], a["sizes"][s:e], desc, (int(w), int(h)), self.binary)
