@@ -94,6 +94,8 @@ class SearchEngine:
         self._dba_cache: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
         self._local: dict[str | None, Any] = {}  # local-feature caches and their query extractors
         self._local_x: dict[str | None, Any] = {}
+        self._dba_exact: dict[tuple[int, float], np.ndarray] = {}
+        self._rerankers: dict[tuple[str, int, float], Any] = {}
 
     # -- index ----------------------------------------------------------------
 
@@ -231,15 +233,31 @@ class SearchEngine:
 
     # -- search -----------------------------------------------------------------
 
+    def reranker(self, spec: Any, dba: int = 0, alpha: float = 0.0):
+        """The :mod:`deepfeat.rerank` re-ranker for *spec*, one per (spec, DBA setting), kept with its
+        offline part (diffusion's k-NN graph) so that it is built once per engine."""
+        from .rerank import get_reranker
+
+        r = get_reranker(spec)
+        key = (r.spec, int(dba), float(alpha) if dba else 0.0)
+        return self._rerankers.setdefault(key, r)
+
+    def rerank_stats(self) -> list[dict[str, Any]]:
+        """Cost of each re-ranker used so far: offline seconds (graph build), ms per query."""
+        return [r.stats for r in self._rerankers.values()]
+
     def search(self, xq: np.ndarray, k: int = 10, qe: int = 0, alpha: float = 0.0, dba: int = 0,
-               exclude_rows: Sequence[int | None] | None = None) -> list[list[Hit]]:
-        """Top-*k* hits per query, with optional alpha-QE and DBA (see :mod:`deepfeat.index`).
+               exclude_rows: Sequence[int | None] | None = None, rerank: str | None = None) -> list[list[Hit]]:
+        """Top-*k* hits per query, with optional alpha-QE and DBA (see :mod:`deepfeat.index`), then an
+        optional re-ranking of the shortlist (``rerank="diffusion"``, ``"kreciprocal:k1=20"``...,
+        :mod:`deepfeat.rerank`); re-ranked hits carry the re-ranker's score.
 
         *exclude_rows* drops a query's own row from its results (searching by a stored image)."""
         from .index import alpha_query_expansion, dba_index
 
         if k < 1:
             raise UsageError(f"--top must be at least 1, not {k}")
+        rr = self.reranker(rerank, dba, alpha) if rerank else None
         index, xb = self.active_index, self.xb
         if dba:
             key = (int(dba), float(alpha))
@@ -253,7 +271,13 @@ class SearchEngine:
             if extra:
                 I0 = _drop_rows(I0, exclude_rows, qe)
             xq = alpha_query_expansion(xq, xb, I0, None, qe, alpha)
-        D, I = index.search(xq, kk)
+        if rr is not None:
+            _, I = index.search(xq, min(len(xb), max(kk, rr.shortlist(len(xb)))))
+            # a stored query is its own database row only while neither QE nor DBA changed it
+            rows = exclude_rows if not (qe or dba) else None
+            I, D = rr.rerank(xq, xb, I, rows, index=index)
+        else:
+            D, I = index.search(xq, kk)
         out = []
         for qi in range(len(xq)):
             hits = []
@@ -267,18 +291,32 @@ class SearchEngine:
             out.append(hits)
         return out
 
-    def rank_all(self, xq: np.ndarray, qe: int = 0, alpha: float = 0.0, dba: int = 0) -> np.ndarray:
-        """Full rankings (Q x N feature rows), exact, for evaluation."""
+    def rank_all(self, xq: np.ndarray, qe: int = 0, alpha: float = 0.0, dba: int = 0, rerank: str | None = None,
+                 query_rows: Sequence[int | None] | None = None) -> np.ndarray:
+        """Full rankings (Q x N feature rows), exact, for evaluation; *rerank* re-orders each query's
+        shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
+        each query that is a stored item (None for others), which k-reciprocal re-ranking uses."""
         from .evaluate import rank_by_similarity
         from .index import alpha_query_expansion, database_side_augmentation
 
+        rr = self.reranker(rerank, dba, alpha) if rerank else None
         xb = self.xb
         if dba:
-            xb = database_side_augmentation(xb, dba, alpha, self.exact_index)
+            key = (int(dba), float(alpha))
+            if key not in self._dba_exact:
+                self._dba_exact[key] = database_side_augmentation(xb, dba, alpha, self.exact_index)
+            xb = self._dba_exact[key]
         ranks = rank_by_similarity(xq, xb)
         if qe:
             xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
             ranks = rank_by_similarity(xq, xb)
+        if rr is not None:
+            from .rerank import complete_ranking
+
+            rows = query_rows if not (qe or dba) else None
+            head, _ = rr.rerank(xq, xb, np.ascontiguousarray(ranks[:, : rr.shortlist(len(xb))]), rows,
+                                index=self.exact_index if not dba else None)
+            ranks = complete_ranking(head, ranks)
         return ranks
 
     # -- spatial verification (deepfeat.verify) ---------------------------------

@@ -13,6 +13,23 @@ from ..verify import parse_verify_spec
 from .common import print_json
 
 
+RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal, with optional parameters, e.g. "
+               "diffusion:k=50,alpha=0.99,gamma=3,trunc=1000 or kreciprocal:k1=20,k2=6,lambda=0.3")
+
+
+def _check_rerank(spec: str | None) -> None:
+    """Refuse a bad --rerank before any work is done."""
+    if spec:
+        from ..rerank import get_reranker
+
+        get_reranker(spec)
+
+
+def _rerank_line(engine: SearchEngine) -> str:
+    return "; ".join(f"re-ranking {s['rerank']}: offline {s['offline_seconds']:.2f}s, {s['ms_per_query']:.2f} ms/query"
+                     for s in engine.rerank_stats() if s["queries"])
+
+
 def register(sub) -> None:
     p = sub.add_parser("index", help="build a FAISS index next to a feature store",
                        description="Index the store's vectors (post-processing applied). auto picks exact search "
@@ -34,6 +51,7 @@ def register(sub) -> None:
     s.add_argument("--qe", type=int, default=0, metavar="N", help="query expansion with the top N")
     s.add_argument("--alpha", type=float, default=0.0, metavar="A", help="alpha-QE/DBA weight power (0 = average)")
     s.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation with N neighbours")
+    s.add_argument("--rerank", metavar="SPEC", help=RERANK_HELP)
     s.add_argument("--bbox", metavar="X1,Y1,X2,Y2", help="query region (crop before extraction)")
     _add_verify_args(s)
     s.add_argument("--grid", metavar="OUT.png", help="draw the query and its results")
@@ -52,6 +70,7 @@ def register(sub) -> None:
     e.add_argument("--alpha", type=float, default=0.0, metavar="A")
     e.add_argument("--dba", type=int, default=0, metavar="N")
     _add_verify_args(e)
+    e.add_argument("--rerank", metavar="SPEC", help=RERANK_HELP)
     e.add_argument("--ks", default="1,5,10", metavar="K1,K2", help="precision cut-offs (default 1,5,10)")
     e.add_argument("--feature", metavar="LAYER")
     e.add_argument("--per-query", action="store_true", help="print the per-query table")
@@ -96,6 +115,7 @@ def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
 
 
 def run_search(args) -> int:
+    _check_rerank(args.rerank)
     engine = SearchEngine(args.store, feature=args.feature, device=args.device)
     bbox = parse_bbox(args.bbox)
     verify = parse_verify_spec(args.verify)
@@ -103,7 +123,10 @@ def run_search(args) -> int:
         raise UsageError("--verify needs query images or stored images; .npy vectors have no keypoints")
     xq, labels, rows = engine.resolve_queries(args.queries, bbox)
     k = max(args.top, verify.top) if verify else args.top
-    results = engine.search(xq, k=k, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows)
+    results = engine.search(xq, k=k, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows,
+                            rerank=args.rerank)
+    if args.rerank:
+        print(_rerank_line(engine), file=sys.stderr)
     if verify:
         t0 = time.perf_counter()
         for qi, (q, row) in enumerate(zip(args.queries, rows)):
@@ -147,12 +170,14 @@ def run_eval(args) -> int:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise UsageError(f"--ks {args.ks!r}: give comma-separated integers") from None
+    _check_rerank(args.rerank)
     engine = SearchEngine(args.store, feature=args.feature, device=args.device, use_index=False)
     verify = parse_verify_spec(args.verify)
     results = []
     for gt in parse_gt_spec(args.gt, engine.paths):
         xq = query_vectors(engine, gt)
-        ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba)
+        rows = [q.index if q.bbox is None else None for q in gt.queries]
+        ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba, rerank=args.rerank, query_rows=rows)
         if verify:
             ranks, ms = verify_ranks(engine, gt, ranks, verify, args.local)
             print(f"verified the top {verify.top} in {ms:.0f} ms/query ({engine.local_cache(args.local).spec})",
@@ -163,10 +188,13 @@ def run_eval(args) -> int:
             print(res.table())
         else:
             print(res.summary())
+    if args.rerank:
+        print(_rerank_line(engine))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "store": str(engine.store.path), "gt": args.gt, "qe": args.qe, "alpha": args.alpha, "dba": args.dba,
             "verify": verify.to_dict() if verify else None,
+            "rerank": engine.rerank_stats()[0] if args.rerank else None,
             "results": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
 
