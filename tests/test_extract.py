@@ -209,7 +209,7 @@ def _store_bytes(out: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupt_then_resume_is_identical(collection, tmp_path, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref = tmp_path / "ref"
@@ -229,6 +229,8 @@ def test_interrupt_then_resume_is_identical(collection, tmp_path, sig):
     assert 0 < n_before < 8
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and b"interrupted" in err
+    if sig == signal.SIGTERM:  # a service manager's stop: the same clean stop, its own exit code
+        assert proc.returncode == 143 and b"terminated (SIGTERM): committed shards are kept" in err
     res = subprocess.run(_extract_cmd(collection, out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{n_before} shard(s) were already done" in res.stdout
@@ -330,14 +332,17 @@ def test_draft_decoded_sizes_match_the_plan(large_jpegs, tmp_path, lite0, size):
         assert np.allclose(store.raw()[row], ref, rtol=1e-4, atol=1e-5)
 
 
-def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypatch):
-    """ENOSPC while writing a shard: a clear error, earlier shards kept, no temp files left,
-    and the same command completes the store once there is space again."""
+@pytest.mark.parametrize("where", ["array", "items"])
+def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypatch, where):
+    """ENOSPC while writing a shard (in its array, or after its array, in its items file, the
+    commit marker): a clear error, earlier shards kept, no temp files left, and the same command
+    completes the store once there is space again. (tests/test_reliability.py fills a real
+    file system in the middle of a shard.)"""
     import errno
 
     import deepfeat.store as store_mod
 
-    real_save = np.save
+    real_save, real_write = np.save, store_mod.pq.write_table
     calls = {"n": 0}
 
     def full_after_two(f, arr, **kw):
@@ -347,13 +352,23 @@ def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(f, arr, **kw)
 
+    def items_full_after_two(table, where, **kw):  # calls: the plan, then one per shard
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(table, where, **kw)
+
     out = tmp_path / "s"
-    monkeypatch.setattr(store_mod.np, "save", full_after_two)
+    if where == "array":
+        monkeypatch.setattr(store_mod.np, "save", full_after_two)
+    else:
+        monkeypatch.setattr(store_mod.pq, "write_table", items_full_after_two)
     with pytest.raises(StoreError, match="No space left on device.*free space and run the same command"):
         extract(_cfg([collection], out, shard_size=5, pooling="mac"))
     assert FeatureStore(out).committed_shards() == [0, 1]
     assert not [f for f in (out / "shards").iterdir() if ".tmp-" in f.name]
     monkeypatch.setattr(store_mod.np, "save", real_save)
+    monkeypatch.setattr(store_mod.pq, "write_table", real_write)
     rep = extract(_cfg([collection], out, shard_size=5, pooling="mac"))
     assert rep.skipped_shards == 2 and len(FeatureStore(out)) == 24
     ref = tmp_path / "ref"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, UsageError
-from .preprocess import DataConfig, SizePolicy, draft_request, resize_image
+from .preprocess import DataConfig, SizePolicy, draft_request, resize_image, target_size
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -38,8 +40,19 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 
 def walk_images(folder: Path) -> Iterator[str]:
-    """Image files below *folder*, recursively, sorted, hidden files skipped."""
+    """Image files below *folder*, recursively, sorted, hidden files skipped. Symbolic links
+    to folders are followed, each real folder once (a link loop ends there)."""
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         for name in sorted(files):
             if not name.startswith(".") and is_image_name(name):
@@ -98,6 +111,42 @@ def discover(inputs: Iterable[str | os.PathLike], *, all_files: bool = False) ->
     return out
 
 
+def printable_path(path: str) -> str:
+    """*path* as valid UTF-8 text. Python hands file names that are not UTF-8 over with
+    their odd bytes as surrogates, which no UTF-8 file, table or terminal can hold; here
+    they become ``\\xNN`` escapes (the name is reported, see :func:`file_problem`)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unescape(path: str) -> bytes:
+    return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), os.fsencode(path))
+
+
+def file_problem(path: str) -> str | None:
+    """Why *path* cannot be read as an image file before even opening it, or None:
+    missing, a link loop, not a regular file (a FIFO would block a reader forever, a
+    device such as ``/dev/zero`` would never end), or a name that is not UTF-8."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.path.lexists(path) and "\\x" in path and os.path.lexists(_unescape(path)):
+            return "the file name is not valid UTF-8 (shown with \\xNN escapes); rename the file to extract it"
+        return "file not found" if not os.path.lexists(path) else "broken symbolic link"
+    except OSError as e:
+        return f"cannot read file: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
+        return f"not a regular file ({kind})"
+    if printable_path(path) != path:
+        return "the file name is not valid UTF-8 (shown with \\xNN escapes); rename the file to extract it"
+    return None
+
+
 @dataclass
 class DecodedImage:
     """A decoded image: pixels ready for the network plus what we learned on the way."""
@@ -150,10 +199,11 @@ def open_image(path: str | os.PathLike | BinaryIO, max_pixels: int | None = DEFA
             raise ImageError("empty file (0 bytes)")
     else:
         path = os.fspath(path)
+        problem = file_problem(path)
+        if problem:
+            raise ImageError(problem)
         try:
             size = os.path.getsize(path)
-        except FileNotFoundError:
-            raise ImageError("file not found") from None
         except OSError as e:
             raise ImageError(f"cannot stat file: {e.strerror or e}") from None
         if size == 0:
@@ -173,6 +223,18 @@ def open_image(path: str | os.PathLike | BinaryIO, max_pixels: int | None = DEFA
         img.close()
         raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     return img
+
+
+def check_resize(width: int, height: int, policy: SizePolicy, cfg: DataConfig, max_pixels: int | None) -> None:
+    """Refuse an image whose resized form would exceed *max_pixels*: a 1 x 100000 strip
+    under the ``model`` policy (shorter side to 256) would otherwise become a 25-gigapixel
+    intermediate before its centre crop."""
+    if max_pixels is None:
+        return
+    tw, th = target_size(width, height, policy, cfg)
+    if tw * th > max_pixels:
+        raise ImageError(f"extreme aspect ratio: {width}x{height} would be resized to {tw}x{th} = {tw * th} pixels, "
+                         f"over the limit of {max_pixels}")
 
 
 def decode_image(
@@ -204,6 +266,8 @@ def decode_image(
         raw_w, raw_h = img.size
         swapped = orientation in (5, 6, 7, 8)
         ow, oh = (raw_h, raw_w) if swapped else (raw_w, raw_h)
+        if policy is not None and cfg is not None and crop_box is None:
+            check_resize(ow, oh, policy, cfg, max_pixels)
         if draft and policy is not None and cfg is not None and img.format == "JPEG" and crop_box is None:
             req = draft_request(ow, oh, policy, cfg)
             if req is not None:
@@ -283,7 +347,7 @@ class ImageCheck:
     bytes: int | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "status": self.status, "problems": self.problems, "format": self.format,
+        return {"path": printable_path(self.path), "status": self.status, "problems": self.problems, "format": self.format,
                 "mode": self.mode, "width": self.width, "height": self.height, "bytes": self.bytes}
 
 

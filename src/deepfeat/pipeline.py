@@ -28,18 +28,20 @@ import os
 import sys
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import faults
 from .errors import DeepfeatError, StoreError, UsageError
-from .images import DEFAULT_MAX_PIXELS, decode_image, discover, open_image
+from .images import DEFAULT_MAX_PIXELS, check_resize, decode_image, discover, file_problem, open_image, printable_path
 from .preprocess import DataConfig, SizePolicy, parse_size_policy, target_size
-from .store import FeatureStore, ShardItems
+from .store import FeatureStore, ShardItems, check_store_dir
+from .storelock import StoreLock
+from .workerpool import PerItem, SupervisedPool
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class ExtractConfig:
     batch_pixels: int | None = None
     workers: int | None = None
     decode_in: str = "processes"  # or "threads"
+    #: seconds one image may take to decode in a worker process before the worker is killed
+    #: and replaced and the image reported (None or 0: no limit; threads cannot be stopped)
+    decode_timeout: float | None = 120.0
     resume: bool = False
     limit: int | None = None
     dtype: str = "float32"
@@ -102,6 +107,8 @@ class ExtractConfig:
             raise UsageError(f"--workers must be 0 or more, not {self.workers}")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be at least 1, not {self.limit}")
+        if self.decode_timeout is not None and self.decode_timeout < 0:
+            raise UsageError(f"--decode-timeout must be 0 (none) or more seconds, not {self.decode_timeout}")
         if self.decode_in not in ("processes", "threads"):
             raise UsageError(f"decode_in must be 'processes' or 'threads', not {self.decode_in!r}")
         if not self.output:
@@ -169,7 +176,7 @@ _W: dict[str, Any] = {}
 
 def _worker_init(policy: SizePolicy, cfg: DataConfig, draft: bool, max_pixels: int | None,
                  in_process: bool = False) -> None:
-    _W.update(policy=policy, cfg=cfg, draft=draft, max_pixels=max_pixels)
+    _W.update(policy=policy, cfg=cfg, draft=draft, max_pixels=max_pixels, in_process=in_process)
     if in_process:
         _die_with_parent()
 
@@ -213,43 +220,67 @@ def _probe_one(path: str) -> tuple[int, int] | str:
         return str(e)
     except Exception as e:  # anything else the header parser throws
         return f"{type(e).__name__}: {e}"
+    try:
+        check_resize(w, h, policy, cfg, _W["max_pixels"])
+    except DeepfeatError as e:
+        return str(e)
     if policy.kind == "model":
         return tuple(cfg.input_size)  # type: ignore[return-value]
     tw, th = target_size(w, h, policy, cfg)
     return th, tw
 
 
+def _probe_failed(path: str, reason: str) -> str:
+    return reason
+
+
 def probe_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
     return [_probe_one(p) for p in paths]
 
 
+def decode_one(item: tuple[int, str]) -> tuple[tuple, float, float]:
+    """Decode one image in a worker: ((id, pixels|None, error|None, w, h, notes), read s, decode s)."""
+    item_id, path = item
+    t0 = time.perf_counter()
+    if _W.get("in_process"):
+        faults.decode_faults(path)
+    problem = file_problem(path)  # before open(): a FIFO would block it, /dev/zero never end
+    if problem:
+        return (item_id, None, problem, None, None, ()), time.perf_counter() - t0, 0.0
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return (item_id, None, f"cannot read file: {e.strerror or e}", None, None, ()), time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        if not data:
+            raise_empty()
+        d = decode_image(io.BytesIO(data), _W["policy"], _W["cfg"], draft=_W["draft"], max_pixels=_W["max_pixels"])
+        out = (item_id, d.pixels, None, d.width, d.height, d.notes)
+    except DeepfeatError as e:
+        out = (item_id, None, str(e), None, None, ())
+    except Exception as e:  # a decoder bug must not kill the run
+        out = (item_id, None, f"{type(e).__name__}: {e}", None, None, ())
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def _decode_failed(item: tuple[int, str], reason: str) -> tuple[tuple, float, float]:
+    return (item[0], None, reason, None, None, ()), 0.0, 0.0
+
+
+def _merge_decoded(results: list[tuple[tuple, float, float]]) -> tuple[list[tuple], float, float]:
+    return [r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results)
+
+
 def decode_batch(items: Sequence[tuple[int, str]]) -> tuple[list[tuple], float, float]:
     """Decode a batch in a worker: [(id, pixels|None, error|None, w, h, notes)], read s, decode s."""
-    out = []
-    t_read = t_dec = 0.0
-    for item_id, path in items:
-        t0 = time.perf_counter()
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            t_read += time.perf_counter() - t0
-            out.append((item_id, None, f"cannot read file: {e.strerror or e}", None, None, ()))
-            continue
-        t1 = time.perf_counter()
-        t_read += t1 - t0
-        try:
-            if not data:
-                raise_empty()
-            d = decode_image(io.BytesIO(data), _W["policy"], _W["cfg"], draft=_W["draft"],
-                             max_pixels=_W["max_pixels"])
-            out.append((item_id, d.pixels, None, d.width, d.height, d.notes))
-        except DeepfeatError as e:
-            out.append((item_id, None, str(e), None, None, ()))
-        except Exception as e:  # a decoder bug must not kill the run
-            out.append((item_id, None, f"{type(e).__name__}: {e}", None, None, ()))
-        t_dec += time.perf_counter() - t1
-    return out, t_read, t_dec
+    return _merge_decoded([decode_one(it) for it in items])
+
+
+# a SupervisedPool runs these image by image, so a hang or a crash costs one image, not the run
+decode_batch.per_item = PerItem(decode_one, _decode_failed, _merge_decoded)  # type: ignore[attr-defined]
+probe_sizes.per_item = PerItem(_probe_one, _probe_failed, list)  # type: ignore[attr-defined]
 
 
 def raise_empty() -> None:
@@ -275,19 +306,17 @@ class _InlineExecutor(Executor):
         return f
 
 
-def make_executor(kind: str, workers: int, initargs: tuple) -> Executor:
+def make_executor(kind: str, workers: int, initargs: tuple, timeout: float | None = None) -> Executor:
+    """Decode workers: inline (0), threads, or supervised processes, where one image may take
+    *timeout* seconds before its worker is killed and replaced (:mod:`deepfeat.workerpool`)."""
     if workers == 0:
         return _InlineExecutor(_worker_init, initargs)
     if kind == "threads":
         _worker_init(*initargs)
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode")
-    import multiprocessing as mp
-
     # spawn: workers are direct children of this process (so they can die with it on
     # Linux) and start clean, without the parent's torch threads or CUDA state
-    ctx = mp.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(*initargs, True))
+    return SupervisedPool(workers, _worker_init, (*initargs, True), timeout=timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -529,15 +558,62 @@ class ShardProcessor:
             by_shape.setdefault(r[1].shape, []).append(r)
         for group in by_shape.values():
             t0 = time.perf_counter()
-            outs = self.runner(np.stack([r[1] for r in group]))
+            for sub, outs in self._forward(job, group):
+                for k, r in enumerate(sub):
+                    job.results[r[0]] = ([o[k].reshape(-1) for o in outs], r[3], r[4], r[5])
             self.stages["infer"] += time.perf_counter() - t0
-            for k, r in enumerate(group):
-                job.results[r[0]] = ([o[k].reshape(-1) for o in outs], r[3], r[4], r[5])
         for r in results:
             if r[1] is None:
                 job.results[r[0]] = (None, r[2])
         job.left -= 1
         return len(results)
+
+    #: images in a row that the network failed on, alone, before the run stops (a broken
+    #: runner or device, not a bad image)
+    MAX_MODEL_FAILURES = 8
+
+    def _forward(self, job: ShardJob, group: list[tuple]) -> list[tuple[list[tuple], list[np.ndarray]]]:
+        """The network on a group of same-shape decoded images, as [(images, outputs)].
+
+        If the batch raises, each image is run alone, so an image the network cannot take
+        costs only itself: it is recorded as failed with the error. When every image of a
+        batch fails alone too, or :data:`MAX_MODEL_FAILURES` in a row do, the fault is
+        not in the images and the run stops (committed shards are kept)."""
+        try:
+            outs = self._run_model(job, group)
+            self._model_failures = 0
+            return [(group, outs)]
+        except Exception as e:  # noqa: BLE001 - retried image by image below
+            if len(group) == 1:
+                self._model_failed(job, group[0], e)
+                return []
+            first = e
+        done = []
+        for r in group:
+            try:
+                done.append(([r], self._run_model(job, [r])))
+                self._model_failures = 0
+            except Exception as e:  # noqa: BLE001 - recorded for this image
+                self._model_failed(job, r, e)
+        if not done:
+            raise DeepfeatError(f"the network failed on every image of a batch, also one at a time: "
+                                f"{_one_line(first)}. Committed shards are kept.") from first
+        log.warning("the network failed on a batch of %d; %d of its images went through one at a time", len(group),
+                    len(done))
+        return done
+
+    def _run_model(self, job: ShardJob, group: list[tuple]) -> list[np.ndarray]:
+        if faults.enabled():
+            paths = dict(job.items)
+            faults.model_fault([paths[r[0]] for r in group])
+        return self.runner(np.stack([r[1] for r in group]))
+
+    def _model_failed(self, job: ShardJob, r: tuple, e: Exception) -> None:
+        self._model_failures = getattr(self, "_model_failures", 0) + 1
+        if self._model_failures >= self.MAX_MODEL_FAILURES:
+            raise DeepfeatError(f"the network failed on {self._model_failures} images in a row: {_one_line(e)}. "
+                                "Committed shards are kept.") from e
+        job.results[r[0]] = (None, f"the network failed on this image: {_one_line(e)}")
 
     def commit(self, job: ShardJob) -> tuple[int, int]:
         """Write the shard (arrays, then the items file that marks it committed); returns (ok, failed)."""
@@ -581,6 +657,11 @@ class ShardProcessor:
                 nxt += 1
             self.infer(job, pending.popleft().result())
         return self.commit(job)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[str], Any, Any]:
@@ -636,6 +717,19 @@ def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
 
 
 def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+    """Run (or continue) an extraction into ``cfg.output``, as the store's only writer.
+
+    The store's lock (:class:`~deepfeat.storelock.StoreLock`) is taken first: a second
+    ``extract`` on the same store, or a store folder that cannot be written, is refused
+    before the model is loaded. The run itself is :func:`_extract`.
+    """
+    cfg.validate()
+    check_store_dir(Path(cfg.output))
+    with StoreLock(cfg.output, create=not cfg.resume):
+        return _extract(cfg, on_shard)
+
+
+def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
     """Run (or continue) an extraction into ``cfg.output``; see the module docstring.
 
     The setup (model, meta, store), the plan and the finish (items.parquet, fitted
@@ -679,7 +773,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
         install_post(store, post, post_file, dims[0])
 
     # plan
-    paths = discover(cfg.inputs) if cfg.inputs else []
+    # names that are not UTF-8 are planned (as \xNN escapes) and reported, see images.file_problem
+    paths = [printable_path(p) for p in discover(cfg.inputs)] if cfg.inputs else []
     root = store.meta.get("root")
     if root and os.path.abspath(root) != os.getcwd():
         # appending from another folder: keep relative paths relative to the store's root
@@ -747,7 +842,7 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
     report.backend = proc.runner.name
     workers = cfg.workers if cfg.workers is not None else default_workers()
     initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
-    executor = make_executor(cfg.decode_in, workers, initargs)
+    executor = make_executor(cfg.decode_in, workers, initargs, cfg.decode_timeout)
     inflight_max = max(2, 2 * max(workers, 1))
     interrupted = False
     try:
@@ -771,15 +866,7 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
 
         def drain_one() -> None:
             job, fut = pending.popleft()
-            try:
-                decoded = fut.result()
-            except BrokenProcessPool:
-                raise DeepfeatError(
-                    "the decode worker processes died. If you call deepfeat's extract() from a script, "
-                    "put the call under `if __name__ == \"__main__\":` (Python's spawn start method re-imports "
-                    "the script in each worker), or pass workers=0 / decode_in=\"threads\". Committed shards "
-                    "are kept; run again to continue.") from None
-            n = proc.infer(job, decoded)
+            n = proc.infer(job, fut.result())
             report.backend = proc.runner.name
             report.processed += n
             if report.warmup_seconds is None:

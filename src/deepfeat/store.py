@@ -23,6 +23,7 @@ arrays: after a crash a shard is either fully present or absent.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -101,8 +102,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     def write(tmp: Path) -> None:
+        # serialised in memory first: np.save straight into a file on a full disk fails with
+        # "2560 requested and 2016 written" (no errno); a plain write says "No space left on device"
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
         with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 
@@ -129,6 +134,17 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_store_dir(p: Path) -> None:
+    """Refuse a store path that is a file, or a non-empty folder that is not a store (its
+    writer's lock file aside)."""
+    from .storelock import LOCK_NAME
+
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"{p} exists and is not a directory")
+    if p.is_dir() and not (p / "meta.json").is_file() and any(f.name != LOCK_NAME for f in p.iterdir()):
+        raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
 
 
 @dataclass
@@ -214,14 +230,11 @@ class FeatureStore:
     def create(cls, path: str | os.PathLike, meta: dict[str, Any]) -> "FeatureStore":
         """Create an empty store with *meta* (or open it, if one with the same identity exists)."""
         p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise StoreError(f"{p} exists and is not a directory")
+        check_store_dir(p)
         if (p / "meta.json").is_file():
             store = cls(p)
             store.check_compatible(meta)
             return store
-        if p.is_dir() and any(p.iterdir()):
-            raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
         (p / "shards").mkdir(parents=True, exist_ok=True)
         full = {
             "format": "deepfeat-store",

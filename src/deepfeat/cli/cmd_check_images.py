@@ -10,7 +10,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..images import check_image, discover
+from ..images import check_image, discover, printable_path
 from .common import print_json
 
 
@@ -71,7 +71,10 @@ def run(args) -> int:
     elif not args.quiet:
         for r in results:
             if r.status != "ok":
-                print(f"{r.status.upper():7s} {r.path}: {'; '.join(r.problems)}")
+                # one line per file, whatever its name holds (newlines, bytes that are not UTF-8)
+                name = printable_path(r.path).encode("unicode_escape").decode("ascii") if not r.path.isprintable() \
+                    else r.path
+                print(f"{r.status.upper():7s} {name}: {'; '.join(r.problems)}")
     if args.report:
         _write_report(args.report, results)
     moved = _move(results, args.move_bad) if args.move_bad else 0

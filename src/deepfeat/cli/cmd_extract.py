@@ -7,6 +7,7 @@ import sys
 
 from ..features import parse_scales
 from ..pipeline import ExtractConfig, extract
+from ..signals import Terminated, sigterm_interrupts
 from .common import add_model_args
 
 
@@ -40,6 +41,9 @@ def register(sub) -> None:
                    help="decode processes (default: cores; 0 = inline); with --engine ray: decode threads per actor "
                         "(default: --cpus-per-actor)")
     p.add_argument("--decode-in", default="processes", choices=["processes", "threads"])
+    p.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="seconds one image may take to decode before its worker process is killed and replaced and "
+                        "the image reported as failed (default 120; 0 = no limit; decode processes only)")
     p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard (commit unit)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--no-draft", dest="draft", action="store_false", help="always decode JPEGs at full size")
@@ -78,18 +82,21 @@ def run(args) -> int:
         layers=[s for s in args.layer.split(",") if s.strip()], pooling=args.pool, post=args.post,
         size=args.size, scales=parse_scales(args.scales), scale_combine=args.scale_combine,
         backend=args.backend, device=args.device, batch_size=args.batch_size, workers=args.workers,
-        decode_in=args.decode_in, resume=args.resume, limit=args.limit, dtype=args.dtype,
+        decode_in=args.decode_in, decode_timeout=args.decode_timeout or None, resume=args.resume, limit=args.limit,
+        dtype=args.dtype,
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
         pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples, engine=args.engine,
         ray_address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
     )
     try:
-        rep = extract(cfg)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: committed shards are kept in {args.output}; run the same command again "
+        with sigterm_interrupts():
+            rep = extract(cfg)
+    except KeyboardInterrupt as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\n{what}: committed shards are kept in {args.output}; run the same command again "
               "(or `deepfeat extract --resume -o STORE`) to continue", file=sys.stderr)
-        return 130
+        return code
     if args.json and not args.local_features:
         print(json.dumps(rep.to_dict(), indent=2))
     elif not args.json:

@@ -1,0 +1,66 @@
+"""Test-only fault injection for the extraction pipeline (off unless an environment variable is set).
+
+``DEEPFEAT_FAULTS`` holds comma-separated ``KIND=NAME`` rules; a rule fires for every
+image whose file name contains NAME:
+
+* ``decode-kill=NAME``: the decode worker process decoding it kills itself with SIGKILL
+  (as the kernel's out-of-memory killer would);
+* ``decode-hang=NAME``: the decode worker hangs (sleeps for an hour) on it;
+* ``model-raise=NAME``: the network raises ``RuntimeError`` on any batch that holds it.
+
+Decode faults fire only in decode worker *processes* (``--decode-in processes``,
+``--workers`` >= 1), never in the main process. The faults are fake; the recovery they
+exercise (a replaced worker, a per-image timeout, a batch retried image by image) is the
+real code path. ``tests/test_reliability.py`` and ``docs/reliability.md`` use them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import lru_cache
+
+ENV = "DEEPFEAT_FAULTS"
+KINDS = ("decode-kill", "decode-hang", "model-raise")
+
+
+@lru_cache(maxsize=None)
+def _rules(spec: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        kind, _, name = part.strip().partition("=")
+        if kind not in KINDS or not name:
+            raise ValueError(f"{ENV}: bad rule {part!r}; use KIND=NAME with KIND one of {', '.join(KINDS)}")
+        out.append((kind, name))
+    return tuple(out)
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+def fires(kind: str, path: str) -> bool:
+    """Whether a ``kind`` rule names the file *path*."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return False
+    base = os.path.basename(path)
+    return any(k == kind and name in base for k, name in _rules(spec))
+
+
+def decode_faults(path: str) -> None:
+    """Called by a decode worker process before it decodes *path*."""
+    if fires("decode-kill", path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fires("decode-hang", path):
+        time.sleep(3600)
+
+
+def model_fault(paths) -> None:
+    """Called before the network runs on a batch of *paths*."""
+    for p in paths:
+        if fires("model-raise", p):
+            raise RuntimeError(f"injected fault: the model raises on {os.path.basename(p)}")
