@@ -244,3 +244,55 @@ def test_local_features_survive_kill_and_resume_identically(collection, tmp_path
     assert f"{8 - n_before} shard(s) done, {n_before} already done" in res.stdout
     got = _section_bytes(out)  # the temporary file of the killed shard, if any, is gone too
     assert got == _section_bytes(ref) and len(got) == 8
+
+
+def test_sweep_verify_columns(photos, tmp_path, capsys):
+    """sweep --verify N: each post-processing column gets a '+verify N' twin."""
+    root = tmp_path / "pairs"
+    for n, p in photos.items():
+        (root / n).mkdir(parents=True)
+        Image.open(p).save(root / n / "orig.jpg", quality=92)
+        _rotated_crop(p, root / n / "rot.jpg", angle=-12)
+    out = tmp_path / "sw"
+    assert main(["sweep", str(root), "--gt", "folders", "--pools", "gem", "--post", "l2", "--verify", "4",
+                 "--out", str(out), "--workers", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "| layer | pooling | l2 | l2 +verify 4 |" in text
+    doc = json.loads((out / "sweep_folders.json").read_text())
+    cells = {c["post"]: c for c in doc["cells"]}
+    assert cells["l2 +verify 4"]["map"] == pytest.approx(1.0) and cells["l2 +verify 4"]["map"] >= cells["l2"]["map"]
+    assert cells["l2 +verify 4"]["verify_ms_per_query"] > 0
+    assert main(["sweep", str(root), "--gt", "folders", "--verify", "4:model=projective", "--out", str(out)]) == 2
+
+
+def test_serve_verify_switch(vstore, edited, photos, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("python_multipart")
+    from fastapi.testclient import TestClient
+
+    from deepfeat.serve import create_app
+
+    build_local_features(vstore, "cnn")
+    with TestClient(create_app(vstore)) as client:
+        info = client.get("/api/info").json()
+        assert info["local_features"]["cnn"] == "cnn:max=500,size=640"
+        r = client.post("/api/search/upload", params={"k": 2, "verify": 4},
+                        files={"file": ("q.jpg", edited.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert Path(body["hits"][0]["path"]).name == "astronaut.jpg" and body["hits"][0]["inliers"] >= 20
+        assert len(body["hits"]) == 2 and "verify" in body["took_ms"]
+        eng = SearchEngine(vstore)
+        item = int(eng.ids[eng.paths.index(next(p for p in eng.paths if p.endswith("coffee.jpg")))])
+        hits = client.get(f"/api/search/item/{item}", params={"k": 3, "verify": 3}).json()["hits"]
+        assert all("inliers" in h for h in hits) and item not in [h["id"] for h in hits]
+        plain = client.get(f"/api/search/item/{item}", params={"k": 3}).json()["hits"]
+        assert all("inliers" not in h for h in plain)
+        page = client.get("/static/app.js").text
+        assert "verify=${VERIFY_TOP}" in page and 'id="verify-input"' in client.get("/").text
+    bare = tmp_path / "bare"
+    extract(ExtractConfig(inputs=[photos["coffee"], photos["rocket"]], output=str(bare), workers=0, progress="none"))
+    with TestClient(create_app(bare)) as client:
+        assert client.get("/api/info").json()["local_features"] == {}
+        r = client.get("/api/search/item/0", params={"verify": 2})
+        assert r.status_code == 422 and "no cached local features" in r.json()["error"]

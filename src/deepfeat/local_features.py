@@ -140,6 +140,12 @@ class LocalFeatures:
     def __len__(self) -> int:
         return len(self.xy)
 
+    @classmethod
+    def empty(cls, dim: int, binary: bool = False) -> "LocalFeatures":
+        """No keypoints (an image that could not be read): verifies nothing."""
+        return cls(np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                   np.zeros((0, dim), np.uint8 if binary else np.float32), (0, 0), binary)
+
     def within(self, bbox: Sequence[float] | None) -> "LocalFeatures":
         """The keypoints inside a region ``(x1, y1, x2, y2)`` of the original image."""
         if bbox is None:

@@ -120,9 +120,7 @@ def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str
             except ImageError as e:  # the image moved or broke since extraction: no keypoints, reported
                 log.warning("local features of %s: %s", path, e)
                 report["failed"].append(f"{path}: {e}")
-                feats.append(LocalFeatures(np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
-                                           np.zeros((0, desc["dim"]), np.uint8 if desc["dtype"] == "uint8"
-                                                    else np.float32), (0, 0), extractor.spec.binary))
+                feats.append(LocalFeatures.empty(desc["dim"], extractor.spec.binary))
         ddtype = np.uint8 if desc["dtype"] == "uint8" else np.float16
         arrays = {
             "ids": np.array([r[0] for r in ok], np.int64),

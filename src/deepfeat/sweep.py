@@ -175,9 +175,14 @@ def _fmt(v) -> str:
 
 def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Sequence[str], posts: Sequence[str],
           model_spec: str = "efficientnet_lite0", fit_on: Sequence[str] | None = None, size: str = "model",
-          batch_size: int = 32, workers: int | None = None, device: str = "cpu", ks=(1, 5, 10)
-          ) -> list[SweepResult]:
-    """Run the sweep; one :class:`SweepResult` per ground-truth protocol."""
+          batch_size: int = 32, workers: int | None = None, device: str = "cpu", ks=(1, 5, 10),
+          verify: str | None = None, local: str = "cnn") -> list[SweepResult]:
+    """Run the sweep; one :class:`SweepResult` per ground-truth protocol.
+
+    With *verify* (``N[:ARGS]``, :func:`deepfeat.verify.parse_verify_spec`) every
+    post-processing column gets a twin, ``POST +verify N``: the same ranking with its
+    top N re-ordered by spatial verification of *local* features (computed once per
+    image, :mod:`deepfeat.local_features`)."""
     from .evaluate import evaluate_ranks, parse_gt_spec, rank_by_similarity
     from .models import load_model
     from .pipeline import default_layer
@@ -192,6 +197,13 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     # validates the grammar (and loads saved chain files) up front; a file's column is named by its path
     files = {p: PostChain.from_arg(p) for p in posts if is_chain_file(p)}
     posts = [p if p in files else PostChain.parse(p).spec for p in posts]
+    verify_params = lx = None
+    if verify:  # bad verification or local-feature specs fail before any work
+        from .local_features import LocalExtractor
+        from .verify import parse_verify_spec
+
+        verify_params = parse_verify_spec(verify)
+        lx = LocalExtractor(local, model) if verify_params else None
     net = MultiPoolNet(model, layers, poolings).to(device).eval()
     paths = discover(dataset)
     if not paths:
@@ -209,6 +221,12 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
         fit_source = f"{len(fit_paths)} images from {', '.join(fit_on)}"
     else:
         fit_source = "the evaluation set itself (no --fit-on)"
+    local_feats = None
+    if verify_params:
+        from .local_features import LocalFeatures, descriptor_dim
+
+        empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
+        local_feats = [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
     extract_seconds = time.perf_counter() - te
     combos = [(layer, pool) for layer in layers for pool in [p.spec for p in poolings]]
     results = []
@@ -222,7 +240,8 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
                 raise UsageError("some query images of the ground truth are not in the dataset")
             _, crop_arrays, _ = compute_descriptors(qpaths, net, model, size, device=device,
                                                     crop_boxes=[q.bbox for q in needs_crop])
-        res = SweepResult(protocol=gt.protocol, layers=list(layers), pools=[p.spec for p in poolings], posts=posts,
+        columns = posts if not verify_params else [c for p in posts for c in (p, _verify_column(p, verify_params))]
+        res = SweepResult(protocol=gt.protocol, layers=list(layers), pools=[p.spec for p in poolings], posts=columns,
                           fit_source=fit_source, n_images=len(paths), n_failed=len(errors), model=model.spec)
         for j, (layer, pool) in enumerate(combos):
             xb_raw = arrays[j]
@@ -249,6 +268,17 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
                 res.cells[(layer, pool, post)] = {
                     "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1), "mp5": ev.mp_at_k.get(5),
                     "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score}
+                if verify_params:
+                    from .verify import verify_rankings
+
+                    vranks, ms = verify_rankings(
+                        ranks, lambda qi: local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
+                        local_feats.__getitem__, verify_params)
+                    ev = evaluate_ranks(vranks, gt, ks)
+                    res.cells[(layer, pool, _verify_column(post, verify_params))] = {
+                        "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
+                        "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score,
+                        "verify_ms_per_query": round(ms, 2)}
         res.seconds = time.perf_counter() - t0
         res.extract_seconds = extract_seconds
         results.append(res)
@@ -256,6 +286,10 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
         log.warning("PCA/whitening was fitted on the evaluation set itself (no --fit-on): optimistic, as in many "
                     "papers")
     return results
+
+
+def _verify_column(post: str, params) -> str:
+    return f"{post} +verify {params.top}"
 
 
 def write_outputs(results: list[SweepResult], out_dir: str | Path) -> list[Path]:

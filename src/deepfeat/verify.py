@@ -182,3 +182,16 @@ def verify_ranking(query: LocalFeatures, rows: Sequence[int], db_features: Calla
     top = np.argsort(-new, kind="stable")
     order = np.concatenate([top, np.arange(n, len(rows))]).astype(np.int64)
     return VerifiedRanking(rows[order], order, new[top], inl, time.perf_counter() - t0)
+
+
+def verify_rankings(ranks: np.ndarray, query_features: Callable[[int], LocalFeatures],
+                    db_features: Callable[[int], LocalFeatures], params: VerifyParams) -> tuple[np.ndarray, float]:
+    """Q x N rankings (database rows) with each query's top N re-ordered by
+    :func:`verify_ranking`; *query_features(i)* gives query i's local features.
+    Returns (new ranks, milliseconds per query)."""
+    ranks = np.array(ranks, copy=True)
+    n = min(params.top, ranks.shape[1])
+    t0 = time.perf_counter()
+    for qi in range(len(ranks)):
+        ranks[qi, :n] = verify_ranking(query_features(qi), ranks[qi, :n], db_features, params).rows
+    return ranks, 1000 * (time.perf_counter() - t0) / max(len(ranks), 1)

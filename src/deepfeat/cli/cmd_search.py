@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
-from ..search import Hit, SearchEngine, build_index, parse_bbox
+from ..search import SearchEngine, build_index, parse_bbox
 from ..verify import parse_verify_spec
 from .common import print_json
 
@@ -203,19 +203,17 @@ def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = Non
     """Rankings with each query's top N re-ordered by spatial verification; (ranks, ms/query).
     A query's keypoints are the cached ones of its stored image (restricted to its region,
     if it has one), or computed from its file."""
-    ranks = ranks.copy()
-    t0 = time.perf_counter()
-    for qi, q in enumerate(gt.queries):
+    from ..verify import verify_rankings
+
+    def query_features(qi: int):
+        q = gt.queries[qi]
         if q.index is not None:
-            qlf = engine.query_local_features(row=q.index, bbox=q.bbox, name=name)
-        else:
-            if q.path is None:
-                raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
-            qlf = engine.query_local_features(image=engine.store.resolve_path(q.path), bbox=q.bbox, name=name)
-        n = min(params.top, ranks.shape[1])
-        hits = [Hit(i + 1, int(r), int(engine.ids[r]), engine.paths[r], 0.0) for i, r in enumerate(ranks[qi, :n])]
-        ranks[qi, :n] = [h.row for h in engine.verify(hits, qlf, params, name=name)]
-    return ranks, 1000 * (time.perf_counter() - t0) / max(len(gt.queries), 1)
+            return engine.query_local_features(row=q.index, bbox=q.bbox, name=name)
+        if q.path is None:
+            raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
+        return engine.query_local_features(image=engine.store.resolve_path(q.path), bbox=q.bbox, name=name)
+
+    return verify_rankings(ranks, query_features, engine.local_cache(name).__getitem__, params)
 
 
 def query_vectors(engine: SearchEngine, gt):

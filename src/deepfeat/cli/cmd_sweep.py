@@ -40,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--size", default="model", metavar="POLICY")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--workers", type=int, default=None, metavar="N")
+    p.add_argument("--verify", metavar="N[:ARGS]",
+                   help="add a '+verify N' twin of every column: the top N re-ordered by spatial verification")
+    p.add_argument("--local", default="cnn", metavar="cnn|sift|orb[:ARGS]",
+                   help="local features for --verify (default cnn)")
     p.add_argument("--out", default="sweep-out", metavar="DIR", help="where to write the .md/.csv/.json tables")
     p.set_defaults(func=run)
 
@@ -54,7 +58,8 @@ def _posts(text: str) -> list[str]:
 def run(args) -> int:
     results = sweep(args.dataset, args.gt, _split(args.layers), _split(args.pools), _posts(args.post),
                     model_spec=args.model, fit_on=args.fit_on, size=args.size, batch_size=args.batch_size,
-                    workers=args.workers, device=args.device if args.device != "auto" else "cpu")
+                    workers=args.workers, device=args.device if args.device != "auto" else "cpu",
+                    verify=args.verify, local=args.local)
     for r in results:
         best = r.best()
         print(f"\n## {r.protocol}: mAP (%) of {r.model} on {r.n_images} images "

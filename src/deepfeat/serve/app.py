@@ -144,6 +144,10 @@ class SearchService:
         self.started = time.time()
         self._model_lock = threading.Lock()
         self._model_ready = False
+        self._infer_lock = threading.Lock()  # one forward pass at a time: the model's taps are per pass
+        from ..local_store import local_feature_names
+
+        self.local_features = local_feature_names(self.engine.store)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class SearchService:
         import torch
 
         x = torch.from_numpy(np.stack(pixels)).to(self.engine.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._infer_lock:
             v = self.engine.feature_net(x)[self.layer_index]
         v = v.float().cpu().numpy().reshape(len(pixels), -1)
         return np.ascontiguousarray(self.engine.store.post.apply(v), dtype=np.float32)
@@ -212,6 +216,20 @@ class SearchService:
     def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None) -> list[Hit]:
         xq = np.ascontiguousarray(xq.reshape(1, -1), dtype=np.float32)
         return self.engine.search(xq, k=k, exclude_rows=[exclude_row] if exclude_row is not None else None)[0]
+
+    def verify(self, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
+               bbox=None) -> list[Hit]:
+        """*hits* with their top *n* re-ordered by spatial verification (:mod:`deepfeat.verify`):
+        a stored query's cached local features, or an upload's, computed like the cached ones."""
+        from ..verify import VerifyParams
+
+        if not self.local_features:
+            raise ApiError(422, "this store has no cached local features; run `deepfeat local-features STORE` "
+                                "to enable verify")
+        with self._infer_lock:
+            qlf = self.engine.query_local_features(image=io.BytesIO(data) if data is not None else None, row=row,
+                                                   bbox=bbox)
+        return self.engine.verify(hits, qlf, VerifyParams(top=n))
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -240,8 +258,11 @@ class SearchService:
                 "thumbnail": f"/api/items/{i}/thumbnail", "image": f"/api/items/{i}/image"}
 
     def hit(self, h: Hit) -> dict[str, Any]:
-        return {"rank": h.rank, "id": h.id, "path": h.path, "score": round(h.score, 6),
-                "thumbnail": f"/api/items/{h.id}/thumbnail", "image": f"/api/items/{h.id}/image"}
+        d = {"rank": h.rank, "id": h.id, "path": h.path, "score": round(h.score, 6),
+             "thumbnail": f"/api/items/{h.id}/thumbnail", "image": f"/api/items/{h.id}/image"}
+        if h.inliers is not None:
+            d["inliers"] = h.inliers
+        return d
 
     async def in_pool(self, fn: Callable, *args):
         if self.executor is None:
@@ -262,6 +283,7 @@ class SearchService:
             "post": meta.get("post"),
             "size": meta.get("size"),
             "index": index.meta.get("kind") if index is not None else "exact (no saved index)",
+            "local_features": {n: meta["local_features"][n].get("spec") for n in self.local_features},
             "store": {k: summary[k] for k in ("path", "items", "features", "failed", "shards")},
             "meta": meta,
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
@@ -424,31 +446,45 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
 
     k_query = Query(cfg.default_k, ge=1, le=cfg.top_k_max, description="number of results")
 
-    async def _search(xq: np.ndarray, k: int, exclude_row: int | None = None) -> tuple[list[dict], float]:
+    verify_query = Query(0, ge=0, le=cfg.top_k_max,
+                         description="re-rank the top N by spatial verification of cached local features (0: off)")
+
+    async def _search(xq: np.ndarray, k: int, exclude_row: int | None = None, verify: int = 0,
+                      timings: dict[str, float] | None = None, **query) -> tuple[list[dict], float]:
         t = time.perf_counter()
-        hits = await asyncio.to_thread(svc.search, xq, k, exclude_row)
-        return [svc.hit(h) for h in hits], (time.perf_counter() - t) * 1000
+        hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row)
+        ms = (time.perf_counter() - t) * 1000
+        if verify:
+            t = time.perf_counter()
+            hits = await asyncio.to_thread(svc.verify, hits, verify, **query)
+            if timings is not None:
+                timings["verify"] = (time.perf_counter() - t) * 1000
+        return [svc.hit(h) for h in hits[:k]], ms
 
     def _result(query: dict, k: int, hits: list[dict], timings: dict[str, float]) -> dict:
         return {"query": query, "k": k, "hits": hits, "took_ms": {n: round(v, 2) for n, v in timings.items()}}
 
     @app.get("/api/search/item/{item_id}", summary="search by a stored image (its id)")
     async def search_item(item_id: int, k: int = k_query,
-                          include_self: bool = Query(False, description="keep the query item in its results")):
+                          include_self: bool = Query(False, description="keep the query item in its results"),
+                          verify: int = verify_query):
         t0 = time.perf_counter()
         row = svc.item_row(item_id)
-        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row)
+        tm: dict[str, float] = {}
+        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, row=row)
         return _result({"kind": "item", **svc.item(row)}, k, hits,
-                       {"search": ms, "total": (time.perf_counter() - t0) * 1000})
+                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000})
 
     @app.get("/api/search/item", summary="search by a stored image (its path, exactly as stored)")
     async def search_path(path: str = Query(..., min_length=1, max_length=4096), k: int = k_query,
-                          include_self: bool = Query(False, description="keep the query item in its results")):
+                          include_self: bool = Query(False, description="keep the query item in its results"),
+                          verify: int = verify_query):
         t0 = time.perf_counter()
         row = svc.path_row(path)
-        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row)
+        tm: dict[str, float] = {}
+        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, row=row)
         return _result({"kind": "item", **svc.item(row)}, k, hits,
-                       {"search": ms, "total": (time.perf_counter() - t0) * 1000})
+                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000})
 
     upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
@@ -460,7 +496,8 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
                          415: {"description": "not an image / not multipart"},
                          422: {"description": "empty, undecodable, or bad parameters"}})
     async def search_upload(request: Request, k: int = k_query,
-                            bbox: str | None = Query(None, description="query region x1,y1,x2,y2 in pixels")):
+                            bbox: str | None = Query(None, description="query region x1,y1,x2,y2 in pixels"),
+                            verify: int = verify_query):
         t0 = time.perf_counter()
         try:
             box = parse_bbox(bbox)
@@ -474,11 +511,12 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
             t2 = time.perf_counter()
             vec = await ticket.submit(px)
         t3 = time.perf_counter()
-        hits, ms = await _search(vec, k)
+        tm: dict[str, float] = {}
+        hits, ms = await _search(vec, k, None, verify, tm, data=up.data, bbox=box)
         query = {"kind": "upload", "filename": up.filename, "bytes": len(up.data), **image_info,
                  "bbox": list(box) if box else None}
         return _result(query, k, hits, {"receive": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000,
-                                        "embed": (t3 - t2) * 1000, "search": ms,
+                                        "embed": (t3 - t2) * 1000, "search": ms, **tm,
                                         "total": (time.perf_counter() - t0) * 1000})
 
     vector_body = Body(..., embed=True, description=f"{svc.dim} floats, in the store's space")

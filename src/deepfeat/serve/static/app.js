@@ -6,6 +6,7 @@
   const els = {
     info: $("store-info"), limits: $("limits"), drop: $("dropzone"), file: $("file-input"),
     figure: $("query-figure"), qimg: $("query-image"), qcap: $("query-caption"), k: $("k-input"),
+    verify: $("verify-input"), verifyControls: $("verify-controls"),
     status: $("status"), error: $("error"), results: $("results"), resultsMeta: $("results-meta"), empty: $("empty"),
   };
   let limits = { max_upload_bytes: Infinity, top_k_max: 100 };
@@ -47,6 +48,10 @@
     return Math.max(1, Math.min(limits.top_k_max, Number.isFinite(v) && v > 0 ? v : 24));
   }
 
+  const VERIFY_TOP = 20;
+  // spatial verification (stores with cached local features): "&verify=N" or nothing
+  const verifyParam = () => (els.verify.checked && !els.verifyControls.hidden ? `&verify=${VERIFY_TOP}` : "");
+
   async function loadInfo() {
     try {
       const info = await api("/api/info");
@@ -61,6 +66,9 @@
       els.limits.textContent = `up to ${fmtBytes(limits.max_upload_bytes)}, ` +
         `${(limits.max_pixels / 1e6).toLocaleString("en")} megapixels`;
       document.title = `deepfeat search · ${values.count} images`;
+      const local = Object.values(info.local_features || {});
+      els.verifyControls.hidden = local.length === 0;
+      if (local.length) els.verify.title = `re-rank the top ${VERIFY_TOP} by RANSAC inliers of ${local[0]} features`;
     } catch (e) {
       showError(`cannot reach the server: ${e.message}`);
     }
@@ -103,6 +111,13 @@
       name.className = "name";
       name.textContent = shortName(h.path);
       meta.append(rank, score);
+      if (h.inliers !== undefined) {
+        const inl = document.createElement("span");
+        inl.className = "inliers";
+        inl.textContent = `${h.inliers} inl.`;
+        inl.title = "RANSAC inliers of the local-feature matches";
+        meta.append(inl);
+      }
       btn.append(img, bar, meta, name);
       btn.addEventListener("click", () => searchItem(h.id));
       li.append(btn);
@@ -112,7 +127,8 @@
     els.empty.hidden = result.hits.length > 0;
     els.empty.textContent = result.hits.length ? "" : "No results.";
     const t = result.took_ms;
-    els.resultsMeta.textContent = `· top ${result.hits.length} · ${Math.round(t.total)} ms`;
+    els.resultsMeta.textContent = `· top ${result.hits.length} · ${Math.round(t.total)} ms` +
+      (t.verify !== undefined ? ` (verified in ${Math.round(t.verify)} ms)` : "");
     setStatus("");
   }
 
@@ -146,7 +162,7 @@
     const form = new FormData();
     form.append("file", file, file.name || "pasted.png");
     const result = await run(`searching with ${file.name || "the pasted image"}…`,
-      () => api(`/api/search/upload?k=${k()}`, { method: "POST", body: form }));
+      () => api(`/api/search/upload?k=${k()}${verifyParam()}`, { method: "POST", body: form }));
     if (result) {
       const q = result.query;
       els.qcap.textContent = `${q.filename || "upload"} · ${q.width}×${q.height} ${q.format} · ` +
@@ -157,7 +173,7 @@
   async function searchItem(id) {
     if (location.hash !== `#item=${id}`) history.pushState(null, "", `#item=${id}`);
     showQuery(`/api/items/${id}/thumbnail?size=512`, `item ${id}`);
-    const result = await run(`searching with item ${id}…`, () => api(`/api/search/item/${id}?k=${k()}`));
+    const result = await run(`searching with item ${id}…`, () => api(`/api/search/item/${id}?k=${k()}${verifyParam()}`));
     if (result) els.qcap.textContent = `${result.query.path} · ${result.query.width}×${result.query.height}`;
     window.scrollTo({ top: 0, behavior: "smooth" });
   }
