@@ -72,8 +72,9 @@ def run(args) -> int:
         for r in results:
             if r.status != "ok":
                 # one line per file, whatever its name holds (newlines, bytes that are not UTF-8)
-                name = printable_path(r.path).encode("unicode_escape").decode("ascii") if not r.path.isprintable() \
-                    else r.path
+                name = printable_path(r.path)
+                if not name.isprintable():
+                    name = name.encode("unicode_escape").decode("ascii")
                 print(f"{r.status.upper():7s} {name}: {'; '.join(r.problems)}")
     if args.report:
         _write_report(args.report, results)
