@@ -37,15 +37,21 @@ def test_diffusion_ranks_along_the_manifold_where_knn_does_not():
     k = 100  # two thirds of a moon
     knn_prec = np.mean([(labels[o[:k]] == 0).mean() for o in order])
     diff = Diffusion(k=10, kq=10, alpha=0.99, gamma=3, trunc=n, iters=100)
-    I, scores = diff.rerank(xq, X, order, query_rows=queries)
+    I, scores = diff.rerank(xq, X, order, query_rows=queries)  # shortlist = everything: one LU solve
     assert I.shape == (len(queries), n) and (np.sort(I, axis=1) == np.arange(n)).all()
     assert (np.diff(scores, axis=1) <= 1e-12).all()  # best first
     diff_prec = np.mean([(labels[o[:k]] == 0).mean() for o in I])
     assert knn_prec < 0.75, knn_prec  # plain kNN mixes the two moons in its top 100
     assert diff_prec > 0.95, diff_prec  # diffusion stays on the query's own moon
     assert diff_prec - knn_prec > 0.25
+    # a truncated shortlist (the per-query conjugate-gradient path): within the top 200 of the
+    # global ranking, the query's own moon comes first (R-precision), where kNN interleaves the two
+    I2, _ = diff.rerank(xq, X, np.ascontiguousarray(order[:, :200]))
+    own = [int((labels[o[:200]] == 0).sum()) for o in order]
+    assert np.mean([(labels[o[:m]] == 0).mean() for o, m in zip(I2, own)]) > 0.95
+    assert np.mean([(labels[o[:m]] == 0).mean() for o, m in zip(order, own)]) < 0.7
     st = diff.stats
-    assert st["queries"] == 4 and st["offline_seconds"] > 0 and st["ms_per_query"] > 0
+    assert st["queries"] == 8 and st["offline_seconds"] > 0 and st["ms_per_query"] > 0
     assert st["rerank"] == "diffusion:k=10,kq=10,alpha=0.99,gamma=3,trunc=300,iters=100"
 
 
@@ -61,6 +67,8 @@ def test_knn_graph_is_mutual_symmetric_and_uses_the_index():
     idx = Index.build(X, kind="flat", ids=np.arange(len(X)))
     B = knn_graph(X, 5, 3.0, index=idx)
     assert abs(A - B).max() < 1e-6
+    hnsw = Index.build(X, kind="hnsw", ids=np.arange(len(X)))  # approximate: similarities recomputed
+    assert abs(A - knn_graph(X, 5, 3.0, index=hnsw)).max() < 1e-5
 
 
 def _kreciprocal_by_hand(P: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:

@@ -296,8 +296,7 @@ class SearchEngine:
         """Full rankings (Q x N feature rows), exact, for evaluation; *rerank* re-orders each query's
         shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
         each query that is a stored item (None for others), which k-reciprocal re-ranking uses."""
-        from .evaluate import rank_by_similarity
-        from .index import alpha_query_expansion, database_side_augmentation
+        from .index import database_side_augmentation
 
         rr = self.reranker(rerank, dba, alpha) if rerank else None
         xb = self.xb
@@ -306,18 +305,8 @@ class SearchEngine:
             if key not in self._dba_exact:
                 self._dba_exact[key] = database_side_augmentation(xb, dba, alpha, self.exact_index)
             xb = self._dba_exact[key]
-        ranks = rank_by_similarity(xq, xb)
-        if qe:
-            xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
-            ranks = rank_by_similarity(xq, xb)
-        if rr is not None:
-            from .rerank import complete_ranking
-
-            rows = query_rows if not (qe or dba) else None
-            head, _ = rr.rerank(xq, xb, np.ascontiguousarray(ranks[:, : rr.shortlist(len(xb))]), rows,
-                                index=self.exact_index if not dba else None)
-            ranks = complete_ranking(head, ranks)
-        return ranks
+        return rank_arrays(xq, xb, qe, alpha, rr, query_rows if not dba else None,
+                           index=self.exact_index if not dba else None)
 
     # -- spatial verification (deepfeat.verify) ---------------------------------
 
@@ -360,6 +349,26 @@ class SearchEngine:
                 for k, i in enumerate(res.order)]
 
 
+def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0, reranker: Any = None,
+                query_rows: Sequence[int | None] | None = None, index: Any = None) -> np.ndarray:
+    """Exact full rankings (Q x N rows of *xb*, best first) with alpha-QE over *xb* (already
+    DBA-augmented if wanted) and then *reranker*'s re-ordering of each shortlist. *query_rows*:
+    each query's row in *xb* when it is a stored item (k-reciprocal counts it once); ignored
+    after QE or DBA, which change the vectors. :meth:`SearchEngine.rank_all` on arrays."""
+    from .evaluate import rank_by_similarity
+    from .index import alpha_query_expansion
+
+    ranks = rank_by_similarity(xq, xb)
+    if qe:
+        xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
+        ranks = rank_by_similarity(xq, xb)
+    if reranker is not None:
+        from .rerank import rerank_ranks
+
+        ranks = rerank_ranks(reranker, xq, xb, ranks, query_rows if not qe else None, index=index)
+    return ranks
+
+
 def _drop_rows(I: np.ndarray, rows: Sequence[int | None], n: int) -> np.ndarray:
     out = np.full((I.shape[0], n), -1, dtype=I.dtype)
     for qi in range(I.shape[0]):
@@ -380,4 +389,4 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     return vals  # type: ignore[return-value]
 
 
-__all__ = ["SearchEngine", "Hit", "build_index", "parse_bbox", "DeepfeatError"]
+__all__ = ["SearchEngine", "Hit", "build_index", "parse_bbox", "rank_arrays", "DeepfeatError"]

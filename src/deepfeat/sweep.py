@@ -36,18 +36,27 @@ log = logging.getLogger(__name__)
 
 
 class MultiPoolNet(torch.nn.Module):
-    """uint8 batch -> every (layer, pooling) descriptor from one forward pass."""
+    """uint8 batch -> every (layer, pooling) descriptor from one forward pass (one per scale
+    with *scales*, combined as :class:`deepfeat.features.FeatureNet` does, so that ``extract
+    --scales`` reproduces them)."""
 
-    def __init__(self, model, layers: Sequence[str], poolings: Sequence):
+    def __init__(self, model, layers: Sequence[str], poolings: Sequence, scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.normalize = model.normalize
         self.taps = make_taps(model, list(layers))
         self.layers = list(layers)
         self.poolings = torch.nn.ModuleList(poolings)
+        self.scales = tuple(float(s) for s in scales)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        acts = self.taps(self.normalize(pixels))
-        return [p(acts[layer]) for layer in self.layers for p in self.poolings]
+        from .pooling import rescale
+
+        x = self.normalize(pixels)
+        if self.scales == (1.0,):
+            acts = self.taps(x)
+            return [p(acts[layer]) for layer in self.layers for p in self.poolings]
+        per_scale = [self.taps(rescale(x, s)) for s in self.scales]
+        return [p.multiscale([a[layer] for a in per_scale]) for layer in self.layers for p in self.poolings]
 
 
 def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: str = "model", batch_size: int = 32,
@@ -116,6 +125,11 @@ class SweepResult:
     pools: list[str]
     posts: list[str]
     cells: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    reranks: list[str] = field(default_factory=lambda: ["none"])
+    scales: tuple[float, ...] = (1.0,)
+    # with keep_descriptors: (layer, pooling) -> (raw xb, raw xq, ok mask, query rows); (layer, pooling, post) -> chain
+    descriptors: dict[tuple[str, str], tuple] = field(default_factory=dict, repr=False)
+    chains: dict[tuple[str, str, str], PostChain] = field(default_factory=dict, repr=False)
     fit_source: str = ""
     n_images: int = 0
     n_failed: int = 0
@@ -131,15 +145,21 @@ class SweepResult:
                 best, best_map = k, v["map"]
         return best
 
+    @property
+    def columns(self) -> list[str]:
+        """The table's columns: each post-processing chain, followed by every re-ranking
+        (``POST + RERANK``) and verification (``+verify N``) asked for."""
+        return self.posts
+
     def markdown(self) -> str:
         best = self.best()
-        head = "| layer | pooling | " + " | ".join(self.posts) + " |"
-        sep = "|---|---|" + "---:|" * len(self.posts)
+        head = "| layer | pooling | " + " | ".join(self.columns) + " |"
+        sep = "|---|---|" + "---:|" * len(self.columns)
         lines = [head, sep]
         for layer in self.layers:
             for pool in self.pools:
                 cells = []
-                for post in self.posts:
+                for post in self.columns:
                     c = self.cells.get((layer, pool, post), {})
                     if c.get("map") is None:
                         cells.append(c.get("note", "n/a"))
@@ -152,18 +172,21 @@ class SweepResult:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["protocol", "layer", "pooling", "post", "dim", "map", "mp@1", "mp@5", "mp@10", "ns_score",
-                    "note", "best"])
+        w.writerow(["protocol", "layer", "pooling", "post", "rerank", "dim", "map", "mp@1", "mp@5", "mp@10",
+                    "ns_score", "rerank_ms_per_query", "note", "best"])
         best = self.best()
         for (layer, pool, post), c in self.cells.items():
-            w.writerow([self.protocol, layer, pool, post, c.get("dim"), _fmt(c.get("map")), _fmt(c.get("mp1")),
-                        _fmt(c.get("mp5")), _fmt(c.get("mp10")), _fmt(c.get("ns")), c.get("note", ""),
+            w.writerow([self.protocol, layer, pool, post, c.get("rerank", "none"), c.get("dim"),
+                        _fmt(c.get("map")), _fmt(c.get("mp1")),
+                        _fmt(c.get("mp5")), _fmt(c.get("mp10")), _fmt(c.get("ns")), c.get("rerank_ms", ""),
+                        c.get("note", ""),
                         int((layer, pool, post) == best)])
         return buf.getvalue()
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "model": self.model, "layers": self.layers, "pools": self.pools,
-                "posts": self.posts, "fit_source": self.fit_source, "n_images": self.n_images,
+                "posts": self.posts, "reranks": self.reranks, "scales": list(self.scales),
+                "fit_source": self.fit_source, "n_images": self.n_images,
                 "n_failed": self.n_failed, "seconds": round(self.seconds, 2),
                 "extract_seconds": round(self.extract_seconds, 2), "best": list(self.best() or []),
                 "cells": [{"layer": k[0], "pooling": k[1], "post": k[2], **v} for k, v in self.cells.items()]}
@@ -173,16 +196,46 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.6f}"
 
 
+def column_name(post: str, rerank: str) -> str:
+    """The table column of a post-processing chain followed by a re-ranking (``none``: the chain alone)."""
+    return post if rerank == "none" else f"{post} + {rerank}"
+
+
+def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
+    """``none`` and re-ranking specs (:mod:`deepfeat.rerank`), validated (as written: they name the
+    columns; each cell records the full spec)."""
+    from .rerank import get_reranker
+
+    out = []
+    for r in reranks or ["none"]:
+        r = r.strip()
+        if r.lower() in ("none", ""):
+            r = "none"
+        else:
+            get_reranker(r)
+        out.append(r)
+    return out
+
+
 def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Sequence[str], posts: Sequence[str],
           model_spec: str = "efficientnet_lite0", fit_on: Sequence[str] | None = None, size: str = "model",
           batch_size: int = 32, workers: int | None = None, device: str = "cpu", ks=(1, 5, 10),
+          reranks: Sequence[str] | None = None, scales: Sequence[float] = (1.0,), keep_descriptors: bool = False,
           verify: str | None = None, local: str = "cnn") -> list[SweepResult]:
     """Run the sweep; one :class:`SweepResult` per ground-truth protocol.
 
+    *reranks* (``none``, ``diffusion``, ``kreciprocal:k1=20``...) re-rank every cell's
+    rankings (:mod:`deepfeat.rerank`): each post-processing column is repeated per re-ranking
+    (``POST + RERANK``). *scales* extracts multi-scale descriptors (as ``extract --scales``).
+    *keep_descriptors* keeps the raw descriptors and fitted chains on each result (for
+    :mod:`deepfeat.recipe`).
+
     With *verify* (``N[:ARGS]``, :func:`deepfeat.verify.parse_verify_spec`) every
-    post-processing column gets a twin, ``POST +verify N``: the same ranking with its
+    column gets a twin, ``COLUMN +verify N``: the same ranking with its
     top N re-ordered by spatial verification of *local* features (computed once per
     image, :mod:`deepfeat.local_features`)."""
+    from .rerank import get_reranker, rerank_ranks
+
     from .evaluate import evaluate_ranks, parse_gt_spec, rank_by_similarity
     from .models import load_model
     from .pipeline import default_layer
@@ -204,7 +257,8 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
 
         verify_params = parse_verify_spec(verify)
         lx = LocalExtractor(local, model) if verify_params else None
-    net = MultiPoolNet(model, layers, poolings).to(device).eval()
+    reranks = parse_reranks(reranks)
+    net = MultiPoolNet(model, layers, poolings, scales).to(device).eval()
     paths = discover(dataset)
     if not paths:
         raise UsageError("no images found in the dataset")
@@ -240,9 +294,14 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
                 raise UsageError("some query images of the ground truth are not in the dataset")
             _, crop_arrays, _ = compute_descriptors(qpaths, net, model, size, device=device,
                                                     crop_boxes=[q.bbox for q in needs_crop])
-        columns = posts if not verify_params else [c for p in posts for c in (p, _verify_column(p, verify_params))]
+        columns = [column_name(p, rr) for p in posts for rr in reranks]
+        if verify_params:
+            columns = [c for col in columns for c in (col, _verify_column(col, verify_params))]
         res = SweepResult(protocol=gt.protocol, layers=list(layers), pools=[p.spec for p in poolings], posts=columns,
-                          fit_source=fit_source, n_images=len(paths), n_failed=len(errors), model=model.spec)
+                          fit_source=fit_source, n_images=len(paths), n_failed=len(errors), model=model.spec,
+                          reranks=reranks, scales=tuple(scales))
+        # a whole-image query that is a database image is its own row (k-reciprocal counts it once)
+        query_rows = [q.index if q.bbox is None else None for q in gt.queries]
         for j, (layer, pool) in enumerate(combos):
             xb_raw = arrays[j]
             qrows, k_crop = [], 0
@@ -253,32 +312,47 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
                 else:
                     qrows.append(xb_raw[q.index])
             xq_raw = np.stack(qrows).astype(np.float32)
+            if keep_descriptors:
+                res.descriptors[(layer, pool)] = (xb_raw, xq_raw, ok, query_rows)
             for post in posts:
                 chain = files.get(post) or PostChain.parse(post)
                 try:
                     if chain.needs_fit and post not in files:
                         chain.fit(fit_arrays[j] if fit_arrays is not None else xb_raw[ok])
                     xb, xq = chain.apply(xb_raw), chain.apply(xq_raw)
+                    if keep_descriptors:
+                        res.chains[(layer, pool, post)] = chain
                 except UsageError as e:
-                    res.cells[(layer, pool, post)] = {"map": None, "note": "n/a", "reason": str(e)}
+                    for col in [c for c in res.posts if c == post or c.startswith(post + " +")]:
+                        res.cells[(layer, pool, col)] = {"chain": post, "map": None, "note": "n/a", "reason": str(e)}
                     continue
                 xb[~ok] = 0.0  # failed images have no descriptor: they rank last
+                xb, xq = np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(xq, dtype=np.float32)
                 ranks = rank_by_similarity(xq, xb)
-                ev = evaluate_ranks(ranks, gt, ks)
-                res.cells[(layer, pool, post)] = {
-                    "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1), "mp5": ev.mp_at_k.get(5),
-                    "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score}
-                if verify_params:
-                    from .verify import verify_rankings
+                for rr in reranks:
+                    col = column_name(post, rr)
+                    cell: dict[str, Any] = {"chain": post, "rerank": rr}
+                    ranked = ranks
+                    if rr != "none":
+                        r = get_reranker(rr)
+                        ranked = rerank_ranks(r, xq, xb, ranks, query_rows)
+                        cell.update(rerank_spec=r.spec, rerank_ms=r.stats["ms_per_query"],
+                                    rerank_offline_s=r.stats["offline_seconds"])
+                    ev = evaluate_ranks(ranked, gt, ks)
+                    res.cells[(layer, pool, col)] = {
+                        **cell, "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
+                        "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score}
+                    if verify_params:
+                        from .verify import verify_rankings
 
-                    vranks, ms = verify_rankings(
-                        ranks, lambda qi: local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
-                        local_feats.__getitem__, verify_params)
-                    ev = evaluate_ranks(vranks, gt, ks)
-                    res.cells[(layer, pool, _verify_column(post, verify_params))] = {
-                        "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
-                        "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score,
-                        "verify_ms_per_query": round(ms, 2)}
+                        vranks, ms = verify_rankings(
+                            ranked, lambda qi: local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
+                            local_feats.__getitem__, verify_params)
+                        ev = evaluate_ranks(vranks, gt, ks)
+                        res.cells[(layer, pool, _verify_column(col, verify_params))] = {
+                            **cell, "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
+                            "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score,
+                            "verify_ms_per_query": round(ms, 2)}
         res.seconds = time.perf_counter() - t0
         res.extract_seconds = extract_seconds
         results.append(res)
@@ -305,4 +379,5 @@ def write_outputs(results: list[SweepResult], out_dir: str | Path) -> list[Path]
     return written
 
 
-__all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs"]
+__all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs", "column_name",
+           "parse_reranks"]

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "cmd_search",
     "cmd_local_features",
     "cmd_sweep",
+    "cmd_recipe",
     "cmd_densemap",
     "cmd_visualize",
     "cmd_finetune",

@@ -9,6 +9,10 @@ from ..features import parse_scales
 from ..pipeline import ExtractConfig, extract
 from ..signals import Terminated, sigterm_interrupts
 from .common import add_model_args
+from .recipe_args import add_recipe_arg, apply_recipe, given
+
+RECIPE_FLAGS = {"model": "extract.model", "layer": "extract.layer", "pool": "extract.pooling",
+                "scales": "extract.scales", "size": "extract.size", "post": "extract.post"}
 
 
 def register(sub) -> None:
@@ -65,6 +69,7 @@ def register(sub) -> None:
     p.add_argument("--local-features", metavar="cnn|sift|orb[:ARGS]",
                    help="also cache local features for `search/eval --verify` (see `deepfeat local-features`)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    add_recipe_arg(p, RECIPE_FLAGS)
     p.set_defaults(func=run)
 
 
@@ -73,6 +78,12 @@ def run(args) -> int:
 
     if not args.inputs and not args.resume:
         raise UsageError("give INPUT folders/files/globs/@list.txt, or --resume an existing store")
+    post_given = given(args.post)
+    recipe = apply_recipe(args, "extract")
+    if recipe and args.fit_on and not post_given and recipe["extract"]["post"] != recipe["extract"]["post_spec"]:
+        raise UsageError(f"--fit-on refits the post-processing, but the recipe's ({recipe['extract']['post_spec']}) "
+                         f"is already fitted ({recipe['extract']['post']}); give --post CHAIN with --fit-on to "
+                         "refit it, or leave --fit-on out")
     if args.local_features:
         from ..local_features import parse_local_spec
 

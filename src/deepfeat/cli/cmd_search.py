@@ -11,18 +11,34 @@ from ..errors import UsageError
 from ..search import SearchEngine, build_index, parse_bbox
 from ..verify import parse_verify_spec
 from .common import print_json
+from .recipe_args import add_recipe_arg, apply_recipe
 
 
 RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal, with optional parameters, e.g. "
                "diffusion:k=50,alpha=0.99,gamma=3,trunc=1000 or kreciprocal:k1=20,k2=6,lambda=0.3")
 
 
-def _check_rerank(spec: str | None) -> None:
-    """Refuse a bad --rerank before any work is done."""
-    if spec:
+RECIPE_FLAGS = {"qe": "search.qe", "alpha": "search.alpha", "dba": "search.dba", "rerank": "search.rerank"}
+
+
+def _options(args, command: str) -> None:
+    """Apply --recipe (search options), refuse a bad --rerank before any work; ``none`` = no re-ranking."""
+    recipe = apply_recipe(args, command)
+    if args.rerank and args.rerank.strip().lower() == "none":
+        args.rerank = None
+    if args.rerank:
         from ..rerank import get_reranker
 
-        get_reranker(spec)
+        get_reranker(args.rerank)
+    if recipe:
+        from ..recipe import store_differences
+        from ..store import FeatureStore
+
+        diffs = store_differences(recipe, FeatureStore(args.store).meta)
+        if diffs:
+            print(f"deepfeat {command}: the store was not made as the recipe says ({'; '.join(diffs)}): its search "
+                  f"options were chosen for the recipe's descriptor (make the store with `deepfeat extract "
+                  f"--recipe {args.recipe}`)", file=sys.stderr)
 
 
 def _rerank_line(engine: SearchEngine) -> str:
@@ -59,6 +75,7 @@ def register(sub) -> None:
     s.add_argument("--feature", metavar="LAYER")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
+    add_recipe_arg(s, RECIPE_FLAGS)
     s.set_defaults(func=run_search)
 
     e = sub.add_parser("eval", help="retrieval mAP of a store against a ground truth",
@@ -76,6 +93,7 @@ def register(sub) -> None:
     e.add_argument("--per-query", action="store_true", help="print the per-query table")
     e.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     e.add_argument("--device", default="cpu")
+    add_recipe_arg(e, RECIPE_FLAGS)
     e.set_defaults(func=run_eval)
 
 
@@ -115,7 +133,7 @@ def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
 
 
 def run_search(args) -> int:
-    _check_rerank(args.rerank)
+    _options(args, "search")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device)
     bbox = parse_bbox(args.bbox)
     verify = parse_verify_spec(args.verify)
@@ -170,7 +188,7 @@ def run_eval(args) -> int:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise UsageError(f"--ks {args.ks!r}: give comma-separated integers") from None
-    _check_rerank(args.rerank)
+    _options(args, "eval")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device, use_index=False)
     verify = parse_verify_spec(args.verify)
     results = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..features import parse_scales
 from ..sweep import sweep, write_outputs
 from .common import add_model_args
 
@@ -36,6 +37,10 @@ def register(sub) -> None:
                    help="post-processing chains separated by ';' (a chain may contain commas), "
                         "e.g. 'none;l2;pca:128,l2;pca-whiten:128,l2'; a saved chain file (.npz) is applied "
                         "as it is (its column is named by its path)")
+    p.add_argument("--rerank", default="none", metavar="R1,R2,...",
+                   help="re-rankings to add as columns after each post-processing: none, diffusion, kreciprocal, "
+                        "with parameters, e.g. none,diffusion,kreciprocal:k1=20,k2=6")
+    p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale descriptors, e.g. 1,0.7071,0.5")
     p.add_argument("--fit-on", nargs="+", metavar="IMAGES", help="separate images to fit PCA/whitening on")
     p.add_argument("--size", default="model", metavar="POLICY")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
@@ -59,7 +64,8 @@ def run(args) -> int:
     results = sweep(args.dataset, args.gt, _split(args.layers), _split(args.pools), _posts(args.post),
                     model_spec=args.model, fit_on=args.fit_on, size=args.size, batch_size=args.batch_size,
                     workers=args.workers, device=args.device if args.device != "auto" else "cpu",
-                    verify=args.verify, local=args.local)
+                    reranks=_split(args.rerank), scales=parse_scales(args.scales), verify=args.verify,
+                    local=args.local)
     for r in results:
         best = r.best()
         print(f"\n## {r.protocol}: mAP (%) of {r.model} on {r.n_images} images "
@@ -67,7 +73,8 @@ def run(args) -> int:
         print(r.markdown())
         if best:
             c = r.cells[best]
-            print(f"\nbest: layer {best[0]}, pooling {best[1]}, post {best[2]}: mAP {100 * c['map']:.2f}"
+            print(f"\nbest: layer {best[0]}, pooling {best[1]}, post {best[2]}: "
+                  f"mAP {100 * c['map']:.2f}"
                   + (f", N-S {c['ns']:.3f}" if c.get("ns") is not None else ""))
         print(f"({r.seconds:.1f}s, of which extraction {r.extract_seconds:.1f}s)", file=sys.stderr)
     files = write_outputs(results, args.out)
