@@ -233,3 +233,77 @@ def test_oxford_eval_with_rerank(store, views, tmp_path, spec):
     res = json.loads(res_file.read_text())
     assert res["results"][0]["map"] == pytest.approx(1.0) and len(res["results"][0]["queries"]) == 2
     assert res["rerank"]["queries"] == 2
+
+
+def test_serve_rerank_api_page_and_recipe(store, views, tmp_path, monkeypatch):
+    """serve: a server-wide default re-ranking, a per-request choice (or none), 422 on a bad spec,
+    the page's selector, and `serve --recipe` taking the recipe's search options."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("python_multipart")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from deepfeat.serve import create_app
+    from deepfeat.serve.app import STATIC_DIR
+
+    with TestClient(create_app(store, rerank=SMALL[0], image_root="/")) as client:
+        info = client.get("/api/info").json()["search_options"]
+        assert info["rerank"] == "diffusion:k=3,kq=3,alpha=0.9,gamma=3,trunc=1000,iters=20"
+        assert info["rerank_choices"] == ["none", "diffusion", "kreciprocal"]
+        assert info["rerank_cost"][0]["offline_seconds"] > 0  # the graph was built at start-up
+        eng = client.app.state.service.engine
+        row = eng.paths.index(str(views / "rocket" / "crop.jpg"))
+        item = int(eng.ids[row])
+        for rr, applied in [(None, info["rerank"]), ("none", None), (SMALL[1], "kreciprocal:k1=3,k2=2,lambda=0.3,"
+                                                                                "trunc=2000")]:
+            params = {"k": 3} if rr is None else {"k": 3, "rerank": rr}
+            body = client.get(f"/api/search/item/{item}", params=params).json()
+            assert body["rerank"] == applied
+            assert [h["path"].split("/")[-2] for h in body["hits"]] == ["rocket"] * 3
+        r = client.get(f"/api/search/item/{item}", params={"rerank": "difusion"})
+        assert r.status_code == 422 and "valid: diffusion, kreciprocal" in r.json()["error"]
+        vec = eng.xb[row].tolist()
+        body = client.post("/api/search/vector", json={"vector": vec, "k": 2, "rerank": "kreciprocal:k1=3"}).json()
+        assert body["rerank"].startswith("kreciprocal:k1=3") and len(body["hits"]) == 2
+    page = (STATIC_DIR / "index.html").read_text() + (STATIC_DIR / "app.js").read_text()
+    assert 'id="rerank-input"' in page and "&rerank=" in page and "rerank_choices" in page
+    # serve --recipe: the recipe's re-ranking and expansion become the server's defaults
+    import uvicorn
+
+    from deepfeat import cli
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"kind": "deepfeat-recipe", "version": 1,
+                                  "extract": {"model": "efficientnet_lite0", "layer": "bn2", "pooling": "gem:p=3",
+                                              "scales": [1.0], "size": "model", "post": "l2"},
+                                  "search": {"qe": 1, "alpha": 0.0, "dba": 0, "rerank": SMALL[1]}}))
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(self.config))
+    assert cli.main(["serve", str(store), "--recipe", str(recipe)]) == 0
+    cfg = seen[-1].app.state.service.cfg
+    assert (cfg.qe, cfg.dba, cfg.rerank) == (1, 0, "kreciprocal:k1=3,k2=2,lambda=0.3,trunc=2000")
+    assert cli.main(["serve", str(store), "--recipe", str(recipe), "--rerank", "none"]) == 0
+    assert seen[-1].app.state.service.cfg.rerank is None
+
+
+def test_sweep_rerank_columns(views, tmp_path, capsys):
+    import json
+
+    from deepfeat.cli import main
+
+    out = tmp_path / "sw"
+    assert main(["sweep", str(views), "--gt", "folders", "--layers", "bn2", "--pools", "gem", "--post", "none;l2",
+                 "--rerank", f"none,{SMALL[0]},{SMALL[1]}", "--out", str(out), "--workers", "0"]) == 0
+    text = capsys.readouterr().out
+    assert (f"| layer | pooling | none | none + {SMALL[0]} | none + {SMALL[1]} | l2 | l2 + {SMALL[0]} | "
+            f"l2 + {SMALL[1]} |") in text
+    doc = json.loads((out / "sweep_folders.json").read_text())
+    cells = {c["post"]: c for c in doc["cells"]}
+    assert doc["reranks"] == ["none", *SMALL] and len(cells) == 6
+    rr = cells[f"l2 + {SMALL[1]}"]
+    assert rr["chain"] == "l2" and rr["rerank_spec"].startswith("kreciprocal:k1=3,k2=2") and rr["rerank_ms"] > 0
+    assert rr["map"] == pytest.approx(1.0) and cells["l2"]["map"] == pytest.approx(1.0)
+    rows = (out / "sweep_folders.csv").read_text().splitlines()
+    assert rows[0].split(",")[4] == "rerank" and len(rows) == 7
+    assert main(["sweep", str(views), "--gt", "folders", "--rerank", "none,bogus", "--out", str(out)]) == 2

@@ -7,6 +7,8 @@ import os
 import sys
 
 from ..errors import UsageError
+from .cmd_search import RECIPE_FLAGS
+from .recipe_args import add_recipe_arg, apply_recipe
 
 
 def register(sub) -> None:
@@ -49,6 +51,12 @@ def register(sub) -> None:
                    help="allow a --host beyond this machine without an API key (anyone who can reach the port "
                         "can search the store and download its images)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda")
+    p.add_argument("--rerank", metavar="SPEC", help="re-ranking of requests that do not choose one (diffusion, "
+                                                    "kreciprocal[:ARGS]; the page's selector starts on it)")
+    p.add_argument("--qe", type=int, default=0, metavar="N", help="query expansion of every search")
+    p.add_argument("--alpha", type=float, default=0.0, metavar="A", help="alpha-QE/DBA weight power")
+    p.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation")
+    add_recipe_arg(p, RECIPE_FLAGS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -70,6 +78,7 @@ def server_url(host: str, port: int) -> str:
 
 
 def run(args) -> int:
+    apply_recipe(args, "serve")
     try:
         import uvicorn
 
@@ -96,7 +105,8 @@ def run(args) -> int:
                      batch_window_ms=args.batch_window_ms, image_root=args.root, device=args.device,
                      search_threads=args.search_threads, torch_threads=args.torch_threads, api_key=api_key,
                      limit_concurrency=args.limit_concurrency, max_queue=args.max_queue,
-                     body_timeout_s=args.body_timeout)
+                     body_timeout_s=args.body_timeout, rerank=args.rerank, qe=args.qe, alpha=args.alpha,
+                     dba=args.dba)
     svc = app.state.service
     if not is_loopback(args.host):
         bar = "!" * 78

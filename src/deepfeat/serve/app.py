@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import DeepfeatError, ImageError, UsageError
+from ..rerank import get_reranker, list_rerankers
 from ..search import Hit, SearchEngine, parse_bbox
 from .batching import MicroBatcher
 from .guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware, check_api_key
@@ -98,6 +99,10 @@ class ServeConfig:
     api_key: str | None = None  # when set, every /api/ route needs it (deepfeat.serve.guards)
     limit_concurrency: int = 64  # requests in progress at once; more get a JSON 503 with Retry-After
     body_timeout_s: float = 30.0  # longest stall between two chunks of a request body (then 408)
+    rerank: str | None = None  # re-ranking of requests that do not choose one (deepfeat.rerank spec)
+    qe: int = 0  # query expansion, alpha and DBA of every search (a recipe's search options)
+    alpha: float = 0.0
+    dba: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -114,10 +119,12 @@ class ServeConfig:
              f"torch threads must be at least 1, not {self.torch_threads}"),
             (self.limit_concurrency >= 1, f"concurrency limit must be at least 1, not {self.limit_concurrency}"),
             (self.body_timeout_s > 0, f"body timeout must be positive, not {self.body_timeout_s}"),
+            (self.qe >= 0 and self.dba >= 0, f"qe and dba must be 0 or more, not {self.qe} and {self.dba}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+        self.rerank = resolve_rerank(self.rerank)
         self.api_key = check_api_key(self.api_key)
         self.default_k = min(self.default_k, self.top_k_max)
 
@@ -162,6 +169,8 @@ class SearchService:
                 torch.set_num_threads(self.cfg.torch_threads)  # process-wide: the server owns its process
             _ = self.engine.feature_net  # loads the model, checks its weights hash against the store
             _ = self.engine.active_index  # builds the exact index now if there is no saved one
+            if self.cfg.rerank or self.cfg.dba:  # DBA and the re-ranker's offline part (diffusion's graph) now
+                self.search(self.engine.xb[0], 1, None, self.cfg.rerank)
             self._model_ready = True
         if self.cfg.self_check:
             self.self_check = self._self_check()
@@ -213,9 +222,11 @@ class SearchService:
             raise ApiError(422, f"cannot decode the image: {e}", {"format": info.format}) from None
         return {"format": info.format, "width": info.width, "height": info.height}, px
 
-    def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None) -> list[Hit]:
+    def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None, rerank: str | None = None) -> list[Hit]:
+        """Top *k* with the server's qe/alpha/dba and *rerank* (a spec; None: no re-ranking)."""
         xq = np.ascontiguousarray(xq.reshape(1, -1), dtype=np.float32)
-        return self.engine.search(xq, k=k, exclude_rows=[exclude_row] if exclude_row is not None else None)[0]
+        return self.engine.search(xq, k=k, qe=self.cfg.qe, alpha=self.cfg.alpha, dba=self.cfg.dba,
+                                  exclude_rows=[exclude_row] if exclude_row is not None else None, rerank=rerank)[0]
 
     def verify(self, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
                bbox=None) -> list[Hit]:
@@ -284,6 +295,9 @@ class SearchService:
             "size": meta.get("size"),
             "index": index.meta.get("kind") if index is not None else "exact (no saved index)",
             "local_features": {n: meta["local_features"][n].get("spec") for n in self.local_features},
+            "search_options": {"rerank": self.cfg.rerank, "rerank_choices": ["none", *list_rerankers()],
+                               "qe": self.cfg.qe, "alpha": self.cfg.alpha, "dba": self.cfg.dba,
+                               "rerank_cost": self.engine.rerank_stats()},
             "store": {k: summary[k] for k in ("path", "items", "features", "failed", "shards")},
             "meta": meta,
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
@@ -449,10 +463,16 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
     verify_query = Query(0, ge=0, le=cfg.top_k_max,
                          description="re-rank the top N by spatial verification of cached local features (0: off)")
 
+    rerank_query = Query(None, max_length=200,
+                         description="re-ranking: none | diffusion | kreciprocal, with parameters as in "
+                                     "`deepfeat search --rerank` (default: the server's)")
+
     async def _search(xq: np.ndarray, k: int, exclude_row: int | None = None, verify: int = 0,
-                      timings: dict[str, float] | None = None, **query) -> tuple[list[dict], float]:
+                      timings: dict[str, float] | None = None, rerank: str | None = None,
+                      **query) -> tuple[list[dict], float]:
         t = time.perf_counter()
-        hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row)
+        rr = svc.cfg.rerank if rerank is None else resolve_rerank(rerank)
+        hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row, rr)
         ms = (time.perf_counter() - t) * 1000
         if verify:
             t = time.perf_counter()
@@ -461,30 +481,32 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
                 timings["verify"] = (time.perf_counter() - t) * 1000
         return [svc.hit(h) for h in hits[:k]], ms
 
-    def _result(query: dict, k: int, hits: list[dict], timings: dict[str, float]) -> dict:
-        return {"query": query, "k": k, "hits": hits, "took_ms": {n: round(v, 2) for n, v in timings.items()}}
+    def _result(query: dict, k: int, hits: list[dict], timings: dict[str, float], rerank: str | None = None) -> dict:
+        applied = svc.cfg.rerank if rerank is None else resolve_rerank(rerank)
+        return {"query": query, "k": k, "hits": hits, "rerank": applied,
+                "took_ms": {n: round(v, 2) for n, v in timings.items()}}
 
     @app.get("/api/search/item/{item_id}", summary="search by a stored image (its id)")
     async def search_item(item_id: int, k: int = k_query,
                           include_self: bool = Query(False, description="keep the query item in its results"),
-                          verify: int = verify_query):
+                          verify: int = verify_query, rerank: str | None = rerank_query):
         t0 = time.perf_counter()
         row = svc.item_row(item_id)
         tm: dict[str, float] = {}
-        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, row=row)
+        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, rerank, row=row)
         return _result({"kind": "item", **svc.item(row)}, k, hits,
-                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000})
+                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
     @app.get("/api/search/item", summary="search by a stored image (its path, exactly as stored)")
     async def search_path(path: str = Query(..., min_length=1, max_length=4096), k: int = k_query,
                           include_self: bool = Query(False, description="keep the query item in its results"),
-                          verify: int = verify_query):
+                          verify: int = verify_query, rerank: str | None = rerank_query):
         t0 = time.perf_counter()
         row = svc.path_row(path)
         tm: dict[str, float] = {}
-        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, row=row)
+        hits, ms = await _search(svc.engine.xb[row], k, None if include_self else row, verify, tm, rerank, row=row)
         return _result({"kind": "item", **svc.item(row)}, k, hits,
-                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000})
+                       {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
     upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
@@ -497,8 +519,9 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
                          422: {"description": "empty, undecodable, or bad parameters"}})
     async def search_upload(request: Request, k: int = k_query,
                             bbox: str | None = Query(None, description="query region x1,y1,x2,y2 in pixels"),
-                            verify: int = verify_query):
+                            verify: int = verify_query, rerank: str | None = rerank_query):
         t0 = time.perf_counter()
+        resolve_rerank(rerank)  # a bad spec is refused before the upload is read
         try:
             box = parse_bbox(bbox)
         except UsageError as e:
@@ -512,18 +535,20 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
             vec = await ticket.submit(px)
         t3 = time.perf_counter()
         tm: dict[str, float] = {}
-        hits, ms = await _search(vec, k, None, verify, tm, data=up.data, bbox=box)
+        hits, ms = await _search(vec, k, None, verify, tm, rerank, data=up.data, bbox=box)
         query = {"kind": "upload", "filename": up.filename, "bytes": len(up.data), **image_info,
                  "bbox": list(box) if box else None}
         return _result(query, k, hits, {"receive": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000,
                                         "embed": (t3 - t2) * 1000, "search": ms, **tm,
-                                        "total": (time.perf_counter() - t0) * 1000})
+                                        "total": (time.perf_counter() - t0) * 1000}, rerank)
 
     vector_body = Body(..., embed=True, description=f"{svc.dim} floats, in the store's space")
     k_body = Body(cfg.default_k, embed=True, ge=1, le=cfg.top_k_max, description="number of results")
 
     @app.post("/api/search/vector", summary="search by a vector in the store's space (after post-processing)")
-    async def search_vector(vector: list[float] = vector_body, k: int = k_body):
+    async def search_vector(vector: list[float] = vector_body, k: int = k_body,
+                            rerank: str | None = Body(None, embed=True, max_length=200,
+                                                      description="re-ranking (default: the server's)")):
         t0 = time.perf_counter()
         if len(vector) != svc.dim:
             raise ApiError(422, f"the vector has {len(vector)} dimensions, the store's have {svc.dim}",
@@ -531,11 +556,18 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
         xq = np.asarray(vector, dtype=np.float32)
         if not np.all(np.isfinite(xq)):
             raise ApiError(422, "the vector has non-finite values (NaN or infinity)")
-        hits, ms = await _search(xq, k)
+        hits, ms = await _search(xq, k, rerank=rerank)
         return _result({"kind": "vector", "dim": svc.dim}, k, hits,
-                       {"search": ms, "total": (time.perf_counter() - t0) * 1000})
+                       {"search": ms, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
     return app
+
+
+def resolve_rerank(spec: str | None) -> str | None:
+    """A re-ranking spec checked (UsageError, a 422, on a bad one); ``none``/empty: no re-ranking."""
+    if spec is None or not spec.strip() or spec.strip().lower() == "none":
+        return None
+    return get_reranker(spec).spec
 
 
 def _image_format(path: str) -> str | None:

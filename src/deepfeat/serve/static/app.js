@@ -6,7 +6,7 @@
   const els = {
     info: $("store-info"), limits: $("limits"), drop: $("dropzone"), file: $("file-input"),
     figure: $("query-figure"), qimg: $("query-image"), qcap: $("query-caption"), k: $("k-input"),
-    verify: $("verify-input"), verifyControls: $("verify-controls"),
+    verify: $("verify-input"), verifyControls: $("verify-controls"), rerank: $("rerank-input"),
     status: $("status"), error: $("error"), results: $("results"), resultsMeta: $("results-meta"), empty: $("empty"),
   };
   let limits = { max_upload_bytes: Infinity, top_k_max: 100 };
@@ -51,6 +51,9 @@
   const VERIFY_TOP = 20;
   // spatial verification (stores with cached local features): "&verify=N" or nothing
   const verifyParam = () => (els.verify.checked && !els.verifyControls.hidden ? `&verify=${VERIFY_TOP}` : "");
+  // re-ranking (diffusion, k-reciprocal): always sent, so "none" overrides a server default
+  const rerankParam = () => `&rerank=${encodeURIComponent(els.rerank.value || "none")}`;
+  const searchParams = () => `${verifyParam()}${rerankParam()}`;
 
   async function loadInfo() {
     try {
@@ -69,6 +72,17 @@
       const local = Object.values(info.local_features || {});
       els.verifyControls.hidden = local.length === 0;
       if (local.length) els.verify.title = `re-rank the top ${VERIFY_TOP} by RANSAC inliers of ${local[0]} features`;
+      const so = info.search_options || {};
+      const current = so.rerank ? so.rerank.split(":")[0] : "none";
+      els.rerank.replaceChildren();
+      for (const name of so.rerank_choices || ["none"]) {
+        const opt = document.createElement("option");
+        // the server's own setting keeps its parameters; the others use their defaults
+        opt.value = so.rerank && name === current ? so.rerank : name;
+        opt.textContent = name;
+        opt.selected = name === current;
+        els.rerank.append(opt);
+      }
     } catch (e) {
       showError(`cannot reach the server: ${e.message}`);
     }
@@ -128,7 +142,8 @@
     els.empty.textContent = result.hits.length ? "" : "No results.";
     const t = result.took_ms;
     els.resultsMeta.textContent = `· top ${result.hits.length} · ${Math.round(t.total)} ms` +
-      (t.verify !== undefined ? ` (verified in ${Math.round(t.verify)} ms)` : "");
+      (t.verify !== undefined ? ` (verified in ${Math.round(t.verify)} ms)` : "") +
+      (result.rerank ? ` · re-ranked by ${result.rerank.split(":")[0]}` : "");
     setStatus("");
   }
 
@@ -162,7 +177,7 @@
     const form = new FormData();
     form.append("file", file, file.name || "pasted.png");
     const result = await run(`searching with ${file.name || "the pasted image"}…`,
-      () => api(`/api/search/upload?k=${k()}${verifyParam()}`, { method: "POST", body: form }));
+      () => api(`/api/search/upload?k=${k()}${searchParams()}`, { method: "POST", body: form }));
     if (result) {
       const q = result.query;
       els.qcap.textContent = `${q.filename || "upload"} · ${q.width}×${q.height} ${q.format} · ` +
@@ -173,7 +188,7 @@
   async function searchItem(id) {
     if (location.hash !== `#item=${id}`) history.pushState(null, "", `#item=${id}`);
     showQuery(`/api/items/${id}/thumbnail?size=512`, `item ${id}`);
-    const result = await run(`searching with item ${id}…`, () => api(`/api/search/item/${id}?k=${k()}${verifyParam()}`));
+    const result = await run(`searching with item ${id}…`, () => api(`/api/search/item/${id}?k=${k()}${searchParams()}`));
     if (result) els.qcap.textContent = `${result.query.path} · ${result.query.width}×${result.query.height}`;
     window.scrollTo({ top: 0, behavior: "smooth" });
   }
