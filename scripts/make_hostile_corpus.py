@@ -94,7 +94,7 @@ def make(out: Path) -> dict[str, dict]:
     add("bomb.png", "decompression bomb", "error", "a real 1-bit 20000 x 20000 PNG (400 Mpixels) in ~60 KB"
         ).write_bytes(_png(20000, 20000, 1, 0, (bytes(2500) for _ in range(20000))))
     add("strip.png", "extreme aspect ratio", "usable",
-        "1 x 100000 pixels: decodable, but the model's resize (shorter side to 256) would make it 256 x 25.6M = 6.6 Gpixels"
+        "1 x 100000 pixels: decodable, but the model's resize (shorter side to 256) would make it 6.6 Gpixels"
         ).write_bytes(_png(1, 100000, 8, 0, (b"\x80" for _ in range(100000))))
 
     frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), photo.convert("L").convert("RGB")]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deepfeat.cli import main
 from deepfeat.errors import StoreError
 from deepfeat.faults import ENV as FAULTS
 from deepfeat.pipeline import ExtractConfig, extract
@@ -148,7 +149,7 @@ def test_a_store_turned_read_only_is_refused_before_work_and_resumes(photos12, r
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
-def test_two_extracts_on_one_store_one_waits_out_the_other_and_kill_9_leaves_no_stale_lock(photos12, tmp_path):
+def test_two_extracts_on_one_store_a_second_writer_is_refused_and_kill_9_leaves_no_stale_lock(photos12, tmp_path, capsys):
     out = tmp_path / "s"
     env = {**os.environ, FAULTS: "decode-hang=hangme", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "deepfeat.cli", "extract", str(photos12), "-o", str(out), "--shard-size", "5",
@@ -165,6 +166,9 @@ def test_two_extracts_on_one_store_one_waits_out_the_other_and_kill_9_leaves_no_
             extract(_cfg([photos12], out, shard_size=5))
         second = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and f"pid {first.pid}" in second.stderr
+        # nor may `postprocess` rewrite the store's meta under a running extract
+        assert main(["postprocess", str(out), "--post", "l2"]) == 1
+        assert f"pid {first.pid}" in capsys.readouterr().err
     finally:
         first.send_signal(signal.SIGKILL)  # it hangs on hangme.jpg, holding the lock
         first.communicate(timeout=60)

@@ -347,8 +347,8 @@ class ImageCheck:
     bytes: int | None = None
 
     def to_dict(self) -> dict:
-        return {"path": printable_path(self.path), "status": self.status, "problems": self.problems, "format": self.format,
-                "mode": self.mode, "width": self.width, "height": self.height, "bytes": self.bytes}
+        return {"path": printable_path(self.path), "status": self.status, "problems": self.problems,
+                "format": self.format, "mode": self.mode, "width": self.width, "height": self.height, "bytes": self.bytes}
 
 
 def check_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int = 32) -> ImageCheck:

@@ -30,6 +30,7 @@ class StoreLock:
         self.path = self.dir / LOCK_NAME
         self.create = create
         self.fd: int | None = None
+        self.created = False  # this lock made the folder (removed again if the run wrote nothing)
 
     def holder(self) -> dict:
         """Who holds (or last held) the lock: ``{"pid", "host", "since"}``, or ``{}``."""
@@ -46,6 +47,7 @@ class StoreLock:
                 return self  # nothing to protect; the caller reports the missing store
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
+                self.created = True
             except OSError as e:
                 raise StoreError(f"cannot create the store folder {self.dir}: {e.strerror or e}") from None
         try:
@@ -79,9 +81,17 @@ class StoreLock:
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor releases the flock
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.created and [f.name for f in self.dir.iterdir()] == [LOCK_NAME]:
+            # a run refused before it wrote anything (a bad option) leaves no folder behind
+            self.path.unlink(missing_ok=True)
+            try:
+                self.dir.rmdir()
+            except OSError:
+                pass
+        os.close(self.fd)  # closing the only descriptor releases the flock
+        self.fd = None
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()

@@ -3,7 +3,7 @@
 Each command lives in its own ``cmd_*`` module with ``register(subparsers)``; this
 module only assembles them and maps errors to exit codes:
 0 success, 1 failure (nothing could be done / a file was bad), 2 usage error,
-130 interrupted.
+130 interrupted, 143 terminated (SIGTERM; `extract` stops as cleanly as on Ctrl-C).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..pipeline import fit_post, install_post
 from ..postprocess import PostChain
 from ..store import FeatureStore
+from ..storelock import StoreLock
 
 
 def register(sub) -> None:
@@ -23,14 +24,15 @@ def register(sub) -> None:
 def run(args) -> int:
     store = FeatureStore(args.store)
     chain = PostChain.from_arg(args.post)
-    if chain.needs_fit and chain.fitted:  # a saved chain file, used as it is
-        install_post(store, chain, args.post)
-    elif chain.needs_fit:  # fitted before the old chain is replaced: a failed fit changes nothing
-        fit_post(store, chain, args.fit_on, args.fit_max)
-    else:
-        (store.path / "post.npz").unlink(missing_ok=True)
-        store.update_meta(post=chain.spec)
-        store._post = None
+    with StoreLock(store.path):  # not while an extract writes the same store (its meta would be overwritten)
+        if chain.needs_fit and chain.fitted:  # a saved chain file, used as it is
+            install_post(store, chain, args.post)
+        elif chain.needs_fit:  # fitted before the old chain is replaced: a failed fit changes nothing
+            fit_post(store, chain, args.fit_on, args.fit_max)
+        else:
+            (store.path / "post.npz").unlink(missing_ok=True)
+            store.update_meta(post=chain.spec)
+            store._post = None
     d_out = store.post.output_dim(store.dim)
     print(f"{store.path}: post-processing {chain.spec} ({store.dim} -> {d_out} dims)"
           + (f", fitted on {store.meta.get('post_fitted_rows')} vectors of {store.meta.get('post_fitted_on')}"
