@@ -58,7 +58,7 @@ class ExtractConfig:
     output: str = ""
     model: str = "efficientnet_lite0"
     layers: list[str] = field(default_factory=lambda: ["default"])
-    pooling: str = "gem"
+    pooling: str = "default"  # default: the model's own (a fine-tuned run's recorded descriptor), else gem
     post: str = "l2"
     size: str = "model"
     scales: tuple[float, ...] = (1.0,)
@@ -476,6 +476,12 @@ def default_layer(model) -> str:
     raise LayerError(f"no default layer known for {model.spec}; pass --layer (see `deepfeat layers`)")
 
 
+def default_pooling(model) -> str:
+    """The pooling ``--pool default`` means: the model's recorded one (``finetuned:RUN``:
+    the descriptor the run chose and measured, in its ``meta.json``), else GeM (p = 3)."""
+    return model.extra_meta.get("default_pooling") or "gem"
+
+
 def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list[int]) -> dict[str, Any]:
     return {
         "model": model.meta(),
@@ -673,7 +679,7 @@ def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[s
 
     model = load_model(cfg.model, device=str(device), labels=cfg.labels)
     layers = _resolve_layers(model, cfg.layers)
-    pooling = get_pooling(cfg.pooling)
+    pooling = get_pooling(default_pooling(model) if cfg.pooling in ("default", "") else cfg.pooling)
     if pooling.needs_fit:
         pooling = _fitted_pooling(cfg, model, layers, pooling, parse_size_policy(cfg.size), out, device)
     fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)

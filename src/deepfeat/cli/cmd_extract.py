@@ -26,7 +26,9 @@ def register(sub) -> None:
     add_model_args(p, labels=False)
     p.add_argument("--layer", default="default", metavar="NAME[,NAME...]",
                    help="layer(s) to tap (default: the last feature map; see `deepfeat layers`)")
-    p.add_argument("--pool", default="gem", metavar="NAME[:ARGS]", help="pooling, e.g. gem:p=3, mac, rmac:L=3, crow")
+    p.add_argument("--pool", default="default", metavar="NAME[:ARGS]",
+                   help="pooling, e.g. gem:p=3, mac, rmac:L=3, crow (default: the model's own, e.g. the descriptor "
+                        "recorded by a finetuned:RUN, else gem)")
     p.add_argument("--post", default="l2", metavar="CHAIN",
                    help="post-processing applied on read, e.g. l2 or pca-whiten:128,l2 (default l2), or a saved "
                         "chain file (.npz, e.g. a fine-tuning run's whitening.npz)")

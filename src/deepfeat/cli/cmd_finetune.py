@@ -74,6 +74,10 @@ def register(sub) -> None:
     t.add_argument("--loss", choices=["ce", "contrastive", "triplet"],
                    help="stage 2 loss: ce (classification, default), contrastive or triplet (metric learning with "
                         "hard negatives and learned GeM, Radenovic et al.)")
+    t.add_argument("--head", choices=["linear", "cosine"],
+                   help="the new classifier: linear (Caffe-style, default) or cosine (scale x cosine of the "
+                        "L2-normalised features and class weights, no bias: clusters the descriptor by class)")
+    t.add_argument("--head-scale", type=float, metavar="S", help="--head cosine: the logit scale (default 16)")
     t.add_argument("--margin", type=float, metavar="M", help="metric-learning margin (default 0.7 contrastive, "
                                                              "0.1 triplet)")
     t.add_argument("--neg-num", type=int, metavar="N", help="hard negatives per query (default 5)")
@@ -91,8 +95,10 @@ def register(sub) -> None:
                         "settings are kept, other options may be changed")
     s.add_argument("--eval-retrieval", action="store_true",
                    help="retrieval mAP / mP@10 on the validation split before and after, side by side")
-    s.add_argument("--eval-layer", metavar="NAME", help="layer for --eval-retrieval (default: the last feature map)")
-    s.add_argument("--eval-pool", metavar="SPEC", help="pooling for --eval-retrieval (default gem)")
+    s.add_argument("--eval-layer", metavar="NAME", help="the run's descriptor layer: measured by --eval-retrieval, recorded in meta.json, "
+                        "used by extract --model finetuned:RUN (default: the last feature map)")
+    s.add_argument("--eval-pool", metavar="SPEC", help="the run's descriptor pooling, as --eval-layer (default: gem; metric losses: GeM with "
+                        "the learned p)")
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -147,8 +153,10 @@ def run(args) -> int:
         from ..finetune.retrieval import read_json
 
         doc = read_json(f"{res.run_dir}/retrieval.json") or {}
-        print(f"\nretrieval on the validation split ({doc.get('n_queries')} queries; layer {doc.get('layer')}, "
-              f"pooling {doc.get('pooling')}, L2):")
+        pb = doc.get("pooling_before")
+        print(f"\nretrieval on the validation split ({doc.get('n_queries')} queries; the descriptor extract "
+              f"--model {res.spec} uses: layer {doc.get('layer')}, pooling {doc.get('pooling')}, L2"
+              + (f"; off-the-shelf with {pb}" if pb and pb != doc.get("pooling") else "") + "):")
         print(comparison_table(res.retrieval["before"], res.retrieval["after"]))
         for key, what in (("after_learned_pooling", "learned pooling {pooling}"),
                           ("after_learned_whitening", "learned pooling {pooling} + whitening {file}")):
@@ -156,6 +164,8 @@ def run(args) -> int:
             if r:
                 print(f"fine-tuned with {what.format(**r)}: mAP {100 * r['map']:.2f}, "
                       f"mP@10 {100 * r['mp_at_k']['10']:.2f}")
+    for w in res.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
     if res.failures:
         print(f"{len(res.failures)} image(s) failed to decode during training and were skipped", file=sys.stderr)
     print(f"\nrun time {res.seconds:.0f}s; model: {res.spec} (RUN_DIR/meta.json, model.safetensors)")

@@ -40,13 +40,50 @@ def head_module_name(model) -> str:
     return name
 
 
-def new_head(old: torch.nn.Module, num_classes: int, generator: torch.Generator | None = None) -> torch.nn.Module:
+HEAD_KINDS = ("linear", "cosine")
+
+
+class CosineHead(torch.nn.Module):
+    """``scale x cos(x, w_c)``: the logits of a classifier on the L2-normalised input
+    against L2-normalised class weights, no bias (NormFace, Wang et al. 2017; the
+    normalised softmax of Zhai & Wu, *Classification is a strong baseline for deep metric
+    learning*, BMVC 2019). Its loss keeps pulling each image's normalised feature towards
+    its class direction until the cosine is large, so the head's input, read as a
+    descriptor, ends up clustered by class; an ordinary linear head stops pushing as
+    soon as the classes are separable."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(num_classes)
+        self.weight = torch.nn.Parameter(torch.empty(self.out_features, self.in_features))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        torch.nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x.flatten(1), dim=1)
+        return self.scale * torch.nn.functional.linear(x, torch.nn.functional.normalize(self.weight, dim=1))
+
+
+def new_head(old: torch.nn.Module, num_classes: int, generator: torch.Generator | None = None,
+             kind: str = "linear", scale: float = 16.0) -> torch.nn.Module:
     """A freshly initialised layer shaped like *old* but with *num_classes* outputs.
 
-    Weights ~ N(0, 0.01), bias 0 (the Gaussian filler of Caffe's fine-tuning recipes).
+    ``linear``: weights ~ N(0, 0.01), bias 0 (the Gaussian filler of Caffe's fine-tuning
+    recipes). ``cosine``: a :class:`CosineHead` (for Linear classifiers), weights ~ N(0, 0.01).
     """
     if num_classes < 2:
         raise UsageError(f"a classifier needs at least 2 classes, not {num_classes}")
+    if kind not in HEAD_KINDS:
+        raise UsageError(f"--head {kind!r} unknown; choose {', '.join(HEAD_KINDS)}")
+    if kind == "cosine":
+        n_in = getattr(old, "in_features", None)
+        if not isinstance(n_in, int):
+            raise ModelError(f"--head cosine replaces a Linear classifier, not a {type(old).__name__}; use --head "
+                             "linear")
+        head_c = CosineHead(n_in, num_classes, scale)
+        with torch.no_grad():
+            head_c.weight.normal_(0.0, 0.01, generator=generator)
+        return head_c.to(next(old.parameters(), torch.empty(0)).device)
     if isinstance(old, torch.nn.Linear):
         head: torch.nn.Module = torch.nn.Linear(old.in_features, num_classes, bias=True)
     elif isinstance(old, torch.nn.Conv2d) and old.kernel_size == (1, 1):
@@ -66,6 +103,9 @@ def new_head(old: torch.nn.Module, num_classes: int, generator: torch.Generator 
 
 def head_spec(head: torch.nn.Module) -> dict:
     """What the finetuned loader needs to rebuild the head."""
+    if isinstance(head, CosineHead):
+        return {"kind": "cosine", "in_features": head.in_features, "num_classes": head.out_features,
+                "scale": float(head.scale)}
     if isinstance(head, torch.nn.Linear):
         return {"kind": "linear", "in_features": head.in_features, "num_classes": head.out_features}
     if isinstance(head, torch.nn.Conv2d):
@@ -79,6 +119,8 @@ def build_head(spec: Mapping) -> torch.nn.Module:
         return torch.nn.Linear(int(spec["in_features"]), int(spec["num_classes"]))
     if kind == "conv1x1":
         return torch.nn.Conv2d(int(spec["in_features"]), int(spec["num_classes"]), 1)
+    if kind == "cosine":
+        return CosineHead(int(spec["in_features"]), int(spec["num_classes"]), float(spec.get("scale", 16.0)))
     raise ModelError(f"unknown head kind {kind!r} in the fine-tuned meta")
 
 

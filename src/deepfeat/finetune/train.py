@@ -50,6 +50,14 @@ SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("ce", "contrastive", "triplet")
 METRIC_LOSSES = ("contrastive", "triplet")
 STAGES = ("head", "full")
+#: the pooling of the run's descriptor (``--eval-pool default``) for classification runs,
+#: on the layer ``--eval-layer default`` (the base's last feature map): chosen by
+#: measurement, see docs/finetune.md "Where the gain goes"
+DESCRIPTOR_POOL = "gem"
+#: --eval-retrieval warns when accuracy rose but the mAP gain is below this (absolute)
+RETRIEVAL_GAIN_MIN = 0.01
+#: ... "accuracy rose": final validation accuracy at least this far above chance (1/classes)
+ACCURACY_RISE_MIN = 0.05
 
 
 @dataclass
@@ -90,8 +98,10 @@ class FinetuneConfig:
     val_every: int = 1
     resume: str | bool | None = None
     eval_retrieval: bool = False
+    head: str = "linear"
+    head_scale: float = 16.0
     eval_layer: str = "default"
-    eval_pool: str = "gem"
+    eval_pool: str = "default"
     loss: str = "ce"
     margin: float | None = None  # None: 0.7 for contrastive, 0.1 for triplet
     neg_num: int = 5
@@ -115,6 +125,8 @@ class FinetuneConfig:
             (self.bn in H.BN_MODES, f"--bn {self.bn!r} unknown; choose {', '.join(H.BN_MODES)}"),
             (self.amp in ("auto", "on", "off"), f"--amp {self.amp!r} unknown; choose auto, on, off"),
             (self.loss in LOSSES, f"--loss {self.loss!r} unknown; choose {', '.join(LOSSES)}"),
+            (self.head in H.HEAD_KINDS, f"--head {self.head!r} unknown; choose {', '.join(H.HEAD_KINDS)}"),
+            (self.head_scale > 0, f"--head-scale must be > 0, not {self.head_scale}"),
             (self.cache_images in ("auto", "on", "off"), f"--cache-images {self.cache_images!r}: auto, on or off"),
             (self.cache_prefix in ("auto", "off"), f"--cache-prefix {self.cache_prefix!r}: auto or off"),
             (self.progress in ("auto", "bar", "lines", "none"), f"--progress {self.progress!r}: auto, bar, lines, none"),
@@ -160,7 +172,7 @@ class FinetuneConfig:
 
 #: settings that define the data, the split and the network: a resumed run must keep them
 IDENTITY_KEYS = ("data", "model", "image_size", "val_frac", "seed", "per_class", "exclude_odd", "head_epochs",
-                 "loss", "augment", "whiten")
+                 "loss", "augment", "whiten", "head", "head_scale")
 
 
 @dataclass
@@ -183,6 +195,7 @@ class FinetuneResult:
     retrieval: dict | None = None
     resumed_from: str | None = None
     failures: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,14 +269,44 @@ class Schedule:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, periodic lines otherwise, or nothing; plus epoch lines."""
+    """Progress of a run: on a terminal (``bar``) an epoch bar (epochs done, last epoch's
+    loss, accuracy, validation accuracy / mAP and seconds per epoch) above a bar of the
+    current pass (iterations, running loss and accuracy); otherwise (``lines``) one line
+    per epoch with the same numbers plus a line every 30 s within a long pass; or nothing."""
 
     def __init__(self, mode: str):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode = mode
         self.bar = None
+        self.epoch_bar = None
         self.last = 0.0
+
+    def epochs(self, total: int, done: int = 0) -> None:
+        """Open the epoch bar (``bar`` mode) at *done* of *total* epochs."""
+        if self.mode != "bar":
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.mode = "lines"
+            return
+        self.epoch_bar = tqdm(total=total, initial=done, desc="fine-tuning", unit="epoch", dynamic_ncols=True,
+                              position=0, leave=True)
+
+    def epoch_done(self, entry: dict) -> None:
+        if self.epoch_bar is None:
+            return
+        post = [f"{entry['stage']}", f"loss {entry['train_loss']:.4f}"]
+        if entry.get("train_acc") is not None:
+            post.append(f"acc {100 * entry['train_acc']:.1f}%")
+        if entry.get("val_acc") is not None:
+            post.append(f"val acc {100 * entry['val_acc']:.1f}%")
+        if entry.get("val_map") is not None:
+            post.append(f"val mAP {100 * entry['val_map']:.1f}%")
+        post.append(f"{entry['seconds']:.1f}s/epoch")
+        self.epoch_bar.set_postfix_str(", ".join(post), refresh=False)
+        self.epoch_bar.update(1)
 
     def start(self, total: int, desc: str) -> None:
         self.total, self.done, self.desc = total, 0, desc
@@ -272,13 +315,15 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=False,
+                                position=1 if self.epoch_bar is not None else 0)
             except ImportError:
                 self.mode = "lines"
 
-    def update(self, loss: float | None = None, n: int = 1) -> None:
+    def update(self, loss: float | None = None, n: int = 1, acc: float | None = None) -> None:
         self.done += n
-        post = f"loss {loss:.4f}" if loss is not None else ""
+        post = ", ".join(([f"loss {loss:.4f}"] if loss is not None else [])
+                         + ([f"acc {100 * acc:.1f}%"] if acc is not None else []))
         if self.bar is not None:
             self.bar.update(n)
             if post:
@@ -297,9 +342,21 @@ class _Progress:
             self.bar.close()
             self.bar = None
 
+    def finish(self) -> None:
+        self.close()
+        if self.epoch_bar is not None:
+            self.epoch_bar.close()
+            self.epoch_bar = None
+
     def line(self, text: str) -> None:
         log.info(text)
-        if self.mode != "none":
+        if self.mode == "none":
+            return
+        if self.epoch_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
             print(text, file=sys.stderr, flush=True)
 
 
@@ -457,12 +514,14 @@ class Finetuner:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(int(cfg.seed))
         old = self.net.get_submodule(self.head_module)
-        H.replace_head(self.net, self.head_module, H.new_head(old, len(self.classes), gen))
+        H.replace_head(self.net, self.head_module, H.new_head(old, len(self.classes), gen, cfg.head, cfg.head_scale))
         self.head = self.net.get_submodule(self.head_module)
         self.probs = base.output_kind == "probs"
         self.units = H.backbone_units(self.net, self.head_module)
         self.train_units = H.resolve_train_blocks(self.units, cfg.train_blocks)
         self.eval_layer = default_layer(base) if cfg.eval_layer in ("default", "") else cfg.eval_layer
+        self.eval_pool = cfg.eval_pool if cfg.eval_pool not in ("default", "") else \
+            ("gem" if cfg.loss in METRIC_LOSSES else DESCRIPTOR_POOL)
         self.net.to(self.device)
         self.normalize = Normalize(dc).to(self.device)
         self.head_is_last = self._check_head_is_last()
@@ -616,7 +675,7 @@ class Finetuner:
         if not self.val_samples:
             return {}
         layers = [OUTPUT] + ([self.eval_layer] if need_desc else [])
-        pooled = {self.eval_layer: get_pooling(pool or self.cfg.eval_pool).to(self.device)} if need_desc else None
+        pooled = {self.eval_layer: get_pooling(pool or self.eval_pool).to(self.device)} if need_desc else None
         acts, kept = self._describe(self.val_loader, self.val_samples, layers, pooled=pooled, key=self._val_key)
         if not kept:
             return {}
@@ -707,6 +766,8 @@ class Finetuner:
             path = self._snapshot(e, stage, opt, it)
             parts.append(f"snapshot {path.name}")
         self.progress.line(", ".join(parts))
+        self.progress.epoch_done(entry)
+        self._write_curves()
         if self.on_epoch is not None:
             self.on_epoch(dict(entry))
 
@@ -770,7 +831,7 @@ class Finetuner:
                 tot_loss += loss.item() * len(y)
                 tot_ok += float((out.detach().flatten(1).argmax(1) == y).sum())
                 tot_n += len(y)
-                self.progress.update(loss.item())
+                self.progress.update(loss.item(), acc=tot_ok / tot_n)
             self.progress.close()
             entry = {"epoch": e, "stage": "head", "iters": iters, "images": int(tot_n),
                      "train_loss": tot_loss / max(tot_n, 1), "train_acc": tot_ok / max(tot_n, 1), "lr": lr}
@@ -800,7 +861,7 @@ class Finetuner:
         vy = torch.zeros(0, dtype=torch.long)
         if self.val_samples:
             layers = [head_in] + ([self.eval_layer] if need_before else [])
-            pool = {self.eval_layer: get_pooling(self.cfg.eval_pool).to(self.device)} if need_before else None
+            pool = {self.eval_layer: get_pooling(self.eval_pool).to(self.device)} if need_before else None
             vacts, vkept = self._describe(self.val_loader, self.val_samples, layers, pooled=pool,
                                           key=self._val_key, fill_prefix=self._val_key)
             vx = vacts[head_in]
@@ -827,7 +888,7 @@ class Finetuner:
         from ..pooling import get_pooling
 
         base = load_model(self.cfg.model, device=str(self.device))
-        pool = {self.eval_layer: get_pooling(self.cfg.eval_pool).to(self.device)}
+        pool = {self.eval_layer: get_pooling(self.eval_pool).to(self.device)}
         acts, kept = self._describe(self.val_loader, self.val_samples, [self.eval_layer], net=base.net, pooled=pool)
         self._set_before(self._eval_retrieval(acts[self.eval_layer].numpy(), kept))
         del base
@@ -923,7 +984,7 @@ class Finetuner:
             tot_loss += loss.item() * len(yt)
             tot_ok += float((out.detach().flatten(1).argmax(1) == yt).sum())
             tot_n += len(yt)
-            self.progress.update(loss.item())
+            self.progress.update(loss.item(), acc=tot_ok / tot_n)
         self.progress.close()
         return ({"epoch": e, "stage": "full", "iters": iters, "images": int(tot_n),
                  "train_loss": tot_loss / max(tot_n, 1), "train_acc": tot_ok / max(tot_n, 1), "lr": lr}, it)
@@ -931,17 +992,43 @@ class Finetuner:
     # ----------------------------------------------------------------- output
 
     def _write_retrieval(self) -> None:
+        d = self._descriptor()
         doc = {"protocol": "every validation image a query; relevant = same class; query excluded",
-               "layer": self.eval_layer, "pooling": self._pool_spec(), "post": "l2",
+               "layer": d["layer"], "pooling": d["pooling"], "post": d["post"], "pooling_before": self._pool_spec(),
                "image_size": list(self.data_config.input_size), "n_queries": len(self.val), **self.retrieval}
         if "before" in self.retrieval and "after" in self.retrieval:
             doc["table"] = R.comparison_table(self.retrieval["before"], self.retrieval["after"]).splitlines()
         R.write_json(self.run / "retrieval.json", doc)
 
+    def _descriptor(self) -> dict[str, str]:
+        """The run's descriptor: what --eval-retrieval measures and ``extract --model
+        finetuned:RUN`` uses without --layer/--pool (recorded in meta.json)."""
+        pool = f"gem:p={self.metric.p:.6g}" if self.metric is not None else self._pool_spec()
+        d = {"layer": self.eval_layer, "pooling": pool, "post": "l2",
+             "chosen_by": "options" if (self.cfg.eval_layer not in ("default", "") or
+                                        self.cfg.eval_pool not in ("default", "")) else "default"}
+        if self.metric is not None and self.metric.whiten is not None:
+            d["whitening"] = "whitening.npz"  # applied with extract --post RUN/whitening.npz
+        return d
+
+    def _final_val_acc(self) -> float | None:
+        last_val = next((h for h in reversed(self.history) if h.get("val_acc") is not None), None)
+        if self.metric is not None and self.metric.refit.get("val_acc") is not None:
+            return self.metric.refit["val_acc"]
+        return last_val["val_acc"] if last_val else None
+
+    def _write_curves(self) -> None:
+        from .curves import write_curves
+
+        try:
+            write_curves(self.run, self.history, f"{self.cfg.model} fine-tuned on {Path(self.root).name}")
+        except Exception as e:  # a picture must never stop a run
+            log.warning("could not draw %s: %s: %s", self.run / "curves.png", type(e).__name__, e)
+
     def _pool_spec(self) -> str:
         from ..pooling import get_pooling
 
-        return get_pooling(self.cfg.eval_pool).spec
+        return get_pooling(self.eval_pool).spec
 
     def _save_model(self) -> dict:
         from safetensors.torch import save_file
@@ -954,9 +1041,7 @@ class Finetuner:
         tmp = path.with_name(".model.safetensors.tmp")
         save_file(sd, str(tmp), metadata={"format": META_FORMAT, "head": H.HEAD_NAME})
         os.replace(tmp, path)
-        last_val = next((h for h in reversed(self.history) if h.get("val_acc") is not None), None)
-        if self.metric is not None and self.metric.refit.get("val_acc") is not None:
-            last_val = {"val_acc": self.metric.refit["val_acc"]}
+        final_acc = self._final_val_acc()
         best = max((h for h in self.history if h.get("val_acc") is not None), key=lambda h: h["val_acc"],
                    default=None)
         base_meta = self.base.meta()
@@ -971,7 +1056,8 @@ class Finetuner:
             "num_classes": len(self.classes),
             "head": {"name": H.HEAD_NAME, "module": self.head_module, **H.head_spec(self.head)},
             "data_config": self.data_config.to_dict(),
-            "default_layer": self._default_layer(),
+            "default_layer": self.eval_layer,
+            "descriptor": self._descriptor(),
             "weights": path.name,
             "weights_sha256": file_sha256(path),
             "training": {**self.cfg.to_dict(), "resume": None, "trainable_units": self.train_units,
@@ -983,7 +1069,7 @@ class Finetuner:
                      "class_counts": self._class_counts(self.train),
                      "balanced_counts": D.balance_counts(self.samples, len(self.classes))},
             "epochs_done": self.history[-1]["epoch"] if self.history else 0,
-            "val_accuracy": last_val["val_acc"] if last_val else None,
+            "val_accuracy": final_acc,
             "best_val_accuracy": best["val_acc"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "seconds": round(time.perf_counter() - self.t_start + self._seconds_before, 1),
@@ -992,17 +1078,10 @@ class Finetuner:
             self.metric.save_files(self.run)
             meta["metric_learning"] = self.metric.meta()
         if self.retrieval.get("after"):
-            meta["retrieval"] = {k: self.retrieval[k] for k in ("before", "after") if k in self.retrieval}
+            meta["retrieval"] = {k: self.retrieval[k] for k in ("before", "after", "gain", "warning")
+                                 if k in self.retrieval}
         _write_json(self.run / "meta.json", meta)
         return meta
-
-    def _default_layer(self) -> str | None:
-        from ..pipeline import default_layer
-
-        try:
-            return default_layer(self.base)
-        except Exception:
-            return None
 
     def _class_counts(self, items: list[D.LabelledImage]) -> list[int]:
         c = [0] * len(self.classes)
@@ -1028,7 +1107,7 @@ class Finetuner:
         self.total_epochs = cfg.head_epochs + cfg.epochs
         self._seconds_before = 0.0
         prev = R.read_json(self.run / "retrieval.json") if cfg.resume else None
-        if prev and prev.get("layer") == self.eval_layer and prev.get("pooling") == self._pool_spec() and \
+        if prev and prev.get("layer") == self.eval_layer and prev.get("pooling_before", prev.get("pooling")) == self._pool_spec() and \
                 prev.get("image_size") == list(self.data_config.input_size) and "before" in prev:
             self.retrieval["before"] = prev["before"]
             self.retrieval["before_per_class"] = prev.get("before_per_class", {})
@@ -1055,6 +1134,7 @@ class Finetuner:
                                        self.aug, cfg.augment, cfg.seed, epoch=1)
             self.progress.line(f"saved {len(written)} augmented copies to {self.run / 'augmented'}")
         self.after_eval = None
+        self.progress.epochs(self.total_epochs, min(start, self.total_epochs))
         if start < cfg.head_epochs:
             self._stage_head(start, snap)
         if cfg.epochs and start < self.total_epochs:
@@ -1070,6 +1150,8 @@ class Finetuner:
                 v = self._val_pass(True, pool=pool)
                 if v.get("_eval") is not None:
                     self.retrieval["after_learned_pooling"] = {"pooling": pool, **R.summary(v["_eval"][0])}
+                    # the descriptor extract uses (the learned p): what "after" reports
+                    self.after_eval = v["_eval"]
                     if self.metric.whiten is not None:
                         desc, kept = v["_desc"]
                         ev = self._eval_retrieval(self.metric.describe_np(desc), kept)
@@ -1086,7 +1168,16 @@ class Finetuner:
                 b, a = self.retrieval["before"], self.retrieval["after"]
                 self.retrieval["gain"] = {"map": a["map"] - b["map"],
                                           **{f"mp@{k}": a["mp_at_k"][k] - b["mp_at_k"][k] for k in a["mp_at_k"]}}
+                warning = retrieval_warning(self._final_val_acc(), len(self.classes), b["map"], a["map"],
+                                            self._descriptor())
+                if warning:
+                    log.warning("%s", warning)
+                    if self.cfg.progress != "none":
+                        self.progress.line(f"warning: {warning}")
+                    self.retrieval["warning"] = warning
             self._write_retrieval()
+        self.progress.finish()
+        self._write_curves()  # with the final numbers
         meta = self._save_model()
         seconds = time.perf_counter() - self.t_start
         return FinetuneResult(
@@ -1096,6 +1187,7 @@ class Finetuner:
             history=self.history, val_accuracy=meta["val_accuracy"], seconds=seconds,
             retrieval=dict(self.retrieval) if cfg.eval_retrieval else None, resumed_from=self.resumed_from,
             failures={**self.loader.failures, **self.val_loader.failures},
+            warnings=[self.retrieval["warning"]] if self.retrieval.get("warning") else [],
         )
 
     def _log_plan(self) -> None:
@@ -1110,6 +1202,26 @@ class Finetuner:
             f"{', '.join(self.train_units) if self.train_units else 'the head only'}"
             + (f" (frozen {self.prefix.names[0]}..{self.prefix.last} run once per un-augmented image and cached)"
                if self.prefix else ""))
+
+
+def retrieval_warning(val_acc: float | None, n_classes: int, map_before: float, map_after: float,
+                      descriptor: dict[str, str] | None = None) -> str | None:
+    """The warning of ``--eval-retrieval`` when the classifier learned (final validation
+    accuracy at least :data:`ACCURACY_RISE_MIN` above chance, ``1 / n_classes``) but the
+    retrieval mAP of the run's descriptor gained less than :data:`RETRIEVAL_GAIN_MIN`;
+    None otherwise."""
+    if val_acc is None or n_classes < 2:
+        return None
+    chance = 1.0 / n_classes
+    gain = map_after - map_before
+    if val_acc - chance < ACCURACY_RISE_MIN or gain >= RETRIEVAL_GAIN_MIN:
+        return None
+    what = f" ({descriptor['layer']} + {descriptor['pooling']})" if descriptor else ""
+    return (f"validation accuracy rose to {100 * val_acc:.1f}% (chance {100 * chance:.1f}%) but retrieval did not: "
+            f"the mAP of the descriptor extract uses{what} went from {100 * map_before:.2f} to "
+            f"{100 * map_after:.2f} ({100 * gain:+.2f}); the fine-tuning moved the classifier, not the "
+            "descriptors. Train more of the backbone at a higher rate (the defaults: --train-blocks 3 --lr 0.01), "
+            "or see docs/finetune.md \"Where the gain goes\"")
 
 
 def _adopt_identity(cfg: FinetuneConfig, saved: dict[str, Any]) -> None:

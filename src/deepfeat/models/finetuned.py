@@ -86,6 +86,7 @@ def load_finetuned(rest: str, spec: str, **options: object) -> Model:
     sd = from_checkpoint(read_state_dict(weights), head["module"], str(weights))
     fit_state_dict(net, sd, f"fine-tuned run {run}")
     classes = list(meta["classes"])
+    descriptor = meta.get("descriptor") or {}
     if len(classes) != int(head["num_classes"]):
         raise ModelError(f"{spec}: meta.json lists {len(classes)} classes but the head has {head['num_classes']}")
     return Model(
@@ -103,10 +104,13 @@ def load_finetuned(rest: str, spec: str, **options: object) -> Model:
             "num_classes": len(classes),
             "base_model": base_spec,
             "base_weights_sha256": meta["base_model"].get("weights_sha256"),
-            "default_layer": meta.get("default_layer"),
+            # the run's descriptor (what --eval-retrieval measured): extract's --layer/--pool defaults
+            "default_layer": descriptor.get("layer") or meta.get("default_layer"),
+            **({"default_pooling": descriptor["pooling"]} if descriptor.get("pooling") else {}),
             "finetuned": {"run": str(run), "finished": meta.get("finished"),
                           "val_accuracy": meta.get("val_accuracy"),
-                          **({"pooling": meta["metric_learning"]["pooling"]} if meta.get("metric_learning") else {})},
+                          **({"pooling": meta["metric_learning"]["pooling"]} if meta.get("metric_learning") else {}),
+                          **({"descriptor": descriptor} if descriptor else {})},
         },
         layer_aliases=dict(base.layer_aliases),
     )
