@@ -515,7 +515,7 @@ def test_revisited_json_is_checked(tmp_path):
         read_revisited_gnd(path)
     pkl = tmp_path / "gnd_roxford5k.pkl"
     pkl.write_bytes(b"x")
-    with pytest.raises(UsageError, match="does not load pickles.*convert_revisited_gnd.py"):
+    with pytest.raises(FormatError, match="cannot read .*gnd_roxford5k.pkl as a pickle"):
         read_revisited_gnd(pkl)
 
 
@@ -551,6 +551,59 @@ def test_convert_revisited_pickle(tmp_path, capsys):
     pkl.write_bytes(pickle.dumps({"imlist": _Sneaky()}))
     assert conv.main([str(pkl), "-o", str(tmp_path / "x.json")]) == 1
     assert "refusing to load it" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+class _Shell:
+    """A pickle that runs a shell command when loaded with plain pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _official(doc):
+    return {"imlist": doc["imlist"], "qimlist": doc["qimlist"],
+            "gnd": [{"bbx": np.array(g["bbx"], dtype=np.float64) if g["bbx"] else None,
+                     "easy": np.array(g["easy"], dtype=np.int64), "hard": list(g["hard"]),
+                     "junk": np.array(g["junk"], dtype=np.int64)} for g in doc["gnd"]]}
+
+
+def test_revisited_pickles_are_read_without_running_code(tmp_path):
+    from deepfeat.gnd_pickle import load_restricted_pickle
+
+    doc = _revisited_doc()
+    pkl = tmp_path / "gnd_roxford5k.pkl"
+    for protocol in (2, 4, 5):  # the official files are protocol 2 (Python 2); numpy arrays inside
+        pkl.write_bytes(pickle.dumps(_official(doc), protocol=protocol))
+        data = read_revisited_gnd(pkl)
+        assert data["gnd"] == doc["gnd"] and data["imlist"] == doc["imlist"] and data["source"] == pkl.name
+    gt = load_revisited_gt(pkl, [f"d{i}.jpg" for i in range(8)], "medium")  # --gt revisited:gnd.pkl
+    assert gt.queries[0].relevant == {0, 3, 5}
+    marker = tmp_path / "pwned"
+    evil = [("os.system in a list", ["x", _Shell(marker)]),
+            ("os.system as the gnd", {"imlist": [], "qimlist": [], "gnd": _Shell(marker)}),
+            ("os.system in an object array", {"imlist": np.array([_Shell(marker)], dtype=object)}),
+            ("getcwd", {"imlist": _Sneaky()})]
+    for label, obj in evil:
+        for protocol in (2, 5):
+            pkl.write_bytes(pickle.dumps(obj, protocol=protocol))
+            with pytest.raises(FormatError, match=r"asks for (posix|os|nt)\.(system|getcwd).*refusing"):
+                read_revisited_gnd(pkl)
+            with pytest.raises(FormatError, match="refusing"):
+                load_restricted_pickle(pkl)
+    assert not marker.exists()  # proof that nothing ran: plain pickle.load would have created it
+    pickle.loads(pickle.dumps(_Shell(marker)))
+    assert marker.exists()
+    # hand-made pickles: builtins.eval, and _codecs.encode with a codec other than latin-1
+    for raw, pattern in [(b"cbuiltins\neval\n(S'1+1'\ntR.", r"asks for builtins\.eval"),
+                         (b"c_codecs\nencode\n(X\x01\x00\x00\x00xX\x06\x00\x00\x00base64tR.",
+                          "only latin-1 array bytes"),
+                         (pickle.dumps(_official(doc), protocol=2)[:-40], "cannot read .* as a pickle")]:
+        pkl.write_bytes(raw)
+        with pytest.raises(FormatError, match=pattern):
+            read_revisited_gnd(pkl)
 
 
 # --------------------------------------------------------------- ranking, specs

@@ -824,18 +824,22 @@ def read_revisited_gnd(json_path: str | os.PathLike) -> dict[str, Any]:
     "qimlist": [names], "gnd": [{"bbx": [x1, y1, x2, y2] | null, "easy": [i],
     "hard": [i], "junk": [i]}, ...]}``, indices 0-based into ``imlist``, one gnd
     entry per query. ``scripts/convert_revisited_gnd.py`` writes it from the official
-    ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl``.
+    ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl``; a ``.pkl`` path is read directly, with
+    the restricted unpickler of :mod:`deepfeat.gnd_pickle` (no code runs; anything but
+    numpy arrays, lists, dicts, numbers and strings is refused).
     """
     path = Path(json_path)
     if not path.is_file():
         raise UsageError(f"revisited ground-truth file not found: {path}")
-    if path.suffix.lower() == ".pkl":
-        raise UsageError(f"{path} is a pickle; deepfeat does not load pickles. Convert it once with "
-                         f"`python scripts/convert_revisited_gnd.py {path}` and pass the .json it writes")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if path.suffix.lower() == ".pkl":  # the official file, read by an unpickler that runs no code
+        from .gnd_pickle import read_revisited_pickle
+
+        data = read_revisited_pickle(path)
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{path}: not valid JSON ({e})") from None
 
     def bad(msg: str) -> FormatError:
         return FormatError(f"{path}: {msg} (expected the {REVISITED_FORMAT} JSON written by "

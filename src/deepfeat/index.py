@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
+from .checksums import file_digest
 from .errors import DeepfeatError, StoreError, UsageError, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -764,7 +765,9 @@ class Index:
         faiss.write_index(self._index, str(tmp))  # straight to disk: no in-memory copy of a large index
         os.replace(tmp, index_path)
         self._meta["index_file"] = index_path.name
-        self._meta["index_bytes"] = index_path.stat().st_size
+        digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.checksums)
+        self._meta["index_bytes"] = digest["bytes"]
+        self._meta["index_sha256"] = digest["sha256"]
         self._meta["saved_at"] = _now()
         text = json.dumps(self._meta, indent=2, sort_keys=False) + "\n"
         _atomic_write_bytes(meta_path, text.encode("utf-8"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -38,7 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
+from .checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
 from .errors import StoreError, UsageError
+
+log = logging.getLogger(__name__)
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -264,9 +268,36 @@ class FeatureStore:
             )
 
     def update_meta(self, **kw: Any) -> None:
+        """Update and write ``meta.json``; the checksums of the side files (post.npz, pooling.npz),
+        which deepfeat writes just before it updates the meta, are refreshed with it."""
         self.meta.update(kw)
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        files = dict(self._recorded())
+        for rel in SIDE_FILES:
+            if (self.path / rel).is_file():
+                files[rel] = file_digest(self.path / rel)
+            else:
+                files.pop(rel, None)
+        if files or "checksums" in self.meta:
+            self.meta["checksums"] = {"algorithm": ALGORITHM, "files": files}
         atomic_write_json(self.path / "meta.json", self.meta)
+
+    # -- checksums (deepfeat.checksums) ------------------------------------------------
+
+    def _recorded(self) -> dict[str, dict[str, Any]]:
+        return (self.meta.get("checksums") or {}).get("files") or {}
+
+    def _check_size(self, path: Path) -> None:
+        """Refuse a file whose size differs from the one it was written with (a ``stat``; no hashing)."""
+        msg = size_problem(path, self._recorded().get(path.relative_to(self.path).as_posix()))
+        if msg:
+            raise StoreError(f"{msg}; `deepfeat info {self.path} --verify` checks every file of the store")
+
+    def verify(self):
+        """Hash and check every file (:func:`deepfeat.checksums.verify_store`); a :class:`VerifyReport`."""
+        from .checksums import verify_store
+
+        return verify_store(self)
 
     # -- plan ---------------------------------------------------------------
 
@@ -312,23 +343,45 @@ class FeatureStore:
             if arr.shape[0] != n_ok:
                 raise StoreError(f"shard {shard}: {arr.shape[0]} feature rows for {n_ok} ok items ({name})")
             atomic_save_npy(self.shard_feature_path(shard, name), arr)
-        atomic_write_parquet(self._shard_items_path(shard), items.table(shard))
+        # the arrays' checksums travel in the commit marker itself: committed with the shard, atomically
+        records = {self.shard_feature_path(shard, name).name: file_digest(self.shard_feature_path(shard, name))
+                   for name in features}
+        table = items.table(shard).replace_schema_metadata({SHARD_KEY: json.dumps(records)})
+        atomic_write_parquet(self._shard_items_path(shard), table)
         _fsync_dir(self.path / "shards")
         self._items = None
         self._ok_rows = None
 
     def consolidate(self) -> pa.Table:
-        """Write ``items.parquet`` from the committed shards (in shard order) and return it."""
+        """Write ``items.parquet`` from the committed shards (in shard order) and return it,
+        and record the checksums of every shard and of ``items.parquet`` in the meta."""
         t = self._read_shard_items()
         atomic_write_parquet(self.path / "items.parquet", t)
         self._items = t
+        self._record_shards()
         return t
+
+    def _record_shards(self) -> None:
+        """Checksums into meta.json: each shard's arrays (copied from its commit marker), each shard
+        items file (hashed once: a committed shard is never rewritten), ``items.parquet`` (hashed)."""
+        old = self._recorded()
+        files = {k: v for k, v in old.items() if k in SIDE_FILES}
+        for s in self.committed_shards():
+            items_file = self._shard_items_path(s)
+            rel = f"shards/{items_file.name}"
+            files[rel] = old.get(rel) or file_digest(items_file)
+            for name, rec in (shard_records(items_file) or {}).items():
+                files[f"shards/{name}"] = rec
+        files["items.parquet"] = file_digest(self.path / "items.parquet")
+        self.meta["checksums"] = {"algorithm": ALGORITHM, "files": files}
+        self.update_meta()
 
     def _read_shard_items(self) -> pa.Table:
         shards = self.committed_shards()
         if not shards:
             return ITEM_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
+        t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
+        return t.replace_schema_metadata(None)  # the per-shard checksums stay in the shard files
 
     # -- reading ------------------------------------------------------------
 
@@ -356,7 +409,10 @@ class FeatureStore:
             consolidated = self.path / "items.parquet"
             shards = self.committed_shards()
             t = None
-            if consolidated.is_file():
+            stale = size_problem(consolidated, self._recorded().get("items.parquet"))
+            if stale and consolidated.is_file():  # a cache of the shards' items: read them instead
+                log.warning("%s; reading the items from the shards instead", stale)
+            if consolidated.is_file() and not stale:
                 t = pq.read_table(consolidated)
                 covered = set(t.column("shard").to_pylist()) if t.num_rows else set()
                 if not set(shards) <= covered and shards:
@@ -388,7 +444,13 @@ class FeatureStore:
             f = self.shard_feature_path(s, name)
             if not f.is_file():
                 raise StoreError(f"shard {s} is committed but its features {f.name} are missing")
-            yield s, np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+            self._check_size(f)
+            try:
+                arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except ValueError as e:  # a damaged header, or fewer bytes than it declares
+                raise StoreError(f"{f} is damaged ({e}); `deepfeat info {self.path} --verify` checks every file") \
+                    from None
+            yield s, arr
 
     def raw(self, name: str | None = None) -> np.ndarray:
         """All stored features of *name* as one N x D float32 array (row = feature row)."""
@@ -405,6 +467,8 @@ class FeatureStore:
             from .postprocess import PostChain
 
             fitted = self.path / "post.npz"
+            if fitted.is_file():
+                self._check_size(fitted)
             self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(spec)
         return self._post
 

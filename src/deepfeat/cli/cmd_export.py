@@ -17,9 +17,14 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="pooled features without the post-processing chain")
     p.set_defaults(func=run_export)
 
-    q = sub.add_parser("info", help="describe a feature store", description="Summary and meta of a feature store.")
+    q = sub.add_parser("info", help="describe a feature store (--verify: check every file)",
+                       description="Summary and meta of a feature store. With --verify, hash every file (shards, "
+                                   "items tables, fitted post-processing, pooling codebook, index) against the "
+                                   "checksums recorded when it was written, and check the shards' shapes; exit "
+                                   "status 1 if anything is wrong.")
     q.add_argument("store", metavar="STORE")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--verify", action="store_true", help="check every file's sha256 and the shards' shapes")
     q.set_defaults(func=run_info)
 
 
@@ -40,6 +45,8 @@ def run_export(args) -> int:
 
 def run_info(args) -> int:
     store = FeatureStore(args.store)
+    if args.verify:
+        return _run_verify(store, args.json)
     s = store.summary()
     if args.json:
         print_json({"summary": s, "meta": store.meta})
@@ -47,3 +54,20 @@ def run_info(args) -> int:
     for k, v in s.items():
         print(f"{k:>9}: {v}")
     return 0
+
+
+def _run_verify(store: FeatureStore, as_json: bool) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    report = store.verify()
+    seconds = time.perf_counter() - t0
+    if as_json:
+        print_json({**report.to_dict(), "seconds": round(seconds, 3)})
+        return 0 if report.ok else 1
+    for c in report.checks:
+        if c.status != "ok":
+            print(f"{c.status.upper():>9}  {c.file}: {c.detail}")
+    n = report.counts()
+    print(f"{store.path}: {n['ok']} files ok, {n['bad']} bad, {n['unchecked']} unchecked ({seconds:.2f} s)")
+    return 0 if report.ok else 1

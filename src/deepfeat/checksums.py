@@ -1,0 +1,214 @@
+"""Checksums of a store's files: recorded when they are written, checked cheaply on open, fully on demand.
+
+Every file deepfeat writes into a store gets a record ``{"bytes": size, "sha256": hex}``:
+
+* a shard's feature arrays (``shards/000007.<feature>.npy``): in the metadata of the
+  shard's items file (key ``deepfeat.checksums``), which is the shard's commit marker,
+  so the record is committed atomically with the shard;
+* the shard items files, ``items.parquet``, the fitted post-processing (``post.npz``)
+  and a pooling codebook (``pooling.npz``): in ``meta.json`` under ``checksums``, at
+  the end of each extraction run (consolidation) and whenever deepfeat updates the
+  meta after writing one of them;
+* a FAISS index (``index/index.faiss``): ``index_bytes`` and ``index_sha256`` in its
+  ``index.json``.
+
+Opening a store compares sizes only (one ``stat`` per file: truncation and most edits
+are caught, with a message naming the file); :func:`verify_store` (``deepfeat info
+STORE --verify``) hashes everything and checks structure (rows per shard, dims).
+Stores written before checksums existed open as before; verify reports their files as
+unchecked rather than bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: key of the schema metadata of a shard's items parquet that holds its arrays' records
+SHARD_KEY = b"deepfeat.checksums"
+#: small files beside the shards whose records live in meta.json, refreshed by update_meta
+SIDE_FILES = ("post.npz", "pooling.npz")
+ALGORITHM = "sha256"
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in 1 MiB blocks."""
+    with open(path, "rb") as f:
+        h = hashlib.file_digest(f, "sha256") if hasattr(hashlib, "file_digest") else _digest_blocks(f)
+        size = f.tell()
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _digest_blocks(f):  # Python < 3.11
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h
+
+
+def size_problem(path: Path, record: dict[str, Any] | None) -> str | None:
+    """Why *path* cannot be the file of *record*, judged by its size alone (None: it can)."""
+    if record is None:
+        return None
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} is missing (it was written with {record['bytes']} bytes)"
+    if size != record["bytes"]:
+        return f"{path} has {size} bytes but was written with {record['bytes']}: truncated or edited"
+    return None
+
+
+def content_problem(path: Path, record: dict[str, Any]) -> str | None:
+    """Why *path* is not the file of *record* (size, then sha256), or None."""
+    msg = size_problem(path, record)
+    if msg:
+        return msg
+    got = file_digest(path)["sha256"]
+    if got != record["sha256"]:
+        return f"{path} was edited: its sha256 is {got[:16]}..., it was written as {record['sha256'][:16]}..."
+    return None
+
+
+def shard_records(items_file: Path) -> dict[str, dict[str, Any]] | None:
+    """The array records of a committed shard (from its items file's footer), or None if it has none."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_schema(items_file).metadata or {}
+    raw = md.get(SHARD_KEY)
+    return json.loads(raw) if raw else None
+
+
+# ---------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    file: str  # relative to the store
+    status: str  # ok | bad | unchecked
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == "bad" for c in self.checks)
+
+    def add(self, file: str, status: str, detail: str = "") -> None:
+        self.checks.append(Check(file, status, detail))
+
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "bad": 0, "unchecked": 0}
+        for c in self.checks:
+            out[c.status] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "ok": self.ok, "counts": self.counts(),
+                "checks": [c.__dict__ for c in self.checks]}
+
+
+def _check_record(report: VerifyReport, root: Path, rel: str, record: dict[str, Any] | None,
+                  missing_ok: bool = False) -> bool:
+    path = root / rel
+    if record is None:
+        if path.is_file():
+            report.add(rel, "unchecked", "no checksum recorded (written before deepfeat recorded checksums)")
+        elif not missing_ok:
+            report.add(rel, "bad", f"{path} is missing")
+        return path.is_file()
+    msg = content_problem(path, record)
+    report.add(rel, "bad" if msg else "ok", msg or f"{record['bytes']} bytes, sha256 {record['sha256'][:12]}")
+    return msg is None
+
+
+def verify_store(store) -> VerifyReport:
+    """Hash and check every file of *store* (a :class:`~deepfeat.store.FeatureStore`)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .store import feature_file_key
+
+    root = store.path
+    report = VerifyReport(str(root))
+    recorded = dict((store.meta.get("checksums") or {}).get("files") or {})
+    features = store.feature_names
+    dims = {name: int(store.meta["features"][name]["dim"]) for name in features}
+    total_ok = 0
+    for shard in store.committed_shards():
+        items_rel = f"shards/{shard:06d}.items.parquet"
+        _check_record(report, root, items_rel, recorded.get(items_rel))
+        try:
+            table = pq.read_table(root / items_rel)
+            own = shard_records(root / items_rel) or {}
+        except Exception as e:  # noqa: BLE001 -- a damaged parquet fails in many ways
+            report.add(items_rel, "bad", f"unreadable items table: {type(e).__name__}: {e}")
+            continue
+        n_ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
+        total_ok += n_ok
+        for name in features:
+            rel = f"shards/{shard:06d}.{feature_file_key(name)}.npy"
+            record = own.get(Path(rel).name) or recorded.get(rel)
+            if not _check_record(report, root, rel, record):
+                continue
+            try:
+                arr = np.load(root / rel, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # noqa: BLE001
+                report.add(rel, "bad", f"not a readable .npy: {type(e).__name__}: {e}")
+                continue
+            if arr.ndim != 2 or arr.shape != (n_ok, dims[name]):
+                report.add(rel, "bad", f"shape {arr.shape}, but the shard has {n_ok} ok items of {dims[name]} dims")
+    items_rel = "items.parquet"
+    if (root / items_rel).is_file() or recorded.get(items_rel):
+        if _check_record(report, root, items_rel, recorded.get(items_rel)):
+            try:
+                n = pq.read_metadata(root / items_rel).num_rows
+            except Exception as e:  # noqa: BLE001
+                report.add(items_rel, "bad", f"unreadable: {type(e).__name__}: {e}")
+            else:
+                n_shards = sum(pq.read_metadata(root / f"shards/{s:06d}.items.parquet").num_rows
+                               for s in store.committed_shards() if (root / f"shards/{s:06d}.items.parquet").is_file())
+                if n != n_shards:
+                    report.add(items_rel, "unchecked", f"{n} items, the shards hold {n_shards}: stale (the store "
+                                                       "reads the shards instead; the next run rewrites it)")
+    for rel in SIDE_FILES:
+        _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
+    for index_meta in sorted(root.glob("index/*.json")):
+        _verify_index(report, root, index_meta)
+    return report
+
+
+def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
+    rel_meta = str(meta_path.relative_to(root))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        report.add(rel_meta, "bad", f"unreadable index meta: {e}")
+        return
+    if not isinstance(meta, dict) or "index_file" not in meta:
+        return  # not an index meta (another artefact's JSON)
+    rel = str((meta_path.parent / meta["index_file"]).relative_to(root))
+    record = None
+    if "index_bytes" in meta:
+        record = {"bytes": meta["index_bytes"], "sha256": meta.get("index_sha256")}
+    if record is not None and record["sha256"] is None:
+        msg = size_problem(root / rel, record)
+        report.add(rel, "bad" if msg else "unchecked",
+                   msg or "size checked; no sha256 recorded (index saved before deepfeat recorded checksums)")
+        return
+    _check_record(report, root, rel, record)
+    for extra, rec in (meta.get("files") or {}).items():  # arrays saved beside an index (e.g. DBA vectors)
+        _check_record(report, root, str((meta_path.parent / extra).relative_to(root)), rec)
+
+
+__all__ = ["ALGORITHM", "SHARD_KEY", "SIDE_FILES", "Check", "VerifyReport", "content_problem", "file_digest",
+           "shard_records", "size_problem", "verify_store"]
