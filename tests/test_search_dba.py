@@ -101,13 +101,13 @@ def test_saved_dba_is_recomputed_when_the_store_or_index_changes(store, collecti
     fresh = SearchEngine(store, use_index=False)
     fresh._load_dba = lambda stem, want: None  # noqa: SLF001 -- recompute from scratch
     fresh._save_dba = lambda stem, found, want: None  # noqa: SLF001
-    assert _hits(fresh, e.xb[[1, 2]], dba=3) == got
+    assert _hits(fresh, e.xb[[1, 2]], dba=3) == got and len(calls) == 4
     # a damaged file is not trusted: recomputed, with a warning naming it
     npy = store / "index" / "dba-n3-a0.npy"
     npy.write_bytes(npy.read_bytes()[:-64])
     with caplog.at_level(logging.WARNING, logger="deepfeat.search"):
         assert _hits(SearchEngine(store), e.xb[[1, 2]], dba=3) == got
-    assert len(calls) == 4 and "dba-n3-a0.npy has" in caplog.text
+    assert len(calls) == 5 and "dba-n3-a0.npy has" in caplog.text
 
 
 def test_dba_on_a_store_that_cannot_be_written(store, monkeypatch, caplog):
