@@ -23,6 +23,22 @@ def test_dead_and_hanging_workers_are_replaced_and_the_items_reported_in_order(t
     assert out[6] == "ok:d" and again == ["ok:a"]
 
 
+def test_batches_queued_behind_a_dying_worker_are_not_lost(tmp_path):
+    """Each worker holds the batch it runs and the next one; when it dies or hangs, the next
+    one goes to another worker, and every batch's results come back complete and in order."""
+    batches = [[str(tmp_path / f"{k}-{j}") for j in range(3)] for k in ("a", "b", "c", "d", "e", "f")]
+    batches[1][1] = str(tmp_path / "kill-always-1")
+    batches[3][0] = str(tmp_path / "hang-3")
+    with SupervisedPool(2, timeout=2.0) as pool:
+        futs = [pool.submit(pool_tasks.batch, b) for b in batches]
+        out = [f.result(timeout=120) for f in futs]
+    for b, res in zip(batches, out):
+        assert len(res) == 3
+        for item, r in zip(b, res):
+            name = item.rsplit("/", 1)[1]
+            assert r == f"ok:{name}" or (r.startswith(f"failed:{name}:") and name[0] in "kh")
+
+
 def test_a_plain_task_whose_worker_dies_raises_and_others_go_on():
     with SupervisedPool(1) as pool:
         bad = pool.submit(pool_tasks.whole, -1)

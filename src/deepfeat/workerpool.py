@@ -1,8 +1,8 @@
 """Decode worker processes that a bad image cannot take down with the run.
 
 :class:`SupervisedPool` is a :class:`~concurrent.futures.Executor` over ``spawn``-ed
-worker processes, each fed one task at a time through its own pipe by a supervisor
-thread in the parent. For a *batch function* (one that carries a :class:`PerItem`
+worker processes, each fed through its own pipe (the task it runs and one queued behind
+it) by a supervisor thread in the parent. For a *batch function* (one that carries a :class:`PerItem`
 description, as :func:`deepfeat.pipeline.decode_batch` does) the worker sends back each
 item's result as soon as it has it, so the parent always knows which item a worker is on
 and for how long:
@@ -109,8 +109,18 @@ class _Worker:
     proc: Any
     conn: Any
     ready: bool = False
-    task: _Task | None = None
+    #: tasks sent, in the order the worker runs them: the first is running, the next waits in
+    #: its pipe (so the worker never idles for a round trip between two batches)
+    tasks: deque = field(default_factory=deque)
     last: float = 0.0  # when the current item started (dispatch or the previous item's result)
+
+    @property
+    def task(self) -> _Task | None:
+        return self.tasks[0] if self.tasks else None
+
+
+#: tasks in flight per worker: the one it runs and one queued behind it
+PREFETCH = 2
 
 
 def _how_it_died(exitcode: int | None) -> str:
@@ -242,15 +252,15 @@ class SupervisedPool(Executor):
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            if not w.ready or w.task is not None:
-                continue
-            with self._lock:
-                if not self._queue:
-                    return
-                task = self._queue.popleft()
-            self._send(w, task)
+            while w.ready and len(w.tasks) < PREFETCH and w.proc.is_alive():
+                with self._lock:
+                    if not self._queue:
+                        return
+                    task = self._queue.popleft()
+                if not self._send(w, task):
+                    break
 
-    def _send(self, w: _Worker, task: _Task) -> None:
+    def _send(self, w: _Worker, task: _Task) -> bool:
         if task.per_item:
             items = task.args[0][len(task.results):]
             if task.alone:
@@ -259,11 +269,16 @@ class SupervisedPool(Executor):
             msg = (task.id, task.per_item.one, items, True)
         else:
             msg = (task.id, task.fn, task.args, False)
-        w.task, w.last = task, time.monotonic()
+        if not w.tasks:
+            w.last = time.monotonic()
+        w.tasks.append(task)
         try:
             w.conn.send(msg)
         except (OSError, EOFError):
+            w.proc.join(timeout=10)
             self._lost(w, _how_it_died(w.proc.exitcode))
+            return False
+        return True
 
     def _read(self, w: _Worker) -> None:
         try:
@@ -279,11 +294,12 @@ class SupervisedPool(Executor):
                 if kind == "item":
                     task.results.append(payload)
                     w.last = time.monotonic()
-                elif kind == "done":
-                    w.task = None
+                    continue
+                w.tasks.popleft()
+                w.last = time.monotonic()  # the next task, if any, starts now
+                if kind == "done":
                     self._chunk_done(task, payload)
                 else:  # "error": the task itself raised
-                    w.task = None
                     task.future.set_exception(payload)
         except (EOFError, OSError):
             pass
@@ -311,8 +327,8 @@ class SupervisedPool(Executor):
                 self._kill(w)
                 self.stats["timeouts"] += 1
                 self._replace(w)
-                task = w.task
-                w.task = None
+                task = w.tasks.popleft()
+                self._requeue(w)
                 item = task.args[0][len(task.results)]
                 task.results.append(task.per_item.failed(
                     item, f"decode timed out after {self.timeout:g} s (its worker was killed and replaced)"))
@@ -320,7 +336,8 @@ class SupervisedPool(Executor):
 
     def _lost(self, w: _Worker, how: str) -> None:
         """Worker *w* died: replace it, and retry or report what it was doing."""
-        task, was_ready = w.task, w.ready
+        task, was_ready = (w.tasks.popleft() if w.tasks else None), w.ready
+        self._requeue(w)
         self._replace(w)
         if not was_ready:
             self._start_failures += 1
@@ -346,6 +363,12 @@ class SupervisedPool(Executor):
             task.alone = True  # the item it was on, once more, alone, in a fresh worker
             with self._lock:
                 self._queue.appendleft(task)
+
+    def _requeue(self, w: _Worker) -> None:
+        """The tasks waiting behind a lost worker's current one go back to the queue's front, in order."""
+        with self._lock:
+            while w.tasks:
+                self._queue.appendleft(w.tasks.pop())
 
     def _replace(self, w: _Worker) -> None:
         try:
@@ -389,9 +412,9 @@ class SupervisedPool(Executor):
             tasks = list(self._queue)
             self._queue.clear()
             self._stop = True
-        tasks += [w.task for w in self._workers if w.task is not None]
         for w in self._workers:
-            w.task = None
+            tasks += list(w.tasks)
+            w.tasks.clear()
         for t in tasks:
             if not t.future.done():
                 t.future.set_exception(WorkerStartError(message))
