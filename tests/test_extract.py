@@ -389,14 +389,18 @@ def test_onnx_static_batch_pads_and_splits(lite0):
         out = r(chunk)[0]
         assert out.shape == (len(chunk), ref.shape[1])
         assert np.abs(out - ref[: len(chunk)]).max() < 1e-4
-    assert len(r._sessions) == 1  # one graph for every batch size
+    assert r.graphs.graphs == 1 and r.export == "static"  # one graph for every batch size
 
 
 def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
     rep = extract(_cfg([collection], tmp_path / "a", limit=4, pooling="mac"))
     assert rep.backend == "onnx"  # one shape on the CPU: ONNX Runtime
     rep = extract(_cfg([collection], tmp_path / "b", limit=4, pooling="mac", size="long:128"))
-    assert rep.backend == "torch"  # one graph per shape would cost an export each
+    assert rep.backend == "onnx"  # many shapes on the CPU: one dynamic-shape graph
+    assert FeatureStore(tmp_path / "b").meta["inference"] == {"backend": "onnx", "export": "dynamic"}
+    rep = extract(_cfg([collection], tmp_path / "c", limit=4, pooling="mac", size="long:128", device="cpu",
+                       backend="torch"))
+    assert rep.backend == "torch" and FeatureStore(tmp_path / "c").meta["inference"]["backend"] == "torch"
 
     from deepfeat.features import FallbackRunner, TorchRunner
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
-import time
 from typing import Sequence
 
 import numpy as np
@@ -85,95 +82,91 @@ class FeatureNet(torch.nn.Module):
 
 
 class TorchRunner:
-    """Runs a :class:`FeatureNet` eagerly on a device."""
+    """Runs a :class:`FeatureNet` on a device, under ``torch.inference_mode``.
+
+    On CUDA the network runs in channels-last memory format (*channels_last*, the layout
+    cuDNN's convolutions are fastest in, with tensor cores); on the CPU the format is left
+    as it is. *compile*: ``torch.compile`` the feature network (dynamic shapes, for
+    aspect-preserving policies); if compiling fails on the first batch, this says so once
+    and runs eagerly. Neither was measured on a GPU in this project (none was available):
+    see docs/benchmarks.md.
+    """
 
     name = "torch"
 
-    def __init__(self, feature_net: FeatureNet, device: torch.device):
+    def __init__(self, feature_net: FeatureNet, device: torch.device, channels_last: bool = True,
+                 compile: bool = False):
         self.fnet = feature_net.eval()
-        self.device = device
+        self.device = torch.device(device)
+        self.channels_last = bool(channels_last) and self.device.type == "cuda"
+        if self.channels_last:
+            self.fnet.net.to(memory_format=torch.channels_last)
+        self._fn = self.fnet
+        self.compiled = False
+        if compile:
+            self._fn = torch.compile(self.fnet, dynamic=True)
+            self.compiled = True
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         with torch.inference_mode():
-            out = self.fnet(torch.from_numpy(pixels).to(self.device))
+            try:
+                out = self._fn(x)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the run
+                if not self.compiled:
+                    raise
+                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
+                self._fn, self.compiled = self.fnet, False
+                out = self._fn(x)
         return [o.float().cpu().numpy() for o in out]
 
 
 class OnnxRunner:
-    """Exports a :class:`FeatureNet` to ONNX per input shape and runs it with ONNX Runtime.
+    """Exports a :class:`FeatureNet` to ONNX and runs it with ONNX Runtime.
 
-    Height and width are fixed per exported graph because some networks (TF 'SAME'
-    padding) and poolings (R-MAC's region grid) compute shape-dependent constants at
-    trace time. With *batch_size*, the batch dimension is fixed too: ONNX Runtime runs a
-    fully static graph about 1.5x faster than one with a dynamic batch (measured on
-    EfficientNet-Lite0, docs/benchmarks.md); smaller batches are padded with zeros
-    (every image is computed independently, so padding does not change the others'
-    results) and larger ones split. Without it the batch is dynamic. A graph is exported
-    once per distinct input shape and cached (in memory, and on disk under *cache_dir*).
+    *export* chooses the graphs (:mod:`deepfeat.onnx_runtime`): ``static``, one graph per
+    input shape with H and W fixed, because some networks (TF 'SAME' padding) and poolings
+    (R-MAC's region grid) compute shape-dependent constants at trace time; with
+    *batch_size* the batch dimension is fixed too (ONNX Runtime runs a fully static graph
+    about 1.5x faster than one with a dynamic batch, docs/benchmarks.md; short batches are
+    padded with zero images, which do not change the others' results). At most
+    :data:`~deepfeat.onnx_runtime.MAX_STATIC_GRAPHS` static graphs are kept (LRU).
+    ``dynamic``: one graph with dynamic batch, height and width, for the many shapes of
+    aspect-preserving and multi-scale policies; checked against PyTorch at a second shape
+    after the export, and replaced by static graphs if it does not agree.
     """
 
     name = "onnx"
 
     def __init__(self, feature_net: FeatureNet, threads: int | None = None, cache_dir: str | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, export: str = "static"):
         try:
             import onnxruntime as ort  # noqa: F401
         except ImportError:
             raise UsageError("--backend onnx needs ONNX Runtime: pip install 'deepfeat[onnx]'") from None
+        from .onnx_runtime import GraphCache
+
         self.fnet = feature_net.eval().cpu()
         self.threads = threads
-        self.cache_dir = cache_dir
-        self.batch_size = batch_size
-        self._sessions: dict[tuple[int, ...], object] = {}
-        self.export_seconds = 0.0
+        self.graphs = GraphCache(self.fnet, export, threads=threads, batch_size=batch_size, cache_dir=cache_dir)
         # a network that already runs in ONNX Runtime (an onnx: model) is not re-exported
         self._eager = None if feature_net.exportable else TorchRunner(feature_net, torch.device("cpu"))
 
-    def _session(self, shape: tuple[int, int, int]):
-        sess = self._sessions.get(shape)
-        if sess is not None:
-            return sess
-        import onnxruntime as ort
+    @property
+    def export(self) -> str:
+        """The export kind in use: ``static``, ``dynamic``, or ``static`` after a failed dynamic check."""
+        g = self.graphs
+        return "static" if g.kind == "static" or g.fallback_reason else "dynamic"
 
-        t0 = time.perf_counter()
-        tmpdir = None
-        if self.cache_dir:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            b = self.batch_size or "dyn"
-            path = os.path.join(self.cache_dir, f"features_b{b}_{shape[0]}x{shape[1]}x{shape[2]}.onnx")
-        else:
-            tmpdir = tempfile.mkdtemp(prefix="deepfeat-onnx-")
-            path = os.path.join(tmpdir, "features.onnx")
-        export_feature_net(self.fnet, shape, path, batch_size=self.batch_size)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        if tmpdir:
-            import shutil
-
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        self._sessions[shape] = sess
-        self.export_seconds += time.perf_counter() - t0
-        log.info("exported ONNX graph for input %s in %.1fs", shape, time.perf_counter() - t0)
-        return sess
+    @property
+    def export_seconds(self) -> float:
+        return self.graphs.export_seconds
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         if self._eager is not None:
             return self._eager(pixels)
-        sess = self._session(tuple(pixels.shape[1:]))
-        b, n = self.batch_size, len(pixels)
-        if not b or n == b:
-            return list(sess.run(None, {"pixels": np.ascontiguousarray(pixels)}))
-        parts = []
-        for i in range(0, n, b):
-            chunk = pixels[i: i + b]
-            m = len(chunk)
-            if m < b:
-                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
-            parts.append([o[:m] for o in sess.run(None, {"pixels": np.ascontiguousarray(chunk)})])
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return self.graphs.run(pixels)
 
 
 class FallbackRunner:
@@ -205,24 +198,9 @@ class FallbackRunner:
 def export_feature_net(fnet: FeatureNet, shape: tuple[int, int, int], path: str, opset: int = 17,
                        batch_size: int | None = None) -> None:
     """Export *fnet* for uint8 inputs of ``shape`` (H, W, C), batch *batch_size* (None: dynamic)."""
-    import warnings
+    from .onnx_runtime import export
 
-    h, w, c = shape
-    dummy = torch.zeros(batch_size or 2, h, w, c, dtype=torch.uint8)
-    names = [f"feat{i}" for i in range(len(fnet.layers))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected
-        torch.onnx.export(
-            fnet,
-            (dummy,),
-            path,
-            input_names=["pixels"],
-            output_names=names,
-            dynamic_axes=None if batch_size else {"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-            opset_version=opset,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+    export(fnet, shape, path, "static", batch_size, opset)
 
 
 def pooled_dims(fnet: FeatureNet, input_hw: tuple[int, int]) -> list[int]:

@@ -63,13 +63,19 @@ class ExtractConfig:
     size: str = "model"
     scales: tuple[float, ...] = (1.0,)
     scale_combine: str = "sum"
-    backend: str = "auto"  # auto: ONNX Runtime on CPU for one-shape size policies, else torch
+    backend: str = "auto"  # auto: ONNX Runtime on the CPU, torch on CUDA
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on CPU (measured best for CNNs on few cores), 64 on CUDA
     #: pixels per batch at most, for aspect-preserving policies; None: set by ``extract``
     #: (CPU_BATCH_PIXELS with eager torch on the CPU when --batch-size is not given, else no limit)
     batch_pixels: int | None = None
-    workers: int | None = None
+    workers: int | None = None  # None: onnx_runtime.default_threads() for the core count
+    threads: int | None = None  # inference intra-op threads; None: onnx_runtime.default_threads()
+    channels_last: bool = True  # torch on CUDA: channels-last memory format (no effect on the CPU)
+    compile: bool = False  # torch: torch.compile the feature network (--compile)
+    #: aspect-preserving policies, torch: pad images to shapes rounded up to this multiple and batch
+    #: them together, pooling with a mask (deepfeat.batching); None: batch by exact shape only
+    pad_to: int | None = None
     decode_in: str = "processes"  # or "threads"
     #: seconds one image may take to decode in a worker process before the worker is killed
     #: and replaced and the image reported (None or 0: no limit; threads cannot be stopped)
@@ -105,6 +111,17 @@ class ExtractConfig:
             raise UsageError(f"--shard-size must be at least 1, not {self.shard_size}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers must be 0 or more, not {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, not {self.threads}")
+        if self.pad_to is not None:
+            if self.pad_to < 1:
+                raise UsageError(f"--pad-to must be at least 1, not {self.pad_to}")
+            if self.backend == "onnx":
+                raise UsageError("--pad-to batches padded images with eager torch; use --backend torch (or auto)")
+            from .batching import check_maskable
+            from .pooling import get_pooling
+
+            check_maskable(get_pooling(self.pooling))
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be at least 1, not {self.limit}")
         if self.decode_timeout is not None and self.decode_timeout < 0:
@@ -423,13 +440,16 @@ CPU_BATCH_PIXELS = 4 * 224 * 224
 
 
 def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: int,
-                  sizes: list[tuple[int, int] | str] | None, batch_pixels: int | None = None
-                  ) -> tuple[list[list[tuple[int, str]]], dict[int, str]]:
+                  sizes: list[tuple[int, int] | str] | None, batch_pixels: int | None = None,
+                  pad_to: int | None = None) -> tuple[list[list[tuple[int, str]]], dict[int, str]]:
     """Deterministic batches of a shard, and the items whose header could not be read.
 
     Fixed-size policies: consecutive items, *batch_size* at a time. Aspect-preserving ones:
-    items of exactly the same output size together, at most *batch_size* per batch and, with
-    *batch_pixels*, at most that many pixels (but at least one image)."""
+    items of exactly the same output size together (with *pad_to*: of the same size rounded up
+    to multiples of it, :func:`deepfeat.batching.bucket_shape`), at most *batch_size* per batch
+    and, with *batch_pixels*, at most that many pixels (but at least one image)."""
+    from .batching import bucket_shape
+
     if policy.fixed or sizes is None:
         return [items[i: i + batch_size] for i in range(0, len(items), batch_size)], {}
     groups: OrderedDict[tuple[int, int], list[tuple[int, str]]] = OrderedDict()
@@ -438,7 +458,7 @@ def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: 
         if isinstance(size, str):
             bad[item[0]] = size
         else:
-            groups.setdefault(tuple(size), []).append(item)
+            groups.setdefault(bucket_shape(*size, pad_to) if pad_to else tuple(size), []).append(item)
     batches = []
     for size, group in groups.items():
         n = batch_size if not batch_pixels else max(1, min(batch_size, batch_pixels // (size[0] * size[1])))
@@ -532,9 +552,10 @@ class ShardProcessor:
     """
 
     def __init__(self, store: FeatureStore, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],
-                 dims: list[int], policy: SizePolicy, batch_size: int, dtype: str, batch_pixels: int | None = None):
+                 dims: list[int], policy: SizePolicy, batch_size: int, dtype: str, batch_pixels: int | None = None,
+                 pad_to: int | None = None):
         self.store, self.runner, self.layers, self.dims = store, runner, layers, dims
-        self.policy, self.batch_size, self.batch_pixels = policy, batch_size, batch_pixels
+        self.policy, self.batch_size, self.batch_pixels, self.pad_to = policy, batch_size, batch_pixels, pad_to
         self.out_dtype = np.float16 if dtype == "float16" else np.float32
         self.stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
 
@@ -548,7 +569,7 @@ class ShardProcessor:
             futs = [executor.submit(probe_sizes, [p for _, p in files[i: i + chunk]])
                     for i in range(0, len(files), chunk)]
             sizes = [s for f in futs for s in f.result()]
-        batches, bad = shard_batches(files, self.policy, self.batch_size, sizes, self.batch_pixels)
+        batches, bad = shard_batches(files, self.policy, self.batch_size, sizes, self.batch_pixels, self.pad_to)
         return ShardJob(shard, items, batches, bad)
 
     def infer(self, job: ShardJob, decoded: tuple[list[tuple], float, float]) -> int:
@@ -560,8 +581,9 @@ class ShardProcessor:
         # one forward pass per shape: a batch is planned as one shape, but a header that
         # lies about the image (rare) must cost a smaller batch, never the run
         by_shape: dict[tuple[int, ...], list[tuple]] = {}
+        run_list = getattr(self.runner, "run_list", None)  # a padding runner takes several shapes at once
         for r in good:
-            by_shape.setdefault(r[1].shape, []).append(r)
+            by_shape.setdefault(() if run_list else r[1].shape, []).append(r)
         for group in by_shape.values():
             t0 = time.perf_counter()
             for sub, outs in self._forward(job, group):
@@ -612,6 +634,9 @@ class ShardProcessor:
         if faults.enabled():
             paths = dict(job.items)
             faults.model_fault([paths[r[0]] for r in group])
+        run_list = getattr(self.runner, "run_list", None)  # a padding runner takes several shapes at once
+        if run_list is not None:
+            return run_list([r[1] for r in group])
         return self.runner(np.stack([r[1] for r in group]))
 
     def _model_failed(self, job: ShardJob, r: tuple, e: Exception) -> None:
@@ -686,34 +711,59 @@ def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[s
     return model, layers, pooling, fnet
 
 
-def make_runner(cfg: ExtractConfig, fnet, device) -> Callable[[np.ndarray], list[np.ndarray]]:
+def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
+                ) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """The inference runner for *cfg*; ONNX Runtime gets *threads* intra-op threads (None: torch's)."""
     import torch
 
     from .features import FallbackRunner, OnnxRunner, TorchRunner
 
+    threads = threads or torch.get_num_threads()
+    if padding(cfg):
+        from .batching import PaddedTorchRunner
+
+        return PaddedTorchRunner(fnet, device, cfg.pad_to, channels_last=cfg.channels_last)
+    # one shape: static graphs (fastest per image); many shapes (aspect-preserving policies):
+    # one graph with dynamic height and width (docs/benchmarks.md, "ONNX Runtime at retrieval sizes")
+    export = "static" if parse_size_policy(cfg.size).fixed else "dynamic"
     if cfg.backend == "onnx":
-        return OnnxRunner(fnet, threads=torch.get_num_threads(), batch_size=cfg.batch_size or 8)
+        return OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
     if cfg.backend == "auto" and auto_prefers_onnx(cfg, fnet, device):
-        onnx = OnnxRunner(fnet, threads=torch.get_num_threads(), batch_size=cfg.batch_size or 8)
+        onnx = OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
         return FallbackRunner(onnx, TorchRunner(fnet, device))
-    return TorchRunner(fnet, device)
+    return TorchRunner(fnet, device, channels_last=cfg.channels_last, compile=cfg.compile)
+
+
+def padding(cfg: ExtractConfig) -> int | None:
+    """The multiple images are padded to (``--pad-to``), for aspect-preserving policies on the torch backend."""
+    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend != "onnx":
+        return cfg.pad_to
+    return None
+
+
+def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
+    """(inference threads, decode workers): ``--threads`` and ``--workers`` where given, else
+    :func:`deepfeat.onnx_runtime.default_threads` for this machine's cores."""
+    from .onnx_runtime import default_threads
+
+    threads, workers = default_threads()
+    return (cfg.threads or threads), (cfg.workers if cfg.workers is not None else workers)
 
 
 def eager_cpu(cfg: ExtractConfig, device) -> bool:
-    """Whether an aspect-preserving extraction runs eager PyTorch on CPUs (here, or on Ray's
-    CPU-only actors): the case for :data:`CPU_BATCH_PIXELS`. ``--backend auto`` uses torch
-    for these policies (ONNX Runtime would need an export per shape)."""
+    """Whether an aspect-preserving extraction runs on CPUs (here, or on Ray's CPU-only actors):
+    the case for :data:`CPU_BATCH_PIXELS` (eager torch and ONNX Runtime alike)."""
     on_cpu = device.type == "cpu" and (cfg.engine == "local" or not cfg.gpus_per_actor)
-    return on_cpu and cfg.backend != "onnx" and not parse_size_policy(cfg.size).fixed
+    return on_cpu and not parse_size_policy(cfg.size).fixed
 
 
 def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
-    """``--backend auto``: ONNX Runtime (about 2x eager PyTorch on CPU, docs/benchmarks.md) when
-    every image has the same shape (one graph to export) on the CPU; eager torch on CUDA and
-    for aspect-preserving policies, where each distinct shape would cost an export."""
+    """``--backend auto``: ONNX Runtime on the CPU (2-3.5x eager PyTorch, docs/benchmarks.md), for
+    every size policy (one static graph for one shape, one dynamic graph for many); eager torch
+    on CUDA."""
     import importlib.util
 
-    return (device.type == "cpu" and parse_size_policy(cfg.size).fixed and fnet.exportable
+    return (device.type == "cpu" and fnet.exportable and not padding(cfg)
             and importlib.util.find_spec("onnxruntime") is not None)
 
 
@@ -841,12 +891,24 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
                by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
                stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
     """The local engine: decode workers feed inference in this process, several shards in flight."""
+    import torch
+
     policy = parse_size_policy(cfg.size)
-    proc = ShardProcessor(store, make_runner(cfg, fnet, device), layers, dims, policy, cfg.batch_size, cfg.dtype,
-                          cfg.batch_pixels)
+    threads, workers = resolve_threads(cfg)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # eager torch on the CPU, and the fallback of ONNX Runtime
+    proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
+                          cfg.dtype, cfg.batch_pixels, padding(cfg))
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
+    from . import backend_check
+
+    try:
+        backend_check.guard(store, proc.runner, layers, lambda p: decode_image(
+            p, policy, model.data_config, draft=cfg.draft, max_pixels=cfg.max_pixels).pixels)
+    except BaseException:
+        torch.set_num_threads(torch_threads)
+        raise
     report.backend = proc.runner.name
-    workers = cfg.workers if cfg.workers is not None else default_workers()
     initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
     executor = make_executor(cfg.decode_in, workers, initargs, cfg.decode_timeout)
     inflight_max = max(2, 2 * max(workers, 1))
@@ -899,6 +961,9 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
         raise
     finally:
         _shutdown(executor, cancel=interrupted)
+        torch.set_num_threads(torch_threads)
+    if report.processed:
+        backend_check.record(store, proc.runner)
 
 
 POOLING_FILE = "pooling.npz"

@@ -41,7 +41,17 @@ def register(sub) -> None:
     p.add_argument("--scales", default="1", metavar="S1,S2,...", help="multi-scale factors, e.g. 1,0.707,0.5")
     p.add_argument("--scale-combine", default="sum", choices=["sum", "gem"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                   help="auto (default): ONNX Runtime on CPU when all images have one shape, else torch")
+                   help="auto (default): ONNX Runtime on the CPU (a dynamic-shape graph for aspect-preserving "
+                        "sizes and --scales), torch on CUDA")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="inference threads (ONNX Runtime intra-op, or torch); default: from the core count, "
+                        "see docs/benchmarks.md")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile the feature network (for GPUs; falls back to eager if it fails)")
+    p.add_argument("--pad-to", type=int, default=None, metavar="M",
+                   help="aspect-preserving sizes, torch: batch images of different shapes padded to multiples of M "
+                        "(e.g. 32), pooled with a mask (sum/avg/spoc/mac/gem only); for GPUs. Descriptors then "
+                        "differ slightly at the image borders (docs/benchmarks.md)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="default 8 on CPU, 64 on CUDA")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="decode processes (default: cores; 0 = inline); with --engine ray: decode threads per actor "
@@ -97,6 +107,7 @@ def run(args) -> int:
         backend=args.backend, device=args.device, batch_size=args.batch_size, workers=args.workers,
         decode_in=args.decode_in, decode_timeout=args.decode_timeout or None, resume=args.resume, limit=args.limit,
         dtype=args.dtype,
+        threads=args.threads, compile=args.compile, pad_to=args.pad_to,
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
         pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples, engine=args.engine,
         ray_address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,

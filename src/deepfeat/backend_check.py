@@ -1,0 +1,140 @@
+"""Appending to a store with another inference backend: allowed only when the descriptors agree.
+
+A store records which backend computed its descriptors (``meta["inference"]``: ``torch``, or
+``onnx`` with its export kind). Appending (or ``--resume``) with a different one is checked
+first: a few of the store's own images are extracted again with the new backend and compared
+with their stored descriptors. Within the tolerance of :mod:`deepfeat.onnx_runtime`
+(cosine >= 0.9999 and max abs diff <= 1e-4, or the float16 rounding of a float16 store) the
+run goes on and the store notes both backends; otherwise it is refused with the numbers, and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DeepfeatError, StoreError
+from .onnx_runtime import ATOL, COSINE_MIN, agreement
+
+log = logging.getLogger(__name__)
+
+#: images of the store compared when the backend changes
+CHECK_IMAGES = 3
+
+
+def runner_info(runner) -> dict[str, Any]:
+    """What ``meta["inference"]`` records for *runner* (after it has run once)."""
+    active = getattr(runner, "active", None) or getattr(runner, "primary", None) or runner
+    info: dict[str, Any] = {"backend": active.name}
+    if active.name == "onnx":
+        info["export"] = active.export
+    elif getattr(active, "device", None) is not None:
+        info["device"] = active.device.type
+    if getattr(active, "multiple", None):
+        info["pad_to"] = int(active.multiple)  # padded batches (deepfeat.batching)
+    return info
+
+
+def recorded_info(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The backend a store was made with: ``meta["inference"]``, else (older stores) the last run's."""
+    if meta.get("inference"):
+        return dict(meta["inference"])
+    last = (meta.get("last_run") or {}).get("backend")
+    return {"backend": last} if last else None
+
+
+def same_backend(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    """Same backend, export kind, device and padding (torch on CUDA may use TF32: checked too)."""
+    keys = ("backend", "export", "device", "pad_to")
+    return a is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
+def check_append(store, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],
+                 decode: Callable[[str], np.ndarray], n: int = CHECK_IMAGES) -> dict[str, Any] | None:
+    """Before new rows are added to *store* with *runner*: if the store already has rows made by
+    another backend, recompute *n* of them (``decode(path)`` gives the pixels) and compare.
+
+    Returns the comparison (recorded in the meta) or None when there was nothing to compare;
+    raises :class:`StoreError` when they disagree.
+    """
+    ok = store.ok_items() if store.committed_shards() else None
+    if ok is None or ok.num_rows == 0:
+        return None
+    dtype = store.meta.get("dtype", "float32")
+    first = ok.slice(0, n)
+    paths = first.column("path").to_pylist()
+    stored = {name: first_rows(store, name, len(paths)) for name in layers}  # rows are in ok-item order
+    worst_cos, worst_diff, checked = 1.0, 0.0, 0
+    for row, path in enumerate(paths):
+        try:
+            px = decode(store.resolve_path(path))
+        except (DeepfeatError, OSError):
+            continue  # the image is gone or changed: compare the others
+        outs = runner(px[None])
+        for name, o in zip(layers, outs):
+            ref = stored[name][row: row + 1]
+            got = o.reshape(1, -1).astype(np.float16 if dtype == "float16" else np.float32)
+            cos, diff = agreement(got, ref)
+            scale = float(np.abs(ref).max()) or 1.0
+            worst_cos, worst_diff = min(worst_cos, cos), max(worst_diff, diff / max(1.0, scale))
+        checked += 1
+    if not checked:
+        log.warning("cannot check the new backend against %s: none of its first images can be read", store.path)
+        return None
+    atol = ATOL if dtype == "float32" else 2e-3  # float16 keeps 11 significant bits
+    result = {"images": checked, "min_cosine": round(worst_cos, 7), "max_abs_diff": float(f"{worst_diff:.3g}"),
+              "tolerance": {"min_cosine": COSINE_MIN, "max_abs_diff": atol}}
+    if worst_cos < COSINE_MIN or worst_diff > atol:
+        raise StoreError(
+            f"{store.path} was made with {describe(recorded_info(store.meta))}; this run's "
+            f"{describe(runner_info(runner))} gives other descriptors for the store's own images (cosine "
+            f"{worst_cos:.6f}, max abs diff {worst_diff:.2e}; they agree at cosine >= {COSINE_MIN} and diff <= "
+            f"{atol:g}), so appending would mix two kinds of descriptors. Use the store's backend (--backend "
+            f"{(recorded_info(store.meta) or {}).get('backend', 'torch')}) or extract into a new store.")
+    return result
+
+
+def first_rows(store, name: str, n: int) -> np.ndarray:
+    """The first *n* stored feature rows of *name*, reading only the shards that hold them."""
+    parts, have = [], 0
+    for _, arr in store.features(name):
+        parts.append(np.asarray(arr[: n - have], np.float32))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def guard(store, runner, layers: list[str], decode: Callable[[str], np.ndarray]) -> None:
+    """Refuse (StoreError) to add rows made by *runner* to a store whose rows another backend made,
+    unless they agree; see :func:`check_append`."""
+    recorded = recorded_info(store.meta)
+    intended = runner_info(runner)
+    if same_backend(recorded, intended) or not store.committed_shards():
+        return
+    result = check_append(store, runner, layers, decode)
+    if result is not None:
+        log.info("appending with %s to a store made with %s: the descriptors agree (%s)", describe(intended),
+                 describe(recorded), result)
+        store.update_meta(backend_check={"recorded": recorded, "new": runner_info(runner), **result})
+
+
+def record(store, runner) -> None:
+    """Note in the store's meta which backend computed its rows (the first one stays ``inference``)."""
+    info = runner_info(runner)
+    recorded = store.meta.get("inference")
+    if not recorded:
+        store.update_meta(inference=info)
+    elif not same_backend(recorded, info):
+        also = [x for x in store.meta.get("inference_also", []) if not same_backend(x, info)]
+        store.update_meta(inference_also=[*also, info])
+
+
+def describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "an unrecorded backend"
+    extra = ", ".join(f"{k} {v}" for k, v in info.items() if k != "backend")
+    return f"backend {info['backend']}" + (f" ({extra})" if extra else "")

@@ -1,0 +1,237 @@
+"""ONNX Runtime sessions for a :class:`~deepfeat.features.FeatureNet`: which graphs, how many threads.
+
+Two export kinds (the measured comparison is in docs/benchmarks.md, "ONNX Runtime at
+retrieval sizes"):
+
+* ``static``: one graph per input shape (and a fixed batch size). Fastest per image at
+  one shape (``--size model``, ``warp:``), but every new shape costs an export (1-3 s
+  for EfficientNet-Lite0), so at most :data:`MAX_STATIC_GRAPHS` are kept (least recently
+  used first out).
+* ``dynamic``: one graph with dynamic batch, height and width, for aspect-preserving
+  and multi-scale policies (hundreds of shapes). It is exact only if nothing in the
+  network, normalisation or pooling turns the input shape into a constant at trace time
+  (R-MAC's region grid, SPoC's centre prior, a Caffe mean image, ...). That is checked
+  once, right after the export, at a second shape against eager PyTorch
+  (:func:`dynamic_graph_agrees`); a graph that fails falls back to ``static`` per shape.
+
+Thread defaults (:func:`default_threads`) split the cores between ONNX Runtime's
+intra-op threads and the decode workers; ``--threads`` overrides them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXPORT_KINDS = ("static", "dynamic")
+#: per-shape static graphs kept in memory at once (each EfficientNet-Lite0 session ~20 MB)
+MAX_STATIC_GRAPHS = 16
+#: what "the same descriptor" means between backends (tests and the dynamic-graph check):
+#: cosine similarity at least this, and no component further apart than ATOL
+COSINE_MIN = 0.9999
+ATOL = 1e-4
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def load_session(path: str, threads: int | None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def graph_file(cache_dir: str, kind: str, batch_size: int | None, shape: tuple[int, int, int]) -> str:
+    """The on-disk name of an exported graph: keyed on the export kind, so a cache written by one
+    kind is never read as the other (a dynamic graph has no shape in its name)."""
+    b = batch_size or "dyn"
+    if kind == "dynamic":
+        return os.path.join(cache_dir, f"features_dynhw_b{b}_c{shape[2]}.onnx")
+    return os.path.join(cache_dir, f"features_static_b{b}_{shape[0]}x{shape[1]}x{shape[2]}.onnx")
+
+
+def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: int | None = None,
+           opset: int = 17) -> None:
+    """Export *fnet* for uint8 ``N x H x W x C`` inputs traced at *shape* (H, W, C).
+
+    ``static``: H and W fixed, N fixed to *batch_size* (None: dynamic). ``dynamic``: N, H and W dynamic.
+    """
+    import torch
+
+    h, w, c = shape
+    dummy = torch.zeros(batch_size or 2, h, w, c, dtype=torch.uint8)
+    names = [f"feat{i}" for i in range(len(fnet.layers))]
+    if kind == "dynamic":
+        axes: dict[str, dict[int, str]] | None = {"pixels": {0: "batch", 1: "height", 2: "width"},
+                                                  **{n: {0: "batch"} for n in names}}
+    elif batch_size:
+        axes = None
+    else:
+        axes = {"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected (and checked)
+        torch.onnx.export(fnet, (dummy,), path, input_names=["pixels"], output_names=names, dynamic_axes=axes,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A second, different shape to check a dynamic graph at: other sizes, other parity (odd sides
+    exercise TF 'SAME' padding), landscape for portrait and back, and small, so the check is cheap."""
+    h, w, c = shape
+    return max(33, w // 2 + 1), max(33, h // 2 + 3), c
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(smallest row cosine, largest absolute difference) between two ``N x D`` arrays."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf (a broken graph) compare as False
+        cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
+    both_zero = (na == 0) & (nb == 0)
+    cos[both_zero] = 1.0
+    return float(cos.min()), float(np.abs(a - b).max())
+
+
+def agrees(a: np.ndarray, b: np.ndarray, cosine_min: float = COSINE_MIN, atol: float = ATOL) -> bool:
+    cos, diff = agreement(a, b)
+    return cos >= cosine_min and diff <= atol
+
+
+def dynamic_graph_agrees(sess, fnet, shape: tuple[int, int, int]) -> tuple[bool, str]:
+    """Run the dynamic graph and eager PyTorch on random pixels at :func:`probe_shape` of *shape*."""
+    import torch
+
+    ps = probe_shape(shape)
+    x = np.random.default_rng(0).integers(0, 256, (1, *ps), dtype=np.uint8)
+    try:
+        got = sess.run(None, {"pixels": x})
+    except Exception as e:  # noqa: BLE001 - a graph that cannot run at another shape is not dynamic
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    with torch.inference_mode():
+        want = [o.float().numpy() for o in fnet(torch.from_numpy(x))]
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return False, f"output shape {g.shape} at input {ps[:2]}, torch gives {w.shape}"
+        cos, diff = agreement(g, w)
+        if not (cos >= COSINE_MIN and diff <= ATOL):
+            return False, f"at input {ps[0]}x{ps[1]} cosine {cos:.6f}, max abs diff {diff:.2e} to torch"
+    return True, ""
+
+
+class GraphCache:
+    """ONNX Runtime sessions for one FeatureNet: one dynamic graph, or static graphs per shape (LRU)."""
+
+    def __init__(self, fnet, kind: str = "static", threads: int | None = None, batch_size: int | None = None,
+                 cache_dir: str | None = None, max_static: int = MAX_STATIC_GRAPHS):
+        if kind not in EXPORT_KINDS:
+            raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
+        self.fnet, self.kind, self.threads, self.cache_dir = fnet, kind, threads, cache_dir
+        self.batch_size = batch_size if kind == "static" else None
+        self.max_static = max(1, int(max_static))
+        self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
+        self._dynamic = None
+        self.export_seconds = 0.0
+        self.exports = 0
+        self.evictions = 0
+        self.fallback_reason: str | None = None  # why a dynamic graph was given up for static ones
+
+    @property
+    def graphs(self) -> int:
+        return len(self._static) + (self._dynamic is not None)
+
+    def _build(self, kind: str, shape: tuple[int, int, int], batch_size: int | None):
+        t0 = time.perf_counter()
+        tmpdir = None
+        if self.cache_dir:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            path = graph_file(self.cache_dir, kind, batch_size, shape)
+        else:
+            tmpdir = tempfile.mkdtemp(prefix="deepfeat-onnx-")
+            path = os.path.join(tmpdir, "features.onnx")
+        try:
+            if not (self.cache_dir and os.path.isfile(path)):
+                export(self.fnet, shape, path, kind, batch_size)
+            sess = load_session(path, self.threads)
+        finally:
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        self.exports += 1
+        dt = time.perf_counter() - t0
+        self.export_seconds += dt
+        log.info("exported a %s ONNX graph at input %s in %.1fs", kind, shape, dt)
+        return sess
+
+    def session(self, shape: tuple[int, int, int]) -> tuple[Any, int | None]:
+        """(session, the batch size it must be fed: None for any) for inputs of *shape*."""
+        if self.kind == "dynamic" and self.fallback_reason is None:
+            if self._dynamic is None:
+                sess = self._build("dynamic", shape, None)
+                ok, why = dynamic_graph_agrees(sess, self.fnet, shape)
+                if ok:
+                    self._dynamic = sess
+                else:
+                    self.fallback_reason = why
+                    log.warning("the dynamic-shape ONNX graph does not match PyTorch at other input sizes (%s): "
+                                "exporting one graph per shape instead (at most %d kept)", why, self.max_static)
+            if self._dynamic is not None:
+                return self._dynamic, None
+        sess = self._static.get(shape)
+        if sess is not None:
+            self._static.move_to_end(shape)
+            return sess, self.batch_size
+        sess = self._build("static", shape, self.batch_size)
+        self._static[shape] = sess
+        if len(self._static) > self.max_static:
+            self._static.popitem(last=False)
+            self.evictions += 1
+        return sess, self.batch_size
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        sess, b = self.session(tuple(pixels.shape[1:]))
+        n = len(pixels)
+        if not b or n == b:
+            return list(sess.run(None, {"pixels": np.ascontiguousarray(pixels)}))
+        parts = []
+        for i in range(0, n, b):
+            chunk = pixels[i: i + b]
+            m = len(chunk)
+            if m < b:  # every image is computed independently: zero images do not change the others
+                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
+            parts.append([o[:m] for o in sess.run(None, {"pixels": np.ascontiguousarray(chunk)})])
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def default_threads(cores: int | None = None) -> tuple[int, int]:
+    """(intra-op threads, decode workers) for a box with *cores* cores.
+
+    Measured on 2 cores (benchmarks/bench_threads.py, docs/benchmarks.md): inference
+    threads = cores and decode workers = cores, oversubscribed, beats splitting the
+    cores, because neither stage keeps every core busy all the time. From 8 cores up,
+    one inference session does not scale past about 8 intra-op threads on CNN
+    convolutions of this size, so the rest of the cores go to decoding (not measured
+    here: no 16-core box was available; the rule is the conservative one).
+    """
+    n = max(1, cores or os.cpu_count() or 1)
+    if n <= 8:
+        return n, n
+    return 8, n - 4
