@@ -126,6 +126,16 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
+def store_files(store, root: str, n: int, seed: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of *n* of the store's own image files, drawn with *seed*, read into memory."""
+    rng = random.Random(seed)
+    files = []
+    for p in rng.sample(store.paths, min(n, len(store.paths))):
+        f = Path(p if os.path.isabs(p) else os.path.join(root, p))
+        files.append((f.name, f.read_bytes()))
+    return files
+
+
 def run_load(url: str, make_request, clients: int, requests: int, duration: float, warmup: int) -> dict:
     """*clients* threads issue requests until *requests* are done or *duration* seconds pass."""
     import httpx
@@ -190,12 +200,7 @@ def main(argv=None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     store = FeatureStore(args.store)
     ids = [int(i) for i in store.ids]
-    root = args.root or os.getcwd()
-    rng = random.Random(args.seed)
-    files = []
-    for p in rng.sample(store.paths, min(args.images, len(store.paths))):
-        f = Path(p if os.path.isabs(p) else os.path.join(root, p))
-        files.append((f.name, f.read_bytes()))
+    files = store_files(store, args.root or os.getcwd(), args.images, args.seed)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for name in configs:

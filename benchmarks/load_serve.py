@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import Server, _cpu_model, percentile  # noqa: E402
+from bench_serve import Server, _cpu_model, percentile, store_files  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,12 +144,7 @@ def main(argv=None) -> int:
 
     store = FeatureStore(args.store)
     ids = [int(i) for i in store.ids]
-    root = args.root or os.getcwd()
-    rng = random.Random(args.seed)
-    files = []
-    for p in rng.sample(store.paths, min(args.images, len(store.paths))):
-        f = Path(p if os.path.isabs(p) else os.path.join(root, p))
-        files.append((f.name, f.read_bytes()))
+    files = store_files(store, args.root or os.getcwd(), args.images, args.seed)
     load_start = [round(x, 2) for x in os.getloadavg()]
     srv = Server(args.store, args.root, list(args.server_args))
     assert srv.url.startswith("http://127.0.0.1:"), srv.url  # loopback only

@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import random
 import socket
 import struct
 import sys
@@ -141,15 +140,18 @@ def slow_body_client(port: int, total_s: float, result: list) -> None:
                 s.sendall(bytes([ch]))
                 time.sleep(0.2)
             data = b""
+            answered = None
             while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
+                answered = answered or time.perf_counter() - t0
                 data += chunk
         status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else None
         body = data.partition(b"\r\n\r\n")[2]
         is_json = body.startswith(b"{") and "error" in json.loads(body)
-        result.append({"status": status, "json": is_json, "seconds": round(time.perf_counter() - t0, 2)})
+        result.append({"status": status, "json": is_json, "answered_after_s": round(answered or 0.0, 2),
+                       "closed_after_s": round(time.perf_counter() - t0, 2)})
     except (OSError, ValueError) as e:
         result.append({"status": None, "error": f"{type(e).__name__}: {e}",
                        "seconds": round(time.perf_counter() - t0, 2)})
@@ -257,8 +259,9 @@ def main(argv=None) -> int:
     print(f"{'case':34s} outcomes (status: count)")
     for kind in sorted(outcomes):
         print(f"{kind:34s} " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes[kind].items())))
-    print(f"slow body clients: {[(x.get('status'), x.get('seconds')) for x in slow_body]} (want 408 after "
-          f"~{args.body_timeout:g} s)")
+    print(f"slow body clients (status, answered after s, closed after s): "
+          f"{[(x.get('status'), x.get('answered_after_s'), x.get('closed_after_s')) for x in slow_body]} "
+          f"(want 408 after ~1 s of trickle + {args.body_timeout:g} s)")
     print(f"slow header clients: {len(header_socks)} held a connection until closed; the server kept answering")
     print(f"server memory: VmRSS {mem0.get('VmRSS')} MiB after warm-up -> {mem1.get('VmRSS')} MiB at the end "
           f"(peak VmHWM {mem1.get('VmHWM')} MiB); alive at the end: {alive}")

@@ -129,7 +129,7 @@ class ConcurrencyLimitMiddleware:
                 return await asyncio.wait_for(receive(), timeout)
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body stalled for more than {timeout:g} s",
-                               {"body_timeout_seconds": timeout}) from None
+                               {"body_timeout_seconds": timeout}, headers={"Connection": "close"}) from None
 
         return timed_receive
 
