@@ -21,7 +21,7 @@ RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal, with optional pa
 RECIPE_FLAGS = {"qe": "search.qe", "alpha": "search.alpha", "dba": "search.dba", "rerank": "search.rerank"}
 
 
-def _options(args, command: str) -> None:
+def search_options(args, command: str) -> None:
     """Apply --recipe (search options), refuse a bad --rerank before any work; ``none`` = no re-ranking."""
     recipe = apply_recipe(args, command)
     if args.rerank and args.rerank.strip().lower() == "none":
@@ -133,7 +133,7 @@ def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
 
 
 def run_search(args) -> int:
-    _options(args, "search")
+    search_options(args, "search")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device)
     bbox = parse_bbox(args.bbox)
     verify = parse_verify_spec(args.verify)
@@ -188,7 +188,7 @@ def run_eval(args) -> int:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise UsageError(f"--ks {args.ks!r}: give comma-separated integers") from None
-    _options(args, "eval")
+    search_options(args, "eval")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device, use_index=False)
     verify = parse_verify_spec(args.verify)
     results = []

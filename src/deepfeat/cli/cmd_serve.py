@@ -7,8 +7,8 @@ import os
 import sys
 
 from ..errors import UsageError
-from .cmd_search import RECIPE_FLAGS
-from .recipe_args import add_recipe_arg, apply_recipe
+from .cmd_search import RECIPE_FLAGS, search_options
+from .recipe_args import add_recipe_arg
 
 
 def register(sub) -> None:
@@ -78,7 +78,7 @@ def server_url(host: str, port: int) -> str:
 
 
 def run(args) -> int:
-    apply_recipe(args, "serve")
+    search_options(args, "serve")  # --recipe, --rerank checked before the server starts
     try:
         import uvicorn
 
