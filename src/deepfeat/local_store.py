@@ -77,7 +77,16 @@ def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str
     Shards already written are skipped, so an interrupted run continues where it
     stopped. A section of the same *name* made with different settings is refused.
     Returns a small report (shards done/skipped, images, keypoints, seconds, failures)."""
+    from .storelock import StoreLock
+
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    with StoreLock(store.path, create=False):  # one writer at a time (an extract appending, another run)
+        return _build(store, spec, name, device, on_shard)
+
+
+def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
+           on_shard: Callable[[int], None] | None) -> dict[str, Any]:
+    store = FeatureStore(store.path)  # the meta and items as they are now, under the lock
     extractor = open_extractor(store, spec, device)
     name = name or extractor.spec.extractor
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -102,7 +111,6 @@ def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str
     t0 = time.perf_counter()
     report = {"name": name, "spec": desc["spec"], "shards_done": 0, "shards_skipped": 0, "images": 0,
               "keypoints": 0, "failed": []}
-    store.items(refresh=True)
     for shard in store.committed_shards():
         out = _shard_path(store, name, shard)
         if out.is_file():
