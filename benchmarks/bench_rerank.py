@@ -95,7 +95,8 @@ def instance_gt(db: FeatureStore, q: FeatureStore, instance: Path) -> tuple[Grou
     queries, edits = [], []
     for p in q.paths:
         orig, edit = by_q[Path(p).name]
-        hit = [i for k, i in rows.items() if k.endswith(os.path.normpath(orig))]
+        want = os.path.normpath(orig)
+        hit = [i for k, i in rows.items() if k == want or k.endswith(os.sep + want)]
         if len(hit) != 1:
             raise SystemExit(f"original {orig} of {p} not found once in {db.path} (root {root})")
         queries.append(Query(name=Path(p).stem, image=p, index=None, path=None, relevant=frozenset(hit)))

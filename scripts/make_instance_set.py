@@ -15,6 +15,10 @@ its original. The edits, with the random parameters drawn per image from
   U(0.3, 1.7) (PIL ImageEnhance), hue rotated by U(-0.08, 0.08) of the colour circle
   (in HSV), then Gaussian blur of radius U(2, 4) pixels; JPEG q=90.
 
+The database is all of Flowers 17, or with ``--distractors M`` the N originals and M
+other images drawn with ``default_rng([seed, 1])``; ``OUT/database.txt`` lists it
+(absolute paths, for ``deepfeat extract @OUT/database.txt``).
+
 Writes ``OUT/queries/<edit>/q_<edit>_<class>_<image>.jpg``, ``OUT/queries.csv``
 (query, original, edit) and ``OUT/gnd.json`` (the revisited ground-truth format of
 ``deepfeat eval --gt revisited-medium:OUT/gnd.json``: ``imlist`` = the Flowers 17 images,
@@ -68,6 +72,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--n", type=int, default=200, help="originals to edit (default 200)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distractors", type=int, default=None,
+                    help="database = the N originals + this many other Flowers 17 images, seeded (default: all)")
     args = ap.parse_args()
     root = Path(args.flowers)
     originals = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.jpg"))
@@ -97,6 +103,14 @@ def main() -> int:
         w = csv.writer(f)
         w.writerow(["query", "original", "edit"])
         w.writerows(rows)
+    rest = [j for j in range(len(originals)) if j not in set(pick)]
+    if args.distractors is not None:
+        if not 0 <= args.distractors <= len(rest):
+            ap.error(f"--distractors must be in 0..{len(rest)}")
+        rest = sorted(np.random.default_rng([args.seed, 1]).choice(rest, size=args.distractors, replace=False).tolist())
+    db = sorted(pick + rest)
+    (out / "database.txt").write_text("".join(f"{(root / originals[j]).resolve()}\n" for j in db))
+    originals = [originals[j] for j in db]
     index = {name: j for j, name in enumerate(originals)}
     gnd = {"format": "deepfeat-revisited-gnd", "version": 1,
            "imlist": [n.rsplit(".", 1)[0] for n in originals],
@@ -104,7 +118,7 @@ def main() -> int:
            "gnd": [{"bbx": None, "easy": [index[o]], "hard": [], "junk": []} for _, o, _ in rows]}
     (out / "gnd.json").write_text(json.dumps(gnd) + "\n")
     print(f"{len(rows)} queries ({len(pick)} originals x {len(EDITS)} edits) in {out}; "
-          f"database: {len(originals)} images of {root}")
+          f"database: {len(originals)} images of {root} (listed in {out / 'database.txt'})")
     return 0
 
 
