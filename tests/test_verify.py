@@ -228,7 +228,7 @@ def test_local_features_survive_kill_and_resume_identically(collection, tmp_path
     ref, out = stores
     subprocess.run(_local_cmd(ref), check=True, env=env, capture_output=True)
     proc = subprocess.Popen(_local_cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded machine takes long to load the model
     section = out / "local" / "cnn"
     while time.time() < deadline:  # wait until some, but not all, shards are written
         if (section.is_dir() and len(list(section.glob("*.npz"))) >= 2) or proc.poll() is not None:
