@@ -4,8 +4,8 @@ Two export kinds (the measured comparison is in docs/benchmarks.md, "ONNX Runtim
 retrieval sizes"):
 
 * ``static``: one graph per input shape (and a fixed batch size). Fastest per image at
-  one shape (``--size model``, ``warp:``), but every new shape costs an export (1-3 s
-  for EfficientNet-Lite0), so at most :data:`MAX_STATIC_GRAPHS` are kept (least recently
+  one shape (``--size model``, ``warp:``), but every new shape costs an export (seconds:
+  2.6-3.8 s for EfficientNet-Lite0, docs/benchmarks.md), so at most :data:`MAX_STATIC_GRAPHS` are kept (least recently
   used first out).
 * ``dynamic``: one graph with dynamic batch, height and width, for aspect-preserving
   and multi-scale policies (hundreds of shapes). It is exact only if nothing in the
@@ -224,12 +224,15 @@ class GraphCache:
 def default_threads(cores: int | None = None) -> tuple[int, int]:
     """(intra-op threads, decode workers) for a box with *cores* cores.
 
-    Measured on 2 cores (benchmarks/bench_threads.py, docs/benchmarks.md): inference
-    threads = cores and decode workers = cores, oversubscribed, beats splitting the
-    cores, because neither stage keeps every core busy all the time. From 8 cores up,
-    one inference session does not scale past about 8 intra-op threads on CNN
-    convolutions of this size, so the rest of the cores go to decoding (not measured
-    here: no 16-core box was available; the rule is the conservative one).
+    Up to 8 cores: as many inference threads as cores and as many decode workers as cores,
+    oversubscribed on purpose (deepfeat's defaults before ``--threads`` existed, with which
+    the 2-core pipeline ran at 96-111% of the shared-cores bound, docs/benchmarks.md):
+    neither stage keeps every core busy all the time. Above 8 cores, one ONNX Runtime
+    session is assumed to gain little from more intra-op threads on convolutions of this
+    size: 8 threads, and ``cores - 4`` decode workers (oversubscribed by 4, as the small
+    boxes are by design). The 16-core rule is NOT measured here (no such
+    machine was available): ``benchmarks/bench_threads.py`` compares the combinations on
+    the machine at hand, and ``--threads``/``--workers`` override the defaults.
     """
     n = max(1, cores or os.cpu_count() or 1)
     if n <= 8:
