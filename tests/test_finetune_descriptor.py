@@ -159,3 +159,26 @@ def test_compare_descriptors_side_by_side(labelled, tmp_path):
     # only the trained units moved (train_blocks 2: conv_head, bn2)
     wc = rep["weight_change"]
     assert wc["conv_head"] > 0 and wc["blocks.5"] == 0 and wc["conv_stem"] == 0
+
+
+def test_cosine_head_trains_saves_and_loads(labelled, tmp_path):
+    """--head cosine: a bias-free head on L2-normalised features, its scale saved with it;
+    finetuned:RUN rebuilds it and classifies the held-out images as the run measured."""
+    import deepfeat
+    from deepfeat.classify import classify
+    from deepfeat.finetune.heads import CosineHead
+
+    out = tmp_path / "cos"
+    res = finetune(FinetuneConfig(data=str(labelled), output=str(out), head="cosine", head_scale=12.0, **TINY))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["head"] == {"name": "head_ft", "module": "classifier", "kind": "cosine", "in_features": 1280,
+                            "num_classes": 3, "scale": 12.0}
+    m = deepfeat.load_model(f"finetuned:{out}")
+    head = m.net.get_submodule("classifier")
+    assert isinstance(head, CosineHead) and float(head.scale) == 12.0
+    val = D.read_split(out / "val.txt", json.loads((out / "check.json").read_text())["root"], 3)
+    results = classify(m, [v.path for v in val], k=1)
+    right = sum(r.predictions[0].label == res.classes[v.label] for r, v in zip(results, val))
+    assert right / len(val) == pytest.approx(res.val_accuracy)
+    with pytest.raises(Exception, match="--head"):
+        finetune(FinetuneConfig(data=str(labelled), output=str(tmp_path / "bad"), head="arc", **TINY))

@@ -30,7 +30,7 @@ def register(sub) -> None:
     g.add_argument("--image-size", type=int, metavar="S", help="train and use the model at S x S (default: the "
                                                                "model's own input size)")
     g.add_argument("--train-blocks", metavar="all|N|UNIT",
-                   help="what the full stage trains besides the head: all (default), the last N backbone units, "
+                   help="what the full stage trains besides the head: the last N backbone units (default 3), all, "
                         "or a unit name and everything after it (units are listed in the run's first line)")
     g.add_argument("--bn", choices=["frozen", "train"],
                    help="BatchNorm statistics: frozen (default; eval mode, right for small batches) or train")
@@ -53,11 +53,11 @@ def register(sub) -> None:
                    help="compute the frozen layers before the first trained unit once per un-augmented image "
                         "and cache them (auto, default; checked for equivalence before use)")
     t = p.add_argument_group("training")
-    t.add_argument("--head-epochs", type=int, metavar="N", help="stage 1, head only (default 5; 0 skips it)")
-    t.add_argument("--epochs", type=int, metavar="N", help="stage 2, head + backbone (default 5; 0 skips it)")
+    t.add_argument("--head-epochs", type=int, metavar="N", help="stage 1, head only (default 10; 0 skips it)")
+    t.add_argument("--epochs", type=int, metavar="N", help="stage 2, head + backbone (default 6; 0 skips it)")
     t.add_argument("--iters-per-epoch", type=int, metavar="N", help="iterations per epoch (default: one pass)")
     t.add_argument("--batch-size", type=int, metavar="N", help="default 16")
-    t.add_argument("--lr", type=float, metavar="LR", help="backbone learning rate (default 0.001)")
+    t.add_argument("--lr", type=float, metavar="LR", help="backbone learning rate (default 0.01)")
     t.add_argument("--head-stage-lr", type=float, metavar="LR",
                    help="base learning rate of stage 1, multiplied like --lr (default 0.001)")
     t.add_argument("--head-lr-mult", type=float, metavar="X", help="head weight lr = lr x X (default 10)")
@@ -97,7 +97,7 @@ def register(sub) -> None:
                    help="retrieval mAP / mP@10 on the validation split before and after, side by side")
     s.add_argument("--eval-layer", metavar="NAME", help="the run's descriptor layer: measured by --eval-retrieval, recorded in meta.json, "
                         "used by extract --model finetuned:RUN (default: the last feature map)")
-    s.add_argument("--eval-pool", metavar="SPEC", help="the run's descriptor pooling, as --eval-layer (default: gem; metric losses: GeM with "
+    s.add_argument("--eval-pool", metavar="SPEC", help="the run's descriptor pooling, as --eval-layer (default: avg; metric losses: GeM with "
                         "the learned p)")
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
     s.add_argument("--json", action="store_true", help="print the result as JSON")
