@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from deepfeat.evaluate import GroundTruth, Query, evaluate_ranks, parse_gt_spec
-from deepfeat.local_store import LocalFeatureCache, build_local_features, local_feature_names
+from deepfeat.local_store import LocalFeatureCache, build_local_features
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
@@ -62,6 +62,10 @@ def parse_args(argv=None):
     ap.add_argument("--verify", default="20", help="--verify N[:ARGS] of the verification rows")
     ap.add_argument("--diffusion", default="diffusion", help="re-rank spec of the diffusion rows")
     ap.add_argument("--kreciprocal", default="kreciprocal", help="re-rank spec of the k-reciprocal rows")
+    ap.add_argument("--sets", default="instance,ukbench56", help="which sets to run")
+    ap.add_argument("--query-subset", type=int, default=0, metavar="N",
+                    help="instance set: only every k-th query, N in all (0: all); query local features that are "
+                         "not cached in the query store are then computed on the fly")
     ap.add_argument("--out", default="bench-out/rerank.json")
     return ap.parse_args(argv)
 
@@ -128,9 +132,9 @@ def methods(args, locals_: list[str]) -> list[tuple[str, dict]]:
               (f"+ k-reciprocal ({args.kreciprocal})", {"rerank": args.kreciprocal})]
     for loc in locals_:
         m.append((f"+ verification ({loc}, top {args.verify})", {"verify": loc}))
-    best_local = locals_[0]
-    m.append((f"+ QE + DBA + verification ({best_local})", {"qe": qe, "dba": dba, "alpha": args.alpha,
-                                                             "verify": best_local}))
+    if locals_:
+        m.append((f"+ QE + DBA + verification ({locals_[0]})", {"qe": qe, "dba": dba, "alpha": args.alpha,
+                                                                 "verify": locals_[0]}))
     if HAVE_RERANK:
         m += [(f"+ diffusion + verification ({loc})", {"rerank": args.diffusion, "verify": loc}) for loc in locals_]
         m += [(f"+ k-reciprocal + verification ({loc})", {"rerank": args.kreciprocal, "verify": loc})
@@ -142,6 +146,12 @@ def run_set(name: str, engine: SearchEngine, xq: np.ndarray, gt: GroundTruth, qc
             locals_: list[str], edits: list[str] | None = None) -> list[dict]:
     rows = []
     base_ms = None
+    t0 = time.perf_counter()
+    for loc in locals_:  # query local features first (cached, or computed now), outside the timings
+        qc = qcache_of(loc)
+        for i in range(len(gt.queries)):
+            qc[i]
+    print(f"[{name}] query local features ready in {time.perf_counter() - t0:.0f}s", flush=True)
     for label, step in methods(args, locals_):
         ranks, ms = rank(engine, xq, step, query_rows)
         vms = 0.0
@@ -164,29 +174,39 @@ def run_set(name: str, engine: SearchEngine, xq: np.ndarray, gt: GroundTruth, qc
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    locals_ = [s for s in args.local.split(",") if s]
+    locals_ = [s for s in args.local.split(",") if s]  # "" : no verification rows
     work, inst = Path(args.work), Path(args.instance)
     if not (inst / "queries.csv").is_file():
         raise SystemExit(f"{inst} has no queries.csv; run scripts/make_instance_set.py --out {inst} first")
     t0 = time.perf_counter()
+    sets = args.sets.split(",")
     db = ensure_store(work / "db", [args.flowers], args.size, locals_)
-    qs = ensure_store(work / "q", [str(inst / "queries")], args.size, locals_)
-    uk = ensure_store(work / "uk", [args.ukbench], args.size, locals_)
+    qs = ensure_store(work / "q", [str(inst / "queries")], args.size, [] if args.query_subset else locals_)
+    uk = ensure_store(work / "uk", [args.ukbench], args.size, locals_) if "ukbench56" in sets else None
     print(f"stores ready in {time.perf_counter() - t0:.0f}s", flush=True)
     out = []
     # instance set: queries from their own store
     eng = SearchEngine(db, use_index=False)
-    gt, edits = instance_gt(db, qs, inst)
-    qcaches = {loc: LocalFeatureCache(qs, loc) for loc in local_feature_names(qs)}
-    out += run_set("instance", eng, qs.vectors(), gt, qcaches.__getitem__, None, args, locals_, edits)
-    # UKBench: every image a query, its own row
-    eng_uk = SearchEngine(uk, use_index=False)
-    gt_uk = parse_gt_spec("ukbench", eng_uk.paths)[0]
-    rows_uk = [q.index for q in gt_uk.queries]
-    ukc = {loc: eng_uk.local_cache(loc) for loc in locals_}
-    out += run_set("ukbench56", eng_uk, eng_uk.xb[rows_uk], gt_uk, lambda loc: _Rows(ukc[loc], rows_uk), rows_uk,
-                   args, locals_)
-    qpaths = [qs.resolve_path(p) for p in qs.paths[:: max(1, len(qs) // 30)]]
+    if "instance" in sets:
+        gt, edits = instance_gt(db, qs, inst)
+        pick = np.arange(len(gt.queries))
+        if args.query_subset:
+            pick = pick[:: max(1, len(pick) // args.query_subset)][: args.query_subset]
+            gt = GroundTruth(gt.protocol, tuple(gt.queries[i] for i in pick), gt.n_db, source=gt.source)
+            edits = [edits[i] for i in pick]
+        qpaths_all = [qs.resolve_path(qs.paths[i]) for i in pick]
+        have = set((qs.meta.get("local_features") or {}))
+        qcaches = {loc: (_Rows(LocalFeatureCache(qs, loc), pick) if loc in have
+                         else _OnTheFly(eng, qpaths_all, loc)) for loc in locals_}
+        out += run_set("instance", eng, qs.vectors()[pick], gt, qcaches.__getitem__, None, args, locals_, edits)
+    if uk is not None:  # UKBench: every image a query, its own row
+        eng_uk = SearchEngine(uk, use_index=False)
+        gt_uk = parse_gt_spec("ukbench", eng_uk.paths)[0]
+        rows_uk = [q.index for q in gt_uk.queries]
+        ukc = {loc: eng_uk.local_cache(loc) for loc in locals_}
+        out += run_set("ukbench56", eng_uk, eng_uk.xb[rows_uk], gt_uk, lambda loc: _Rows(ukc[loc], rows_uk),
+                       rows_uk, args, locals_)
+    qpaths = [qs.resolve_path(p) for p in qs.paths[:: max(1, len(qs) // 10)]]
     local_ms = {loc: query_local_ms(eng, qpaths, loc) for loc in locals_}
     doc = {"config": vars(args), "rerank_available": HAVE_RERANK, "machine": platform.platform(),
            "cpus": os.cpu_count(), "query_local_features_ms": local_ms, "rows": out}
@@ -198,6 +218,18 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {v:.0f}" for k, v in local_ms.items()))
     print(f"written {args.out}")
     return 0
+
+
+class _OnTheFly:
+    """Query i -> local features computed from its file (once), like the cached ones."""
+
+    def __init__(self, engine, paths, local):
+        self.engine, self.paths, self.local, self.memo = engine, paths, local, {}
+
+    def __getitem__(self, i):
+        if i not in self.memo:
+            self.memo[i] = self.engine.query_local_features(image=self.paths[i], name=self.local)
+        return self.memo[i]
 
 
 class _Rows:
