@@ -74,9 +74,10 @@ def register(sub) -> None:
     t.add_argument("--loss", choices=["ce", "contrastive", "triplet"],
                    help="stage 2 loss: ce (classification, default), contrastive or triplet (metric learning with "
                         "hard negatives and learned GeM, Radenovic et al.)")
-    t.add_argument("--head", choices=["linear", "cosine"],
-                   help="the new classifier: linear (Caffe-style, default) or cosine (scale x cosine of the "
-                        "L2-normalised features and class weights, no bias: clusters the descriptor by class)")
+    t.add_argument("--head", choices=["auto", "linear", "cosine"],
+                   help="the new classifier: cosine (scale x cosine of the L2-normalised features and class "
+                        "weights, no bias: clusters the descriptor by class) or linear (Caffe-style); auto "
+                        "(default): cosine where the classifier is a Linear layer, else linear")
     t.add_argument("--head-scale", type=float, metavar="S", help="--head cosine: the logit scale (default 16)")
     t.add_argument("--margin", type=float, metavar="M", help="metric-learning margin (default 0.7 contrastive, "
                                                              "0.1 triplet)")

@@ -99,7 +99,7 @@ class FinetuneConfig:
     val_every: int = 1
     resume: str | bool | None = None
     eval_retrieval: bool = False
-    head: str = "linear"
+    head: str = "auto"  # auto: cosine for a Linear classifier (measured better for retrieval), else linear
     head_scale: float = 16.0
     eval_layer: str = "default"
     eval_pool: str = "default"
@@ -126,7 +126,8 @@ class FinetuneConfig:
             (self.bn in H.BN_MODES, f"--bn {self.bn!r} unknown; choose {', '.join(H.BN_MODES)}"),
             (self.amp in ("auto", "on", "off"), f"--amp {self.amp!r} unknown; choose auto, on, off"),
             (self.loss in LOSSES, f"--loss {self.loss!r} unknown; choose {', '.join(LOSSES)}"),
-            (self.head in H.HEAD_KINDS, f"--head {self.head!r} unknown; choose {', '.join(H.HEAD_KINDS)}"),
+            (self.head in ("auto", *H.HEAD_KINDS), f"--head {self.head!r} unknown; choose auto, "
+                                                   f"{', '.join(H.HEAD_KINDS)}"),
             (self.head_scale > 0, f"--head-scale must be > 0, not {self.head_scale}"),
             (self.cache_images in ("auto", "on", "off"), f"--cache-images {self.cache_images!r}: auto, on or off"),
             (self.cache_prefix in ("auto", "off"), f"--cache-prefix {self.cache_prefix!r}: auto or off"),
@@ -515,7 +516,8 @@ class Finetuner:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(int(cfg.seed))
         old = self.net.get_submodule(self.head_module)
-        H.replace_head(self.net, self.head_module, H.new_head(old, len(self.classes), gen, cfg.head, cfg.head_scale))
+        kind = cfg.head if cfg.head != "auto" else ("cosine" if isinstance(old, torch.nn.Linear) else "linear")
+        H.replace_head(self.net, self.head_module, H.new_head(old, len(self.classes), gen, kind, cfg.head_scale))
         self.head = self.net.get_submodule(self.head_module)
         self.probs = base.output_kind == "probs"
         self.units = H.backbone_units(self.net, self.head_module)
