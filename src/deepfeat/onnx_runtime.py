@@ -222,19 +222,14 @@ class GraphCache:
 
 
 def default_threads(cores: int | None = None) -> tuple[int, int]:
-    """(intra-op threads, decode workers) for a box with *cores* cores.
+    """(intra-op threads, decode workers) for a box with *cores* cores: half the cores
+    (at most 8) for inference, one decode worker per core.
 
-    Up to 8 cores: as many inference threads as cores and as many decode workers as cores,
-    oversubscribed on purpose (deepfeat's defaults before ``--threads`` existed, with which
-    the 2-core pipeline ran at 96-111% of the shared-cores bound, docs/benchmarks.md):
-    neither stage keeps every core busy all the time. Above 8 cores, one ONNX Runtime
-    session is assumed to gain little from more intra-op threads on convolutions of this
-    size: 8 threads, and ``cores - 4`` decode workers (oversubscribed by 4, as the small
-    boxes are by design). The 16-core rule is NOT measured here (no such
-    machine was available): ``benchmarks/bench_threads.py`` compares the combinations on
-    the machine at hand, and ``--threads``/``--workers`` override the defaults.
+    Measured on 2 cores (benchmarks/bench_threads.py, docs/benchmarks.md), end to end with
+    ONNX Runtime: ``--threads 1 --workers 2`` ran 1.44x (224 x 224), 1.63x (``long:512``) and
+    1.86x (``long:1024``) the old default of 2 threads and 2 workers, which oversubscribed the
+    cores. The 16-core rule (8 threads, 16 workers) is NOT measured (no such machine was
+    available); ``--threads``/``--workers`` override the defaults.
     """
     n = max(1, cores or os.cpu_count() or 1)
-    if n <= 8:
-        return n, n
-    return 8, n - 4
+    return max(1, min(8, n // 2)), n

@@ -896,7 +896,8 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
     policy = parse_size_policy(cfg.size)
     threads, workers = resolve_threads(cfg)
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # eager torch on the CPU, and the fallback of ONNX Runtime
+    if cfg.threads:  # eager torch keeps its own default (all cores) unless --threads is given
+        torch.set_num_threads(cfg.threads)
     proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
                           cfg.dtype, cfg.batch_pixels, padding(cfg))
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
