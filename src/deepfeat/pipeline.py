@@ -927,6 +927,9 @@ def _run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: lis
 
         def finish_shard(job: ShardJob) -> None:
             del jobs[job.shard]
+            if report.processed and "inference" not in store.meta:
+                # before the first commit, so that a run killed after it still says which backend made its rows
+                backend_check.record(store, proc.runner)
             n_ok, n_failed = proc.commit(job)
             report.ok += n_ok
             report.failed += n_failed
