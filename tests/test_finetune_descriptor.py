@@ -129,7 +129,7 @@ def test_warning_fires_when_only_the_head_learned(labelled, tmp_path, caplog):
     easy classes while the descriptors are exactly the base model's: the run warns, in the
     log, in retrieval.json, in meta.json and in the result."""
     out = tmp_path / "head-only"
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.train"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.report"):
         res = finetune(FinetuneConfig(data=str(labelled), output=str(out), **{**TINY, "head_epochs": 6,
                                                                              "epochs": 0, "lr": 0.05,
                                                                              "head_stage_lr": 0.05}))

@@ -8,9 +8,12 @@ end to end with snapshots, and writes a run directory that is itself a model spe
 
 Modules: :mod:`.data` (listing, check, split, balance, augmentation, loading),
 :mod:`.heads` (new head, trainable units, parameter groups, BatchNorm),
-:mod:`.train` (the run), :mod:`.retrieval` (before/after mAP), :mod:`.metric`
-(contrastive or triplet loss with hard negatives). Exports are resolved lazily so that
-``deepfeat.models.finetuned`` can import :mod:`.heads` without pulling in the rest.
+:mod:`.config` (the settings and their checks), :mod:`.train` (the run, put together from
+:mod:`.prepare`, :mod:`.passes`, :mod:`.stages`, :mod:`.snapshots`, :mod:`.report`, with
+:mod:`.schedule`, :mod:`.losses` and :mod:`.progress`), :mod:`.retrieval` (before/after mAP),
+:mod:`.metric` (contrastive or triplet loss with hard negatives; :mod:`.whitening`).
+Exports are resolved lazily so that ``deepfeat.models.finetuned`` can import :mod:`.heads`
+without pulling in the rest.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FinetuneConfig": "train",
-    "FinetuneResult": "train",
+    "FinetuneConfig": "config",
+    "FinetuneResult": "config",
     "finetune": "train",
-    "load_snapshot": "train",
-    "latest_snapshot": "train",
-    "META_FORMAT": "train",
+    "load_snapshot": "snapshots",
+    "latest_snapshot": "snapshots",
+    "META_FORMAT": "report",
     "Augmentation": "data",
     "LabelledImage": "data",
     "LabelledSet": "data",

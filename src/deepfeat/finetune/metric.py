@@ -15,17 +15,11 @@ with ``d`` the Euclidean distance of L2-normalised descriptors (margin 0.7 by de
     sum_n max(0, margin + d(q, p)^2 - d(q, n)^2)        (margin 0.1 by default)
 
 which only asks each negative to be further than the positive by the margin. The GeM power p is a
-parameter learned end to end (learning rate x10, as in cirtorch).
+parameter learned end to end (learning rate x10, as in cirtorch). The losses themselves are in
+:mod:`deepfeat.finetune.losses`.
 
-With ``--whiten DIM`` the descriptor is cirtorch's whitened one,
-``L2(W L2(GeM(x)) + b)``, with the linear whitening ``W`` (DIM x D) and ``b`` learned
-end to end with the network (base learning rate, weight decay on ``W``). It starts as
-the PCA of the descriptors of the training images (``W`` = the leading DIM principal
-directions, ``b = -W mean``): a rotation with centring when DIM = D, the PCA reduction
-otherwise. The trained whitening is saved as the run's ``whitening.npz``, a fitted
-post-processing chain ``l2,lw:DIM,l2`` that ``deepfeat extract --post RUN/whitening.npz``
-(or ``deepfeat postprocess``) applies to the pooled features, so the whitening travels
-with the store like any fitted PCA.
+With ``--whiten DIM`` a linear whitening after GeM is learned with the network
+(:mod:`deepfeat.finetune.whitening`).
 
 After the metric stage the classifier head (trained in the head stage on the old
 features) is re-fitted on the new backbone's features, so that the result classifies
@@ -45,28 +39,10 @@ import torch
 from ..pooling import GeM, gem
 from . import data as D
 from . import heads as H
+from .losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss  # noqa: F401
+from .schedule import Schedule
+from .whitening import WHITENING_FILE, l2_rows, pca_whitening, whiten_rows
 
-#: the learned whitening of a run, a fitted post-processing chain (``l2,lw:DIM,l2``)
-WHITENING_FILE = "whitening.npz"
-
-
-def contrastive_loss(q: torch.Tensor, others: torch.Tensor, is_pos: torch.Tensor, margin: float) -> torch.Tensor:
-    """Sum over pairs (q, other) of the contrastive loss; *q* is D, *others* K x D."""
-    d = (others - q[None]).norm(dim=1)
-    pos = 0.5 * d.pow(2)
-    neg = 0.5 * (margin - d).clamp_min(0).pow(2)
-    return torch.where(is_pos, pos, neg).sum()
-
-
-def triplet_loss(q: torch.Tensor, p: torch.Tensor, negs: torch.Tensor, margin: float) -> torch.Tensor:
-    """Sum over negatives of ``max(0, margin + |q - p|^2 - |q - n|^2)``; *q*, *p* are D, *negs* K x D."""
-    d_pos = (q - p).pow(2).sum()
-    d_neg = (negs - q[None]).pow(2).sum(dim=1)
-    return (margin + d_pos - d_neg).clamp_min(0).sum()
-
-
-#: default margins, as in cirtorch
-DEFAULT_MARGIN = {"contrastive": 0.7, "triplet": 0.1}
 
 
 class MetricLearner:
@@ -169,21 +145,16 @@ class MetricLearner:
         """``W`` = leading principal directions of the training descriptors, ``b = -W mean``."""
         x, labels, index = self._descriptors(whitened=False)
         self._first_descriptors = (x, labels, index)
-        mean = x.mean(0, dtype=np.float64)
-        cov = np.cov(x.astype(np.float64), rowvar=False)
-        vals, vecs = np.linalg.eigh(cov)
-        W = vecs[:, np.argsort(-vals, kind="stable")[: self.whiten_dim]].T
-        W *= np.where(W.sum(1, keepdims=True) < 0, -1.0, 1.0)  # a deterministic sign per direction
+        W, b = pca_whitening(x, self.whiten_dim)
         self.whiten = self._linear(x.shape[1])
         with torch.no_grad():
             self.whiten.weight.copy_(torch.from_numpy(W).float())
-            self.whiten.bias.copy_(torch.from_numpy(-W @ mean).float())
+            self.whiten.bias.copy_(torch.from_numpy(b).float())
 
     def _whiten_np(self, x: np.ndarray) -> np.ndarray:
         W = self.whiten.weight.detach().cpu().double().numpy()
         b = self.whiten.bias.detach().cpu().double().numpy()
-        y = x.astype(np.float64) @ W.T + b
-        return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return whiten_rows(x, W, b)
 
     def whitening_chain(self):
         """The learned whitening as a fitted post-processing chain (``l2,lw:DIM,l2``)."""
@@ -202,7 +173,7 @@ class MetricLearner:
 
     def describe_np(self, x: np.ndarray) -> np.ndarray:
         """The final descriptors of pooled (GeM) rows *x*: L2, then the learned whitening and L2."""
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = l2_rows(x)
         return self._whiten_np(x) if self.whiten is not None else x
 
     def n_queries(self) -> int:
@@ -224,7 +195,7 @@ class MetricLearner:
         acts, kept = ft._describe(ft.loader, originals, [self.layer], pooled={self.layer: lambda a: gem(a, p=p)},
                                   key=ft._train_key, fill_prefix=ft._train_key)
         x = acts[self.layer].numpy()
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = l2_rows(x)
         return x, np.array([originals[i].label for i in kept]), np.array(kept)
 
     def _mine(self, epoch: int) -> list[tuple[int, int, list[int]]]:
@@ -328,8 +299,6 @@ class MetricLearner:
         groups = H.param_groups(ft.net, ft.head_module, base_lr, cfg.weight_decay, cfg.head_lr_mult,
                                 cfg.head_bias_lr_mult)
         opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
-        from .train import Schedule, _ce
-
         n = len(ft.samples)
         iters = D.n_batches(n, cfg.batch_size)
 
@@ -345,6 +314,6 @@ class MetricLearner:
                 if not len(rows):
                     continue
                 out = ft.head(feats["x"][rows].to(ft.device))
-                ft._step(opt, _ce(out, feats["y"][rows].to(ft.device), ft.probs))
+                ft._step(opt, ce_loss(out, feats["y"][rows].to(ft.device), ft.probs))
         self.refit = {"epochs": epochs, **ft._val_features(feats)}
         return self.refit
