@@ -1,4 +1,4 @@
-"""Labelled image sets for fine-tuning: listing, checking, splitting, balancing, augmenting, loading.
+"""Labelled image sets for fine-tuning: listing, checking, splitting, balancing.
 
 The flow is ``list_labelled`` (class folders or a ``path,label`` CSV) -> ``check_labelled``
 (the ``check-images`` verdict per file; unusable files are excluded, never crash
@@ -6,10 +6,8 @@ training) -> ``split_labelled`` (per class, seeded) -> ``balance`` (small classe
 up with augmented copies, large ones kept whole) -> :class:`BatchLoader` (decode at the
 model's input size, augment on the fly, batch, in threads).
 
-Augmentation is the classic Keras ``ImageDataGenerator`` set (rotation, width/height
-shift, shear, zoom, horizontal flip, ``fill_mode='nearest'``) composed into one affine
-transform per sample, drawn from a generator seeded by (seed, epoch, image, copy), so
-every view is reproducible and ``--save-augmented`` writes exactly what training sees.
+The augmentation (Keras ``ImageDataGenerator`` semantics) is :mod:`deepfeat.finetune.augment`,
+the loading :mod:`deepfeat.finetune.loader`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,23 +16,21 @@ import csv
 import logging
 import math
 import os
-import threading
 import zlib
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeepfeatError, UsageError
-from ..images import walk_images, check_image, decode_image
-from ..preprocess import DataConfig, SizePolicy
+from ..errors import UsageError
+from ..images import check_image, walk_images
+from .augment import (AUGMENT_MODES, FILL_MODES, AffineParams, Augmentation, affine_matrix, aug_rng,
+                      augmented_view, warp_affine)
+from .loader import BatchLoader, _safe_name, cache_fits, save_augmented  # noqa: F401  (_safe_name: its old home)
 
 log = logging.getLogger(__name__)
-
-AUGMENT_MODES = ("fill", "all", "none")
 
 
 # ---------------------------------------------------------------------------
@@ -77,10 +73,7 @@ class LabelledSet:
     odd: list[Excluded] = field(default_factory=list)  # usable but odd (kept unless exclude_odd)
 
     def counts(self) -> list[int]:
-        c = [0] * len(self.classes)
-        for it in self.items:
-            c[it.label] += 1
-        return c
+        return balance_counts(self.items, len(self.classes))
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
@@ -295,6 +288,7 @@ def balance(train: Sequence[LabelledImage], n_classes: int, per_class: int = 0) 
 
 
 def balance_counts(samples: Sequence[Sample], n_classes: int) -> list[int]:
+    """How many of *samples* (anything with a ``label``) each class has."""
     c = [0] * n_classes
     for s in samples:
         c[s.label] += 1
@@ -314,265 +308,13 @@ def epoch_order(n: int, seed: int, stage: str, epoch: int, length: int | None = 
     return np.concatenate(parts)[:length]
 
 
-# ---------------------------------------------------------------------------
-# Augmentation (Keras ImageDataGenerator semantics)
-# ---------------------------------------------------------------------------
-
-FILL_MODES = {"nearest": "border", "reflect": "reflection", "constant": "zeros"}
-
-
-@dataclass(frozen=True)
-class AffineParams:
-    """One drawn transform: rotation (degrees), shifts (pixels, rows/cols), shear
-    (radians), zoom factors (rows/cols), horizontal flip."""
-
-    theta: float = 0.0
-    tx: float = 0.0
-    ty: float = 0.0
-    shear: float = 0.0
-    zx: float = 1.0
-    zy: float = 1.0
-    flip: bool = False
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """The Keras ``ImageDataGenerator`` set, one affine transform per sample.
-
-    ``rotation`` in degrees (``rotation_range``), ``width_shift``/``height_shift`` as
-    fractions of the image size, ``shear`` in radians (Keras 1 semantics, the one the
-    classic small-data recipe was written for: 0.2 rad ~ 11.5 deg; Keras 2 reads the
-    same number as degrees, which is almost no shear), ``zoom`` as the range
-    ``[1 - z, 1 + z]`` drawn independently for rows and columns, a horizontal flip with
-    probability 1/2, and ``fill`` for points outside the image: ``nearest`` repeats the
-    edge pixel as Keras' ``fill_mode='nearest'`` does. Bilinear interpolation, as
-    Keras' ``order=1``.
-    """
-
-    rotation: float = 10.0
-    width_shift: float = 0.2
-    height_shift: float = 0.2
-    shear: float = 0.2
-    zoom: float = 0.2
-    horizontal_flip: bool = True
-    fill: str = "nearest"
-
-    def __post_init__(self) -> None:
-        if self.fill not in FILL_MODES:
-            raise UsageError(f"augmentation fill {self.fill!r} unknown; choose {', '.join(FILL_MODES)}")
-        for name in ("rotation", "width_shift", "height_shift", "shear", "zoom"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"augmentation {name} must be >= 0, not {getattr(self, name)}")
-        if self.zoom >= 1:
-            raise UsageError(f"augmentation zoom must be < 1 (range [1-z, 1+z]), not {self.zoom}")
-
-    def draw(self, rng: np.random.Generator, height: int, width: int) -> AffineParams:
-        """Random parameters, drawn in Keras' order (theta, tx, ty, shear, zx, zy, flip)."""
-        theta = rng.uniform(-self.rotation, self.rotation) if self.rotation else 0.0
-        tx = rng.uniform(-self.height_shift, self.height_shift) * height if self.height_shift else 0.0
-        ty = rng.uniform(-self.width_shift, self.width_shift) * width if self.width_shift else 0.0
-        shear = rng.uniform(-self.shear, self.shear) if self.shear else 0.0
-        if self.zoom:
-            zx, zy = rng.uniform(1 - self.zoom, 1 + self.zoom, 2)
-        else:
-            zx = zy = 1.0
-        flip = bool(rng.random() < 0.5) if self.horizontal_flip else False
-        return AffineParams(float(theta), float(tx), float(ty), float(shear), float(zx), float(zy), flip)
-
-    def apply(self, pixels: np.ndarray, params: AffineParams) -> np.ndarray:
-        """Warp one ``H x W x C`` uint8 image; returns a new uint8 array."""
-        return warp_affine(pixels, affine_matrix(params, *pixels.shape[:2]), self.fill, params.flip)
-
-    def to_dict(self) -> dict:
-        return {"rotation": self.rotation, "width_shift": self.width_shift, "height_shift": self.height_shift,
-                "shear": self.shear, "shear_unit": "radians", "zoom": self.zoom,
-                "horizontal_flip": self.horizontal_flip, "fill": self.fill}
-
-
-def aug_rng(seed: int, epoch: int, index: int, copy: int) -> np.random.Generator:
-    """The generator of one sample's transform: a function of (seed, epoch, image, copy) only."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(copy)])
-
-
-def affine_matrix(p: AffineParams, height: int, width: int) -> np.ndarray:
-    """3 x 3 matrix mapping output (row, col, 1) to input (row, col, 1), Keras' composition
-    ``rotation @ shift @ shear @ zoom`` about the image centre."""
-    t = np.deg2rad(p.theta)
-    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
-    shift = np.array([[1, 0, p.tx], [0, 1, p.ty], [0, 0, 1]])
-    shear = np.array([[1, -np.sin(p.shear), 0], [0, np.cos(p.shear), 0], [0, 0, 1]])
-    zoom = np.array([[p.zx, 0, 0], [0, p.zy, 0], [0, 0, 1]])
-    m = rot @ shift @ shear @ zoom
-    oy, ox = (height - 1) / 2.0, (width - 1) / 2.0
-    to_c = np.array([[1, 0, oy], [0, 1, ox], [0, 0, 1]])
-    from_c = np.array([[1, 0, -oy], [0, 1, -ox], [0, 0, 1]])
-    return to_c @ m @ from_c
-
-
-def warp_affine(pixels: np.ndarray, matrix: np.ndarray, fill: str = "nearest", flip: bool = False) -> np.ndarray:
-    """Resample *pixels* (H x W x C uint8) at ``matrix @ (row, col, 1)`` bilinearly, then
-    flip horizontally if asked (Keras flips after the affine transform)."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = pixels.shape[:2]
-    rr, cc = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    src_r = matrix[0, 0] * rr + matrix[0, 1] * cc + matrix[0, 2]
-    src_c = matrix[1, 0] * rr + matrix[1, 1] * cc + matrix[1, 2]
-    gx = src_c / max(w - 1, 1) * 2 - 1
-    gy = src_r / max(h - 1, 1) * 2 - 1
-    grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
-    img = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode=FILL_MODES[fill], align_corners=True)
-    out = out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
-    if flip:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
-
-
-def augmented_view(pixels: np.ndarray, aug: Augmentation | None, mode: str, seed: int, epoch: int,
-                   sample: Sample) -> np.ndarray:
-    """The pixels training sees for *sample* in *epoch*: fill-up copies are always
-    augmented (unless mode ``none``), originals only in mode ``all``."""
-    if aug is None or mode == "none" or (mode == "fill" and sample.copy == 0):
-        return pixels
-    rng = aug_rng(seed, epoch, sample.index, sample.copy)
-    return aug.apply(pixels, aug.draw(rng, *pixels.shape[:2]))
-
-
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-
-
-class BatchLoader:
-    """Decode (at the model's input size), cache, augment and batch images in threads.
-
-    Batches are prepared ahead by *workers* threads (PIL and torch release the GIL);
-    with *cache* the decoded pixels of each image are kept in memory after their first
-    decode, so later epochs only augment. An image that fails to decode during
-    training is dropped from its batch and recorded in :attr:`failures`, never raised.
-    """
-
-    def __init__(self, items: Sequence[LabelledImage], cfg: DataConfig, *, workers: int = 2,
-                 cache: bool = True, prefetch: int = 2):
-        self.items = list(items)
-        self.cfg = cfg
-        self.workers = max(1, int(workers))
-        self.cache_enabled = cache
-        self.prefetch = max(1, int(prefetch))
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-        self.failures: dict[str, str] = {}
-
-    def pixels(self, index: int) -> np.ndarray:
-        px = self._cache.get(index)
-        if px is not None:
-            return px
-        px = decode_image(self.items[index].path, SizePolicy("model"), self.cfg).pixels
-        if self.cache_enabled:
-            self._cache[index] = px
-        return px
-
-    def _build(self, samples: Sequence[Sample], aug: Augmentation | None, mode: str, seed: int,
-               epoch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        xs, ys, kept = [], [], []
-        for k, s in enumerate(samples):
-            try:
-                px = self.pixels(s.index)
-            except DeepfeatError as e:
-                self._fail(s.index, str(e))
-                continue
-            except Exception as e:  # a decoder bug is this image's problem only
-                self._fail(s.index, f"{type(e).__name__}: {e}")
-                continue
-            xs.append(augmented_view(px, aug, mode, seed, epoch, s))
-            ys.append(s.label)
-            kept.append(k)
-        if not xs:
-            h, w = self.cfg.input_size
-            return np.zeros((0, h, w, self.cfg.channels), np.uint8), np.zeros(0, np.int64), []
-        return np.stack(xs), np.asarray(ys, dtype=np.int64), kept
-
-    def _fail(self, index: int, reason: str) -> None:
-        path = self.items[index].path
-        with self._lock:
-            if path not in self.failures:
-                log.warning("skipping %s during training: %s", path, reason)
-            self.failures[path] = reason
-
-    def batches(self, samples: Sequence[Sample], batch_size: int, *, aug: Augmentation | None = None,
-                mode: str = "none", seed: int = 0, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray,
-                                                                                    list[int]]]:
-        """Yield ``(pixels N x H x W x C uint8, labels N, positions in *samples*)`` in order."""
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-        chunks = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deepfeat-ft-load") as pool:
-            pending: deque = deque()
-            it = iter(chunks)
-            for chunk in it:
-                pending.append((chunk, pool.submit(self._build, [samples[i] for i in chunk], aug, mode, seed,
-                                                   epoch)))
-                if len(pending) >= self.workers + self.prefetch:
-                    break
-            while pending:
-                chunk, fut = pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(self._build, [samples[i] for i in nxt], aug, mode, seed,
-                                                     epoch)))
-                x, y, kept = fut.result()
-                yield x, y, [chunk[k] for k in kept]
-
-
-def cache_fits(n_images: int, cfg: DataConfig, limit_bytes: float = 2 * 1024 ** 3) -> bool:
-    """Whether decoded pixels of *n_images* at the model's input size fit in *limit_bytes*."""
-    h, w = cfg.input_size
-    return n_images * h * w * cfg.channels <= limit_bytes
-
-
-def save_augmented(folder: str | os.PathLike, train: Sequence[LabelledImage], classes: Sequence[str],
-                   samples: Sequence[Sample], loader: BatchLoader, aug: Augmentation | None, mode: str,
-                   seed: int, epoch: int = 1) -> list[str]:
-    """Write the fill-up copies (as epoch *epoch* sees them) as PNG files
-    ``folder/<class>/<stem>_aug<copy>.png`` plus ``folder/list.txt`` (``path label``)."""
-    from PIL import Image
-
-    out_dir = Path(folder)
-    written, lines = [], []
-    for s in samples:
-        if s.copy == 0:
-            continue
-        try:
-            px = augmented_view(loader.pixels(s.index), aug, mode, seed, epoch, s)
-        except DeepfeatError as e:
-            log.warning("cannot save an augmented copy of %s: %s", train[s.index].path, e)
-            continue
-        d = out_dir / _safe_name(classes[s.label])
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{Path(train[s.index].path).stem}_aug{s.copy}.png"
-        Image.fromarray(px[:, :, 0] if px.shape[2] == 1 else px).save(path)
-        written.append(str(path))
-        lines.append(f"{path.relative_to(out_dir)} {s.label}\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "list.txt").write_text("".join(lines), encoding="utf-8")
-    return written
-
-
-def _safe_name(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "class"
-
-
 def n_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size) if n else 0
 
 
 __all__ = [
-    "AUGMENT_MODES", "AffineParams", "Augmentation", "BatchLoader", "Excluded", "LabelledImage", "LabelledSet",
-    "Sample", "affine_matrix", "aug_rng", "augmented_view", "balance", "balance_counts", "cache_fits",
+    "AUGMENT_MODES", "FILL_MODES", "AffineParams", "Augmentation", "BatchLoader", "Excluded", "LabelledImage",
+    "LabelledSet", "Sample", "affine_matrix", "aug_rng", "augmented_view", "balance", "balance_counts", "cache_fits",
     "check_labelled", "epoch_order", "list_labelled", "read_split", "save_augmented", "split_labelled",
     "warp_affine", "write_split",
 ]
