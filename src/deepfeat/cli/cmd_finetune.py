@@ -20,11 +20,24 @@ def register(sub) -> None:
                     "model spec finetuned:RUN_DIR by classify, extract and sweep. --eval-retrieval prints the "
                     "retrieval mAP on the validation split before and after. See docs/finetune.md.",
         argument_default=S)
+    _positional_args(p)
+    _model_args(p.add_argument_group("model"))
+    _data_args(p.add_argument_group("data"))
+    t = p.add_argument_group("training")
+    _training_args(t)
+    _loss_args(t)
+    _snapshot_args(p.add_argument_group("snapshots and evaluation"))
+    p.set_defaults(func=run)
+
+
+def _positional_args(p) -> None:
     p.add_argument("data", nargs="?", metavar="DATA",
                    help="folder with one sub-folder per class, or a CSV file of path,label rows "
                         "(may be omitted with --resume)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (created)")
-    g = p.add_argument_group("model")
+
+
+def _model_args(g) -> None:
     g.add_argument("--model", "-m", metavar="SPEC", help=f"base model spec (default {DEFAULT_MODEL})")
     g.add_argument("--device", metavar="auto|cpu|cuda", help="where to train (default auto)")
     g.add_argument("--image-size", type=int, metavar="S", help="train and use the model at S x S (default: the "
@@ -34,7 +47,9 @@ def register(sub) -> None:
                         "or a unit name and everything after it (units are listed in the run's first line)")
     g.add_argument("--bn", choices=["frozen", "train"],
                    help="BatchNorm statistics: frozen (default; eval mode, right for small batches) or train")
-    d = p.add_argument_group("data")
+
+
+def _data_args(d) -> None:
     d.add_argument("--val-frac", type=float, metavar="F", help="validation fraction per class (default 0.4)")
     d.add_argument("--seed", type=int, metavar="N", help="seed of the split, order, augmentation, head (default 0)")
     d.add_argument("--per-class", type=int, metavar="N",
@@ -52,7 +67,10 @@ def register(sub) -> None:
     d.add_argument("--cache-prefix", choices=["auto", "off"],
                    help="compute the frozen layers before the first trained unit once per un-augmented image "
                         "and cache them (auto, default; checked for equivalence before use)")
-    t = p.add_argument_group("training")
+
+
+def _training_args(t) -> None:
+    """The optimizer and its schedule."""
     t.add_argument("--head-epochs", type=int, metavar="N", help="stage 1, head only (default 10; 0 skips it)")
     t.add_argument("--epochs", type=int, metavar="N", help="stage 2, head + backbone (default 6; 0 skips it)")
     t.add_argument("--iters-per-epoch", type=int, metavar="N", help="iterations per epoch (default: one pass)")
@@ -71,6 +89,10 @@ def register(sub) -> None:
     t.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (default 0: off)")
     t.add_argument("--amp", choices=["auto", "on", "off"], help="mixed precision (auto: on with CUDA)")
     t.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+
+
+def _loss_args(t) -> None:
+    """The loss, the head and the metric-learning options."""
     t.add_argument("--loss", choices=["ce", "contrastive", "triplet"],
                    help="stage 2 loss: ce (classification, default), contrastive or triplet (metric learning with "
                         "hard negatives and learned GeM, Radenovic et al.)")
@@ -86,7 +108,9 @@ def register(sub) -> None:
     t.add_argument("--whiten", type=int, metavar="DIM",
                    help="contrastive/triplet: learn a DIM-d whitening after GeM end to end (saved as RUN/whitening.npz, "
                         "for extract --post)")
-    s = p.add_argument_group("snapshots and evaluation")
+
+
+def _snapshot_args(s) -> None:
     s.add_argument("--snapshot-every", type=int, metavar="K", help="snapshot every K epochs (default 1; and at "
                                                                    "the end of each stage)")
     s.add_argument("--keep-snapshots", type=int, metavar="N", help="keep only the last N snapshots (default all)")
@@ -102,7 +126,6 @@ def register(sub) -> None:
                         "the learned p)")
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
     s.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace):
