@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FormatError, UsageError, suggest
+from ..errors import FormatError, UsageError, suggest
 
 EPS = 1e-6
 DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
@@ -543,7 +543,7 @@ class VLADLevel(torch.nn.Module):
         *dim* (0: keep the K*D VLAD) is fitted on the VLADs of all images, so it
         needs more than *dim* images.
         """
-        from .postprocess import PCA
+        from ..postprocess import PCA
 
         batches = []
         for d in descs:
@@ -1086,7 +1086,7 @@ class MOPPooling(Pooling):
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write the fitted codebook as a self-describing ``.npz`` (arrays + JSON meta)."""
-        from .postprocess import _version, _write_npz
+        from ..postprocess import _version, _write_npz
 
         if not self.fitted:
             raise UsageError("pooling 'mop' is not fitted; nothing to save")
@@ -1112,7 +1112,7 @@ class MOPPooling(Pooling):
 
 def load_pooling(path: str | os.PathLike) -> MOPPooling:
     """Load a fitted MOP pooling saved with :meth:`MOPPooling.save`."""
-    from .postprocess import _read_npz
+    from ..postprocess import _read_npz
 
     arrays, meta = _read_npz(path, MOP_FILE_KIND)
     if int(meta.get("format_version", 0)) > MOP_FORMAT_VERSION:
