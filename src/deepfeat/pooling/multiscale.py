@@ -1,0 +1,88 @@
+"""Multi-scale: combine per-scale vectors, parse a scale list, rescale a batch, and
+pool a feature extractor's maps at several scales."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from .common import EPS
+
+if TYPE_CHECKING:
+    from .modules import Pooling
+
+DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
+COMBINE_MODES = ("sum", "gem")
+
+
+def combine_scales(vectors: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0,
+                   eps: float = EPS) -> torch.Tensor:
+    """Combine ``N x D`` vectors pooled at several scales into one ``N x D``.
+
+    ``sum``: their sum. ``gem``: the generalised mean ``(mean_s v_s^p)^(1/p)`` with
+    values clamped at *eps* (cirtorch's multi-scale ``msp``; p=1 is the mean).
+    Nothing is normalised here; see :meth:`Pooling.multiscale` for the per-method rule.
+    """
+    if not vectors:
+        raise UsageError("combine_scales needs at least one vector")
+    if mode not in COMBINE_MODES:
+        raise UsageError(f"scale combination {mode!r} unknown; choose from {', '.join(COMBINE_MODES)}")
+    shape = tuple(vectors[0].shape)
+    for v in vectors:
+        if tuple(v.shape) != shape:
+            raise UsageError(f"cannot combine scales with different shapes: {shape} and {tuple(v.shape)}")
+    if mode == "sum":
+        out = vectors[0]
+        for v in vectors[1:]:
+            out = out + v
+        return out
+    if not p > 0:
+        raise UsageError(f"generalised-mean power p must be > 0, got {p}")
+    acc = vectors[0].clamp(min=eps).pow(p)
+    for v in vectors[1:]:
+        acc = acc + v.clamp(min=eps).pow(p)
+    return (acc / len(vectors)).pow(1.0 / p)
+
+
+def parse_scales(text: str | Sequence[float]) -> tuple[float, ...]:
+    """``"1,0.707,0.5"`` (fractions like ``1/2`` allowed) -> ``(1.0, 0.707, 0.5)``."""
+    if not isinstance(text, str):
+        vals = tuple(float(s) for s in text)
+    else:
+        vals_list = []
+        for part in text.split(","):
+            part = part.strip()
+            try:
+                if "/" in part:
+                    num, den = part.split("/")
+                    vals_list.append(float(num) / float(den))
+                else:
+                    vals_list.append(float(part))
+            except (ValueError, ZeroDivisionError):
+                raise UsageError(f"scales {text!r}: {part!r} is not a number (use e.g. 1,0.707,0.5)") from None
+        vals = tuple(vals_list)
+    if not vals or any(not s > 0 for s in vals):
+        raise UsageError(f"scales must be positive numbers, got {text!r}")
+    return vals
+
+
+def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Resize a normalised ``N x C x H x W`` batch by *scale* (bilinear, as cirtorch)."""
+    if scale == 1:
+        return x
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+def pool_multiscale(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pooling: Pooling | str,
+                    scales: Sequence[float] = DEFAULT_SCALES, mode: str = "sum", p: float = 3.0) -> torch.Tensor:
+    """Run *features* (normalised batch -> activation map) on *x* rescaled by every
+    scale and combine with ``pooling.multiscale``; the result is L2-normalised."""
+    from .spec import get_pooling
+
+    pooling = get_pooling(pooling)
+    maps = [features(rescale(x, float(s))) for s in scales]
+    return pooling.multiscale(maps, mode=mode, p=p)
