@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, UsageError, suggest
+from ..errors import FormatError, UsageError, suggest
 
 __all__ = [
     "REVISITED_FORMAT",
@@ -832,7 +832,7 @@ def read_revisited_gnd(json_path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"revisited ground-truth file not found: {path}")
     if path.suffix.lower() == ".pkl":  # the official file, read by an unpickler that runs no code
-        from .gnd_pickle import read_revisited_pickle
+        from ..gnd_pickle import read_revisited_pickle
 
         data = read_revisited_pickle(path)
     else:
