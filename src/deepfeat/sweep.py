@@ -234,29 +234,16 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     column gets a twin, ``COLUMN +verify N``: the same ranking with its
     top N re-ordered by spatial verification of *local* features (computed once per
     image, :mod:`deepfeat.local_features`)."""
-    from .rerank import get_reranker, rerank_ranks
-
-    from .evaluate import evaluate_ranks, parse_gt_spec, rank_by_similarity
+    from .evaluate import parse_gt_spec
     from .models import load_model
     from .pipeline import default_layer
 
     t0 = time.perf_counter()
     model = load_model(model_spec, device=device)
     layers = [default_layer(model) if layer in ("default", "") else layer for layer in layers]
-    poolings = [get_pooling(p) for p in pools]
-    for p in poolings:
-        if p.needs_fit:
-            raise UsageError(f"pooling {p.spec!r} learns a codebook; the sweep takes poolings without one")
-    # validates the grammar (and loads saved chain files) up front; a file's column is named by its path
-    files = {p: PostChain.from_arg(p) for p in posts if is_chain_file(p)}
-    posts = [p if p in files else PostChain.parse(p).spec for p in posts]
-    verify_params = lx = None
-    if verify:  # bad verification or local-feature specs fail before any work
-        from .local_features import LocalExtractor
-        from .verify import parse_verify_spec
-
-        verify_params = parse_verify_spec(verify)
-        lx = LocalExtractor(local, model) if verify_params else None
+    poolings = _check_poolings(pools)
+    files, posts = _parse_posts(posts)
+    verify_params, lx = _parse_verify(verify, local, model)
     reranks = parse_reranks(reranks)
     net = MultiPoolNet(model, layers, poolings, scales).to(device).eval()
     paths = discover(dataset)
@@ -267,92 +254,18 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     ok, arrays, errors = compute_descriptors(paths, net, model, size, batch_size, workers, device=device)
     if errors:
         log.warning("%d image(s) failed and rank last: %s", len(errors), "; ".join(list(errors)[:3]))
-    fit_arrays = None
-    if fit_on:
-        fit_paths = discover(fit_on)
-        fok, fit_arrays, _ = compute_descriptors(fit_paths, net, model, size, batch_size, workers, device=device)
-        fit_arrays = [a[fok] for a in fit_arrays]
-        fit_source = f"{len(fit_paths)} images from {', '.join(fit_on)}"
-    else:
-        fit_source = "the evaluation set itself (no --fit-on)"
-    local_feats = None
-    if verify_params:
-        from .local_features import LocalFeatures, descriptor_dim
-
-        empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
-        local_feats = [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
+    fit_arrays, fit_source = _fit_descriptors(fit_on, net, model, size, batch_size, workers, device)
+    local_feats = _local_features(lx, paths, ok) if verify_params else None
     extract_seconds = time.perf_counter() - te
-    combos = [(layer, pool) for layer in layers for pool in [p.spec for p in poolings]]
+    run = _Run(net=net, model=model, size=size, device=device,
+               combos=[(layer, pool) for layer in layers for pool in [p.spec for p in poolings]],
+               arrays=arrays, ok=ok, fit_arrays=fit_arrays, posts=posts, files=files, reranks=reranks, ks=ks,
+               verify_params=verify_params, local_feats=local_feats, keep_descriptors=keep_descriptors)
     results = []
     for gt in gts:
-        # query vectors: stored rows, or cropped regions extracted afresh (Oxford protocol)
-        needs_crop = [q for q in gt.queries if q.bbox is not None or q.index is None]
-        crop_arrays = None
-        if needs_crop:
-            qpaths = [q.path for q in needs_crop]
-            if any(p is None for p in qpaths):
-                raise UsageError("some query images of the ground truth are not in the dataset")
-            _, crop_arrays, _ = compute_descriptors(qpaths, net, model, size, device=device,
-                                                    crop_boxes=[q.bbox for q in needs_crop])
-        columns = [column_name(p, rr) for p in posts for rr in reranks]
-        if verify_params:
-            columns = [c for col in columns for c in (col, _verify_column(col, verify_params))]
-        res = SweepResult(protocol=gt.protocol, layers=list(layers), pools=[p.spec for p in poolings], posts=columns,
-                          fit_source=fit_source, n_images=len(paths), n_failed=len(errors), model=model.spec,
-                          reranks=reranks, scales=tuple(scales))
-        # a whole-image query that is a database image is its own row (k-reciprocal counts it once)
-        query_rows = [q.index if q.bbox is None else None for q in gt.queries]
-        for j, (layer, pool) in enumerate(combos):
-            xb_raw = arrays[j]
-            qrows, k_crop = [], 0
-            for q in gt.queries:
-                if q.bbox is not None or q.index is None:
-                    qrows.append(crop_arrays[j][k_crop])
-                    k_crop += 1
-                else:
-                    qrows.append(xb_raw[q.index])
-            xq_raw = np.stack(qrows).astype(np.float32)
-            if keep_descriptors:
-                res.descriptors[(layer, pool)] = (xb_raw, xq_raw, ok, query_rows)
-            for post in posts:
-                chain = files.get(post) or PostChain.parse(post)
-                try:
-                    if chain.needs_fit and post not in files:
-                        chain.fit(fit_arrays[j] if fit_arrays is not None else xb_raw[ok])
-                    xb, xq = chain.apply(xb_raw), chain.apply(xq_raw)
-                    if keep_descriptors:
-                        res.chains[(layer, pool, post)] = chain
-                except UsageError as e:
-                    for col in [c for c in res.posts if c == post or c.startswith(post + " +")]:
-                        res.cells[(layer, pool, col)] = {"chain": post, "map": None, "note": "n/a", "reason": str(e)}
-                    continue
-                xb[~ok] = 0.0  # failed images have no descriptor: they rank last
-                xb, xq = np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(xq, dtype=np.float32)
-                ranks = rank_by_similarity(xq, xb)
-                for rr in reranks:
-                    col = column_name(post, rr)
-                    cell: dict[str, Any] = {"chain": post, "rerank": rr}
-                    ranked = ranks
-                    if rr != "none":
-                        r = get_reranker(rr)
-                        ranked = rerank_ranks(r, xq, xb, ranks, query_rows)
-                        cell.update(rerank_spec=r.spec, rerank_ms=r.stats["ms_per_query"],
-                                    rerank_offline_s=r.stats["offline_seconds"])
-                    ev = evaluate_ranks(ranked, gt, ks)
-                    res.cells[(layer, pool, col)] = {
-                        **cell, "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
-                        "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score}
-                    if verify_params:
-                        from .verify import verify_rankings
-
-                        vranks, ms = verify_rankings(
-                            ranked, lambda qi: local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
-                            local_feats.__getitem__, verify_params)
-                        ev = evaluate_ranks(vranks, gt, ks)
-                        res.cells[(layer, pool, _verify_column(col, verify_params))] = {
-                            **cell, "dim": int(xb.shape[1]), "map": ev.map, "mp1": ev.mp_at_k.get(1),
-                            "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10), "ns": ev.ns_score,
-                            "verify_ms_per_query": round(ms, 2)}
+        res = _score_gt(run, gt, layers=list(layers), pools=[p.spec for p in poolings], fit_source=fit_source,
+                        n_images=len(paths), n_failed=len(errors), model=model.spec, reranks=reranks,
+                        scales=tuple(scales))
         res.seconds = time.perf_counter() - t0
         res.extract_seconds = extract_seconds
         results.append(res)
@@ -360,6 +273,159 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
         log.warning("PCA/whitening was fitted on the evaluation set itself (no --fit-on): optimistic, as in many "
                     "papers")
     return results
+
+
+def _check_poolings(pools: Sequence[str]) -> list:
+    """The parsed poolings; one that learns a codebook is refused."""
+    poolings = [get_pooling(p) for p in pools]
+    for p in poolings:
+        if p.needs_fit:
+            raise UsageError(f"pooling {p.spec!r} learns a codebook; the sweep takes poolings without one")
+    return poolings
+
+
+def _parse_posts(posts: Sequence[str]) -> tuple[dict[str, PostChain], list[str]]:
+    """(saved chain files by argument, the canonical column names): validates the grammar (and
+    loads saved chain files) up front; a file's column is named by its path."""
+    files = {p: PostChain.from_arg(p) for p in posts if is_chain_file(p)}
+    posts = [p if p in files else PostChain.parse(p).spec for p in posts]
+    return files, posts
+
+
+def _parse_verify(verify: str | None, local: str, model) -> tuple[Any, Any]:
+    """(verification parameters, local-feature extractor), both None without *verify*; bad
+    verification or local-feature specs fail before any work."""
+    verify_params = lx = None
+    if verify:
+        from .local_features import LocalExtractor
+        from .verify import parse_verify_spec
+
+        verify_params = parse_verify_spec(verify)
+        lx = LocalExtractor(local, model) if verify_params else None
+    return verify_params, lx
+
+
+def _fit_descriptors(fit_on: Sequence[str] | None, net: MultiPoolNet, model, size: str, batch_size: int,
+                     workers: int | None, device: str) -> tuple[list[np.ndarray] | None, str]:
+    """The descriptors PCA/whitening is fitted on (None: the evaluation set's), and where they came from."""
+    if not fit_on:
+        return None, "the evaluation set itself (no --fit-on)"
+    fit_paths = discover(fit_on)
+    fok, fit_arrays, _ = compute_descriptors(fit_paths, net, model, size, batch_size, workers, device=device)
+    return [a[fok] for a in fit_arrays], f"{len(fit_paths)} images from {', '.join(fit_on)}"
+
+
+def _local_features(lx, paths: Sequence[str], ok: np.ndarray) -> list:
+    """Local features of every image (empty for the images that failed), for verification."""
+    from .local_features import LocalFeatures, descriptor_dim
+
+    empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
+    return [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
+
+
+@dataclass
+class _Run:
+    """What scoring a ground truth needs from the sweep's set-up."""
+
+    net: MultiPoolNet
+    model: Any
+    size: str
+    device: str
+    combos: list[tuple[str, str]]  # (layer, pooling), in the order of the descriptor arrays
+    arrays: list[np.ndarray]
+    ok: np.ndarray
+    fit_arrays: list[np.ndarray] | None
+    posts: list[str]
+    files: dict[str, PostChain]
+    reranks: list[str]
+    ks: Any
+    verify_params: Any
+    local_feats: list | None
+    keep_descriptors: bool
+
+
+def _score_gt(run: _Run, gt, **fields: Any) -> SweepResult:
+    """Every cell of the table of one ground-truth protocol (*fields*: the rest of the :class:`SweepResult`)."""
+    # query vectors: stored rows, or cropped regions extracted afresh (Oxford protocol)
+    needs_crop = [q for q in gt.queries if q.bbox is not None or q.index is None]
+    crop_arrays = None
+    if needs_crop:
+        qpaths = [q.path for q in needs_crop]
+        if any(p is None for p in qpaths):
+            raise UsageError("some query images of the ground truth are not in the dataset")
+        _, crop_arrays, _ = compute_descriptors(qpaths, run.net, run.model, run.size, device=run.device,
+                                                crop_boxes=[q.bbox for q in needs_crop])
+    columns = [column_name(p, rr) for p in run.posts for rr in run.reranks]
+    if run.verify_params:
+        columns = [c for col in columns for c in (col, _verify_column(col, run.verify_params))]
+    res = SweepResult(protocol=gt.protocol, posts=columns, **fields)
+    # a whole-image query that is a database image is its own row (k-reciprocal counts it once)
+    query_rows = [q.index if q.bbox is None else None for q in gt.queries]
+    for j, (layer, pool) in enumerate(run.combos):
+        xb_raw = run.arrays[j]
+        qrows, k_crop = [], 0
+        for q in gt.queries:
+            if q.bbox is not None or q.index is None:
+                qrows.append(crop_arrays[j][k_crop])
+                k_crop += 1
+            else:
+                qrows.append(xb_raw[q.index])
+        xq_raw = np.stack(qrows).astype(np.float32)
+        if run.keep_descriptors:
+            res.descriptors[(layer, pool)] = (xb_raw, xq_raw, run.ok, query_rows)
+        for post in run.posts:
+            _score_post(run, gt, res, j, (layer, pool, post), xb_raw, xq_raw, query_rows)
+    return res
+
+
+def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, str], xb_raw: np.ndarray,
+                xq_raw: np.ndarray, query_rows: list) -> None:
+    """The cells of one (layer, pooling, post-processing): the chain fitted and applied, the
+    exact ranking, then every re-ranking (and its verified twin)."""
+    from .evaluate import evaluate_ranks, rank_by_similarity
+    from .rerank import get_reranker, rerank_ranks
+
+    layer, pool, post = key
+    chain = run.files.get(post) or PostChain.parse(post)
+    try:
+        if chain.needs_fit and post not in run.files:
+            chain.fit(run.fit_arrays[j] if run.fit_arrays is not None else xb_raw[run.ok])
+        xb, xq = chain.apply(xb_raw), chain.apply(xq_raw)
+        if run.keep_descriptors:
+            res.chains[(layer, pool, post)] = chain
+    except UsageError as e:
+        for col in [c for c in res.posts if c == post or c.startswith(post + " +")]:
+            res.cells[(layer, pool, col)] = {"chain": post, "map": None, "note": "n/a", "reason": str(e)}
+        return
+    xb[~run.ok] = 0.0  # failed images have no descriptor: they rank last
+    xb, xq = np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(xq, dtype=np.float32)
+    ranks = rank_by_similarity(xq, xb)
+    for rr in run.reranks:
+        col = column_name(post, rr)
+        cell: dict[str, Any] = {"chain": post, "rerank": rr}
+        ranked = ranks
+        if rr != "none":
+            r = get_reranker(rr)
+            ranked = rerank_ranks(r, xq, xb, ranks, query_rows)
+            cell.update(rerank_spec=r.spec, rerank_ms=r.stats["ms_per_query"],
+                        rerank_offline_s=r.stats["offline_seconds"])
+        ev = evaluate_ranks(ranked, gt, run.ks)
+        res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev)}
+        if run.verify_params:
+            from .verify import verify_rankings
+
+            vranks, ms = verify_rankings(
+                ranked, lambda qi: run.local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
+                run.local_feats.__getitem__, run.verify_params)
+            ev = evaluate_ranks(vranks, gt, run.ks)
+            res.cells[(layer, pool, _verify_column(col, run.verify_params))] = {
+                **cell, "dim": int(xb.shape[1]), **_scores(ev), "verify_ms_per_query": round(ms, 2)}
+
+
+def _scores(ev) -> dict[str, Any]:
+    """A cell's scores from an :class:`~deepfeat.evaluate.EvalResult`."""
+    return {"map": ev.map, "mp1": ev.mp_at_k.get(1), "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10),
+            "ns": ev.ns_score}
 
 
 def _verify_column(post: str, params) -> str:
