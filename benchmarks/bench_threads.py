@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--policy", default="long:512")
     ap.add_argument("--combos", default=None,
                     help="T:W,... (default for 2 cores: 2:2,2:1,1:2,1:1; else the default and halves)")
+    ap.add_argument("--scales", default=None, help="e.g. 1,0.707,0.5 (default: one scale)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default="bench-out/threads.json")
     args = ap.parse_args()
@@ -42,6 +43,7 @@ def main() -> int:
         combos = [(dt, dw), (dt, max(1, dw // 2)), (max(1, dt // 2), dw), (max(1, dt // 2), max(1, dw // 2))]
     combos = list(dict.fromkeys(combos))
     print(f"{cores} cores; default threads {dt}, workers {dw}; combos {combos}", file=sys.stderr)
+    scales_kw = {"scales": tuple(float(v) for v in args.scales.split(","))} if args.scales else {}
     rates: dict[str, list[float]] = {f"{t}:{w}": [] for t, w in combos}
     tmp = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     try:
@@ -49,7 +51,7 @@ def main() -> int:
             for t, w in (combos if r % 2 == 0 else combos[::-1]):
                 out = tmp / f"s{t}_{w}"
                 rep = extract(ExtractConfig(inputs=[args.images], output=str(out), size=args.policy, threads=t,
-                                            workers=w, limit=args.n, progress="none"))
+                                            workers=w, **scales_kw, limit=args.n, progress="none"))
                 rates[f"{t}:{w}"].append(rep.steady_images_per_s)
                 print(f"  round {r}: --threads {t} --workers {w}: {rep.steady_images_per_s:.2f} img/s "
                       f"({rep.backend})", file=sys.stderr, flush=True)
@@ -63,7 +65,7 @@ def main() -> int:
         mb = sum(rates[base]) / len(rates[base])
         print(f"{k:20s} {', '.join(f'{x:.2f}' for x in v):>30s} {m:7.2f} {m / mb:9.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cores": cores, "policy": args.policy, "n": args.n, "rates": rates,
+    Path(args.out).write_text(json.dumps({"cores": cores, "policy": args.policy, "scales": args.scales, "n": args.n, "rates": rates,
                                           "default": base}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -183,11 +183,16 @@ def test_append_with_another_backend_only_when_they_agree(collection, tmp_path):
 
 def test_threads_flag_and_defaults(collection, tmp_path, capsys):
     from deepfeat.cli import main
-    from deepfeat.onnx_runtime import default_threads
+    from deepfeat.onnx_runtime import default_threads, work_pixels
 
     assert default_threads(2) == (1, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores
     t, w = default_threads(16)
     assert t + w >= 16 and t >= 2 and w >= 2
+    # large inputs: inference gets every core, decoding half (measured on 2 cores at long:768/1024)
+    assert work_pixels("long:1024") == 1024 * 1024 and work_pixels("model") is None
+    assert work_pixels("long:512", (1.0, 0.5)) == 512 * 512 * 1.25
+    assert default_threads(2, work_pixels("long:1024")) == (2, 1)
+    assert default_threads(2, work_pixels("long:512")) == (1, 2)
     with pytest.raises(UsageError, match="--threads"):
         ExtractConfig(inputs=["x"], output=str(tmp_path / "o"), threads=0).validate()
     rc = main(["extract", str(collection / "a"), "-o", str(tmp_path / "t"), "--size", "long:160", "--threads", "1",

@@ -221,15 +221,44 @@ class GraphCache:
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
-def default_threads(cores: int | None = None) -> tuple[int, int]:
-    """(intra-op threads, decode workers) for a box with *cores* cores: half the cores
-    (at most 8) for inference, one decode worker per core.
+#: Input pixels per image (summed over scales) from which inference, not decoding, is the cost
+#: and gets every core: measured on 2 cores between 512 x 512 x 1.75 (three scales of long:512)
+#: and 768 x 768 (long:768), docs/benchmarks.md.
+LARGE_INPUT_PIXELS = 500_000
 
-    Measured on 2 cores (benchmarks/bench_threads.py, docs/benchmarks.md), end to end with
-    ONNX Runtime: ``--threads 1 --workers 2`` ran 1.44x (224 x 224), 1.63x (``long:512``) and
-    1.86x (``long:1024``) the old default of 2 threads and 2 workers, which oversubscribed the
-    cores. The 16-core rule (8 threads, 16 workers) is NOT measured (no such machine was
-    available); ``--threads``/``--workers`` override the defaults.
+
+def work_pixels(size: str, scales=(1.0,)) -> int | None:
+    """About the input pixels per image of a size policy (``long:S``, ``short:S``, ``warp:S``:
+    S x S; ``warp:HxW``: H x W) summed over *scales*; None for ``model``/``native``."""
+    from .preprocess import parse_size_policy
+
+    side = parse_size_policy(size).size
+    if isinstance(side, int):
+        base = side * side
+    elif isinstance(side, tuple) and len(side) == 2:
+        base = int(side[0]) * int(side[1])
+    else:
+        return None
+    return int(base * sum(float(s) ** 2 for s in scales))
+
+
+def default_threads(cores: int | None = None, pixels: int | None = None) -> tuple[int, int]:
+    """(intra-op threads, decode workers) for a box with *cores* cores and inputs of about
+    *pixels* pixels per image (:func:`work_pixels`).
+
+    Small inputs (224 x 224, ``long:512``): half the cores (at most 8) for inference, one
+    decode worker per core. Measured on 2 cores (benchmarks/bench_threads.py,
+    docs/benchmarks.md): ``--threads 1 --workers 2`` ran 1.44x (224 x 224) and 1.63x
+    (``long:512``) the old default of 2 threads and 2 workers on a loaded machine, and it is
+    the one split that does not collapse when other jobs share the cores.
+
+    Large inputs (*pixels* >= :data:`LARGE_INPUT_PIXELS`: ``long:768``, ``long:1024``):
+    decoding is a few percent of the work, so inference gets every core (at most 8) and
+    decoding half of them: on a quiet 2-core machine ``--threads 2 --workers 1`` ran 1.40x
+    (``long:768``) and 1.59x (``long:1024``) ``1:2``. The 16-core rules are NOT measured (no
+    such machine was available); ``--threads``/``--workers`` override the defaults.
     """
     n = max(1, cores or os.cpu_count() or 1)
+    if pixels is not None and pixels >= LARGE_INPUT_PIXELS:
+        return max(1, min(8, n)), max(1, n // 2)
     return max(1, min(8, n // 2)), n
