@@ -10,7 +10,7 @@ shard becomes one row of a Ray Dataset (shard id, ids, paths) and goes through
 
 * :class:`ShardWorker` loads the model and builds the :class:`~deepfeat.features.FeatureNet`
   once per actor, checks that it matches the store's meta, and computes a shard with
-  the very code the local engine uses (:class:`deepfeat.pipeline.ShardProcessor`: the
+  the very code the local engine uses (:class:`deepfeat.pipeline.shard.ShardProcessor`: the
   same deterministic batches, decode, network, pooling, assembly), reading the images
   itself (reading is distributed) with a small decode thread pool, then commits the
   shard into the store directory. Only a small row of statistics returns to the driver.
@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from .errors import DeepfeatError, UsageError
-from .pipeline import ExtractConfig, ExtractReport, Progress
+from .pipeline.config import ExtractConfig, ExtractReport
+from .pipeline.progress import Progress
 from .store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class ShardWorker:
 
         from .features import pooled_dims
         from .models.base import resolve_device
-        from .pipeline import ShardProcessor, build_meta, load_feature_net, make_executor, make_runner
+        from .pipeline.decode import make_executor
+        from .pipeline.network import build_meta, load_feature_net, make_runner
+        from .pipeline.shard import ShardProcessor
         from .preprocess import parse_size_policy
 
         torch.set_num_threads(torch_threads)

@@ -1,0 +1,112 @@
+"""Extraction pipeline: reader -> decoder -> batcher -> runner -> writer.
+
+The work is planned before it is done: every input gets a stable id and a shard
+(``plan.parquet``), and a shard's batches are formed deterministically from the
+shard's items (consecutive for fixed-size policies; grouped by exact output shape,
+from image headers, for aspect-preserving ones). Decoding runs in worker processes
+(or threads) ahead of inference; inference runs in the main process on the chosen
+backend; a shard is written and committed as soon as its last batch is done.
+
+Because the plan and the batches do not depend on timing, an interrupted run
+(Ctrl-C, ``kill -9``, power loss) continued later produces exactly the same store,
+byte for byte, as an uninterrupted one: committed shards are skipped, the shard in
+progress is redone.
+
+How one shard is computed (batches -> decode -> FeatureNet -> items + arrays -> commit)
+lives in :class:`ShardProcessor`, shared by the two engines: the local one
+(``engine="local"``: decode processes feeding inference in this process, several
+shards in flight) and the Ray one in :mod:`deepfeat.distributed` (``engine="ray"``:
+one shard per actor call, on many machines). Both write the same store.
+
+The parts, each a module of this package (every name is re-exported here):
+
+* :mod:`.config`: :class:`ExtractConfig` (one field per CLI flag) and its validation,
+  :class:`ExtractReport`;
+* :mod:`.plan`: ids and shards (``plan.parquet``), the uncommitted shards of a resumed
+  run, a shard's deterministic batches (:func:`shard_batches`);
+* :mod:`.decode`: the decode workers (header probes, decoding) and their executors;
+* :mod:`.network`: the model, layers, pooling, meta and the inference runner;
+* :mod:`.shard`: :class:`ShardProcessor`, one shard from items to a committed shard;
+* :mod:`.local`: the local engine; :mod:`.run`: :func:`extract`, setup, plan, engine, finish;
+* :mod:`.progress`: the progress bar or lines; :mod:`.post`: fitting or installing the
+  post-processing chain.
+"""
+
+from __future__ import annotations
+
+from .config import BACKENDS, DTYPES, ENGINES, ExtractConfig, ExtractReport
+from .decode import (
+    _W,
+    _decode_failed,
+    _die_with_parent,
+    _InlineExecutor,
+    _merge_decoded,
+    _probe_failed,
+    _probe_one,
+    _shutdown,
+    _worker_init,
+    decode_batch,
+    decode_one,
+    default_workers,
+    make_executor,
+    probe_sizes,
+    raise_empty,
+)
+from .local import run_local
+from .network import (
+    POOLING_FILE,
+    _fitted_pooling,
+    _resolve_layers,
+    auto_prefers_onnx,
+    build_meta,
+    default_layer,
+    default_pooling,
+    load_feature_net,
+    make_runner,
+    padding,
+    resolve_threads,
+)
+from .plan import CPU_BATCH_PIXELS, _adopt_meta, default_batch, eager_cpu, plan_inputs, plan_work, shard_batches
+from .post import _finish_post, check_post_dim, fit_post, install_post
+from .progress import Progress, _fmt_seconds, _stage_str
+from .run import _extract, extract
+from .shard import ShardJob, ShardProcessor, _one_line
+
+_run_local = run_local  # the old name
+
+__all__ = [
+    "BACKENDS",
+    "CPU_BATCH_PIXELS",
+    "DTYPES",
+    "ENGINES",
+    "POOLING_FILE",
+    "ExtractConfig",
+    "ExtractReport",
+    "Progress",
+    "ShardJob",
+    "ShardProcessor",
+    "auto_prefers_onnx",
+    "build_meta",
+    "check_post_dim",
+    "decode_batch",
+    "decode_one",
+    "default_batch",
+    "default_layer",
+    "default_pooling",
+    "default_workers",
+    "eager_cpu",
+    "extract",
+    "fit_post",
+    "install_post",
+    "load_feature_net",
+    "make_executor",
+    "make_runner",
+    "padding",
+    "plan_inputs",
+    "plan_work",
+    "probe_sizes",
+    "raise_empty",
+    "resolve_threads",
+    "run_local",
+    "shard_batches",
+]

@@ -1,0 +1,112 @@
+"""The local engine (``engine="local"``): decode workers feed inference in this process,
+several shards in flight; each shard is committed as soon as its last batch is done."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Executor
+from typing import Callable
+
+from ..images import decode_image
+from ..preprocess import parse_size_policy
+from ..store import FeatureStore
+from .config import ExtractConfig, ExtractReport
+from .decode import _shutdown, decode_batch, make_executor
+from .network import make_runner, padding, resolve_threads
+from .progress import Progress
+from .shard import ShardJob, ShardProcessor
+
+
+def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list[str], dims: list[int], device,
+              by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
+              stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
+    """The local engine: decode workers feed inference in this process, several shards in flight."""
+    import torch
+
+    policy = parse_size_policy(cfg.size)
+    threads, workers = resolve_threads(cfg)
+    torch_threads = torch.get_num_threads()
+    if cfg.threads:  # eager torch keeps its own default (all cores) unless --threads is given
+        torch.set_num_threads(cfg.threads)
+    proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
+                          cfg.dtype, cfg.batch_pixels, padding(cfg))
+    proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
+    from .. import backend_check
+
+    try:
+        backend_check.guard(store, proc.runner, layers, lambda p: decode_image(
+            p, policy, model.data_config, draft=cfg.draft, max_pixels=cfg.max_pixels).pixels)
+    except BaseException:
+        torch.set_num_threads(torch_threads)
+        raise
+    report.backend = proc.runner.name
+    initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
+    executor = make_executor(cfg.decode_in, workers, initargs, cfg.decode_timeout)
+    interrupted = False
+    try:
+        _schedule(proc, executor, workers, by_shard, report, progress, stages, on_shard, t_start)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        _shutdown(executor, cancel=interrupted)
+        torch.set_num_threads(torch_threads)
+    if report.processed:
+        backend_check.record(store, proc.runner)
+
+
+def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
+              by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
+              stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
+    """Keep up to ``2 * workers`` batches decoding ahead of inference, across shards in plan
+    order; infer them in submission order and commit each shard when its last batch is done."""
+    from .. import backend_check
+
+    store = proc.store
+    inflight_max = max(2, 2 * max(workers, 1))
+    pending: deque = deque()  # (job, future of decode_batch), in submission order
+    jobs: dict[int, ShardJob] = {}
+
+    def submit_shard(shard: int, items: list[tuple[int, str]]) -> None:
+        job = jobs[shard] = proc.plan(shard, items, executor, workers)
+        for b in job.batches:
+            pending.append((job, executor.submit(decode_batch, b)))
+        if not job.batches:
+            finish_shard(job)
+
+    def finish_shard(job: ShardJob) -> None:
+        del jobs[job.shard]
+        if report.processed and "inference" not in store.meta:
+            # before the first commit, so that a run killed after it still says which backend made its rows
+            backend_check.record(store, proc.runner)
+        n_ok, n_failed = proc.commit(job)
+        report.ok += n_ok
+        report.failed += n_failed
+        if on_shard is not None:
+            on_shard(job.shard)
+
+    def drain_one() -> None:
+        job, fut = pending.popleft()
+        n = proc.infer(job, fut.result())
+        report.backend = proc.runner.name
+        report.processed += n
+        if report.warmup_seconds is None:
+            report.warmup_seconds = time.perf_counter() - t_start
+            report.warmup_items = n
+        progress.update(n, stages)
+        if job.left == 0:
+            finish_shard(job)
+
+    shard_iter = iter(by_shard.items())
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < inflight_max:
+            nxt = next(shard_iter, None)
+            if nxt is None:
+                exhausted = True
+                break
+            submit_shard(*nxt)
+        if not pending:
+            break
+        drain_one()

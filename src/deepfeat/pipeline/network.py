@@ -1,0 +1,176 @@
+"""The network a run extracts with: the model, its resolved layers and pooling (a learning
+pooling fitted or reloaded), the store's meta for them, and the inference runner
+(eager torch, ONNX Runtime with a torch fallback, or padded torch batches) with its threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import DeepfeatError, UsageError
+from ..images import decode_image, discover
+from ..preprocess import SizePolicy, parse_size_policy
+from .config import ExtractConfig
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_layers(model, layers: Sequence[str]) -> list[str]:
+    out = []
+    for name in layers:
+        if name in ("default", ""):
+            out.append(default_layer(model))
+        else:
+            out.append(name)
+    return out
+
+
+def default_layer(model) -> str:
+    """The last spatial feature map before global pooling (timm: ``forward_features`` output)."""
+    if model.extra_meta.get("default_layer"):
+        return model.extra_meta["default_layer"]
+    names = [n for n, _ in model.net.named_modules()]
+    for cand in ("conv_head", "bn2", "layer4", "features", "stages", "norm"):
+        if cand in names and cand != "":
+            if cand == "conv_head" and "bn2" in names:
+                return "bn2"  # timm EfficientNet: conv_head -> bn2 (+act) is the final feature map
+            return cand
+    from ..errors import LayerError
+
+    raise LayerError(f"no default layer known for {model.spec}; pass --layer (see `deepfeat layers`)")
+
+
+def default_pooling(model) -> str:
+    """The pooling ``--pool default`` means: the model's recorded one (``finetuned:RUN``:
+    the descriptor the run chose and measured, in its ``meta.json``), else GeM (p = 3)."""
+    return model.extra_meta.get("default_pooling") or "gem"
+
+
+def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list[int]) -> dict[str, Any]:
+    return {
+        "model": model.meta(),
+        "layers": layers,
+        "pooling": pooling.spec,
+        "pooling_params": pooling.to_dict(),
+        "post": cfg.post or "none",
+        "size": str(parse_size_policy(cfg.size)),
+        "scales": list(cfg.scales),
+        "scale_combine": cfg.scale_combine,
+        "dtype": cfg.dtype,
+        "draft_decode": cfg.draft,
+        "features": {name: {"dim": d, "dtype": cfg.dtype} for name, d in zip(layers, dims)},
+        # relative item paths are relative to this folder (where the extraction ran)
+        "root": os.getcwd(),
+    }
+
+
+def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[str], Any, Any]:
+    """(model, resolved layers, pooling, FeatureNet on *device*) as *cfg* defines them; a pooling
+    that learns is taken from --pool-fit or the store's saved codebook, else fitted and returned."""
+    from ..features import FeatureNet
+    from ..models import load_model
+    from ..pooling import get_pooling
+
+    model = load_model(cfg.model, device=str(device), labels=cfg.labels)
+    layers = _resolve_layers(model, cfg.layers)
+    pooling = get_pooling(default_pooling(model) if cfg.pooling in ("default", "") else cfg.pooling)
+    if pooling.needs_fit:
+        pooling = _fitted_pooling(cfg, model, layers, pooling, parse_size_policy(cfg.size), out, device)
+    fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
+    return model, layers, pooling, fnet
+
+
+def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
+                ) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """The inference runner for *cfg*; ONNX Runtime gets *threads* intra-op threads (None: torch's)."""
+    import torch
+
+    from ..features import FallbackRunner, OnnxRunner, TorchRunner
+
+    threads = threads or torch.get_num_threads()
+    if padding(cfg):
+        from ..batching import PaddedTorchRunner
+
+        return PaddedTorchRunner(fnet, device, cfg.pad_to, channels_last=cfg.channels_last)
+    # one shape: static graphs (fastest per image); many shapes (aspect-preserving policies):
+    # one graph with dynamic height and width (docs/benchmarks.md, "ONNX Runtime at retrieval sizes")
+    export = "static" if parse_size_policy(cfg.size).fixed else "dynamic"
+    if cfg.backend == "onnx":
+        return OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
+    if cfg.backend == "auto" and auto_prefers_onnx(cfg, fnet, device):
+        onnx = OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
+        return FallbackRunner(onnx, TorchRunner(fnet, device))
+    return TorchRunner(fnet, device, channels_last=cfg.channels_last, compile=cfg.compile)
+
+
+def padding(cfg: ExtractConfig) -> int | None:
+    """The multiple images are padded to (``--pad-to``), for aspect-preserving policies on the torch backend."""
+    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend != "onnx":
+        return cfg.pad_to
+    return None
+
+
+def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
+    """(inference threads, decode workers): ``--threads`` and ``--workers`` where given, else
+    :func:`deepfeat.onnx_runtime.default_threads` for this machine's cores."""
+    from ..onnx_runtime import default_threads
+
+    threads, workers = default_threads()
+    return (cfg.threads or threads), (cfg.workers if cfg.workers is not None else workers)
+
+
+def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
+    """``--backend auto``: ONNX Runtime on the CPU (2-3.5x eager PyTorch, docs/benchmarks.md), for
+    every size policy (one static graph for one shape, one dynamic graph for many); eager torch
+    on CUDA."""
+    import importlib.util
+
+    return (device.type == "cpu" and fnet.exportable and not padding(cfg)
+            and importlib.util.find_spec("onnxruntime") is not None)
+
+
+POOLING_FILE = "pooling.npz"
+
+
+def _fitted_pooling(cfg: ExtractConfig, model, layers: list[str], pooling, policy: SizePolicy, out: Path, device):
+    """A pooling that learns (MOP's codebooks): from --pool-fit, from the store, or fitted on
+    a seeded sample of the inputs and saved into the store so a resumed run reuses it."""
+    import torch
+
+    from ..pooling import load_pooling
+    from ..taps import make_taps
+
+    if len(layers) != 1:
+        raise UsageError(f"pooling {pooling.spec!r} learns a codebook per layer; tap one layer, not {layers}")
+    saved = out / POOLING_FILE
+    src = cfg.pool_fit or (str(saved) if saved.is_file() else None)
+    if src:
+        fitted = load_pooling(src)
+        if fitted.spec != pooling.spec:
+            raise UsageError(f"codebook {src} is for {fitted.spec!r}, not {pooling.spec!r}")
+        return fitted
+    paths = discover(cfg.inputs) if cfg.inputs else []
+    if not paths:
+        raise UsageError(f"pooling {pooling.spec!r} needs a codebook: give inputs to fit on, or --pool-fit FILE")
+    rng = np.random.default_rng(0)
+    sample = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), cfg.pool_fit_samples),
+                                                  replace=False))]
+    log.warning("fitting %s on %d of the input images", pooling.spec, len(sample))
+    taps = make_taps(model, layers)
+
+    def batches():
+        for p in sample:
+            try:
+                px = decode_image(p, policy, model.data_config, draft=cfg.draft).pixels
+            except DeepfeatError:
+                continue
+            with torch.inference_mode():
+                yield taps(model.normalize(torch.from_numpy(px)[None].to(device)))[layers[0]].cpu()
+
+    pooling.fit(batches())
+    pooling.fit_info = {**getattr(pooling, "fit_info", {}), "fitted_on_images": len(sample)}
+    return pooling

@@ -1,0 +1,128 @@
+"""The run: the store's lock, setup (model, meta, store), the plan, one engine, the finish."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UsageError
+from ..store import FeatureStore, check_store_dir
+from ..storelock import StoreLock
+from .config import ExtractConfig, ExtractReport
+from .local import run_local
+from .network import POOLING_FILE, build_meta, load_feature_net
+from .plan import _adopt_meta, default_batch, plan_work
+from .post import _finish_post, check_post_dim, install_post
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+    """Run (or continue) an extraction into ``cfg.output``, as the store's only writer.
+
+    The store's lock (:class:`~deepfeat.storelock.StoreLock`) is taken first: a second
+    ``extract`` on the same store, or a store folder that cannot be written, is refused
+    before the model is loaded. The run itself is :func:`_extract`.
+    """
+    cfg.validate()
+    check_store_dir(Path(cfg.output))
+    with StoreLock(cfg.output, create=not cfg.resume):
+        return _extract(cfg, on_shard)
+
+
+def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+    """Run (or continue) an extraction into ``cfg.output``; see :mod:`deepfeat.pipeline`.
+
+    The setup (model, meta, store), the plan and the finish (items.parquet, fitted
+    post-processing, failures.csv) are the same for both engines; only where the
+    uncommitted shards are computed differs. *on_shard* is called with each shard id
+    as it is committed (in this process for both engines).
+    """
+    cfg.validate()
+    post = cfg.post_chain()
+    post_file = cfg.post if post.fitted and post.needs_fit else None  # a saved, fitted chain file
+    cfg.post = post.spec
+    if cfg.engine == "ray":
+        from ..distributed import require_ray
+
+        require_ray()  # before any heavy work: a missing extra is a UsageError that says how to install it
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    store, model, layers, fnet, dims, device = _open_store(cfg, out, post, post_file)
+    ids, committed, by_shard = plan_work(cfg, store)
+    report = ExtractReport(store=str(out), planned=len(ids), skipped_shards=len(committed))
+    default_batch(cfg, device)
+    todo = sum(len(v) for v in by_shard.values())
+    if committed:
+        log.info("resuming: %d shard(s) already committed", len(committed))
+
+    stages = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+    progress = Progress(len(ids), len(ids) - todo, cfg.progress)
+    try:
+        if cfg.engine == "ray":
+            from ..distributed import run_shards_on_ray
+
+            run_shards_on_ray(cfg, store, layers, by_shard, report, progress, stages, on_shard)
+        else:
+            run_local(cfg, store, model, fnet, layers, dims, device, by_shard, report, progress, stages, on_shard,
+                      t_start)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        raise
+    finally:
+        progress.close()
+        report.seconds = time.perf_counter() - t_start
+        report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
+        try:
+            store.consolidate()
+        except Exception as e:  # never hide the original error behind a consolidation failure
+            log.warning("could not consolidate items.parquet: %s", e)
+    _finish(store, cfg, report)
+    return report
+
+
+def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
+    """The setup before the plan: with --resume the store's settings, the network, the store
+    (created or reopened) with its meta, a learnt pooling's codebook and the post-processing
+    chain. Returns (store, model, layers, fnet, dims, device)."""
+    from ..features import pooled_dims
+    from ..models.base import resolve_device
+
+    existing = FeatureStore(out) if (out / "meta.json").is_file() else None
+    if cfg.resume and existing is None:
+        raise UsageError(f"--resume: {out} is not an existing feature store")
+    if existing is not None and cfg.resume:
+        _adopt_meta(cfg, existing.meta)
+
+    # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
+    device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
+    model, layers, pooling, fnet = load_feature_net(cfg, out, device)
+    dims = pooled_dims(fnet, model.data_config.input_size)
+    if post_file:
+        check_post_dim(post, post_file, dims[0])  # before the store is made
+    meta = build_meta(cfg, model, layers, pooling, dims)
+    store = FeatureStore.create(out, meta)
+    if pooling.needs_fit and not (store.path / POOLING_FILE).is_file():
+        pooling.save(store.path / POOLING_FILE, extra={"layer": layers[0], "model": model.spec})
+    if store.meta.get("post") != meta["post"]:
+        store.update_meta(post=meta["post"])
+        (store.path / "post.npz").unlink(missing_ok=True)
+    if post_file:
+        install_post(store, post, post_file, dims[0])
+    return store, model, layers, fnet, dims, device
+
+
+def _finish(store: FeatureStore, cfg: ExtractConfig, report: ExtractReport) -> None:
+    """After the shards: fit the post-processing chain, write failures.csv, record the run."""
+    _finish_post(store, cfg)
+    failed = store.failed()
+    if failed.num_rows:
+        import pyarrow.csv as pacsv
+
+        rep = store.path / "failures.csv"
+        pacsv.write_csv(failed.select(["id", "path", "error"]), rep)
+        report.failures_report = str(rep)
+    store.update_meta(last_run=report.to_dict())
