@@ -219,6 +219,19 @@ def build_net(netdef: NetDef, weights: CaffeModelFile | None = None, *,
         setattr(probe, attr, None)
     used: set[str] = set()
     shapes: dict[str, Shape] = {}
+    inputs = _build_inputs(netdef, input_shapes, shapes, used, probe)
+    layers, writers, available = _build_layers(netdef, weights, inputs, shapes, used, probe)
+    if output is None:  # the last written of the net's outputs (or, if none, the last blob written)
+        output = max(available or list(writers), key=lambda b: writers[b][1])
+    elif output not in shapes:
+        raise UsageError(f"output blob {output!r} is not a blob of this net.{suggest(output, list(shapes))}")
+    aliases = _aliases(netdef, inputs, layers, writers)
+    return CaffeNet(netdef, inputs, layers, shapes, output, aliases).eval()  # a deploy net runs in TEST phase
+
+
+def _build_inputs(netdef: NetDef, input_shapes: dict[str, Sequence[int]] | None, shapes: dict[str, Shape],
+                  used: set[str], probe: nn.Module) -> list[tuple[str, str, Input]]:
+    """The input modules (module name, blob, :class:`Input`), their shapes (batch 1) put into *shapes*."""
     overrides = {k: tuple(int(v) for v in s) for k, s in (input_shapes or {}).items()}
     unknown = set(overrides) - {i.blob for i in netdef.inputs}
     if unknown:
@@ -246,7 +259,14 @@ def build_net(netdef: NetDef, weights: CaffeModelFile | None = None, *,
         shapes[inp.blob] = shape
         mname = _unique(inp.layer or inp.blob, used, probe)
         inputs.append((mname, inp.blob, Input(inp.blob, shape, inp.layer)))
+    return inputs
 
+
+def _build_layers(netdef: NetDef, weights: CaffeModelFile | None, inputs: list[tuple[str, str, Input]],
+                  shapes: dict[str, Shape], used: set[str], probe: nn.Module):
+    """Every layer's module, in prototxt order, with its weights copied by layer name; the
+    blob shapes go into *shapes*. Returns (layers, writers: blob -> (module name, step),
+    available: the blobs no later layer reads, in the order last written)."""
     by_name = weights.by_name() if weights is not None else {}
     used_weights: set[str] = set()
     missing: list[str] = []
@@ -287,13 +307,13 @@ def build_net(netdef: NetDef, weights: CaffeModelFile | None = None, *,
             f"the caffemodel {weights.path or weights.name!r} has no weights for layer(s) "  # type: ignore[union-attr]
             f"{', '.join(repr(m) for m in missing)} of the prototxt (Caffe copies weights by layer name).{hint}"
         )
+    return layers, writers, available
 
-    if output is None:  # the last written of the net's outputs (or, if none, the last blob written)
-        output = max(available or list(writers), key=lambda b: writers[b][1])
-    elif output not in shapes:
-        raise UsageError(f"output blob {output!r} is not a blob of this net.{suggest(output, list(shapes))}")
 
-    # aliases: original layer names, then blob names that are not layer names
+def _aliases(netdef: NetDef, inputs: list[tuple[str, str, Input]],
+             layers: list[tuple[str, LayerDef, nn.Module, list[tuple[str, Top]]]],
+             writers: dict[str, tuple[str, int]]) -> dict[str, str]:
+    """Extra tappable names: original layer names, then blob names that are not layer names."""
     aliases: dict[str, str] = {}
     module_set = {m for m, _, _ in inputs} | {m for m, _, _, _ in layers}
     module_set |= {f"{m}.{c}" for m, _, _, ch in layers for c, _ in ch}
@@ -309,7 +329,7 @@ def build_net(netdef: NetDef, weights: CaffeModelFile | None = None, *,
         if blob in layer_name_set or blob in module_set or blob in aliases:
             continue
         aliases[blob] = target
-    return CaffeNet(netdef, inputs, layers, shapes, output, aliases).eval()  # a deploy net runs in TEST phase
+    return aliases
 
 
 # ---------------------------------------------------------------------------
