@@ -195,13 +195,13 @@ def main() -> int:
 
     from deepfeat.features import parse_scales
     from deepfeat.images import discover
-    from deepfeat.onnx_runtime import default_threads
+    from deepfeat.onnx_runtime import default_threads, work_pixels
 
     if not Path(args.images).is_dir():
         print(f"image folder not found: {args.images}", file=sys.stderr)
         return 2
     scales = parse_scales(args.scales)
-    d_threads, d_workers = default_threads()
+    d_threads, d_workers = default_threads(pixels=work_pixels(args.policy, scales))
     threads = args.threads or d_threads
     workers = args.workers if args.workers is not None else d_workers
     fixed = args.policy == "model" or args.policy.startswith("warp")

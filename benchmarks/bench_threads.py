@@ -32,11 +32,12 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/threads.json")
     args = ap.parse_args()
 
-    from deepfeat.onnx_runtime import default_threads
+    from deepfeat.onnx_runtime import default_threads, work_pixels
     from deepfeat.pipeline import ExtractConfig, extract
 
     cores = os.cpu_count() or 1
-    dt, dw = default_threads()
+    scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else (1.0,)
+    dt, dw = default_threads(pixels=work_pixels(args.policy, scales))
     if args.combos:
         combos = [tuple(int(v) for v in c.split(":")) for c in args.combos.split(",")]
     else:

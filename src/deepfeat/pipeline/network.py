@@ -116,10 +116,10 @@ def padding(cfg: ExtractConfig) -> int | None:
 
 def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
     """(inference threads, decode workers): ``--threads`` and ``--workers`` where given, else
-    :func:`deepfeat.onnx_runtime.default_threads` for this machine's cores."""
-    from ..onnx_runtime import default_threads
+    :func:`deepfeat.onnx_runtime.default_threads` for this machine's cores and the input size."""
+    from ..onnx_runtime import default_threads, work_pixels
 
-    threads, workers = default_threads()
+    threads, workers = default_threads(pixels=work_pixels(cfg.size, cfg.scales))
     return (cfg.threads or threads), (cfg.workers if cfg.workers is not None else workers)
 
 
