@@ -26,6 +26,19 @@ Writes ``OUT/queries/<edit>/q_<edit>_<class>_<image>.jpg``, ``OUT/queries.csv``
 database and the queries evaluates with the CLI (query images are excluded from every
 ranking). ``benchmarks/bench_rerank.py`` uses separate database and query stores.
 
+With ``--views V`` (default 1: the set above, byte for byte) the database also holds,
+for every picked original k, V-1 extra edited views ``OUT/database/<stem>_v<j>.jpg``
+(j = 1..V-1), made with the edit ``("crop_rot", "color_blur", "jpeg")[(j - 1) % 3]``
+but with their own parameters from ``numpy.random.default_rng([seed, k, j])``, so they
+differ from the query copies: ``crop_rot`` and ``color_blur`` as above (JPEG q=90);
+``jpeg`` (which has no random parameter for the queries) here downscales by U(0.4, 0.6)
+(bicubic) and saves at integer quality U(10, 30). A query's relevant set is then its
+original + the V-1 views of that original: ``queries.csv`` gets a fourth column
+``relevant`` (the ';'-joined names, Flowers-17-relative for the original, ``OUT``-relative
+``database/...`` for the views), ``database.txt`` lists the views after the Flowers 17
+images, and ``gnd.json``'s ``easy`` holds all V indices (``imlist`` names the views
+``database/<stem>_v<j>``).
+
     python scripts/make_instance_set.py --flowers ../shared/data/flowers17 --out instance-set
 """
 
@@ -74,7 +87,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distractors", type=int, default=None,
                     help="database = the N originals + this many other Flowers 17 images, seeded (default: all)")
+    ap.add_argument("--views", type=int, default=1,
+                    help="database images per instance: the original + V-1 edited views (default 1)")
     args = ap.parse_args()
+    if args.views < 1:
+        ap.error("--views must be >= 1")
     root = Path(args.flowers)
     originals = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.jpg"))
     if not originals:
@@ -84,6 +101,7 @@ def main() -> int:
     pick = sorted(np.random.default_rng(args.seed).choice(len(originals), size=args.n, replace=False).tolist())
     out = Path(args.out)
     rows = []
+    views = {}  # original rel -> [OUT-relative view names]
     for k, i in enumerate(pick):
         rel = originals[i]
         img = Image.open(root / rel).convert("RGB")
@@ -99,23 +117,43 @@ def main() -> int:
             else:
                 edited[edit].save(q, quality=90)
             rows.append((q.relative_to(out).as_posix(), rel, edit))
+        for j in range(1, args.views):
+            vrng = np.random.default_rng([args.seed, k, j])
+            kind = ("crop_rot", "color_blur", "jpeg")[(j - 1) % 3]
+            d = out / "database"
+            d.mkdir(parents=True, exist_ok=True)
+            v = d / f"{stem}_v{j}.jpg"
+            if kind == "jpeg":
+                f = float(vrng.uniform(0.4, 0.6))
+                img.resize((max(1, int(img.width * f)), max(1, int(img.height * f))),
+                           Image.Resampling.BICUBIC).save(v, quality=int(vrng.integers(10, 31)))
+            else:
+                (crop_rot if kind == "crop_rot" else color_blur)(img, vrng).save(v, quality=90)
+            views.setdefault(rel, []).append(v.relative_to(out).as_posix())
     with open(out / "queries.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["query", "original", "edit"])
-        w.writerows(rows)
+        if args.views == 1:
+            w.writerow(["query", "original", "edit"])
+            w.writerows(rows)
+        else:
+            w.writerow(["query", "original", "edit", "relevant"])
+            w.writerows([(q, o, e, ";".join([o] + views[o])) for q, o, e in rows])
     rest = [j for j in range(len(originals)) if j not in set(pick)]
     if args.distractors is not None:
         if not 0 <= args.distractors <= len(rest):
             ap.error(f"--distractors must be in 0..{len(rest)}")
         rest = sorted(np.random.default_rng([args.seed, 1]).choice(rest, size=args.distractors, replace=False).tolist())
     db = sorted(pick + rest)
-    (out / "database.txt").write_text("".join(f"{(root / originals[j]).resolve()}\n" for j in db))
-    originals = [originals[j] for j in db]
+    vlist = [v for o in sorted(views) for v in views[o]]
+    (out / "database.txt").write_text("".join(f"{(root / originals[j]).resolve()}\n" for j in db)
+                                      + "".join(f"{(out / v).resolve()}\n" for v in vlist))
+    originals = [originals[j] for j in db] + vlist
     index = {name: j for j, name in enumerate(originals)}
     gnd = {"format": "deepfeat-revisited-gnd", "version": 1,
            "imlist": [n.rsplit(".", 1)[0] for n in originals],
            "qimlist": [Path(q).stem for q, _, _ in rows],
-           "gnd": [{"bbx": None, "easy": [index[o]], "hard": [], "junk": []} for _, o, _ in rows]}
+           "gnd": [{"bbx": None, "easy": [index[o]] + [index[v] for v in views.get(o, [])], "hard": [], "junk": []}
+                   for _, o, _ in rows]}
     (out / "gnd.json").write_text(json.dumps(gnd) + "\n")
     print(f"{len(rows)} queries ({len(pick)} originals x {len(EDITS)} edits) in {out}; "
           f"database: {len(originals)} images of {root} (listed in {out / 'database.txt'})")
