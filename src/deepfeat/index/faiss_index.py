@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
-from .checksums import file_digest
-from .errors import DeepfeatError, StoreError, UsageError, suggest
+from .. import __version__
+from ..checksums import file_digest
+from ..errors import DeepfeatError, StoreError, UsageError, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss as _faiss_module
