@@ -1,0 +1,112 @@
+"""Persistence of an index: ``index.faiss`` (FAISS's own format) beside ``index.json`` (its meta).
+
+The meta describes the index (kind, metric, d, parameters, how it was built, the store
+meta it was built from) and records the index file's size and sha256; :func:`read_index`
+refuses a pair that disagrees, :func:`write_index` writes both through temporary names.
+:meth:`Index.load <deepfeat.index.Index.load>` and :meth:`Index.save <deepfeat.index.Index.save>`
+are these two functions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checksums import file_digest
+from ..errors import StoreError, UsageError
+from .checks import _faiss
+from .kinds import INDEX_KINDS
+
+META_FORMAT = "deepfeat-index"
+META_VERSION = 1
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _artefact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(index file, meta file) for a directory, a ``.faiss`` path or a ``.json`` path."""
+    p = Path(path)
+    if p.suffix == ".faiss":
+        return p, p.with_suffix(".json")
+    if p.suffix == ".json":
+        return p.with_suffix(".faiss"), p
+    return p / INDEX_FILE, p / META_FILE
+
+
+def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index and meta saved at *path* (a directory, or its ``.faiss`` / ``.json`` file).
+
+    Raises :class:`StoreError` if a file is missing, unreadable, or the two disagree.
+    """
+    faiss = _faiss()
+    index_path, meta_path = _artefact_paths(path)
+    if not meta_path.is_file():
+        raise StoreError(f"no index meta at {meta_path}: save an index there with Index.save (or deepfeat index)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreError(f"unreadable index meta {meta_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise StoreError(f"{meta_path} is not a deepfeat index meta (format != {META_FORMAT!r})")
+    if int(meta.get("format_version", 0)) > META_VERSION:
+        raise StoreError(
+            f"{meta_path} has index format version {meta['format_version']}; this deepfeat "
+            f"({__version__}) reads up to {META_VERSION}: upgrade deepfeat"
+        )
+    index_path = meta_path.with_name(meta.get("index_file", index_path.name))
+    if not index_path.is_file():
+        raise StoreError(f"index file {index_path} is missing (its meta {meta_path} exists)")
+    size = index_path.stat().st_size
+    if "index_bytes" in meta and size != meta["index_bytes"]:
+        raise StoreError(
+            f"{index_path} has {size} bytes but its meta says {meta['index_bytes']}: truncated or replaced; rebuild"
+        )
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        raise StoreError(f"cannot read FAISS index {index_path}: {str(e).strip().splitlines()[-1]}") from None
+    metric = "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
+    found = {"d": int(index.d), "ntotal": int(index.ntotal), "metric": metric}
+    wrong = {k: (meta.get(k), v) for k, v in found.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: meta {a!r}, index {b!r}" for k, (a, b) in wrong.items())
+        raise StoreError(f"{index_path} does not match its meta {meta_path} ({detail}); rebuild the index")
+    if meta.get("kind") not in INDEX_KINDS or meta.get("kind") == "auto":
+        raise StoreError(f"{meta_path}: unknown index kind {meta.get('kind')!r}")
+    return index, meta
+
+
+def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write *faiss_index* and *meta* (updated in place with the index file's name, size, sha256
+    and the time) as the pair named by *path*; returns the meta file's path."""
+    from ..store import atomic_write_bytes
+
+    faiss = _faiss()
+    index_path, meta_path = _artefact_paths(path)
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_name(index_path.name + ".tmp")
+    faiss.write_index(faiss_index, str(tmp))  # straight to disk: no in-memory copy of a large index
+    os.replace(tmp, index_path)
+    meta["index_file"] = index_path.name
+    digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.checksums)
+    meta["index_bytes"] = digest["bytes"]
+    meta["index_sha256"] = digest["sha256"]
+    meta["saved_at"] = _now()
+    text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(meta_path, text.encode("utf-8"))
+    return meta_path
