@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, UsageError, suggest
+from ..errors import FormatError, UsageError, suggest
 
 PCA_FILE_KIND = "deepfeat.pca"
 CHAIN_FILE_KIND = "deepfeat.postchain"
@@ -44,7 +44,7 @@ _APPLY_CHUNK = 65536  # rows per float64 block when applying a PCA
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
