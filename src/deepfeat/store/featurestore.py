@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
-from .checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
-from .errors import StoreError, UsageError
+from .. import __version__
+from ..checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
+from ..errors import StoreError, UsageError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("deepfeat.store")  # the name it had as one module
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -143,7 +143,7 @@ def _fsync_dir(path: Path) -> None:
 def check_store_dir(p: Path) -> None:
     """Refuse a store path that is a file, or a non-empty folder that is not a store (its
     writer's lock file aside)."""
-    from .storelock import LOCK_NAME
+    from ..storelock import LOCK_NAME
 
     if p.exists() and not p.is_dir():
         raise StoreError(f"{p} exists and is not a directory")
@@ -295,7 +295,7 @@ class FeatureStore:
 
     def verify(self):
         """Hash and check every file (:func:`deepfeat.checksums.verify_store`); a :class:`VerifyReport`."""
-        from .checksums import verify_store
+        from ..checksums import verify_store
 
         return verify_store(self)
 
@@ -464,7 +464,7 @@ class FeatureStore:
         """The post-processing chain of this store (fitted if it needs fitting), or None."""
         if self._post is None:
             spec = self.meta.get("post") or "none"
-            from .postprocess import PostChain
+            from ..postprocess import PostChain
 
             fitted = self.path / "post.npz"
             if fitted.is_file():
