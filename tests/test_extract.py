@@ -340,7 +340,7 @@ def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypat
     file system in the middle of a shard.)"""
     import errno
 
-    import deepfeat.store.featurestore as store_mod
+    import deepfeat.store.atomic as store_mod
 
     real_save, real_write = np.save, store_mod.pq.write_table
     calls = {"n": 0}

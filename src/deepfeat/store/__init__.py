@@ -1,19 +1,58 @@
-"""The on-disk feature store (see :mod:`deepfeat.store.featurestore`)."""
+"""The on-disk feature store: shards of N x D arrays, an items table, and a meta.
 
-from .featurestore import (  # noqa: F401
-    EXPORT_FORMATS,
-    IDENTITY_KEYS,
-    ITEM_SCHEMA,
-    PLAN_SCHEMA,
-    FeatureStore,
-    ShardItems,
+Layout of a store directory::
+
+    meta.json                 what produced the features (model + weights hash, layers,
+                              pooling, post-processing, size policy, dims, version, dates)
+    plan.parquet              every input in processing order: id, path, shard
+    shards/000007.items.parquet   the items of shard 7 (the commit marker, written last)
+    shards/000007.<feature>.npy   its features, one file per feature (layer), rows = ok items
+    items.parquet             all committed items, consolidated at the end of each run
+    post.npz / post.json      the fitted post-processing chain, when it needs fitting
+
+Items table columns: ``id`` (stable row id), ``path``, ``status`` (``ok``/``error``),
+``error``, ``width``, ``height`` (original, after EXIF orientation), ``shard``,
+``offset`` (row in the shard's arrays, -1 for errors), ``notes``.
+
+Features are stored as pooled (before post-processing); the post-processing chain
+recorded in ``meta.json`` is applied when vectors are read (:meth:`FeatureStore.vectors`),
+so a different chain never requires re-extraction. Every write is atomic (temporary
+file + ``os.replace``) and a shard is committed by its items file, written after its
+arrays: after a crash a shard is either fully present or absent.
+
+The package: :mod:`deepfeat.store.featurestore` (:class:`FeatureStore`, the store
+directory), :mod:`deepfeat.store.items` (the items and plan tables, :class:`ShardItems`),
+:mod:`deepfeat.store.atomic` (the atomic, durable writes every file goes through) and
+:mod:`deepfeat.store.export` (npz, h5, pkl, csv exports).
+"""
+
+from __future__ import annotations
+
+from .atomic import (
+    _atomic,
     _fsync_dir,
+    _tmp_name,
     atomic_save_npy,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
-    check_store_dir,
-    export_store,
-    feature_file_key,
-    log,
 )
+from .export import EXPORT_FORMATS, export_store
+from .featurestore import IDENTITY_KEYS, FeatureStore, check_store_dir, log
+from .items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "IDENTITY_KEYS",
+    "ITEM_SCHEMA",
+    "PLAN_SCHEMA",
+    "FeatureStore",
+    "ShardItems",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_parquet",
+    "check_store_dir",
+    "export_store",
+    "feature_file_key",
+]

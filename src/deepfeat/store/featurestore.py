@@ -1,35 +1,17 @@
-"""The on-disk feature store: shards of N x D arrays, an items table, and a meta.
+"""The :class:`FeatureStore`: a store directory (layout: :mod:`deepfeat.store`), created,
+appended to shard by shard, checked and read.
 
-Layout of a store directory::
-
-    meta.json                 what produced the features (model + weights hash, layers,
-                              pooling, post-processing, size policy, dims, version, dates)
-    plan.parquet              every input in processing order: id, path, shard
-    shards/000007.items.parquet   the items of shard 7 (the commit marker, written last)
-    shards/000007.<feature>.npy   its features, one file per feature (layer), rows = ok items
-    items.parquet             all committed items, consolidated at the end of each run
-    post.npz / post.json      the fitted post-processing chain, when it needs fitting
-
-Items table columns: ``id`` (stable row id), ``path``, ``status`` (``ok``/``error``),
-``error``, ``width``, ``height`` (original, after EXIF orientation), ``shard``,
-``offset`` (row in the shard's arrays, -1 for errors), ``notes``.
-
-Features are stored as pooled (before post-processing); the post-processing chain
-recorded in ``meta.json`` is applied when vectors are read (:meth:`FeatureStore.vectors`),
-so a different chain never requires re-extraction. Every write is atomic (temporary
-file + ``os.replace``) and a shard is committed by its items file, written after its
-arrays: after a crash a shard is either fully present or absent.
+A shard is committed by its items file, written after its arrays; the consolidated
+``items.parquet`` is a cache of the shards' items; the post-processing chain in
+``meta.json`` is applied when vectors are read.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,103 +23,13 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
 from ..errors import StoreError, UsageError
+from .atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
+from .items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger("deepfeat.store")  # the name it had as one module
 
-ITEM_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("path", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("shard", pa.int32()),
-        ("offset", pa.int64()),
-        ("notes", pa.string()),
-    ]
-)
-PLAN_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("shard", pa.int32())])
-
 #: meta keys that must agree for two extractions to share a store
 IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine", "dtype", "features")
-
-
-def feature_file_key(name: str) -> str:
-    """A file-name-safe form of a feature (layer) name: ``blocks.5`` -> ``blocks.5``,
-    ``inception_3a/1x1`` -> ``inception_3a_1x1``, ``bn2.act:in`` -> ``bn2.act_in``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def _tmp_name(path: Path) -> Path:
-    import socket
-
-    # host and pid: two machines (or two retries) writing the same shard never share a temp file
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename it over *path*; never leave the temp behind."""
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(path, write)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        # serialised in memory first: np.save straight into a file on a full disk fails with
-        # "2560 requested and 2016 written" (no errno); a plain write says "No space left on device"
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(path, write)
-
-
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    def write(tmp: Path) -> None:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-
-    _atomic(path, write)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_store_dir(p: Path) -> None:
@@ -151,57 +43,9 @@ def check_store_dir(p: Path) -> None:
         raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
 
 
-@dataclass
-class ShardItems:
-    """The items of one shard, as column lists (what the pipeline accumulates)."""
-
-    id: list[int]
-    path: list[str]
-    status: list[str]
-    error: list[str | None]
-    width: list[int | None]
-    height: list[int | None]
-    offset: list[int]
-    notes: list[str | None]
-
-    @classmethod
-    def empty(cls) -> "ShardItems":
-        return cls([], [], [], [], [], [], [], [])
-
-    def __len__(self) -> int:
-        return len(self.id)
-
-    def add(self, id: int, path: str, *, ok: bool, error: str | None = None, width: int | None = None,
-            height: int | None = None, offset: int = -1, notes: Sequence[str] = ()) -> None:
-        self.id.append(int(id))
-        self.path.append(path)
-        self.status.append("ok" if ok else "error")
-        self.error.append(error)
-        self.width.append(width)
-        self.height.append(height)
-        self.offset.append(int(offset))
-        self.notes.append(",".join(notes) if notes else None)
-
-    def table(self, shard: int) -> pa.Table:
-        n = len(self.id)
-        return pa.table(
-            {
-                "id": pa.array(self.id, pa.int64()),
-                "path": pa.array(self.path, pa.string()),
-                "status": pa.array(self.status, pa.string()),
-                "error": pa.array(self.error, pa.string()),
-                "width": pa.array(self.width, pa.int32()),
-                "height": pa.array(self.height, pa.int32()),
-                "shard": pa.array([shard] * n, pa.int32()),
-                "offset": pa.array(self.offset, pa.int64()),
-                "notes": pa.array(self.notes, pa.string()),
-            },
-            schema=ITEM_SCHEMA,
-        )
-
 
 class FeatureStore:
-    """A feature store directory (see the module docstring for the layout).
+    """A feature store directory (layout: :mod:`deepfeat.store`).
 
     Open an existing one with ``FeatureStore(path)``; the extraction pipeline creates
     them with :meth:`create`. Reading is memory-mapped and lazy:
@@ -534,60 +378,3 @@ class FeatureStore:
             "size": self.meta.get("size"),
             "dims": {k: v["dim"] for k, v in self.meta.get("features", {}).items()},
         }
-
-
-# ---------------------------------------------------------------------------
-# Exports
-# ---------------------------------------------------------------------------
-
-EXPORT_FORMATS = ("npz", "h5", "pkl", "csv")
-
-
-def export_store(store: FeatureStore, fmt: str, out: str | os.PathLike, feature: str | None = None,
-                 post: bool = True) -> Path:
-    """Write the store's vectors (post-processed unless *post* is false) with ids and paths.
-
-    * ``npz``: arrays ``features`` (N x D), ``ids``, ``paths``, and ``meta`` (JSON string);
-    * ``h5``: datasets ``features``, ``ids``, ``paths``, attribute ``meta``;
-    * ``pkl``: the ``{image_path: feature}`` dict of Compute-Features-style scripts
-      (deepfeat writes pickles for others; it never loads pickles from users);
-    * ``csv``: ``id,path,f0,f1,...``.
-    """
-    fmt = fmt.lower()
-    if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"export format {fmt!r} unknown; choose {', '.join(EXPORT_FORMATS)}")
-    out = Path(out)
-    X = store.vectors(feature, post=post)
-    ids = store.ids
-    paths = store.paths
-    meta = json.dumps({**store.meta, "exported_feature": store.feature_name(feature), "post_applied": post},
-                      default=str)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if fmt == "npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, features=X, ids=ids, paths=np.array(paths, dtype=str), meta=np.array(meta))
-    elif fmt == "h5":
-        try:
-            import h5py
-        except ImportError:
-            raise UsageError("h5 export needs h5py: pip install 'deepfeat[h5]'") from None
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=X)
-            f.create_dataset("ids", data=ids)
-            f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
-            f.attrs["meta"] = meta
-    elif fmt == "pkl":
-        import pickle
-
-        with open(tmp, "wb") as f:
-            pickle.dump({p: X[i].copy() for i, p in enumerate(paths)}, f, protocol=4)
-    else:
-        import csv
-
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "path"] + [f"f{j}" for j in range(X.shape[1])])
-            for i in range(len(X)):
-                w.writerow([int(ids[i]), paths[i]] + [repr(float(v)) for v in X[i]])
-    os.replace(tmp, out)
-    return out
