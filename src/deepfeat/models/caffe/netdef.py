@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .prototxt import Ident, Message, parse_prototxt
-from .wire import V1_ENUM_NAMES, V1_TYPES
+from .v1types import V1_ENUM_NAMES, V1_TYPES
 
 NET_FIELDS = frozenset({"name", "input", "input_shape", "input_dim", "force_backward", "state", "debug_info",
                         "layer", "layers"})

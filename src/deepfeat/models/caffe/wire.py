@@ -22,21 +22,22 @@ BVLC ``caffe.proto``:
 The reader accepts both packed and unpacked encodings of repeated scalars (as a
 protobuf parser must), reads float data as zero-copy numpy views, skips every field
 it does not need, and turns truncation or garbage into a
-:class:`~deepfeat.errors.FormatError` that says where. The writer produces files
-that Caffe and OpenCV's ``readNetFromCaffe`` read (``write_caffemodel``,
-``write_binaryproto``), in the current format or the deprecated V1 one.
+:class:`~deepfeat.errors.FormatError` that says where. The writer of the same messages
+(``write_caffemodel``, ``write_binaryproto``: files Caffe and OpenCV's ``readNetFromCaffe``
+read, in the current format or the deprecated V1 one) is :mod:`deepfeat.models.caffe.writer`,
+re-exported here; the V1 layer-type enum is :mod:`deepfeat.models.caffe.v1types`.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import FormatError, UsageError
+from ...errors import FormatError
 from .protowire import (  # noqa: F401 - the primitives, also importable from here as before
     END_GROUP,
     FIXED32,
@@ -62,29 +63,14 @@ from .protowire import (  # noqa: F401 - the primitives, also importable from he
     _varint,
     _wrap,
 )
-
-
-#: V1LayerParameter.LayerType enum values -> the current string type names.
-V1_TYPES = {
-    0: "NONE", 35: "AbsVal", 1: "Accuracy", 30: "ArgMax", 2: "BNLL", 3: "Concat", 37: "ContrastiveLoss",
-    4: "Convolution", 5: "Data", 39: "Deconvolution", 6: "Dropout", 32: "DummyData", 7: "EuclideanLoss",
-    25: "Eltwise", 38: "Exp", 8: "Flatten", 9: "HDF5Data", 10: "HDF5Output", 28: "HingeLoss", 11: "Im2col",
-    12: "ImageData", 13: "InfogainLoss", 14: "InnerProduct", 15: "LRN", 29: "MemoryData",
-    16: "MultinomialLogisticLoss", 34: "MVN", 17: "Pooling", 26: "Power", 18: "ReLU", 19: "Sigmoid",
-    27: "SigmoidCrossEntropyLoss", 36: "Silence", 20: "Softmax", 21: "SoftmaxWithLoss", 22: "Split",
-    33: "Slice", 23: "TanH", 24: "WindowData", 31: "Threshold",
-}
-#: The V1 enum names as written in V1 prototxts (``type: CONVOLUTION``) -> numbers.
-V1_ENUM_NAMES = {
-    "NONE": 0, "ABSVAL": 35, "ACCURACY": 1, "ARGMAX": 30, "BNLL": 2, "CONCAT": 3, "CONTRASTIVE_LOSS": 37,
-    "CONVOLUTION": 4, "DATA": 5, "DECONVOLUTION": 39, "DROPOUT": 6, "DUMMY_DATA": 32, "EUCLIDEAN_LOSS": 7,
-    "ELTWISE": 25, "EXP": 38, "FLATTEN": 8, "HDF5_DATA": 9, "HDF5_OUTPUT": 10, "HINGE_LOSS": 28,
-    "IM2COL": 11, "IMAGE_DATA": 12, "INFOGAIN_LOSS": 13, "INNER_PRODUCT": 14, "LRN": 15, "MEMORY_DATA": 29,
-    "MULTINOMIAL_LOGISTIC_LOSS": 16, "MVN": 34, "POOLING": 17, "POWER": 26, "RELU": 18, "SIGMOID": 19,
-    "SIGMOID_CROSS_ENTROPY_LOSS": 27, "SILENCE": 36, "SOFTMAX": 20, "SOFTMAX_LOSS": 21, "SPLIT": 22,
-    "SLICE": 33, "TANH": 23, "WINDOW_DATA": 24, "THRESHOLD": 31,
-}
-V1_TYPE_NUMBERS = {v: k for k, v in V1_TYPES.items()}
+from .v1types import V1_ENUM_NAMES, V1_TYPE_NUMBERS, V1_TYPES  # noqa: F401 - importable from here as before
+from .writer import (  # noqa: F401 - the writer, importable from here as before
+    LayerBlobs,
+    encode_blob,
+    encode_caffemodel,
+    write_binaryproto,
+    write_caffemodel,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -375,102 +361,3 @@ def read_blobproto(path: str | os.PathLike) -> np.ndarray:
         raise FormatError(f"{path}: empty file, not a binaryproto")
     buf = _Buf(data, os.path.basename(path))
     return _read_blob(buf, 0, len(data), "BlobProto").array()
-
-
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
-
-
-def _blob_parts(array: np.ndarray, legacy: bool, double: bool, packed: bool) -> _Parts:
-    a = np.asarray(array)
-    head = bytearray()
-    if legacy:
-        if a.ndim > 4:
-            raise UsageError(f"a legacy (num/channels/height/width) blob has at most 4 dims, not {a.ndim}")
-        dims = (1,) * (4 - a.ndim) + tuple(a.shape)
-        for i, d in enumerate(dims, start=1):
-            head += _key(i, VARINT) + _enc_varint(int(d))
-    else:
-        shape_payload = b"".join(_enc_varint(int(d)) for d in a.shape)
-        head += _enc_len(7, _enc_len(1, shape_payload) if a.ndim else b"")
-    flat = a.reshape(-1)
-    data = _values(8, flat, "<f8", FIXED64, packed) if double else _values(5, flat, "<f4", FIXED32, packed)
-    return [bytes(head), *data]
-
-
-def encode_blob(array: np.ndarray, *, legacy: bool = False, double: bool = False, packed: bool = True) -> bytes:
-    """One ``BlobProto``: ``shape`` + packed float ``data`` (or legacy 4-D dims with
-    *legacy*, ``double_data`` with *double*, one field per value with ``packed=False``)."""
-    return b"".join(_blob_parts(array, legacy, double, packed))
-
-
-@dataclass
-class LayerBlobs:
-    """A layer to write: its name, type, blobs, and (optionally) its connections."""
-
-    name: str
-    type: str
-    blobs: Sequence[np.ndarray] = ()
-    bottoms: Sequence[str] = ()
-    tops: Sequence[str] = ()
-
-
-def _caffemodel_parts(layers: Iterable[LayerBlobs | tuple], name: str, format: str, packed: bool,
-                      double: bool) -> _Parts:
-    if format not in ("v1", "v2"):
-        raise UsageError(f"format must be 'v1' or 'v2', not {format!r}")
-    parts: _Parts = []
-    if name:
-        parts.append(_enc_str(1, name))
-    for item in layers:
-        lb = item if isinstance(item, LayerBlobs) else LayerBlobs(*item)
-        body: _Parts = []
-        if format == "v2":
-            body.append(_enc_str(1, lb.name) + _enc_str(2, lb.type))
-            body += [_enc_str(3, b) for b in lb.bottoms] + [_enc_str(4, t) for t in lb.tops]
-            for blob in lb.blobs:
-                body += _wrap(7, _blob_parts(blob, False, double, packed))
-            parts += _wrap(100, body)
-        else:
-            if lb.type not in V1_TYPE_NUMBERS:
-                raise UsageError(f"layer {lb.name!r}: type {lb.type!r} did not exist in the V1 format (no enum "
-                                 "value); write format=\"v2\"")
-            body += [_enc_str(2, b) for b in lb.bottoms] + [_enc_str(3, t) for t in lb.tops]
-            body.append(_enc_str(4, lb.name) + _key(5, VARINT) + _enc_varint(V1_TYPE_NUMBERS[lb.type]))
-            for blob in lb.blobs:
-                body += _wrap(6, _blob_parts(blob, True, double, packed))
-            parts += _wrap(2, body)
-    return parts
-
-
-def encode_caffemodel(layers: Iterable[LayerBlobs | tuple], *, name: str = "", format: str = "v2",
-                      packed: bool = True, double: bool = False) -> bytes:
-    """A binary ``NetParameter`` holding *layers*' blobs.
-
-    ``format="v2"`` writes ``layer`` entries with string types and ``BlobShape``s (what
-    Caffe has written since 2015); ``"v1"`` writes deprecated ``layers`` entries with
-    enum types and num/channels/height/width dims (2014 files). Entries may be
-    :class:`LayerBlobs` or ``(name, type, blobs)`` tuples. ``packed=False`` writes one
-    field per value and ``double=True`` writes ``double_data`` (both legal, rarely seen).
-    """
-    return b"".join(_caffemodel_parts(layers, name, format, packed, double))
-
-
-def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerBlobs | tuple], *, name: str = "",
-                     format: str = "v2", packed: bool = True, double: bool = False) -> str:
-    """Write a ``.caffemodel`` (see :func:`encode_caffemodel`), streaming the blobs; returns the path."""
-    path = os.fspath(path)
-    parts = _caffemodel_parts(layers, name, format, packed, double)
-    with open(path, "wb") as f:
-        f.writelines(parts)
-    return path
-
-
-def write_binaryproto(path: str | os.PathLike, array: np.ndarray, *, legacy: bool = True) -> str:
-    """Write one ``BlobProto`` (e.g. a mean image as ``1 x C x H x W``), as Caffe's
-    ``compute_image_mean`` does (legacy dims by default)."""
-    path = os.fspath(path)
-    with open(path, "wb") as f:
-        f.write(encode_blob(np.asarray(array, dtype=np.float32), legacy=legacy))
-    return path
