@@ -1,210 +1,30 @@
-"""Which layer, pooling and post-processing work best here? One table answers.
-
-The dataset is decoded and run through the network once: every requested layer is
-tapped in the same forward pass and pooled every requested way. Each (layer,
-pooling) descriptor is then post-processed every requested way (PCA/whitening fitted
-on ``--fit-on`` images, or on the evaluation set itself with a warning, as many
-papers do), ranked exactly, and scored with the ground truth. The result is the
-table the retrieval literature prints: rows layer x pooling, columns
-post-processing, cells mAP, best marked.
-"""
+"""The sweep itself: the model, layers, poolings, post-processing chains, re-rankings and
+verification parsed up front; the descriptors computed once (:mod:`.descriptors`); then,
+per ground-truth protocol, every cell scored (:func:`sweep`) into a :class:`~.table.SweepResult`."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from .errors import DeepfeatError, UsageError
-from .images import discover
-from .pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
-from .pooling import get_pooling
-from .postprocess import PostChain, is_chain_file
-from .preprocess import parse_size_policy
-from .taps import make_taps
+from ..errors import UsageError
+from ..images import discover
+from ..pooling import get_pooling
+from ..postprocess import PostChain, is_chain_file
+from .descriptors import MultiPoolNet, compute_descriptors
+from .table import SweepResult, _scores, _verify_column, column_name
 
-log = logging.getLogger(__name__)
-
-
-class MultiPoolNet(torch.nn.Module):
-    """uint8 batch -> every (layer, pooling) descriptor from one forward pass (one per scale
-    with *scales*, combined as :class:`deepfeat.features.FeatureNet` does, so that ``extract
-    --scales`` reproduces them)."""
-
-    def __init__(self, model, layers: Sequence[str], poolings: Sequence, scales: Sequence[float] = (1.0,)):
-        super().__init__()
-        self.normalize = model.normalize
-        self.taps = make_taps(model, list(layers))
-        self.layers = list(layers)
-        self.poolings = torch.nn.ModuleList(poolings)
-        self.scales = tuple(float(s) for s in scales)
-
-    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        from .pooling import rescale
-
-        x = self.normalize(pixels)
-        if self.scales == (1.0,):
-            acts = self.taps(x)
-            return [p(acts[layer]) for layer in self.layers for p in self.poolings]
-        per_scale = [self.taps(rescale(x, s)) for s in self.scales]
-        return [p.multiscale([a[layer] for a in per_scale]) for layer in self.layers for p in self.poolings]
-
-
-def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: str = "model", batch_size: int = 32,
-                        workers: int | None = None, draft: bool = True, device: str = "cpu",
-                        crop_boxes: Sequence | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, str]]:
-    """Run *net* over *paths* with the pipeline's decoders. Returns (ok mask, one N x D array
-    per output with zero rows for failed images, errors by path)."""
-    from .images import decode_image
-
-    policy = parse_size_policy(size)
-    n_out = len(net.layers) * len(net.poolings)
-    ok = np.zeros(len(paths), dtype=bool)
-    rows: list[dict[int, np.ndarray]] = [{} for _ in range(n_out)]
-    errors: dict[str, str] = {}
-
-    def run(idx: list[int], pixels: list[np.ndarray]) -> None:
-        with torch.inference_mode():
-            outs = net(torch.from_numpy(np.stack(pixels)).to(device))
-        for j, o in enumerate(outs):
-            o = o.float().cpu().numpy().reshape(len(idx), -1)
-            for k, i in enumerate(idx):
-                rows[j][i] = o[k]
-        ok[idx] = True
-
-    if crop_boxes is not None:  # query regions: one image at a time, cropped first
-        for i, (p, box) in enumerate(zip(paths, crop_boxes)):
-            try:
-                run([i], [decode_image(p, policy, model.data_config, crop_box=box, draft=draft).pixels])
-            except DeepfeatError as e:
-                errors[p] = str(e)
-    else:
-        workers = default_workers() if workers is None else workers
-        items = list(enumerate(paths))
-        with make_executor("processes", workers, (policy, model.data_config, draft, None)) as ex:
-            sizes = None
-            if not policy.fixed:
-                chunk = max(1, math.ceil(len(items) / max(workers, 1)))
-                futs = [ex.submit(probe_sizes, list(paths[i: i + chunk])) for i in range(0, len(paths), chunk)]
-                sizes = [s for f in futs for s in f.result()]
-            batches, bad = shard_batches(items, policy, batch_size, sizes)
-            for i, err in bad.items():
-                errors[paths[i]] = err
-            futures = [ex.submit(decode_batch, b) for b in batches]
-            for fut in futures:
-                results, _, _ = fut.result()
-                good = [r for r in results if r[1] is not None]
-                for r in results:
-                    if r[1] is None:
-                        errors[paths[r[0]]] = r[2]
-                if good:
-                    run([r[0] for r in good], [r[1] for r in good])
-    dims = [next(iter(r.values())).shape[0] if r else 0 for r in rows]
-    arrays = []
-    for j in range(n_out):
-        a = np.zeros((len(paths), dims[j]), np.float32)
-        for i, v in rows[j].items():
-            a[i] = v
-        arrays.append(a)
-    return ok, arrays, errors
-
-
-@dataclass
-class SweepResult:
-    protocol: str
-    layers: list[str]
-    pools: list[str]
-    posts: list[str]
-    cells: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    reranks: list[str] = field(default_factory=lambda: ["none"])
-    scales: tuple[float, ...] = (1.0,)
-    # with keep_descriptors: (layer, pooling) -> (raw xb, raw xq, ok mask, query rows); (layer, pooling, post) -> chain
-    descriptors: dict[tuple[str, str], tuple] = field(default_factory=dict, repr=False)
-    chains: dict[tuple[str, str, str], PostChain] = field(default_factory=dict, repr=False)
-    fit_source: str = ""
-    n_images: int = 0
-    n_failed: int = 0
-    seconds: float = 0.0
-    extract_seconds: float = 0.0
-    model: str = ""
-
-    def best(self) -> tuple[str, str, str] | None:
-        """The best cell (the first in table order among ties)."""
-        best, best_map = None, -1.0
-        for k, v in self.cells.items():
-            if v.get("map") is not None and v["map"] > best_map:
-                best, best_map = k, v["map"]
-        return best
-
-    @property
-    def columns(self) -> list[str]:
-        """The table's columns: each post-processing chain, followed by every re-ranking
-        (``POST + RERANK``) and verification (``+verify N``) asked for."""
-        return self.posts
-
-    def markdown(self) -> str:
-        best = self.best()
-        head = "| layer | pooling | " + " | ".join(self.columns) + " |"
-        sep = "|---|---|" + "---:|" * len(self.columns)
-        lines = [head, sep]
-        for layer in self.layers:
-            for pool in self.pools:
-                cells = []
-                for post in self.columns:
-                    c = self.cells.get((layer, pool, post), {})
-                    if c.get("map") is None:
-                        cells.append(c.get("note", "n/a"))
-                    else:
-                        txt = f"{100 * c['map']:.2f}"
-                        cells.append(f"**{txt}**" if (layer, pool, post) == best else txt)
-                lines.append(f"| {layer} | {pool} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["protocol", "layer", "pooling", "post", "rerank", "dim", "map", "mp@1", "mp@5", "mp@10",
-                    "ns_score", "rerank_ms_per_query", "note", "best"])
-        best = self.best()
-        for (layer, pool, post), c in self.cells.items():
-            w.writerow([self.protocol, layer, pool, post, c.get("rerank", "none"), c.get("dim"),
-                        _fmt(c.get("map")), _fmt(c.get("mp1")),
-                        _fmt(c.get("mp5")), _fmt(c.get("mp10")), _fmt(c.get("ns")), c.get("rerank_ms", ""),
-                        c.get("note", ""),
-                        int((layer, pool, post) == best)])
-        return buf.getvalue()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"protocol": self.protocol, "model": self.model, "layers": self.layers, "pools": self.pools,
-                "posts": self.posts, "reranks": self.reranks, "scales": list(self.scales),
-                "fit_source": self.fit_source, "n_images": self.n_images,
-                "n_failed": self.n_failed, "seconds": round(self.seconds, 2),
-                "extract_seconds": round(self.extract_seconds, 2), "best": list(self.best() or []),
-                "cells": [{"layer": k[0], "pooling": k[1], "post": k[2], **v} for k, v in self.cells.items()]}
-
-
-def _fmt(v) -> str:
-    return "" if v is None else f"{v:.6f}"
-
-
-def column_name(post: str, rerank: str) -> str:
-    """The table column of a post-processing chain followed by a re-ranking (``none``: the chain alone)."""
-    return post if rerank == "none" else f"{post} + {rerank}"
+log = logging.getLogger("deepfeat.sweep")
 
 
 def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
     """``none`` and re-ranking specs (:mod:`deepfeat.rerank`), validated (as written: they name the
     columns; each cell records the full spec)."""
-    from .rerank import get_reranker
+    from ..rerank import get_reranker
 
     out = []
     for r in reranks or ["none"]:
@@ -234,9 +54,9 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     column gets a twin, ``COLUMN +verify N``: the same ranking with its
     top N re-ordered by spatial verification of *local* features (computed once per
     image, :mod:`deepfeat.local_features`)."""
-    from .evaluate import parse_gt_spec
-    from .models import load_model
-    from .pipeline import default_layer
+    from ..evaluate import parse_gt_spec
+    from ..models import load_model
+    from ..pipeline import default_layer
 
     t0 = time.perf_counter()
     model = load_model(model_spec, device=device)
@@ -297,8 +117,8 @@ def _parse_verify(verify: str | None, local: str, model) -> tuple[Any, Any]:
     verification or local-feature specs fail before any work."""
     verify_params = lx = None
     if verify:
-        from .local_features import LocalExtractor
-        from .verify import parse_verify_spec
+        from ..local_features import LocalExtractor
+        from ..verify import parse_verify_spec
 
         verify_params = parse_verify_spec(verify)
         lx = LocalExtractor(local, model) if verify_params else None
@@ -317,7 +137,7 @@ def _fit_descriptors(fit_on: Sequence[str] | None, net: MultiPoolNet, model, siz
 
 def _local_features(lx, paths: Sequence[str], ok: np.ndarray) -> list:
     """Local features of every image (empty for the images that failed), for verification."""
-    from .local_features import LocalFeatures, descriptor_dim
+    from ..local_features import LocalFeatures, descriptor_dim
 
     empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
     return [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
@@ -382,8 +202,8 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
                 xq_raw: np.ndarray, query_rows: list) -> None:
     """The cells of one (layer, pooling, post-processing): the chain fitted and applied, the
     exact ranking, then every re-ranking (and its verified twin)."""
-    from .evaluate import evaluate_ranks, rank_by_similarity
-    from .rerank import get_reranker, rerank_ranks
+    from ..evaluate import evaluate_ranks, rank_by_similarity
+    from ..rerank import get_reranker, rerank_ranks
 
     layer, pool, post = key
     chain = run.files.get(post) or PostChain.parse(post)
@@ -412,7 +232,7 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
         ev = evaluate_ranks(ranked, gt, run.ks)
         res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev)}
         if run.verify_params:
-            from .verify import verify_rankings
+            from ..verify import verify_rankings
 
             vranks, ms = verify_rankings(
                 ranked, lambda qi: run.local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
@@ -421,29 +241,3 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
             res.cells[(layer, pool, _verify_column(col, run.verify_params))] = {
                 **cell, "dim": int(xb.shape[1]), **_scores(ev), "verify_ms_per_query": round(ms, 2)}
 
-
-def _scores(ev) -> dict[str, Any]:
-    """A cell's scores from an :class:`~deepfeat.evaluate.EvalResult`."""
-    return {"map": ev.map, "mp1": ev.mp_at_k.get(1), "mp5": ev.mp_at_k.get(5), "mp10": ev.mp_at_k.get(10),
-            "ns": ev.ns_score}
-
-
-def _verify_column(post: str, params) -> str:
-    return f"{post} +verify {params.top}"
-
-
-def write_outputs(results: list[SweepResult], out_dir: str | Path) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for r in results:
-        stem = f"sweep_{r.protocol}"
-        (out / f"{stem}.md").write_text(r.markdown() + "\n")
-        (out / f"{stem}.csv").write_text(r.csv())
-        (out / f"{stem}.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
-        written += [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json"]
-    return written
-
-
-__all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs", "column_name",
-           "parse_reranks"]
