@@ -59,6 +59,31 @@ def test_onnx_dynamic_graph_equals_torch_at_aspect_preserving_sizes(lite0, retri
     assert ort.export == "dynamic" and ort.graphs.graphs == 1 and ort.graphs.exports == 1
 
 
+def test_repeated_batch_shapes_get_shape_fixed_sessions_with_the_same_descriptors(lite0, retrieval_images):
+    """A batch shape seen a second time runs on a session of the dynamic graph with its dimensions
+    fixed (faster, docs/benchmarks.md); it gives torch's descriptors, and at most max_fixed are kept."""
+    fnet = FeatureNet(lite0, ["bn2"], get_pooling("gem"))
+    ref, ort = TorchRunner(fnet, torch.device("cpu")), OnnxRunner(fnet, export="dynamic")
+    images = _pixels(retrieval_images[:3], "long:160", lite0)
+    assert len({im.shape for im in images}) == 3
+    ort.graphs.max_fixed = 2
+    one = images[0][None]
+    want = ref(one)[0]
+    for _ in range(3):  # once on the dynamic session, then on a fixed one made on the second sight
+        _assert_same(ort(one)[0], want)
+    assert ort.graphs.fixed_sessions == 1 and ort.graphs.fixed_problem is None
+    pair = np.stack([images[0], images[0]])
+    for _ in range(2):  # another batch size is another shape
+        got = ort(pair)[0]
+    _assert_same(got, ref(pair)[0])
+    assert ort.graphs.fixed_sessions == 2
+    for im in images[1:]:
+        for _ in range(2):
+            _assert_same(ort(im[None])[0], ref(im[None])[0])
+    assert ort.graphs.fixed_sessions == 4 and len(ort.graphs._fixed) == 2  # least recently used out
+    assert ort.export == "dynamic" and ort.graphs.exports == 1  # no export for any of them
+
+
 def test_dynamic_graph_with_shape_constants_falls_back_to_static_graphs(lite0, retrieval_images, caplog):
     """R-MAC's region grid is a trace-time constant: the dynamic graph fails its check at a second
     shape and per-shape static graphs (bounded, least recently used out) take over, still exact."""
@@ -185,14 +210,15 @@ def test_threads_flag_and_defaults(collection, tmp_path, capsys):
     from deepfeat.cli import main
     from deepfeat.onnx_runtime import default_threads, work_pixels
 
-    assert default_threads(2) == (1, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores
+    assert default_threads(2) == (2, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores at 224
     t, w = default_threads(16)
     assert t + w >= 16 and t >= 2 and w >= 2
-    # large inputs: inference gets every core, decoding half (measured on 2 cores at long:768/1024)
+    # from long:512 up decoding gets half the cores (measured on a quiet 2-core machine)
     assert work_pixels("long:1024") == 1024 * 1024 and work_pixels("model") is None
     assert work_pixels("long:512", (1.0, 0.5)) == 512 * 512 * 1.25
     assert default_threads(2, work_pixels("long:1024")) == (2, 1)
-    assert default_threads(2, work_pixels("long:512")) == (1, 2)
+    assert default_threads(2, work_pixels("long:512")) == (2, 1)
+    assert default_threads(2, work_pixels("long:384")) == (2, 2)
     with pytest.raises(UsageError, match="--threads"):
         ExtractConfig(inputs=["x"], output=str(tmp_path / "o"), threads=0).validate()
     rc = main(["extract", str(collection / "a"), "-o", str(tmp_path / "t"), "--size", "long:160", "--threads", "1",

@@ -13,6 +13,11 @@ retrieval sizes"):
   (R-MAC's region grid, SPoC's centre prior, a Caffe mean image, ...). That is checked
   once, right after the export, at a second shape against eager PyTorch
   (:func:`dynamic_graph_agrees`); a graph that fails falls back to ``static`` per shape.
+  A batch shape (N, H, W) seen a second time gets its own session of the same graph with
+  those dimensions fixed (ONNX Runtime's free-dimension overrides: no export, about 0.05 s),
+  which runs 1.2-1.4x the dynamic session at ``long:512``/``long:1024`` (docs/benchmarks.md);
+  at most :data:`MAX_FIXED_SESSIONS` are kept (least recently used out), and the first one
+  is checked against the dynamic session on its batch.
 
 Thread defaults (:func:`default_threads`) split the cores between ONNX Runtime's
 intra-op threads and the decode workers; ``--threads`` overrides them.
@@ -36,6 +41,9 @@ log = logging.getLogger(__name__)
 EXPORT_KINDS = ("static", "dynamic")
 #: per-shape static graphs kept in memory at once (each EfficientNet-Lite0 session ~20 MB)
 MAX_STATIC_GRAPHS = 16
+#: shape-fixed sessions of the dynamic graph kept at once (each holds its activations: about
+#: 60 MB at one 384 x 512 image, 250 MB at two 768 x 1024 ones, EfficientNet-Lite0)
+MAX_FIXED_SESSIONS = 4
 #: what "the same descriptor" means between backends (tests and the dynamic-graph check):
 #: cosine similarity at least this, and no component further apart than ATOL
 COSINE_MIN = 0.9999
@@ -53,10 +61,15 @@ def session_options(threads: int | None):
     return opts
 
 
-def load_session(path: str, threads: int | None):
+def load_session(path_or_bytes, threads: int | None, fixed: dict[str, int] | None = None):
+    """An ONNX Runtime CPU session; *fixed* overrides named dynamic dimensions (``batch``,
+    ``height``, ``width``) with constants, so the session plans for that one shape."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    opts = session_options(threads)
+    for name, value in (fixed or {}).items():
+        opts.add_free_dimension_override_by_name(name, int(value))
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def graph_file(cache_dir: str, kind: str, batch_size: int | None, shape: tuple[int, int, int]) -> str:
@@ -150,6 +163,12 @@ class GraphCache:
         self.max_static = max(1, int(max_static))
         self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._dynamic = None
+        self._dynamic_model: bytes | None = None  # the dynamic graph, for shape-fixed sessions of it
+        self._seen: dict[tuple[int, ...], int] = {}  # batch shapes run on the dynamic session
+        self._fixed: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self.max_fixed = MAX_FIXED_SESSIONS
+        self.fixed_sessions = 0  # shape-fixed sessions made (a reused shape costs none)
+        self.fixed_problem: str | None = None  # why shape-fixed sessions were turned off
         self.export_seconds = 0.0
         self.exports = 0
         self.evictions = 0
@@ -172,6 +191,9 @@ class GraphCache:
             if not (self.cache_dir and os.path.isfile(path)):
                 export(self.fnet, shape, path, kind, batch_size)
             sess = load_session(path, self.threads)
+            if kind == "dynamic":
+                with open(path, "rb") as f:
+                    self._dynamic_model = f.read()
         finally:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -206,8 +228,38 @@ class GraphCache:
             self.evictions += 1
         return sess, self.batch_size
 
+    def _fixed_session(self, sess, pixels: np.ndarray):
+        """The shape-fixed session for this batch's (N, H, W, C) if the shape was seen before
+        (made now if need be), else *sess* (the dynamic one)."""
+        key = tuple(pixels.shape)
+        if self.fixed_problem is not None or self._dynamic_model is None or self.max_fixed < 1:
+            return sess
+        fixed = self._fixed.get(key)
+        if fixed is not None:
+            self._fixed.move_to_end(key)
+            return fixed
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if self._seen[key] < 2:  # a shape seen once may never come back: not worth a session
+            return sess
+        fixed = load_session(self._dynamic_model, self.threads, dict(zip(("batch", "height", "width"), key[:3])))
+        if self.fixed_sessions == 0:  # the first one is checked against the dynamic session
+            feed = {"pixels": np.ascontiguousarray(pixels)}
+            for g, w in zip(fixed.run(None, feed), sess.run(None, feed)):
+                if not agrees(g, w):
+                    self.fixed_problem = "cosine %.6f, max abs diff %.2e" % agreement(g, w)
+                    log.warning("a shape-fixed ONNX Runtime session differs from the dynamic one (%s): "
+                                "using the dynamic session only", self.fixed_problem)
+                    return sess
+        self.fixed_sessions += 1
+        self._fixed[key] = fixed
+        if len(self._fixed) > self.max_fixed:
+            self._fixed.popitem(last=False)
+        return fixed
+
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         sess, b = self.session(tuple(pixels.shape[1:]))
+        if sess is self._dynamic:
+            sess = self._fixed_session(sess, pixels)
         n = len(pixels)
         if not b or n == b:
             return list(sess.run(None, {"pixels": np.ascontiguousarray(pixels)}))
@@ -222,9 +274,9 @@ class GraphCache:
 
 
 #: Input pixels per image (summed over scales) from which inference, not decoding, is the cost
-#: and gets every core: measured on 2 cores between 512 x 512 x 1.75 (three scales of long:512)
-#: and 768 x 768 (long:768), docs/benchmarks.md.
-LARGE_INPUT_PIXELS = 500_000
+#: and decoding gets only half the cores: measured on a quiet 2-core machine between 224 x 224
+#: (``--size model``, decode-bound) and 512 x 512 (``long:512``), docs/benchmarks.md.
+LARGE_INPUT_PIXELS = 200_000
 
 
 def work_pixels(size: str, scales=(1.0,)) -> int | None:
@@ -246,19 +298,19 @@ def default_threads(cores: int | None = None, pixels: int | None = None) -> tupl
     """(intra-op threads, decode workers) for a box with *cores* cores and inputs of about
     *pixels* pixels per image (:func:`work_pixels`).
 
-    Small inputs (224 x 224, ``long:512``): half the cores (at most 8) for inference, one
-    decode worker per core. Measured on 2 cores (benchmarks/bench_threads.py,
-    docs/benchmarks.md): ``--threads 1 --workers 2`` ran 1.44x (224 x 224) and 1.63x
-    (``long:512``) the old default of 2 threads and 2 workers on a loaded machine, and it is
-    the one split that does not collapse when other jobs share the cores.
-
-    Large inputs (*pixels* >= :data:`LARGE_INPUT_PIXELS`: ``long:768``, ``long:1024``):
-    decoding is a few percent of the work, so inference gets every core (at most 8) and
-    decoding half of them: on a quiet 2-core machine ``--threads 2 --workers 1`` ran 1.40x
-    (``long:768``) and 1.59x (``long:1024``) ``1:2``. The 16-core rules are NOT measured (no
-    such machine was available); ``--threads``/``--workers`` override the defaults.
+    ONNX Runtime gets every core (at most 8). Decoding gets one worker per core for small
+    inputs (``--size model``, 224 x 224) and half the cores from :data:`LARGE_INPUT_PIXELS`
+    up (``long:512``, ``long:1024``, ``--scales``), where it is a few percent of the work.
+    Measured end to end on a quiet 2-core machine (benchmarks/bench_threads.py, 3 rounds,
+    docs/benchmarks.md): at 224, ``2:2`` ran 1.53x ``1:2`` and 1.24x ``2:1``; at ``long:512``
+    ``2:1`` ran 1.43x ``1:2`` (1.13x ``2:2``), at three scales of it 1.66x, at ``long:1024``
+    1.59x. On a machine shared with other jobs the spinning inference threads lose their
+    cores and ``--threads 1`` does better (measured 1.4-1.6x at load 2-20); pass it there.
+    The 16-core rules are NOT measured (no such machine was available); ``--threads`` and
+    ``--workers`` override the defaults.
     """
     n = max(1, cores or os.cpu_count() or 1)
+    threads = max(1, min(8, n))
     if pixels is not None and pixels >= LARGE_INPUT_PIXELS:
-        return max(1, min(8, n)), max(1, n // 2)
-    return max(1, min(8, n // 2)), n
+        return threads, max(1, n // 2)
+    return threads, n
