@@ -19,10 +19,10 @@ from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
-from .errors import DeepfeatError, StoreError, UsageError
-from .store import FeatureStore
+from ..errors import DeepfeatError, StoreError, UsageError
+from ..store import FeatureStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 
 INDEX_DIR = "index"
 
@@ -60,7 +60,7 @@ def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
 def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", feature: str | None = None,
                 threads: int | None = None, **params: Any):
     """Build and save a FAISS index over the store's vectors (ids = feature rows)."""
-    from .index import Index
+    from ..index import Index
 
     feature = store.feature_name(feature)
     xb = store.vectors(feature)
@@ -100,7 +100,7 @@ class SearchEngine:
     # -- index ----------------------------------------------------------------
 
     def _open_index(self):
-        from .index import Index
+        from ..index import Index
 
         d = self.store.path / INDEX_DIR
         if not (d / "index.json").is_file():
@@ -118,7 +118,7 @@ class SearchEngine:
     @property
     def exact_index(self):
         """A flat (exact) index over the vectors, for when no saved index applies."""
-        from .index import Index
+        from ..index import Index
 
         if getattr(self, "_flat", None) is None:
             self._flat = Index.build(self.xb, kind="flat", metric="ip",
@@ -134,7 +134,7 @@ class SearchEngine:
     @property
     def model(self):
         if self._model is None:
-            from .models import load_model
+            from ..models import load_model
 
             spec = self.store.meta["model"]["spec"]
             model = load_model(spec, device=self.device)
@@ -148,8 +148,8 @@ class SearchEngine:
     @property
     def feature_net(self):
         if self._fnet is None:
-            from .features import FeatureNet
-            from .pooling import get_pooling, load_pooling
+            from ..features import FeatureNet
+            from ..pooling import get_pooling, load_pooling
 
             meta = self.store.meta
             codebook = self.store.path / "pooling.npz"
@@ -172,8 +172,8 @@ class SearchEngine:
         return np.ascontiguousarray(self.store.post.apply(x), dtype=np.float32)
 
     def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
-        from .images import decode_image
-        from .preprocess import parse_size_policy
+        from ..images import decode_image
+        from ..preprocess import parse_size_policy
 
         policy = parse_size_policy(self.store.meta.get("size", "model"))
         return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,
@@ -236,7 +236,7 @@ class SearchEngine:
     def reranker(self, spec: Any, dba: int = 0, alpha: float = 0.0):
         """The :mod:`deepfeat.rerank` re-ranker for *spec*, one per (spec, DBA setting), kept with its
         offline part (diffusion's k-NN graph) so that it is built once per engine."""
-        from .rerank import get_reranker
+        from ..rerank import get_reranker
 
         r = get_reranker(spec)
         key = (r.spec, int(dba), float(alpha) if dba else 0.0)
@@ -253,7 +253,7 @@ class SearchEngine:
         :mod:`deepfeat.rerank`); re-ranked hits carry the re-ranker's score.
 
         *exclude_rows* drops a query's own row from its results (searching by a stored image)."""
-        from .index import alpha_query_expansion
+        from ..index import alpha_query_expansion
 
         if k < 1:
             raise UsageError(f"--top must be at least 1, not {k}")
@@ -293,7 +293,7 @@ class SearchEngine:
         """Full rankings (Q x N feature rows), exact, for evaluation; *rerank* re-orders each query's
         shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
         each query that is a stored item (None for others), which k-reciprocal re-ranking uses."""
-        from .index import database_side_augmentation
+        from ..index import database_side_augmentation
 
         rr = self.reranker(rerank, dba, alpha) if rerank else None
         xb = self.xb
@@ -312,7 +312,7 @@ class SearchEngine:
     def local_cache(self, name: str | None = None):
         """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`)."""
         if name not in self._local:
-            from .local_store import LocalFeatureCache
+            from ..local_store import LocalFeatureCache
 
             self._local[name] = LocalFeatureCache(self.store, name)
         return self._local[name]
@@ -329,7 +329,7 @@ class SearchEngine:
         if name not in self._local_x:
             from dataclasses import replace
 
-            from .local_features import LocalExtractor, parse_local_spec
+            from ..local_features import LocalExtractor, parse_local_spec
 
             spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
             self._local_x[name] = LocalExtractor(spec, self.model if spec.extractor == "cnn" else None)
@@ -340,7 +340,7 @@ class SearchEngine:
         ``params.top`` (:func:`deepfeat.verify.verify_ranking`); verified hits carry inliers."""
         from dataclasses import replace
 
-        from .verify import verify_ranking
+        from ..verify import verify_ranking
 
         cache = self.local_cache(name)
         res = verify_ranking(query_features, [h.row for h in hits], cache.__getitem__, params)
@@ -362,7 +362,7 @@ class SearchEngine:
         once and saved as ``STORE/index/dba-n<n>-a<alpha>.{faiss,json,npy}``; recomputed (and saved
         again) when the store or its index changed since (the index's ``source_meta`` check, plus the
         index the neighbours came from). A read-only store keeps them in memory only."""
-        from .index import dba_index
+        from ..index import dba_index
 
         key = (int(n), float(alpha))
         if key in self._dba_cache:
@@ -378,8 +378,8 @@ class SearchEngine:
         return found
 
     def _load_dba(self, stem: Path, want: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
-        from .checksums import size_problem
-        from .index import Index
+        from ..checksums import size_problem
+        from ..index import Index
 
         meta_path = stem.with_suffix(".json")
         if not meta_path.is_file():
@@ -405,8 +405,8 @@ class SearchEngine:
         return index, np.ascontiguousarray(xb, dtype=np.float32)
 
     def _save_dba(self, stem: Path, found: tuple[Any, np.ndarray], want: dict[str, Any]) -> None:
-        from .checksums import file_digest
-        from .store import atomic_save_npy
+        from ..checksums import file_digest
+        from ..store import atomic_save_npy
 
         index, xb = found
         try:
@@ -426,15 +426,15 @@ def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0,
     DBA-augmented if wanted) and then *reranker*'s re-ordering of each shortlist. *query_rows*:
     each query's row in *xb* when it is a stored item (k-reciprocal counts it once); ignored
     after QE or DBA, which change the vectors. :meth:`SearchEngine.rank_all` on arrays."""
-    from .evaluate import rank_by_similarity
-    from .index import alpha_query_expansion
+    from ..evaluate import rank_by_similarity
+    from ..index import alpha_query_expansion
 
     ranks = rank_by_similarity(xq, xb)
     if qe:
         xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
         ranks = rank_by_similarity(xq, xb)
     if reranker is not None:
-        from .rerank import rerank_ranks
+        from ..rerank import rerank_ranks
 
         ranks = rerank_ranks(reranker, xq, xb, ranks, query_rows if not qe else None, index=index)
     return ranks
