@@ -1,16 +1,26 @@
-"""A feature store as a search engine (see :mod:`deepfeat.search.engine`)."""
+"""A feature store as a search engine: queries embedded exactly as the store was made.
 
-from .engine import (  # noqa: F401
-    INDEX_DIR,
-    DeepfeatError,
-    Hit,
-    SearchEngine,
-    _drop_rows,
-    build_index,
-    index_source_meta,
-    log,
-    parse_bbox,
-    rank_arrays,
-)
+The package, one module per part:
+
+* :mod:`deepfeat.search.engine`: :class:`SearchEngine` (the store, its index, search, full rankings);
+* :mod:`deepfeat.search.queries`: queries (model and descriptor network from the store's meta,
+  image files and boxes, stored rows/ids/paths, ``.npy`` vectors), :func:`parse_bbox`;
+* :mod:`deepfeat.search.verification`: spatial verification with the store's local features;
+* :mod:`deepfeat.search.dba`: DBA vectors computed once and saved beside the index;
+* :mod:`deepfeat.search.store_index`: the index saved in the store, :func:`build_index`;
+* :mod:`deepfeat.search.ranking`: :func:`rank_arrays` (exact full rankings on arrays);
+* :mod:`deepfeat.search.hits`: :class:`Hit`, one result.
+
+Every name is importable from ``deepfeat.search`` as before.
+"""
+
+from __future__ import annotations
+
+from ..errors import DeepfeatError
+from .engine import SearchEngine, log
+from .hits import Hit
+from .queries import parse_bbox
+from .ranking import _drop_rows, rank_arrays
+from .store_index import INDEX_DIR, build_index, index_source_meta
 
 __all__ = ["SearchEngine", "Hit", "build_index", "parse_bbox", "rank_arrays", "DeepfeatError"]

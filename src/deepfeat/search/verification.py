@@ -1,0 +1,52 @@
+"""Spatial verification of a :class:`~deepfeat.search.engine.SearchEngine`'s hits with the store's
+cached local features (:mod:`deepfeat.local_store`, :mod:`deepfeat.verify`)."""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Sequence
+
+from ..errors import UsageError
+from .hits import Hit
+
+
+class VerificationMixin:
+    """:class:`~deepfeat.search.engine.SearchEngine`'s spatial verification (:mod:`deepfeat.verify`)."""
+
+    def local_cache(self, name: str | None = None):
+        """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`)."""
+        if name not in self._local:
+            from ..local_store import LocalFeatureCache
+
+            self._local[name] = LocalFeatureCache(self.store, name)
+        return self._local[name]
+
+    def query_local_features(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
+                             bbox: Sequence[float] | None = None, name: str | None = None):
+        """Local features of a query: cached for a stored image (*row*), else computed from
+        *image* like the cached ones; restricted to *bbox* (original pixels) if given."""
+        cache = self.local_cache(name)
+        if row is not None:
+            return cache[row].within(bbox)
+        if image is None:
+            raise UsageError("spatial verification needs a query image or a stored query (vectors have no keypoints)")
+        if name not in self._local_x:
+            from dataclasses import replace
+
+            from ..local_features import LocalExtractor, parse_local_spec
+
+            spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
+            self._local_x[name] = LocalExtractor(spec, self.model if spec.extractor == "cnn" else None)
+        return self._local_x[name].extract(image).within(bbox)
+
+    def verify(self, hits: list[Hit], query_features, params, name: str | None = None) -> list[Hit]:
+        """Re-order *hits* (one query's, best first) by spatial verification of the first
+        ``params.top`` (:func:`deepfeat.verify.verify_ranking`); verified hits carry inliers."""
+        from dataclasses import replace
+
+        from ..verify import verify_ranking
+
+        cache = self.local_cache(name)
+        res = verify_ranking(query_features, [h.row for h in hits], cache.__getitem__, params)
+        return [replace(hits[i], rank=k + 1, inliers=res.inliers.get(hits[i].row))
+                for k, i in enumerate(res.order)]
