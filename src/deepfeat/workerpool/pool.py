@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from .errors import DeepfeatError
+from ..errors import DeepfeatError
 
 
 @dataclass(frozen=True)
