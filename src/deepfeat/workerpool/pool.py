@@ -1,33 +1,9 @@
-"""Decode worker processes that a bad image cannot take down with the run.
-
-:class:`SupervisedPool` is a :class:`~concurrent.futures.Executor` over ``spawn``-ed
-worker processes, each fed through its own pipe (the task it runs and one queued behind
-it) by a supervisor thread in the parent. For a *batch function* (one that carries a :class:`PerItem`
-description, as :func:`deepfeat.pipeline.decode_batch` does) the worker sends back each
-item's result as soon as it has it, so the parent always knows which item a worker is on
-and for how long:
-
-* **a hang**: an item that takes longer than *timeout* seconds gets its worker killed
-  (SIGKILL) and replaced; the item is reported (``decode timed out after N s``) and the
-  rest of the batch goes to another worker;
-* **a death** (SIGKILL from the out-of-memory killer, a segfault in a decoder library):
-  the worker is replaced and the item it was on is tried once more, alone, in a fresh
-  worker; if that worker dies too, the item is reported with how it died, and the run
-  goes on. A one-off death therefore loses nothing.
-
-The results of a batch are delivered in order, whatever happened, so the store is the
-same as that of a run without the fault (apart from the reported items). Other tasks
-(plain functions) run whole in a worker; if their worker dies, their future raises
-:class:`WorkerLost` and the worker is replaced. Workers that cannot even start (a script
-that calls the library without ``if __name__ == "__main__":``) make every future raise
-:class:`WorkerStartError` instead of restarting forever.
-"""
+"""The pool: :class:`SupervisedPool`, an :class:`~concurrent.futures.Executor` over ``spawn``-ed
+decode workers fed by a supervisor thread (see :mod:`deepfeat.workerpool`)."""
 
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 import threading
 import time
 from collections import deque
@@ -36,60 +12,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from ..errors import DeepfeatError
-
-
-@dataclass(frozen=True)
-class PerItem:
-    """How a batch function ``fn(items)`` decomposes: ``one(item)`` runs in the worker,
-    ``failed(item, reason)`` stands for an item that could not be done (in the parent),
-    ``merge(results)`` turns the per-item results into what ``fn(items)`` returns."""
-
-    one: Callable[[Any], Any]
-    failed: Callable[[Any, str], Any]
-    merge: Callable[[list], Any]
-
-
-class WorkerLost(DeepfeatError):
-    """The worker process running a (non-batch) task died."""
-
-
-class WorkerStartError(DeepfeatError):
-    """Worker processes die before they are ready."""
-
-
-#: consecutive worker deaths before being ready that make the pool give up
-MAX_START_FAILURES = 3
-
-
-def _worker_main(conn, initializer: Callable | None, initargs: tuple) -> None:
-    # the parent stops its workers itself (after a clean stop it kills them); a SIGINT or
-    # SIGTERM sent to the whole process group must not kill them under a running batch
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if initializer is not None:
-        initializer(*initargs)
-    conn.send(("ready", None, None, None))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        tid, fn, args, per_item = msg
-        try:
-            if per_item:
-                for k, item in enumerate(args):
-                    conn.send(("item", tid, k, fn(item)))
-                conn.send(("done", tid, None, None))
-            else:
-                conn.send(("done", tid, None, fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - delivered to the parent's future
-            try:
-                conn.send(("error", tid, None, e))
-            except Exception:  # the exception itself does not pickle
-                conn.send(("error", tid, None, RuntimeError(f"{type(e).__name__}: {e}")))
+from .recovery import RecoveryMixin
+from .worker import PerItem, WorkerStartError, _how_it_died, _worker_main
 
 
 @dataclass
@@ -123,17 +47,7 @@ class _Worker:
 PREFETCH = 2
 
 
-def _how_it_died(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"killed by {name}"
-    return f"exited with code {exitcode}"
-
-
-class SupervisedPool(Executor):
+class SupervisedPool(Executor, RecoveryMixin):
     """*workers* decode processes with per-item timeouts and replacement (see the module docstring).
 
     *timeout*: seconds one item of a batch function may take (None: no limit).
@@ -318,103 +232,3 @@ class SupervisedPool(Executor):
         else:
             task.future.set_result(task.per_item.merge(task.results))
 
-    def _check_timeouts(self) -> None:
-        if self.timeout is None:
-            return
-        now = time.monotonic()
-        for w in list(self._workers):
-            if w.task is not None and w.task.per_item and now - w.last > self.timeout:
-                self._kill(w)
-                self.stats["timeouts"] += 1
-                self._replace(w)
-                task = w.tasks.popleft()
-                self._requeue(w)
-                item = task.args[0][len(task.results)]
-                task.results.append(task.per_item.failed(
-                    item, f"decode timed out after {self.timeout:g} s (its worker was killed and replaced)"))
-                self._chunk_done(task, None)
-
-    def _lost(self, w: _Worker, how: str) -> None:
-        """Worker *w* died: replace it, and retry or report what it was doing."""
-        task, was_ready = (w.tasks.popleft() if w.tasks else None), w.ready
-        self._requeue(w)
-        self._replace(w)
-        if not was_ready:
-            self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES:
-                self._fail_all(
-                    f"the decode worker processes die as they start ({how}). If you call deepfeat's extract() "
-                    "from a script, put the call under `if __name__ == \"__main__\":` (Python's spawn start "
-                    "method re-imports the script in each worker), or pass workers=0 / decode_in=\"threads\". "
-                    "Committed shards are kept; run again to continue.")
-            return
-        if task is None:
-            return
-        self.stats["deaths"] += 1
-        if not task.per_item:
-            task.future.set_exception(WorkerLost(f"a decode worker process died ({how}) running {task.fn.__name__}"))
-            return
-        if task.alone:
-            item = task.args[0][len(task.results)]
-            task.results.append(task.per_item.failed(
-                item, f"its decode worker process died twice on it ({how}); skipped"))
-            self._chunk_done(task, None)
-        else:
-            task.alone = True  # the item it was on, once more, alone, in a fresh worker
-            with self._lock:
-                self._queue.appendleft(task)
-
-    def _requeue(self, w: _Worker) -> None:
-        """The tasks waiting behind a lost worker's current one go back to the queue's front, in order."""
-        with self._lock:
-            while w.tasks:
-                self._queue.appendleft(w.tasks.pop())
-
-    def _replace(self, w: _Worker) -> None:
-        try:
-            w.conn.close()
-        except OSError:
-            pass
-        i = self._workers.index(w)
-        with self._lock:
-            stopping = self._stop
-        if not stopping:
-            self._workers[i] = self._spawn()
-            self.stats["restarts"] += 1
-
-    def _kill(self, w: _Worker) -> None:
-        try:
-            os.kill(w.proc.pid, signal.SIGKILL)
-        except (OSError, TypeError):
-            pass
-        w.proc.join(timeout=10)
-
-    def _kill_all(self) -> None:
-        for w in self._workers:
-            if w.proc.is_alive():
-                try:
-                    w.conn.send(None)
-                except (OSError, EOFError, ValueError):
-                    pass
-        deadline = time.monotonic() + 2.0
-        for w in self._workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                self._kill(w)
-            try:
-                w.conn.close()
-            except OSError:
-                pass
-
-    def _fail_all(self, message: str) -> None:
-        with self._lock:
-            self._broken = message
-            tasks = list(self._queue)
-            self._queue.clear()
-            self._stop = True
-        for w in self._workers:
-            tasks += list(w.tasks)
-            w.tasks.clear()
-        for t in tasks:
-            if not t.future.done():
-                t.future.set_exception(WorkerStartError(message))
