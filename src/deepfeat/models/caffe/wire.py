@@ -105,10 +105,30 @@ class Blob:
         return self.shape == (1,) * (4 - len(target)) + target
 
 
+#: a blob's value fields, by number: value size, dtype, fixed wire type, and their names in messages
+_VALUE_FIELDS = {5: (4, "<f4", FIXED32, "float", "data"), 8: (8, "<f8", FIXED64, "double", "double_data")}
+#: the one-byte tags of their unpacked form (field 5 fixed32, field 8 fixed64)
+_UNPACKED_TAGS = {0x2D: 5, 0x41: 8}
+
+
+def _blob_values(buf: _Buf, f: _Field, what: str) -> np.ndarray:
+    """The values of one ``data`` (float) or ``double_data`` field, packed or a single fixed value."""
+    size, dtype, fixed, kind, name = _VALUE_FIELDS[f.number]
+    if f.wire == LEN:
+        n = f.end - f.value
+        if n % size:
+            raise buf.error(f.value, f"corrupt {what}: packed {kind} data of {n} bytes")
+        return np.frombuffer(buf.data, dtype=dtype, count=n // size, offset=f.value)
+    if f.wire == fixed:
+        return np.frombuffer(buf.data, dtype=dtype, count=1, offset=f.value)
+    raise buf.error(f.value, f"corrupt {what}: blob {name} has wire type {f.wire}")
+
+
 def _read_blob(buf: _Buf, start: int, end: int, what: str) -> Blob:
     data = buf.data
     floats: list[np.ndarray] = []
     doubles: list[np.ndarray] = []
+    values = {5: floats, 8: doubles}
     shape: list[int] | None = None
     legacy = [0, 0, 0, 0]
     has_legacy = False
@@ -116,43 +136,20 @@ def _read_blob(buf: _Buf, start: int, end: int, what: str) -> Blob:
     pos = start
     while pos < end:
         key, _ = _varint(buf, pos, end)
-        if key == 0x2D:  # unpacked float data (field 5, fixed32): read the whole run at once
-            n = _fixed_run(buf, pos, end, b"\x2d", 4)
-            run = np.frombuffer(data, dtype=np.uint8, count=n * 5, offset=pos).reshape(n, 5)[:, 1:]
-            floats.append(np.ascontiguousarray(run).view("<f4").reshape(-1))
-            pos += 5 * n
-            if n:
-                continue
-        if key == 0x41:  # unpacked double_data (field 8, fixed64)
-            n = _fixed_run(buf, pos, end, b"\x41", 8)
-            run = np.frombuffer(data, dtype=np.uint8, count=n * 9, offset=pos).reshape(n, 9)[:, 1:]
-            doubles.append(np.ascontiguousarray(run).view("<f8").reshape(-1))
-            pos += 9 * n
+        number = _UNPACKED_TAGS.get(key)
+        if number is not None:  # unpacked data / double_data (fixed32 / fixed64): read the whole run at once
+            size, dtype = _VALUE_FIELDS[number][:2]
+            n = _fixed_run(buf, pos, end, bytes([key]), size)
+            run = np.frombuffer(data, dtype=np.uint8, count=n * (size + 1), offset=pos).reshape(n, size + 1)[:, 1:]
+            values[number].append(np.ascontiguousarray(run).view(dtype).reshape(-1))
+            pos += (size + 1) * n
             if n:
                 continue
         f, pos = _one_field(buf, pos, end, what)
         fields.append(f)
     for f in fields:
-        if f.number == 5:  # data
-            if f.wire == LEN:
-                n = f.end - f.value
-                if n % 4:
-                    raise buf.error(f.value, f"corrupt {what}: packed float data of {n} bytes")
-                floats.append(np.frombuffer(data, dtype="<f4", count=n // 4, offset=f.value))
-            elif f.wire == FIXED32:
-                floats.append(np.frombuffer(data, dtype="<f4", count=1, offset=f.value))
-            else:
-                raise buf.error(f.value, f"corrupt {what}: blob data has wire type {f.wire}")
-        elif f.number == 8:  # double_data
-            if f.wire == LEN:
-                n = f.end - f.value
-                if n % 8:
-                    raise buf.error(f.value, f"corrupt {what}: packed double data of {n} bytes")
-                doubles.append(np.frombuffer(data, dtype="<f8", count=n // 8, offset=f.value))
-            elif f.wire == FIXED64:
-                doubles.append(np.frombuffer(data, dtype="<f8", count=1, offset=f.value))
-            else:
-                raise buf.error(f.value, f"corrupt {what}: blob double_data has wire type {f.wire}")
+        if f.number in values:  # data, double_data
+            values[f.number].append(_blob_values(buf, f, what))
         elif f.number == 7:  # shape
             if f.wire != LEN:
                 raise buf.error(f.value, f"corrupt {what}: blob shape has wire type {f.wire}")
