@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ModelError, suggest
@@ -9,7 +11,7 @@ from ..labels import default_labels
 from ..preprocess import DataConfig
 from .base import Model, file_sha256
 from .registry import ModelSource, register_source, split_weights
-from .weights import fit_state_dict, infer_num_classes, read_state_dict
+from .weights import build_with_weights
 
 EXAMPLE = "timm:resnet50@resnet50.safetensors"
 
@@ -46,10 +48,8 @@ def load_timm(rest: str, spec: str, **_: object) -> Model:
         net = timm.create_model(arch, pretrained=False)
         sd_path = sha = None
     else:
-        sd = read_state_dict(weights)
-        n = infer_num_classes(timm.create_model(arch, pretrained=False).state_dict(), sd)
-        net = timm.create_model(arch, pretrained=False, **({"num_classes": n} if n else {}))
-        fit_state_dict(net, sd, f"timm architecture {arch}")
+        net = build_with_weights(functools.partial(timm.create_model, arch, pretrained=False), weights,
+                                 f"timm architecture {arch}")
         sd_path, sha = weights, file_sha256(weights)
     classifier = net.pretrained_cfg.get("classifier")
     n_out = getattr(net, "num_classes", None)

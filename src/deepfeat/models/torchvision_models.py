@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ModelError, suggest
@@ -9,7 +11,7 @@ from ..labels import default_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from .base import Model, file_sha256
 from .registry import ModelSource, register_source, split_weights
-from .weights import fit_state_dict, infer_num_classes, read_state_dict
+from .weights import build_with_weights
 
 EXAMPLE = "torchvision:resnet18@resnet18-f37072fd.pth"
 
@@ -66,13 +68,9 @@ def load_torchvision(rest: str, spec: str, **_: object) -> Model:
         net = get_model(arch, weights=None, **kwargs)
         path = sha = None
     else:
-        sd = read_state_dict(weights)
-        skeleton = get_model(arch, weights=None, **kwargs)
-        n = infer_num_classes(skeleton.state_dict(), sd)
         # torchvision's published inception/googlenet weights carry the aux heads; drop them
-        sd = {k: v for k, v in sd.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
-        net = get_model(arch, weights=None, **({"num_classes": n} if n else {}), **kwargs)
-        fit_state_dict(net, sd, f"torchvision architecture {arch}")
+        net = build_with_weights(functools.partial(get_model, arch, weights=None, **kwargs), weights,
+                                 f"torchvision architecture {arch}", drop=("AuxLogits.", "aux1.", "aux2."))
         path, sha = weights, file_sha256(weights)
     n_out = _num_outputs(net)
     head = find_classifier(net, n_out)

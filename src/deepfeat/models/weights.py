@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -93,3 +93,17 @@ def infer_num_classes(skeleton: Mapping[str, torch.Tensor], sd: Mapping[str, tor
         if tuple(w.shape[1:]) == tuple(v.shape[1:]) and w.shape[0] != default:
             n = int(w.shape[0])
     return n
+
+
+def build_with_weights(create: Callable[..., torch.nn.Module], weights: str | os.PathLike, what: str,
+                       drop: tuple[str, ...] = ()) -> torch.nn.Module:
+    """An architecture of a model zoo (``create(**kwargs)`` builds it) with the state dict of the
+    file *weights* loaded into it, its classifier sized as the file's (:func:`infer_num_classes`);
+    *drop*: prefixes of the file's keys to leave out (heads the architecture is built without)."""
+    sd = read_state_dict(weights)
+    n = infer_num_classes(create().state_dict(), sd)
+    if drop:
+        sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    net = create(**({"num_classes": n} if n else {}))
+    fit_state_dict(net, sd, what)
+    return net
