@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.func``) and turn what it raises into an exit code and a line on stderr."""
     try:
         return int(args.func(args) or 0)
     except DeepfeatError as e:

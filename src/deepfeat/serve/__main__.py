@@ -6,8 +6,7 @@ import argparse
 import logging
 import sys
 
-from ..cli import cmd_serve
-from ..errors import DeepfeatError
+from ..cli import cmd_serve, dispatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,13 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd_serve.register(sub)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except DeepfeatError as e:
-        print(f"deepfeat serve: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(args)
 
 
 if __name__ == "__main__":
