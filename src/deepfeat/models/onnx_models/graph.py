@@ -220,18 +220,25 @@ class OnnxGraph(GraphSessions, GraphListing):
         return ""
 
     # -- structure --
-    def ancestors(self, name: str) -> list[str]:
-        """Tensors *name* is computed from, in graph order (itself last)."""
+    def upstream(self, outputs: Iterable[str]) -> tuple[set[str], set[int]]:
+        """The tensors *outputs* are computed from (themselves included) and the nodes computing them."""
         seen: set[str] = set()
-        stack = [name]
+        nodes: set[int] = set()
+        stack = list(outputs)
         while stack:
             t = stack.pop()
             if t in seen:
                 continue
             seen.add(t)
             p = self.producer.get(t)
-            if p is not None:
+            if p is not None and p[0] not in nodes:
+                nodes.add(p[0])
                 stack.extend(self.nodes[p[0]][4])
+        return seen, nodes
+
+    def ancestors(self, name: str) -> list[str]:
+        """Tensors *name* is computed from, in graph order (itself last)."""
+        seen, _ = self.upstream([name])
         return [t for t in self.tensor_names() if t in seen]
 
     def softmax_output(self, name: str) -> bool:

@@ -16,7 +16,7 @@ from .proto import _require_onnx
 
 class GraphSessions:
     """The running half of :class:`~.graph.OnnxGraph` (a mixin: it uses the graph's
-    analysis, ``producer``, ``nodes``, ``types``, ``input_name``, ``layout``, ``dependent``,
+    analysis, ``upstream()``, ``types``, ``input_name``, ``layout``, ``dependent``,
     ``static_dims()``, and its ``_sessions`` cache and ``_lock``)."""
 
     # -- sessions --
@@ -31,18 +31,7 @@ class GraphSessions:
         """A copy of the model whose outputs are *outputs*, without the nodes they do not need."""
         onnx, _ = _require_onnx()
         proto = self.proto
-        keep: set[int] = set()
-        seen: set[str] = set()
-        stack = list(outputs)
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            p = self.producer.get(t)
-            if p is not None and p[0] not in keep:
-                keep.add(p[0])
-                stack.extend(self.nodes[p[0]][4])
+        seen, keep = self.upstream(outputs)
         src = proto.graph
         m = onnx.ModelProto()
         m.ir_version = proto.ir_version
