@@ -5,6 +5,7 @@ attempts; the micro-batching inference thread; the CLI, and a real server proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -537,18 +538,17 @@ def test_cli_serve_warns_off_loopback(monkeypatch, store, capsys):
     assert server_url("0.0.0.0", 80) == "http://127.0.0.1:80/" and server_url("::1", 8) == "http://[::1]:8/"
 
 
-@pytest.mark.slow
-def test_a_real_server_process(store, image_root, photos):
-    """`python -m deepfeat.serve` (the `deepfeat serve` command) on a free port, queried over HTTP."""
-    import httpx
-
+@contextlib.contextmanager
+def server_process(store, image_root, *options: str, seconds: float = 60, env: dict | None = None):
+    """`python -m deepfeat.serve STORE` (the `deepfeat serve` command) on a free port: its URL, once
+    it says where it listens; the process is stopped afterwards."""
     proc = subprocess.Popen([sys.executable, "-m", "deepfeat.serve", str(store), "--port", "0", "--root",
-                             str(image_root), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(image_root), "--log-level", "warning", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = None
         lines = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + seconds
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -557,13 +557,21 @@ def test_a_real_server_process(store, image_root, photos):
             m = re.search(r"(http://127\.0\.0\.1:\d+/) ", line)
             url = m.group(1) if m else None
         assert url, "".join(lines)
-        with httpx.Client(base_url=url, timeout=30) as h:
-            assert h.get("api/health").json()["status"] == "ok"
-            r = h.post("api/search/upload", params={"k": 2},
-                       files={"file": ("c.jpg", Path(photos["chelsea"]).read_bytes(), "image/jpeg")})
-            assert r.status_code == 200 and all(x["path"].startswith("chelsea/") for x in r.json()["hits"])
-            assert h.get("api/items/0/thumbnail").status_code == 200
-            assert "server" not in h.get("api/health").headers  # no version banner
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_a_real_server_process(store, image_root, photos):
+    """`python -m deepfeat.serve` (the `deepfeat serve` command) on a free port, queried over HTTP."""
+    import httpx
+
+    with server_process(store, image_root) as url, httpx.Client(base_url=url, timeout=30) as h:
+        assert h.get("api/health").json()["status"] == "ok"
+        r = h.post("api/search/upload", params={"k": 2},
+                   files={"file": ("c.jpg", Path(photos["chelsea"]).read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and all(x["path"].startswith("chelsea/") for x in r.json()["hits"])
+        assert h.get("api/items/0/thumbnail").status_code == 200
+        assert "server" not in h.get("api/health").headers  # no version banner

@@ -10,10 +10,7 @@ import importlib.util
 import io
 import json
 import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +29,8 @@ from deepfeat.serve.guards import ConcurrencyLimitMiddleware, key_matches, prese
 from deepfeat.serve.uploads import ApiError
 
 from .conftest import REPO
-from .test_serve import assert_json_error, image_root, store  # noqa: F401  (module fixtures: a real store)
+from .test_serve import image_root, store  # noqa: F401  (module fixtures: a real store)
+from .test_serve import assert_json_error, server_process
 
 KEY = "test-key-0123456789"
 
@@ -276,22 +274,9 @@ def _raw(port: int, data: bytes) -> tuple[int, dict, bytes]:
 
 @pytest.mark.slow
 def test_a_real_server_with_a_key_answers_json_to_broken_http(store, image_root):
-    proc = subprocess.Popen([sys.executable, "-m", "deepfeat.serve", str(store), "--port", "0", "--root",
-                             str(image_root), "--log-level", "warning", "--api-key", KEY],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "DEEPFEAT_API_KEY": ""})
-    try:
-        port = None
-        deadline = time.monotonic() + 90
-        lines = []
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)/ ", line)
-            port = int(m.group(1)) if m else None
-        assert port, "".join(lines)
+    with server_process(store, image_root, "--api-key", KEY, seconds=90,
+                        env={**os.environ, "DEEPFEAT_API_KEY": ""}) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
         for label, req in [("garbage", b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n"),
                            ("bad request line", b"GET\r\n\r\n"),
                            # headers past h11's 16 KiB limit (sent unfinished: all of it is read before the
@@ -307,6 +292,3 @@ def test_a_real_server_with_a_key_answers_json_to_broken_http(store, image_root)
         status, _, body = _raw(port, f"GET /api/health HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
                                      f"Connection: close\r\n\r\n".encode())
         assert status == 200 and json.loads(body)["status"] == "ok"
-    finally:
-        proc.terminate()
-        proc.wait(30)
