@@ -1,6 +1,6 @@
 """Local features for spatial verification: keypoints with descriptors, per image.
 
-Three extractors, chosen by a spec ``NAME[:key=value,...]``:
+Four extractors, chosen by a spec ``NAME[:key=value,...]``:
 
 * ``cnn`` (default): dense CNN keypoints from a tapped feature map of the store's own
   model, DELF-style without the attention network (Noh et al., ICCV 2017): the
@@ -19,6 +19,15 @@ Three extractors, chosen by a spec ``NAME[:key=value,...]``:
   1000), ``size`` (default 640).
 * ``orb``: OpenCV ORB binary descriptors (compared by Hamming distance). ``max``
   (default 1000), ``size`` (default 640).
+* ``regions``: not keypoints but the regional descriptors of regional diffusion
+  (Iscen et al., CVPR 2017; :mod:`deepfeat.rerank.regional`): the R-MAC grid of a
+  tapped feature map (Tolias et al., ICLR 2016; :func:`deepfeat.pooling.rmac_regions`),
+  every region pooled (``pool=mac|gem``, GeM with p = 3) and L2-normalised, kept one
+  vector per region. Each region's box (``boxes``, x1, y1, x2, y2 in original pixels)
+  is stored with it; ``xy`` is the box centre and ``sizes`` its side. Options:
+  ``layer`` (default: the store's descriptor layer), ``L`` (grid levels, default 3: about
+  20 regions for a 4:3 image), ``pool``, ``size`` (default 640), ``scales`` (each scale
+  adds its own grid).
 
 Keypoint coordinates are always in pixels of the original image (after EXIF
 orientation), so a query region ``x1,y1,x2,y2`` in those pixels restricts them
@@ -44,14 +53,17 @@ from .errors import UsageError, suggest
 #: version of the extraction code; recorded in the store section so a change is detected
 LOCAL_FEATURES_VERSION = 1
 
-EXTRACTORS = ("cnn", "sift", "orb")
+EXTRACTORS = ("cnn", "sift", "orb", "regions")
 #: localisation scale of a SIFT/ORB keypoint, in pixels of the extraction frame
 OPENCV_TOLERANCE = 4.0
 _DEFAULTS = {
     "cnn": {"max": 500, "size": 640, "layer": None, "scales": (1.0,)},
     "sift": {"max": 1000, "size": 640},
     "orb": {"max": 1000, "size": 640},
+    "regions": {"layer": None, "l": 3, "pool": "mac", "size": 640, "scales": (1.0,)},
 }
+#: region poolings of the ``regions`` extractor
+REGION_POOLS = ("mac", "gem")
 
 
 @dataclass(frozen=True)
@@ -63,13 +75,31 @@ class LocalSpec:
     size: int = 640
     layer: str | None = None
     scales: tuple[float, ...] = (1.0,)
+    levels: int = 3  # regions: R-MAC grid levels (L)
+    pool: str = "mac"  # regions: mac | gem
 
     @property
     def binary(self) -> bool:
         """Binary descriptors (compared by Hamming distance), as ORB's."""
         return self.extractor == "orb"
 
+    @property
+    def regions(self) -> bool:
+        """Regional descriptors (for regional diffusion), not keypoints (for verification)."""
+        return self.extractor == "regions"
+
+    @property
+    def needs_model(self) -> bool:
+        """Computed from a layer of the store's model (cnn, regions), not by OpenCV."""
+        return self.extractor in ("cnn", "regions")
+
     def __str__(self) -> str:
+        if self.regions:
+            args = ([f"layer={self.layer}"] if self.layer else []) + [f"L={self.levels}", f"pool={self.pool}",
+                                                                       f"size={self.size}"]
+            if self.scales != (1.0,):
+                args.append("scales=" + "/".join(f"{s:g}" for s in self.scales))
+            return "regions:" + ",".join(args)
         args = [f"max={self.max_keypoints}", f"size={self.size}"]
         if self.extractor == "cnn":
             if self.layer:
@@ -82,11 +112,14 @@ class LocalSpec:
         d = asdict(self)
         d["scales"] = list(self.scales)
         d["spec"] = str(self)
+        if not self.regions:
+            del d["levels"], d["pool"]
         return d
 
 
 def parse_local_spec(text: str | LocalSpec | None) -> LocalSpec:
-    """``cnn``, ``cnn:layer=blocks.4,max=300,scales=1/0.707``, ``sift:max=2000``, ``orb``..."""
+    """``cnn``, ``cnn:layer=blocks.4,max=300,scales=1/0.707``, ``sift:max=2000``, ``orb``,
+    ``regions:L=3,pool=gem``..."""
     if isinstance(text, LocalSpec):
         return text
     raw = (text or "cnn").strip()
@@ -99,12 +132,22 @@ def parse_local_spec(text: str | LocalSpec | None) -> LocalSpec:
     for arg in (a.strip() for a in argstr.split(",")) if argstr.strip() else ():
         key, eq, v = arg.partition("=")
         key = key.strip().lower()
+        key = "l" if key == "levels" else key
         if not eq or key not in vals:
             raise UsageError(f"local-feature spec {raw!r}: {arg!r} is not one of "
-                             f"{', '.join(k + '=...' for k in vals)}")
+                             f"{', '.join(('L' if k == 'l' else k) + '=...' for k in vals)}")
         v = v.strip()
         try:
-            if key in ("max", "size"):
+            if key == "l":
+                n = int(v)
+                if not 1 <= n <= 8:
+                    raise ValueError
+                vals[key] = n
+            elif key == "pool":
+                if v.lower() not in REGION_POOLS:
+                    raise ValueError
+                vals[key] = v.lower()
+            elif key in ("max", "size"):
                 n = int(v)
                 if n < 1 or (key == "size" and n < 32):
                     raise ValueError
@@ -120,15 +163,19 @@ def parse_local_spec(text: str | LocalSpec | None) -> LocalSpec:
                 vals[key] = v
         except ValueError:
             rule = {"max": "a positive integer", "size": "an integer of at least 32",
-                    "scales": "numbers in (0, 4] joined by '/', e.g. 1/0.707", "layer": "a layer name"}[key]
-            raise UsageError(f"local-feature spec {raw!r}: {key} must be {rule}, got {v!r}") from None
-    return LocalSpec(name, vals["max"], vals["size"], vals.get("layer"), tuple(vals.get("scales", (1.0,))))
+                    "scales": "numbers in (0, 4] joined by '/', e.g. 1/0.707", "layer": "a layer name",
+                    "l": "an integer from 1 to 8", "pool": " or ".join(REGION_POOLS)}[key]
+            raise UsageError(f"local-feature spec {raw!r}: {'L' if key == 'l' else key} must be {rule}, "
+                             f"got {v!r}") from None
+    return LocalSpec(name, vals.get("max", 0), vals["size"], vals.get("layer"), tuple(vals.get("scales", (1.0,))),
+                     vals.get("l", 3), vals.get("pool", "mac"))
 
 
 @dataclass
 class LocalFeatures:
     """Keypoints of one image: ``xy`` (M x 2, original pixels), ``sizes`` (M), ``desc``
-    (M x D, float32 unit vectors or uint8 binary), and the image's original (W, H)."""
+    (M x D, float32 unit vectors or uint8 binary), and the image's original (W, H).
+    Regional descriptors also carry their ``boxes`` (M x 4: x1, y1, x2, y2, original pixels)."""
 
     xy: np.ndarray
     sizes: np.ndarray
@@ -136,23 +183,33 @@ class LocalFeatures:
     image_size: tuple[int, int]
     binary: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    boxes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.xy)
 
     @classmethod
-    def empty(cls, dim: int, binary: bool = False) -> "LocalFeatures":
+    def empty(cls, dim: int, binary: bool = False, boxes: bool = False) -> "LocalFeatures":
         """No keypoints (an image that could not be read): verifies nothing."""
         return cls(np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
-                   np.zeros((0, dim), np.uint8 if binary else np.float32), (0, 0), binary)
+                   np.zeros((0, dim), np.uint8 if binary else np.float32), (0, 0), binary,
+                   boxes=np.zeros((0, 4), np.float32) if boxes else None)
 
     def within(self, bbox: Sequence[float] | None) -> "LocalFeatures":
-        """The keypoints inside a region ``(x1, y1, x2, y2)`` of the original image."""
+        """The keypoints inside a region ``(x1, y1, x2, y2)`` of the original image; for
+        regional descriptors, the regions with at least half of their area inside it."""
         if bbox is None:
             return self
         x1, y1, x2, y2 = bbox
-        m = (self.xy[:, 0] >= x1) & (self.xy[:, 0] <= x2) & (self.xy[:, 1] >= y1) & (self.xy[:, 1] <= y2)
-        return LocalFeatures(self.xy[m], self.sizes[m], self.desc[m], self.image_size, self.binary, self.meta)
+        if self.boxes is not None:
+            b = self.boxes
+            iw = np.clip(np.minimum(b[:, 2], x2) - np.maximum(b[:, 0], x1), 0, None)
+            ih = np.clip(np.minimum(b[:, 3], y2) - np.maximum(b[:, 1], y1), 0, None)
+            m = iw * ih >= 0.5 * (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        else:
+            m = (self.xy[:, 0] >= x1) & (self.xy[:, 0] <= x2) & (self.xy[:, 1] >= y1) & (self.xy[:, 1] <= y2)
+        return LocalFeatures(self.xy[m], self.sizes[m], self.desc[m], self.image_size, self.binary, self.meta,
+                             None if self.boxes is None else self.boxes[m])
 
 
 def require_cv2():
@@ -188,19 +245,26 @@ def default_cnn_layer(model) -> str:
 class LocalExtractor:
     """Computes :class:`LocalFeatures` of image files as a :class:`LocalSpec` says.
 
-    *model* is needed for ``cnn`` (the store's model: its preprocessing and layers)."""
+    *model* is needed for ``cnn`` and ``regions`` (the store's model: its preprocessing and layers)."""
 
     def __init__(self, spec: str | LocalSpec, model=None):
         self.spec = parse_local_spec(spec)
         self.model = model
         self._taps = None
         self.layer: str | None = None
-        if self.spec.extractor == "cnn":
+        if self.spec.needs_model:
             if model is None:
-                raise UsageError("cnn local features need the store's model")
+                raise UsageError(f"{self.spec.extractor} local features need the store's model")
             from .taps import make_taps, resolve_layers
 
-            self.layer = self.spec.layer or default_cnn_layer(model)
+            if self.spec.layer:
+                self.layer = self.spec.layer
+            elif self.spec.regions:
+                from .pipeline.network import default_layer
+
+                self.layer = default_layer(model)
+            else:
+                self.layer = default_cnn_layer(model)
             resolve_layers(model.net, [self.layer], getattr(model, "layer_aliases", None))  # clear error if unknown
             self._taps = make_taps(model, [self.layer])
         else:
@@ -212,31 +276,67 @@ class LocalExtractor:
         d["layer"] = self.layer
         d["binary"] = self.spec.binary
         d["version"] = LOCAL_FEATURES_VERSION
-        if self.model is not None and self.spec.extractor == "cnn":
+        if self.model is not None and self.spec.needs_model:
             d["model"] = self.model.spec
         return d
 
-    def _decode(self, image: str | os.PathLike | BinaryIO):
+    def _decode(self, image: str | os.PathLike | BinaryIO, crop: Sequence[float] | None = None):
         from .images import decode_image
         from .preprocess import DataConfig, SizePolicy
 
         cfg = self.model.data_config if self.model is not None else DataConfig()
-        if self.spec.extractor != "cnn":
+        if not self.spec.needs_model:
             cfg = DataConfig(interpolation=cfg.interpolation, channel_order="RGB")
-        return decode_image(image, SizePolicy("long", self.spec.size), cfg)
+        return decode_image(image, SizePolicy("long", self.spec.size), cfg,
+                            crop_box=tuple(crop) if crop is not None else None)
 
-    def extract(self, image: str | os.PathLike | BinaryIO) -> LocalFeatures:
-        dec = self._decode(image)
+    def extract(self, image: str | os.PathLike | BinaryIO, crop: Sequence[float] | None = None) -> LocalFeatures:
+        """The features of an image, or of its region *crop* ``(x1, y1, x2, y2)`` cut out
+        first (original pixels; the coordinates returned stay in the whole image's pixels)."""
+        dec = self._decode(image, crop)
         px = dec.pixels
-        fx, fy = dec.width / px.shape[1], dec.height / px.shape[0]  # frame -> original pixels
-        if self.spec.extractor == "cnn":
+        x0 = y0 = 0.0
+        cw, ch = dec.width, dec.height
+        if crop is not None:
+            x0, y0 = max(0.0, float(crop[0])), max(0.0, float(crop[1]))
+            cw, ch = min(float(dec.width), float(crop[2])) - x0, min(float(dec.height), float(crop[3])) - y0
+        fx, fy = cw / px.shape[1], ch / px.shape[0]  # frame -> original pixels
+        boxes = None
+        if self.spec.regions:
+            xy, sizes, desc, boxes = self._regions(px)
+            boxes = (boxes * np.array([fx, fy, fx, fy], np.float32) + np.array([x0, y0, x0, y0], np.float32))
+        elif self.spec.extractor == "cnn":
             xy, sizes, desc = self._cnn(px)
         else:
             xy, sizes, desc = self._opencv(px)
-        xy = xy * np.array([fx, fy], np.float32)
+        xy = xy * np.array([fx, fy], np.float32) + np.array([x0, y0], np.float32)
         sizes = sizes * np.float32((fx + fy) / 2)
         return LocalFeatures(xy.astype(np.float32), sizes.astype(np.float32), desc, (dec.width, dec.height),
-                             self.spec.binary)
+                             self.spec.binary, boxes=None if boxes is None else boxes.astype(np.float32))
+
+    def _regions(self, px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The R-MAC regions of the tapped map at every scale (:func:`deepfeat.pooling.regional_vectors`):
+        box centres, sides, unit descriptors and boxes, in frame pixels."""
+        import torch
+
+        from .pooling import gem, mac, regional_vectors, rescale
+
+        H, W = px.shape[:2]
+        pool = mac if self.spec.pool == "mac" else (lambda r: gem(r, 3.0))
+        boxes, descs = [], []
+        with torch.inference_mode():
+            x = self.model.normalize(torch.from_numpy(px)[None].to(self.model.device))
+            for s in self.spec.scales:
+                a = self._taps(rescale(x, s))[self.layer].float()  # 1 x C x h x w
+                vecs, regions = regional_vectors(a, pool, self.spec.levels)
+                cx, cy = W / a.shape[3], H / a.shape[2]  # one cell in frame pixels, at any scale
+                boxes.append(np.array([(c0 * cx, r0 * cy, c1 * cx, r1 * cy) for r0, c0, r1, c1 in regions],
+                                      np.float32).reshape(-1, 4))
+                descs.append(vecs[0].cpu().numpy())
+        box = np.concatenate(boxes)
+        xy = np.stack([(box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2], 1)
+        sizes = np.sqrt((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+        return xy, sizes, np.ascontiguousarray(np.concatenate(descs), dtype=np.float32), box
 
     def _cnn(self, px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch

@@ -7,13 +7,18 @@ Layout, next to the store's own shards::
 Each shard file holds, for the shard's ok items in feature-row order (``offset``):
 ``ids`` (n), ``counts`` (n, keypoints per image), ``image_sizes`` (n x 2, original
 W, H), and the concatenated keypoints ``xy`` (M x 2), ``sizes`` (M) and descriptors
-``desc`` (M x D; float16 for float descriptors, uint8 for binary ones). A file is
+``desc`` (M x D; float16 for float descriptors, uint8 for binary ones), and for
+regional descriptors (``--extractor regions``) their ``boxes`` (M x 4). A file is
 written atomically (temporary file + rename, :func:`deepfeat.store.atomic_write_bytes`),
 so it is the shard's commit: after a crash or ``kill -9`` a shard is present in full
 or absent, and running the same command again computes only the missing shards and
 ends with the same bytes as an uninterrupted run. The section describes itself in the
 store's ``meta.json`` under ``local_features.<name>``: extractor spec, layer, model,
 maximum keypoints, frame size, descriptor dim and dtype, code version.
+
+Keypoint sections serve spatial verification (:mod:`deepfeat.verify`); ``regions``
+sections serve regional diffusion (:mod:`deepfeat.rerank.regional`). Each use picks
+its own kind: ``LocalFeatureCache(store, regions=True)`` reads the first regions section.
 """
 
 from __future__ import annotations
@@ -55,11 +60,21 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def is_regions(meta: dict[str, Any] | None) -> bool:
+    """Whether a section's meta describes regional descriptors (not keypoints)."""
+    return bool(meta) and meta.get("extractor") == "regions"
+
+
 def open_extractor(store: FeatureStore, spec, device: str = "cpu") -> LocalExtractor:
-    """A :class:`LocalExtractor` for *store* (the store's model, checked against its weights)."""
+    """A :class:`LocalExtractor` for *store* (the store's model, checked against its weights).
+    Regional descriptors default to the store's own descriptor layer."""
     spec = parse_local_spec(spec)
+    if spec.regions and not spec.layer and store.meta.get("layers"):
+        from dataclasses import replace
+
+        spec = replace(spec, layer=store.meta["layers"][0])
     model = None
-    if spec.extractor == "cnn":
+    if spec.needs_model:
         from .models import load_model
 
         mspec = store.meta["model"]["spec"]
@@ -128,7 +143,7 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
             except ImageError as e:  # the image moved or broke since extraction: no keypoints, reported
                 log.warning("local features of %s: %s", path, e)
                 report["failed"].append(f"{path}: {e}")
-                feats.append(LocalFeatures.empty(desc["dim"], extractor.spec.binary))
+                feats.append(LocalFeatures.empty(desc["dim"], extractor.spec.binary, extractor.spec.regions))
         ddtype = np.uint8 if desc["dtype"] == "uint8" else np.float16
         arrays = {
             "ids": np.array([r[0] for r in ok], np.int64),
@@ -139,6 +154,9 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
             "desc": (np.concatenate([f.desc for f in feats]).astype(ddtype) if feats
                      else np.zeros((0, desc["dim"]), ddtype)),
         }
+        if extractor.spec.regions:
+            arrays["boxes"] = (np.concatenate([f.boxes for f in feats]).astype(np.float32) if feats
+                               else np.zeros((0, 4), np.float32))
         atomic_write_bytes(out, _npz_bytes(**arrays))
         report["shards_done"] += 1
         report["images"] += len(ok)
@@ -152,19 +170,32 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
 class LocalFeatureCache:
     """Read the cached local features of a store section, by feature row.
 
-    Raises :class:`UsageError` (saying how to make them) when the store has none, and
-    :class:`StoreError` when a shard of the section is missing (an unfinished run)."""
+    *regions*: the section holds regional descriptors (``--extractor regions``, for
+    regional diffusion) rather than keypoints (for verification); without a *name*, the
+    first section of that kind. Raises :class:`UsageError` (saying how to make them)
+    when the store has none, and :class:`StoreError` when a shard of the section is
+    missing (an unfinished run)."""
 
-    def __init__(self, store: FeatureStore, name: str | None = None):
+    def __init__(self, store: FeatureStore, name: str | None = None, regions: bool = False):
         self.store = store
-        names = local_feature_names(store)
+        every = local_feature_names(store)
+        names = [n for n in every if is_regions(section_meta(store, n)) == regions]
+        if name is not None and name in every and name not in names:
+            what, other = ("regional descriptors", "keypoints") if regions else ("keypoints", "regional descriptors")
+            raise UsageError(f"{store.path}: local features {name!r} hold {other}, not {what}"
+                             + (f"; sections of {what}: {', '.join(names)}" if names else ""))
         if not names:
+            if regions:
+                raise UsageError(f"{store.path} has no regional descriptors; compute them once with "
+                                 f"`deepfeat local-features {store.path} --extractor regions` "
+                                 f"(or extract with --local-features regions)")
             raise UsageError(f"{store.path} has no cached local features; compute them once with "
                              f"`deepfeat local-features {store.path}` (or extract with --local-features)")
         if name is None:
             name = names[0]
         if name not in names:
-            raise UsageError(f"{store.path} has no local features {name!r}; it has: {', '.join(names)}")
+            what = "regional descriptors" if regions else "local features"
+            raise UsageError(f"{store.path} has no {what} {name!r}; it has: {', '.join(names)}")
         self.name = name
         self.meta = section_meta(store, name)
         self.binary = bool(self.meta.get("binary"))
@@ -197,4 +228,18 @@ class LocalFeatureCache:
         if not self.binary:
             desc = desc.astype(np.float32)
         w, h = a["image_sizes"][offset]
-        return LocalFeatures(a["xy"][s:e], a["sizes"][s:e], desc, (int(w), int(h)), self.binary)
+        return LocalFeatures(a["xy"][s:e], a["sizes"][s:e], desc, (int(w), int(h)), self.binary,
+                             boxes=a["boxes"][s:e] if "boxes" in a else None)
+
+    def all_descriptors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's descriptors in feature-row order: ``(desc, counts)``, desc an M x D
+        float32 array (M = counts.sum()) and counts the number of vectors of each row."""
+        parts, counts = [], np.zeros(len(self._where), np.int64)
+        for row, (shard, offset) in enumerate(self._where):
+            a = self._shard(shard)
+            s, e = a["starts"][offset], a["starts"][offset + 1]
+            parts.append(a["desc"][s:e])
+            counts[row] = e - s
+        dim = int(self.meta.get("dim") or 0)
+        desc = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
+        return np.ascontiguousarray(desc, dtype=np.float32), counts

@@ -78,8 +78,9 @@ def register(sub) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs per actor (default 0)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
                    help="CPUs per actor, for its inference threads and decode threads (default 1)")
-    p.add_argument("--local-features", metavar="cnn|sift|orb[:ARGS]",
-                   help="also cache local features for `search/eval --verify` (see `deepfeat local-features`)")
+    p.add_argument("--local-features", metavar="cnn|sift|orb|regions[:ARGS]",
+                   help="also cache local features for `search/eval --verify`, or regional descriptors for "
+                        "`--rerank regional-diffusion` (see `deepfeat local-features`)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
     add_recipe_arg(p, RECIPE_FLAGS)
     p.set_defaults(func=run)

@@ -50,7 +50,7 @@ from .modules import ConcatPooling, Pooling
 from .mop import VLADLevel, kmeans, layer_stride, mop_encode, mop_patch_grid, mop_windows, vlad
 from .mop_pooling import MOP_FILE_KIND, MOP_FORMAT_VERSION, MOPPooling, load_pooling  # noqa: F401
 from .multiscale import COMBINE_MODES, DEFAULT_SCALES, combine_scales, parse_scales, pool_multiscale, rescale
-from .regional import regional_sum, rgem, rmac, rmac_regions
+from .regional import regional_sum, regional_vectors, rgem, rmac, rmac_regions
 from .registry import POOLINGS, Param, PoolingKind, describe_poolings, list_poolings
 from .spec import get_pooling
 
@@ -58,6 +58,6 @@ __all__ = [
     "COMBINE_MODES", "DEFAULT_SCALES", "POOLINGS", "ConcatPooling", "GeM", "MOPPooling", "Param", "Pooling",
     "PoolingKind", "VLADLevel", "avg_pool", "combine_scales", "crow", "describe_poolings", "gem", "get_pooling",
     "kmeans", "l2_normalize", "layer_stride", "list_poolings", "load_pooling", "mac", "mop_encode",
-    "mop_patch_grid", "mop_windows", "no_pool", "parse_scales", "pool_multiscale", "regional_sum", "rescale",
-    "rgem", "rmac", "rmac_regions", "spoc", "spoc_center_prior", "sum_pool", "vlad",
+    "mop_patch_grid", "mop_windows", "no_pool", "parse_scales", "pool_multiscale", "regional_sum",
+    "regional_vectors", "rescale", "rgem", "rmac", "rmac_regions", "spoc", "spoc_center_prior", "sum_pool", "vlad",
 ]

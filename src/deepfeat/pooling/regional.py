@@ -1,4 +1,4 @@
-"""Regional poolings on the R-MAC grid: the regions, their sum, R-MAC and regional GeM."""
+"""Regional poolings on the R-MAC grid: the regions, their vectors, their sum, R-MAC and regional GeM."""
 
 from __future__ import annotations
 
@@ -66,6 +66,17 @@ def regional_sum(x: torch.Tensor, region_pool: Callable[[torch.Tensor], torch.Te
         v = l2_normalize(region_pool(x[:, :, y0:y1, x0:x1]), eps)
         total = v if total is None else total + v
     return total  # type: ignore[return-value]
+
+
+def regional_vectors(x: torch.Tensor, region_pool: Callable[[torch.Tensor], torch.Tensor], L: int = 3,
+                     overlap: float = 0.4, eps: float = EPS) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Every R-MAC region's ``region_pool`` vector, L2-normalised and kept apart (not summed):
+    ``N x R x C`` and the R regions as :func:`rmac_regions` boxes. These are the regional
+    descriptors of Iscen et al.'s diffusion on region manifolds (CVPR 2017)."""
+    _check_map(x, "regional vectors")
+    boxes = rmac_regions(int(x.shape[2]), int(x.shape[3]), L, overlap)
+    vecs = [l2_normalize(region_pool(x[:, :, y0:y1, x0:x1]), eps) for y0, x0, y1, x1 in boxes]
+    return torch.stack(vecs, dim=1), boxes
 
 
 def rmac(x: torch.Tensor, L: int = 3, overlap: float = 0.4, eps: float = EPS) -> torch.Tensor:
