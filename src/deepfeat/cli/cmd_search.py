@@ -14,8 +14,10 @@ from .common import print_json
 from .recipe_args import add_recipe_arg, apply_recipe
 
 
-RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal, with optional parameters, e.g. "
-               "diffusion:k=50,alpha=0.99,gamma=3,trunc=1000 or kreciprocal:k1=20,k2=6,lambda=0.3")
+RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal | regional-diffusion, with optional parameters, "
+               "e.g. diffusion:k=50,alpha=0.99,gamma=3,trunc=1000, kreciprocal:k1=20,k2=6,lambda=0.3 or "
+               "regional-diffusion:k=50,kq=50 (needs the store's regional descriptors: `deepfeat local-features "
+               "STORE --extractor regions`)")
 
 
 RECIPE_FLAGS = {"qe": "search.qe", "alpha": "search.alpha", "dba": "search.dba", "rerank": "search.rerank"}
@@ -39,6 +41,20 @@ def search_options(args, command: str) -> None:
             print(f"deepfeat {command}: the store was not made as the recipe says ({'; '.join(diffs)}): its search "
                   f"options were chosen for the recipe's descriptor (make the store with `deepfeat extract "
                   f"--recipe {args.recipe}`)", file=sys.stderr)
+
+
+def query_regions(engine: SearchEngine, args, queries) -> tuple[list | None, float]:
+    """For a regional re-ranking, each query's regional descriptors: None for a whole stored image
+    (its cached regions are used), else those of its region or file (``SearchEngine.query_regions``).
+    *queries*: (image file or None, stored row or None, box or None) per query. Returns
+    (regions or None when the re-ranking needs none, seconds spent)."""
+    rr = engine.reranker(args.rerank, args.dba, args.alpha) if args.rerank else None
+    if not getattr(rr, "needs_regions", False):  # also checks, early, that the store has regions
+        return None, 0.0
+    t0 = time.perf_counter()
+    out = [None if (row is not None and bbox is None) or (image is None and row is None) else
+           engine.query_regions(image=image, row=row, bbox=bbox, name=rr.section) for image, row, bbox in queries]
+    return out, time.perf_counter() - t0
 
 
 def _rerank_line(engine: SearchEngine) -> str:
@@ -141,10 +157,14 @@ def run_search(args) -> int:
         raise UsageError("--verify needs query images or stored images; .npy vectors have no keypoints")
     xq, labels, rows = engine.resolve_queries(args.queries, bbox)
     k = max(args.top, verify.top) if verify else args.top
+    files = [q if row is None and not q.endswith(".npy") else None for q, row in zip(args.queries, rows)]
+    regions, t_regions = query_regions(engine, args, [(f, row, bbox) for f, row in zip(files, rows)])
     results = engine.search(xq, k=k, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows,
-                            rerank=args.rerank)
+                            rerank=args.rerank, query_regions=regions)
     if args.rerank:
         print(_rerank_line(engine), file=sys.stderr)
+    if regions is not None and any(f is not None for f in files):
+        print(f"query regions: {1000 * t_regions / len(files):.0f} ms per query", file=sys.stderr)
     if verify:
         spec = engine.local_cache(args.local).spec
         if spec.startswith("cnn") and None in rows:
@@ -202,7 +222,10 @@ def run_eval(args) -> int:
     for gt in parse_gt_spec(args.gt, engine.paths):
         xq = query_vectors(engine, gt)
         rows = [q.index if q.bbox is None else None for q in gt.queries]
-        ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba, rerank=args.rerank, query_rows=rows)
+        regions, _ = query_regions(engine, args, [(_query_file(engine, q) if q.index is None else None, q.index, q.bbox)
+                                                  for q in gt.queries])
+        ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba, rerank=args.rerank, query_rows=rows,
+                                query_regions=regions)
         if verify:
             ranks, ms = verify_ranks(engine, gt, ranks, verify, args.local)
             print(f"verified the top {verify.top} in {ms:.0f} ms/query ({engine.local_cache(args.local).spec})",
@@ -239,6 +262,12 @@ def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = Non
         return engine.query_local_features(image=engine.store.resolve_path(q.path), bbox=q.bbox, name=name)
 
     return verify_rankings(ranks, query_features, engine.local_cache(name).__getitem__, params)
+
+
+def _query_file(engine: SearchEngine, q) -> str:
+    if q.path is None:
+        raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
+    return engine.store.resolve_path(q.path)
 
 
 def query_vectors(engine: SearchEngine, gt):

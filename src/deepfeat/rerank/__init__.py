@@ -1,4 +1,4 @@
-"""Re-ranking of the global shortlist: diffusion and k-reciprocal nearest neighbours.
+"""Re-ranking of the global shortlist: diffusion (global, regional) and k-reciprocal nearest neighbours.
 
 Both take what the global search found (each query's shortlist of database rows, best
 first) and re-order it using the structure of the database itself:
@@ -18,19 +18,29 @@ first) and re-order it using the structure of the database itself:
   ``exp(-d)`` over the expanded set (rows summing to 1), local query expansion (mean of
   the vectors of the ``k2`` nearest), Jaccard distance, and
   ``d* = (1 - lambda) d_J + lambda d``.
+* ``regional-diffusion`` (Iscen et al. 2017, their main setting): the same diffusion on
+  the mutual k-NN graph of the database's image *regions* (a regions section of the
+  store, ``deepfeat local-features STORE --extractor regions``), seeded by the query's
+  own regions, region scores pooled per image (:mod:`deepfeat.rerank.regional`).
 
 Specs follow the pooling/index grammar: ``diffusion``, ``diffusion:k=50,alpha=0.99``,
-``kreciprocal:k1=20,k2=6,lambda=0.3``; :func:`get_reranker` parses them and names the
-valid choices on a mistake. Everything here is numpy/scipy on N x D float32 arrays whose
-inner products are cosine similarities (the store's post-processing normalises).
+``kreciprocal:k1=20,k2=6,lambda=0.3``, ``regional-diffusion:k=50,kq=50``; :func:`get_reranker`
+parses them and names the valid choices on a mistake. Everything here is numpy/scipy on
+N x D float32 arrays whose inner products are cosine similarities (the store's
+post-processing normalises).
+
+One module per idea: the specs and their registry (:mod:`.specs`), the shared base
+(:mod:`.base`), :mod:`.diffusion`, :mod:`.kreciprocal`, :mod:`.regional`.
 """
 
 from .base import Reranker, _check_shortlist, _query_rows, complete_ranking, rerank_ranks
-from .diffusion import Diffusion, diffuse, knn_graph, system_matrix
+from .diffusion import Diffusion, diffuse, knn_graph, solve, system_matrix
 from .kreciprocal import KReciprocal, _reciprocal, k_reciprocal_distances
+from .regional import RegionalDiffusion, gmp_weights, seed_vector
 from .specs import (RERANKERS, RerankKind, RerankParam, canonical_spec, describe_rerankers, get_reranker,
                     list_rerankers, parse_rerank_spec)
 
-__all__ = ["RERANKERS", "RerankKind", "RerankParam", "Reranker", "Diffusion", "KReciprocal", "get_reranker",
-           "parse_rerank_spec", "canonical_spec", "list_rerankers", "describe_rerankers", "knn_graph",
-           "system_matrix", "diffuse", "k_reciprocal_distances", "complete_ranking", "rerank_ranks"]
+__all__ = ["RERANKERS", "RerankKind", "RerankParam", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",
+           "get_reranker", "parse_rerank_spec", "canonical_spec", "list_rerankers", "describe_rerankers", "knn_graph",
+           "system_matrix", "diffuse", "solve", "k_reciprocal_distances", "gmp_weights", "seed_vector",
+           "complete_ranking", "rerank_ranks"]

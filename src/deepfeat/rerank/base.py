@@ -54,6 +54,12 @@ class Reranker:
     def fit(self, xb: np.ndarray, index: Any = None) -> Reranker:
         return self
 
+    def query_inputs(self, query_regions: Sequence[Any] | None, rows: Sequence[int | None] | None,
+                     nq: int) -> dict[str, Any]:
+        """Keyword arguments of :meth:`rerank` beyond the vectors, from what the caller knows of
+        each query: regional descriptors and stored rows (see :class:`RegionalDiffusion`). None here."""
+        return {}
+
     def _ensure_fit(self, xb: np.ndarray, index: Any = None) -> None:
         key = (id(xb), xb.shape[0])
         if self._fitted_on != key:
@@ -84,9 +90,10 @@ def complete_ranking(head: np.ndarray, full: np.ndarray) -> np.ndarray:
 
 
 def rerank_ranks(reranker: Reranker, xq: np.ndarray, xb: np.ndarray, ranks: np.ndarray,
-                 query_rows: Sequence[int | None] | None = None, index: Any = None) -> np.ndarray:
+                 query_rows: Sequence[int | None] | None = None, index: Any = None, **inputs: Any) -> np.ndarray:
     """Full rankings (Q x N, as :func:`deepfeat.evaluate.rank_by_similarity` gives) with each
-    query's shortlist re-ranked by *reranker*; the rest keeps its global order."""
+    query's shortlist re-ranked by *reranker*; the rest keeps its global order. *inputs*: the
+    re-ranker's own (:meth:`Reranker.query_inputs`)."""
     head, _ = reranker.rerank(xq, xb, np.ascontiguousarray(ranks[:, : reranker.shortlist(xb.shape[0])]),
-                              query_rows, index=index)
+                              query_rows, index=index, **inputs)
     return complete_ranking(head, ranks)

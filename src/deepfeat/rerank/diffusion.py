@@ -72,9 +72,14 @@ def diffuse(A_sub, y: np.ndarray, alpha: float, iters: int, tol: float = 1e-6) -
     ``I - alpha S`` is symmetric positive definite for 0 < alpha < 1 (the eigenvalues of S
     lie in [-1, 1]), so CG applies; isolated nodes (degree 0) keep ``f = y``.
     """
+    return solve(system_matrix(A_sub, alpha), y, iters, tol)
+
+
+def solve(L, y: np.ndarray, iters: int, tol: float = 1e-6) -> np.ndarray:
+    """Conjugate gradient on a system matrix of :func:`system_matrix`, started from *y*
+    (at most *iters* iterations; a zero *y* gives zero)."""
     from scipy.sparse.linalg import cg
 
-    L = system_matrix(A_sub, alpha)
     if not np.any(y):
         return y.copy()
     f, _ = cg(L, y, x0=y.copy(), rtol=tol, maxiter=iters)

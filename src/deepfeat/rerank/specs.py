@@ -19,7 +19,7 @@ class RerankParam:
     """One parameter of a re-ranking spec."""
 
     name: str
-    kind: type  # int or float
+    kind: type  # int, float or str
     default: Any
     rule: str  # what valid values are, for error messages
     check: Callable[[Any], bool]
@@ -35,7 +35,12 @@ class RerankKind:
 
     @property
     def syntax(self) -> str:
-        return self.name + ":" + ",".join(f"{p.name}={p.default}" for p in self.params)
+        return self.name + ":" + ",".join(f"{p.name}={p.default}" for p in self.params if p.default != "")
+
+
+def _key(name: str) -> str:
+    """How a kind's name is looked up: case, '-' and '_' do not matter (k-reciprocal, regional_diffusion)."""
+    return name.strip().lower().replace("-", "").replace("_", "")
 
 
 _INT_GE1 = ("an integer >= 1", lambda v: v >= 1)
@@ -62,8 +67,27 @@ RERANKERS: dict[str, RerankKind] = {
                          "weight of the original distance"),
              RerankParam("trunc", int, 2000, *_INT_GE0,
                          "databases larger than this re-rank each query's top-trunc only (0: always all)"))),
+        RerankKind(
+            "regional-diffusion", "diffusion on the mutual k-NN graph of the database's image regions (the store's "
+            "regional descriptors), region scores pooled per image",
+            "Iscen, Tolias, Avrithis, Furon & Chum, Efficient diffusion on region manifolds, CVPR 2017",
+            (RerankParam("k", int, 200, *_INT_GE1, "neighbours per database region in the offline graph"),
+             RerankParam("kq", int, 200, *_INT_GE1,
+                         "nearest regions of each query region, and seeds kept (y)"),
+             RerankParam("alpha", float, 0.99, "a number in (0, 1)", lambda v: 0 < v < 1, "diffusion weight"),
+             RerankParam("gamma", float, 3.0, "a number > 0", lambda v: v > 0, "affinity power max(0,s)^gamma"),
+             RerankParam("trunc", int, 1000, *_INT_GE1,
+                         "shortlist size in images: diffusion runs on the graph of their regions"),
+             RerankParam("iters", int, 20, *_INT_GE1, "conjugate-gradient iterations at most"),
+             RerankParam("pool", str, "gmp", "gmp or sum", lambda v: v in ("gmp", "sum"),
+                         "region scores to an image score: generalized-max-pooling weights (the authors' code) "
+                         "or a plain sum"),
+             RerankParam("section", str, "", "a section name (letters, digits, '-', '_')",
+                         lambda v: v.replace("-", "").replace("_", "").isalnum(),
+                         "the store's regions section (default: the first)"))),
     )
 }
+_BY_KEY = {_key(name): kind for name, kind in RERANKERS.items()}
 
 
 def list_rerankers() -> list[str]:
@@ -72,6 +96,10 @@ def list_rerankers() -> list[str]:
 
 def _parse_value(kind: RerankKind, p: RerankParam, text: str) -> Any:
     bad = UsageError(f"re-ranking {kind.name!r}: {p.name} must be {p.rule}, got {text!r}")
+    if p.kind is str:
+        if not p.check(text):
+            raise bad
+        return text
     try:
         f = float(text)
     except ValueError:
@@ -89,11 +117,11 @@ def parse_rerank_spec(spec: str) -> tuple[RerankKind, dict[str, Any]]:
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"empty re-ranking spec; valid: {', '.join(RERANKERS)}")
     name, sep, argstr = spec.strip().partition(":")
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    if key not in RERANKERS:
+    key = _key(name)
+    if key not in _BY_KEY:
         raise UsageError(f"unknown re-ranking {name.strip()!r}; valid: {', '.join(RERANKERS)} "
-                         f"(e.g. {RERANKERS['diffusion'].syntax}).{suggest(key, RERANKERS)}")
-    kind = RERANKERS[key]
+                         f"(e.g. {RERANKERS['diffusion'].syntax}).{suggest(name.strip().lower(), RERANKERS)}")
+    kind = _BY_KEY[key]
     params = {p.name: p.default for p in kind.params}
     by_name = {p.name.lower(): p for p in kind.params}
     if sep:
@@ -110,22 +138,27 @@ def parse_rerank_spec(spec: str) -> tuple[RerankKind, dict[str, Any]]:
 
 
 def canonical_spec(kind: RerankKind, params: dict[str, Any]) -> str:
-    """The spec with every parameter written out (what results and meta record)."""
+    """The spec with every parameter written out (what results and meta record; an empty text
+    parameter, such as the default regions section, is left out)."""
     return kind.name + ":" + ",".join(f"{p.name}={params[p.name]:g}" if p.kind is float else
-                                      f"{p.name}={params[p.name]}" for p in kind.params)
+                                      f"{p.name}={params[p.name]}" for p in kind.params if params[p.name] != "")
 
 
 def get_reranker(spec: str | Reranker) -> Reranker:
-    """Parse a spec into a :class:`Diffusion` or :class:`KReciprocal` (a reranker passes through)."""
+    """Parse a spec into a :class:`Diffusion`, :class:`KReciprocal` or :class:`RegionalDiffusion`
+    (a reranker passes through)."""
     from .base import Reranker
     from .diffusion import Diffusion
     from .kreciprocal import KReciprocal
+    from .regional import RegionalDiffusion
 
     if isinstance(spec, Reranker):
         return spec
     kind, params = parse_rerank_spec(spec)
     if kind.name == "diffusion":
         return Diffusion(**params)
+    if kind.name == "regional-diffusion":
+        return RegionalDiffusion(**params)
     return KReciprocal(k1=params["k1"], k2=params["k2"], lam=params["lambda"], trunc=params["trunc"])
 
 

@@ -6,6 +6,7 @@ The package, one module per part:
 * :mod:`deepfeat.search.queries`: queries (model and descriptor network from the store's meta,
   image files and boxes, stored rows/ids/paths, ``.npy`` vectors), :func:`parse_bbox`;
 * :mod:`deepfeat.search.verification`: spatial verification with the store's local features;
+* :mod:`deepfeat.search.regions`: a query's regional descriptors, for regional diffusion;
 * :mod:`deepfeat.search.dba`: DBA vectors computed once and saved beside the index;
 * :mod:`deepfeat.search.store_index`: the index saved in the store, :func:`build_index`;
 * :mod:`deepfeat.search.ranking`: :func:`rank_arrays` (exact full rankings on arrays);

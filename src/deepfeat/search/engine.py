@@ -9,8 +9,9 @@ out first, as the Oxford protocol requires), rows/ids/paths already in the store
 vectors. Results carry the store's ids and paths.
 
 The engine is put together from one mixin per part: the queries
-(:mod:`deepfeat.search.queries`), spatial verification (:mod:`deepfeat.search.verification`)
-and the DBA vectors saved beside the index (:mod:`deepfeat.search.dba`).
+(:mod:`deepfeat.search.queries`), spatial verification (:mod:`deepfeat.search.verification`),
+the query regions of regional diffusion (:mod:`deepfeat.search.regions`) and the DBA vectors
+saved beside the index (:mod:`deepfeat.search.dba`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from .dba import DBAMixin
 from .hits import Hit
 from .queries import QueriesMixin
 from .ranking import _drop_rows, rank_arrays
+from .regions import RegionsMixin
 from .store_index import INDEX_DIR, index_source_meta
 from .verification import VerificationMixin
 
 log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 
 
-class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
+class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
     """Search a feature store (see the module docstring)."""
 
     def __init__(self, store: str | os.PathLike | FeatureStore, feature: str | None = None, device: str = "cpu",
@@ -99,6 +101,8 @@ class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
 
         r = get_reranker(spec)
         key = (r.spec, int(dba), float(alpha) if dba else 0.0)
+        if key not in self._rerankers and getattr(r, "needs_regions", False):  # regional diffusion
+            r.attach(self.local_cache(r.section, regions=True))
         return self._rerankers.setdefault(key, r)
 
     def rerank_stats(self) -> list[dict[str, Any]]:
@@ -106,12 +110,15 @@ class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
         return [r.stats for r in self._rerankers.values()]
 
     def search(self, xq: np.ndarray, k: int = 10, qe: int = 0, alpha: float = 0.0, dba: int = 0,
-               exclude_rows: Sequence[int | None] | None = None, rerank: str | None = None) -> list[list[Hit]]:
+               exclude_rows: Sequence[int | None] | None = None, rerank: str | None = None,
+               query_regions: Sequence[np.ndarray | None] | None = None) -> list[list[Hit]]:
         """Top-*k* hits per query, with optional alpha-QE and DBA (see :mod:`deepfeat.index`), then an
         optional re-ranking of the shortlist (``rerank="diffusion"``, ``"kreciprocal:k1=20"``...,
         :mod:`deepfeat.rerank`); re-ranked hits carry the re-ranker's score.
 
-        *exclude_rows* drops a query's own row from its results (searching by a stored image)."""
+        *exclude_rows* drops a query's own row from its results (searching by a stored image).
+        *query_regions*: each query's regional descriptors (:meth:`query_regions`) for
+        ``regional-diffusion``; a stored query (*exclude_rows*) without them uses its cached ones."""
         from ..index import alpha_query_expansion
 
         if k < 1:
@@ -131,7 +138,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
             _, I = index.search(xq, min(len(xb), max(kk, rr.shortlist(len(xb)))))
             # a stored query is its own database row only while neither QE nor DBA changed it
             rows = exclude_rows if not (qe or dba) else None
-            I, D = rr.rerank(xq, xb, I, rows, index=index)
+            I, D = rr.rerank(xq, xb, I, rows, index=index, **rr.query_inputs(query_regions, exclude_rows, len(xq)))
         else:
             D, I = index.search(xq, kk)
         out = []
@@ -148,10 +155,12 @@ class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
         return out
 
     def rank_all(self, xq: np.ndarray, qe: int = 0, alpha: float = 0.0, dba: int = 0, rerank: str | None = None,
-                 query_rows: Sequence[int | None] | None = None) -> np.ndarray:
+                 query_rows: Sequence[int | None] | None = None,
+                 query_regions: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
         """Full rankings (Q x N feature rows), exact, for evaluation; *rerank* re-orders each query's
         shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
-        each query that is a stored item (None for others), which k-reciprocal re-ranking uses."""
+        each query that is a stored item (None for others), which k-reciprocal re-ranking uses, and
+        regional diffusion for the cached regions of a query without *query_regions*."""
         from ..index import database_side_augmentation
 
         rr = self.reranker(rerank, dba, alpha) if rerank else None
@@ -163,5 +172,6 @@ class SearchEngine(QueriesMixin, VerificationMixin, DBAMixin):
             if key not in self._dba_exact:
                 self._dba_exact[key] = database_side_augmentation(xb, dba, alpha, self.exact_index)
             xb = self._dba_exact[key]
+        inputs = rr.query_inputs(query_regions, query_rows, len(xq)) if rr is not None else {}
         return rank_arrays(xq, xb, qe, alpha, rr, query_rows if not dba else None,
-                           index=self.exact_index if not dba else None)
+                           index=self.exact_index if not dba else None, **inputs)

@@ -8,11 +8,12 @@ import numpy as np
 
 
 def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0, reranker: Any = None,
-                query_rows: Sequence[int | None] | None = None, index: Any = None) -> np.ndarray:
+                query_rows: Sequence[int | None] | None = None, index: Any = None, **rerank_inputs: Any) -> np.ndarray:
     """Exact full rankings (Q x N rows of *xb*, best first) with alpha-QE over *xb* (already
     DBA-augmented if wanted) and then *reranker*'s re-ordering of each shortlist. *query_rows*:
     each query's row in *xb* when it is a stored item (k-reciprocal counts it once); ignored
-    after QE or DBA, which change the vectors. :meth:`SearchEngine.rank_all` on arrays."""
+    after QE or DBA, which change the vectors; *rerank_inputs*: the re-ranker's own (the
+    regions of regional diffusion). :meth:`SearchEngine.rank_all` on arrays."""
     from ..evaluate import rank_by_similarity
     from ..index import alpha_query_expansion
 
@@ -23,7 +24,7 @@ def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0,
     if reranker is not None:
         from ..rerank import rerank_ranks
 
-        ranks = rerank_ranks(reranker, xq, xb, ranks, query_rows if not qe else None, index=index)
+        ranks = rerank_ranks(reranker, xq, xb, ranks, query_rows if not qe else None, index=index, **rerank_inputs)
     return ranks
 
 

@@ -13,13 +13,14 @@ from .hits import Hit
 class VerificationMixin:
     """:class:`~deepfeat.search.engine.SearchEngine`'s spatial verification (:mod:`deepfeat.verify`)."""
 
-    def local_cache(self, name: str | None = None):
-        """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`)."""
-        if name not in self._local:
+    def local_cache(self, name: str | None = None, regions: bool = False):
+        """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`);
+        *regions*: a section of regional descriptors (for regional diffusion), not keypoints."""
+        if (name, regions) not in self._local:
             from ..local_store import LocalFeatureCache
 
-            self._local[name] = LocalFeatureCache(self.store, name)
-        return self._local[name]
+            self._local[(name, regions)] = LocalFeatureCache(self.store, name, regions=regions)
+        return self._local[(name, regions)]
 
     def query_local_features(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
                              bbox: Sequence[float] | None = None, name: str | None = None):
@@ -30,14 +31,18 @@ class VerificationMixin:
             return cache[row].within(bbox)
         if image is None:
             raise UsageError("spatial verification needs a query image or a stored query (vectors have no keypoints)")
-        if name not in self._local_x:
+        return self._local_extractor(cache).extract(image).within(bbox)
+
+    def _local_extractor(self, cache):
+        """The extractor that computes a query's features as *cache*'s section was made."""
+        if cache.name not in self._local_x:
             from dataclasses import replace
 
             from ..local_features import LocalExtractor, parse_local_spec
 
             spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
-            self._local_x[name] = LocalExtractor(spec, self.model if spec.extractor == "cnn" else None)
-        return self._local_x[name].extract(image).within(bbox)
+            self._local_x[cache.name] = LocalExtractor(spec, self.model if spec.needs_model else None)
+        return self._local_x[cache.name]
 
     def verify(self, hits: list[Hit], query_features, params, name: str | None = None) -> list[Hit]:
         """Re-order *hits* (one query's, best first) by spatial verification of the first

@@ -127,7 +127,7 @@ async def _search(svc: SearchService, xq: np.ndarray, k: int, exclude_row: int |
     """The top *k* (re-ranked, and verified if *verify*) as JSON hits, and the search time in ms."""
     t = time.perf_counter()
     rr = svc.cfg.rerank if rerank is None else resolve_rerank(rerank)
-    hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row, rr)
+    hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row, rr, **query)
     ms = (time.perf_counter() - t) * 1000
     if verify:
         t = time.perf_counter()

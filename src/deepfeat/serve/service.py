@@ -111,9 +111,12 @@ class SearchService:
         self._model_lock = threading.Lock()
         self._model_ready = False
         self._infer_lock = threading.Lock()  # one forward pass at a time: the model's taps are per pass
-        from ..local_store import local_feature_names
+        from ..local_store import is_regions, local_feature_names, section_meta
 
-        self.local_features = local_feature_names(self.engine.store)
+        sections = local_feature_names(self.engine.store)
+        regional = [is_regions(section_meta(self.engine.store, n)) for n in sections]
+        self.local_features = [n for n, r in zip(sections, regional) if not r]  # keypoints, for verify
+        self.regions = [n for n, r in zip(sections, regional) if r]  # regional descriptors, for regional diffusion
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -129,7 +132,7 @@ class SearchService:
             _ = self.engine.feature_net  # loads the model, checks its weights hash against the store
             _ = self.engine.active_index  # builds the exact index now if there is no saved one
             if self.cfg.rerank or self.cfg.dba:  # DBA and the re-ranker's offline part (diffusion's graph) now
-                self.search(self.engine.xb[0], 1, None, self.cfg.rerank)
+                self.search(self.engine.xb[0], 1, None, self.cfg.rerank, row=0)
             self._model_ready = True
         if self.cfg.self_check:
             self.self_check = self._self_check()
@@ -181,11 +184,20 @@ class SearchService:
             raise ApiError(422, f"cannot decode the image: {e}", {"format": info.format}) from None
         return {"format": info.format, "width": info.width, "height": info.height}, px
 
-    def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None, rerank: str | None = None) -> list[Hit]:
-        """Top *k* with the server's qe/alpha/dba and *rerank* (a spec; None: no re-ranking)."""
+    def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None, rerank: str | None = None,
+               row: int | None = None, data: bytes | None = None, bbox=None) -> list[Hit]:
+        """Top *k* with the server's qe/alpha/dba and *rerank* (a spec; None: no re-ranking). A regional
+        re-ranking takes the query's regions from the stored item *row* or the uploaded *data*."""
         xq = np.ascontiguousarray(xq.reshape(1, -1), dtype=np.float32)
+        regions = None
+        rr = self.engine.reranker(rerank, self.cfg.dba, self.cfg.alpha) if rerank else None
+        if getattr(rr, "needs_regions", False) and (row is not None or data is not None):
+            with self._infer_lock:
+                regions = [self.engine.query_regions(image=io.BytesIO(data) if data is not None else None, row=row,
+                                                     bbox=bbox, name=rr.section)]
         return self.engine.search(xq, k=k, qe=self.cfg.qe, alpha=self.cfg.alpha, dba=self.cfg.dba,
-                                  exclude_rows=[exclude_row] if exclude_row is not None else None, rerank=rerank)[0]
+                                  exclude_rows=[exclude_row] if exclude_row is not None else None, rerank=rerank,
+                                  query_regions=regions)[0]
 
     def verify(self, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
                bbox=None) -> list[Hit]:
@@ -200,6 +212,10 @@ class SearchService:
             qlf = self.engine.query_local_features(image=io.BytesIO(data) if data is not None else None, row=row,
                                                    bbox=bbox)
         return self.engine.verify(hits, qlf, VerifyParams(top=n))
+
+    def rerank_choices(self) -> list[str]:
+        """The page's re-ranking selector: regional diffusion only where the store has regions."""
+        return ["none", *[r for r in list_rerankers() if r != "regional-diffusion" or self.regions]]
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -254,7 +270,7 @@ class SearchService:
             "size": meta.get("size"),
             "index": index.meta.get("kind") if index is not None else "exact (no saved index)",
             "local_features": {n: meta["local_features"][n].get("spec") for n in self.local_features},
-            "search_options": {"rerank": self.cfg.rerank, "rerank_choices": ["none", *list_rerankers()],
+            "search_options": {"rerank": self.cfg.rerank, "rerank_choices": self.rerank_choices(),
                                "qe": self.cfg.qe, "alpha": self.cfg.alpha, "dba": self.cfg.dba,
                                "rerank_cost": self.engine.rerank_stats()},
             "store": {k: summary[k] for k in ("path", "items", "features", "failed", "shards")},

@@ -31,8 +31,10 @@ def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
         r = r.strip()
         if r.lower() in ("none", ""):
             r = "none"
-        else:
-            get_reranker(r)
+        elif getattr(get_reranker(r), "needs_regions", False):
+            raise UsageError(f"--rerank {r}: regional diffusion needs a store's regional descriptors, which a sweep "
+                             "does not make; measure it with `deepfeat eval STORE --rerank ...` after `deepfeat "
+                             "local-features STORE --extractor regions`")
         out.append(r)
     return out
 
