@@ -84,6 +84,31 @@ def test_repeated_batch_shapes_get_shape_fixed_sessions_with_the_same_descriptor
     assert ort.export == "dynamic" and ort.graphs.exports == 1  # no export for any of them
 
 
+def test_dynamic_graph_is_traced_small_and_runs_without_the_growing_arena(lite0, retrieval_images, monkeypatch):
+    """The dynamic graph is traced at a small shape of the same aspect (the export's memory does not
+    grow with --size; H and W stay free), still gives torch's descriptors at the large size, and its
+    sessions (dynamic and shape-fixed) run without ONNX Runtime's CPU arena, whose memory grows with
+    every new input shape (docs/benchmarks.md)."""
+    import deepfeat.onnx_runtime as oxr
+
+    traced = []
+    real_export = oxr.export
+    monkeypatch.setattr(oxr, "export", lambda fnet, shape, *a, **k: (traced.append(shape),
+                                                                      real_export(fnet, shape, *a, **k)))
+    fnet = FeatureNet(lite0, ["bn2"], get_pooling("gem"))
+    ref, ort = TorchRunner(fnet, torch.device("cpu")), OnnxRunner(fnet, export="dynamic")
+    im = _pixels(retrieval_images[:1], "long:640", lite0)[0][None]
+    for _ in range(2):  # the dynamic session, then a shape-fixed one
+        _assert_same(ort(im)[0], ref(im)[0])
+    assert len(traced) == 1 and max(traced[0][:2]) <= oxr.TRACE_SIDE < max(im.shape[1:3])
+    h, w = im.shape[1:3]
+    assert (traced[0][0] > traced[0][1]) == (h > w)  # the image's aspect
+    g = ort.graphs
+    assert g.fixed_sessions == 1
+    for sess in [g._dynamic, *g._fixed.values()]:
+        assert sess.get_session_options().enable_cpu_mem_arena is False
+
+
 def test_dynamic_graph_with_shape_constants_falls_back_to_static_graphs(lite0, retrieval_images, caplog):
     """R-MAC's region grid is a trace-time constant: the dynamic graph fails its check at a second
     shape and per-shape static graphs (bounded, least recently used out) take over, still exact."""

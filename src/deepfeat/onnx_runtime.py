@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 EXPORT_KINDS = ("static", "dynamic")
 #: per-shape static graphs kept in memory at once (each EfficientNet-Lite0 session ~20 MB)
 MAX_STATIC_GRAPHS = 16
-#: shape-fixed sessions of the dynamic graph kept at once (each holds its activations: about
-#: 60 MB at one 384 x 512 image, 250 MB at two 768 x 1024 ones, EfficientNet-Lite0)
+#: shape-fixed sessions of the dynamic graph kept at once (each holds its plan and weights, about
+#: 70-200 MB for EfficientNet-Lite0 at 768 x 1024; activations are freed after each run)
 MAX_FIXED_SESSIONS = 4
 #: what "the same descriptor" means between backends (tests and the dynamic-graph check):
 #: cosine similarity at least this, and no component further apart than ATOL
@@ -61,12 +61,18 @@ def session_options(threads: int | None):
     return opts
 
 
-def load_session(path_or_bytes, threads: int | None, fixed: dict[str, int] | None = None):
+def load_session(path_or_bytes, threads: int | None, fixed: dict[str, int] | None = None, arena: bool = True):
     """An ONNX Runtime CPU session; *fixed* overrides named dynamic dimensions (``batch``,
-    ``height``, ``width``) with constants, so the session plans for that one shape."""
+    ``height``, ``width``) with constants, so the session plans for that one shape.
+
+    *arena*: ONNX Runtime's CPU memory arena. Sessions of the dynamic graph run without it: fed
+    hundreds of shapes, the arena grows with each and keeps what it took (measured at ``long:1024``:
+    +80-200 MB per new shape, 3.7 GB peak after 30 images, 7.0 GB after 300), while plain
+    allocation stays flat and ran as fast or faster (1.0-1.15x, docs/benchmarks.md)."""
     import onnxruntime as ort
 
     opts = session_options(threads)
+    opts.enable_cpu_mem_arena = bool(arena)
     for name, value in (fixed or {}).items():
         opts.add_free_dimension_override_by_name(name, int(value))
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
@@ -103,6 +109,21 @@ def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: 
         warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected (and checked)
         torch.onnx.export(fnet, (dummy,), path, input_names=["pixels"], output_names=names, dynamic_axes=axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+#: the longest side a dynamic graph is traced at: its H and W are free, so the trace shape only
+#: sets the memory of the export (tracing at 768 x 1024, batch 2, took 3.6 GB), not the graph
+TRACE_SIDE = 256
+
+
+def trace_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The shape to trace a dynamic graph at for inputs like *shape*: the same aspect, the longer
+    side at most :data:`TRACE_SIDE`, odd sides kept odd (TF 'SAME' padding is traced either way and
+    checked at :func:`probe_shape` after the export)."""
+    h, w, c = shape
+    f = min(1.0, TRACE_SIDE / max(h, w))
+    t = (max(33, round(h * f)), max(33, round(w * f)), c)
+    return t if t != probe_shape(shape) else (t[0] + 2, t[1], c)  # the check must see a second shape
 
 
 def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -189,8 +210,8 @@ class GraphCache:
             path = os.path.join(tmpdir, "features.onnx")
         try:
             if not (self.cache_dir and os.path.isfile(path)):
-                export(self.fnet, shape, path, kind, batch_size)
-            sess = load_session(path, self.threads)
+                export(self.fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
+            sess = load_session(path, self.threads, arena=kind != "dynamic")
             if kind == "dynamic":
                 with open(path, "rb") as f:
                     self._dynamic_model = f.read()
@@ -241,7 +262,8 @@ class GraphCache:
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] < 2:  # a shape seen once may never come back: not worth a session
             return sess
-        fixed = load_session(self._dynamic_model, self.threads, dict(zip(("batch", "height", "width"), key[:3])))
+        fixed = load_session(self._dynamic_model, self.threads, dict(zip(("batch", "height", "width"), key[:3])),
+                             arena=False)
         if self.fixed_sessions == 0:  # the first one is checked against the dynamic session
             feed = {"pixels": np.ascontiguousarray(pixels)}
             for g, w in zip(fixed.run(None, feed), sess.run(None, feed)):
