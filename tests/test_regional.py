@@ -4,12 +4,6 @@ regions``) and diffusion on the graph of the database's regions (Iscen et al., C
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +14,14 @@ from deepfeat.cli import main
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.evaluate import rank_by_similarity
 from deepfeat.local_features import LocalExtractor, parse_local_spec
-from deepfeat.local_store import LocalFeatureCache, build_local_features
-from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.local_store import LocalFeatureCache
 from deepfeat.pooling import rmac, rmac_regions
 from deepfeat.rerank import (Diffusion, RegionalDiffusion, get_reranker, gmp_weights, knn_graph, seed_vector,
                              system_matrix)
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
+
+from .local_sections import kill_and_resume
 
 from .test_search import store, views  # noqa: F401  (module fixtures: 5 photos x 4 edited views)
 
@@ -198,42 +193,13 @@ def test_regions_extractor_on_a_real_photo(lite0, photos):
 # --------------------------------------------------------------------------- the section in the store, resumable
 
 
-def _regions_cmd(store: Path) -> list[str]:
-    return [sys.executable, "-m", "deepfeat.cli", "local-features", str(store), "--extractor", "regions:size=256"]
-
-
-def _section_bytes(store: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted((store / "local" / "regions").iterdir())}
-
-
 def test_regions_section_survives_kill_and_resume_identically(collection, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    stores = []
-    for name in ("ref", "run"):
-        out = tmp_path / name
-        extract(ExtractConfig(inputs=[str(collection)], output=str(out), pooling="gem", shard_size=3, workers=0,
-                              progress="none"))
-        stores.append(out)
-    ref, out = stores
-    subprocess.run(_regions_cmd(ref), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_regions_cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 600  # generous: a loaded machine takes long to load the model
-    section = out / "local" / "regions"
-    while time.time() < deadline:  # wait until some, but not all, shards are written
-        if (section.is_dir() and len(list(section.glob("*.npz"))) >= 2) or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    n_before = len(list(section.glob("*.npz")))
+    n_before, res, got, want = kill_and_resume(collection, tmp_path, "regions:size=256", "regions")
     assert 0 < n_before < 8
-    res = subprocess.run(_regions_cmd(out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{8 - n_before} shard(s) done, {n_before} already done" in res.stdout and " regions in " in res.stdout
-    got = _section_bytes(out)
-    assert got == _section_bytes(ref) and len(got) == 8
-    st = FeatureStore(out)
+    assert got == want and len(got) == 8  # the temporary file of the killed shard, if any, is gone too
+    st = FeatureStore(tmp_path / "run")  # the resumed store
     meta = st.meta["local_features"]["regions"]
     assert {k: meta[k] for k in ("extractor", "layer", "levels", "pool", "size", "dim", "dtype", "model")} == {
         "extractor": "regions", "layer": "bn2", "levels": 3, "pool": "mac", "size": 256, "dim": 1280,

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,8 @@ from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
 from deepfeat.verify import VerifyParams, count_inliers, mutual_matches, parse_verify_spec, verify_ranking
+
+from .local_sections import kill_and_resume
 
 
 def _rotated_crop(src: str, out: Path, angle: float = 15.0) -> Path:
@@ -209,41 +206,12 @@ def test_extract_with_local_features_and_oxford_eval_with_verify(vstore, edited,
     assert "verified the top 5" in capsys.readouterr().err
 
 
-def _local_cmd(store: Path) -> list[str]:
-    return [sys.executable, "-m", "deepfeat.cli", "local-features", str(store), "--extractor", "cnn"]
-
-
-def _section_bytes(store: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted((store / "local" / "cnn").iterdir())}
-
-
 def test_local_features_survive_kill_and_resume_identically(collection, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    stores = []
-    for name in ("ref", "run"):
-        out = tmp_path / name
-        extract(ExtractConfig(inputs=[str(collection)], output=str(out), pooling="gem", shard_size=3, workers=0,
-                              progress="none"))
-        stores.append(out)
-    ref, out = stores
-    subprocess.run(_local_cmd(ref), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_local_cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 600  # generous: a loaded machine takes long to load the model
-    section = out / "local" / "cnn"
-    while time.time() < deadline:  # wait until some, but not all, shards are written
-        if (section.is_dir() and len(list(section.glob("*.npz"))) >= 2) or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    n_before = len(list(section.glob("*.npz")))
+    n_before, res, got, want = kill_and_resume(collection, tmp_path, "cnn", "cnn")
     assert 0 < n_before < 8
-    res = subprocess.run(_local_cmd(out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"{8 - n_before} shard(s) done, {n_before} already done" in res.stdout
-    got = _section_bytes(out)  # the temporary file of the killed shard, if any, is gone too
-    assert got == _section_bytes(ref) and len(got) == 8
+    assert got == want and len(got) == 8  # the temporary file of the killed shard, if any, is gone too
 
 
 def test_sweep_verify_columns(photos, tmp_path, capsys):
