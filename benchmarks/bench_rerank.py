@@ -6,14 +6,18 @@
 Stores (made once in ``--work`` if missing, with the same settings for all: the
 embedded EfficientNet-Lite0, its last feature map, GeM, L2, ``--size long:512``):
 
-* ``db``: all of Flowers 17 (1360 images): the instance set's database, the 200
-  originals among the distractors;
-* ``q``: the instance set's 600 queries (edited copies, ``scripts/make_instance_set.py``),
+* ``db``: the instance set's database (``OUT/database.txt``: the originals among the
+  Flowers 17 distractors, and with ``make_instance_set.py --views V`` the V-1 extra edited
+  views of every original, so that a query has V relevant images);
+* ``q``: the instance set's queries (edited copies, ``scripts/make_instance_set.py``),
   kept out of the database so that nothing done to the database (DBA, diffusion's
   graph) ever sees them;
 * ``uk``: ``ukbench56`` (every image a query, its group of 4 relevant, N-S score);
 
 each with cached local features (``deepfeat local-features``: ``cnn`` and ``sift``).
+With ``--baseline-ms`` also the instance-retrieval baseline of the literature: R-MAC over
+three scales (1, 1/sqrt 2, 1/2) with PCA-whitening learned on a separate set (Flowers 17
+images that are not in the instance database), in stores ``db_ms``, ``q_ms``, ``fit_ms``.
 
 Every method ranks the same queries in the same process: the global descriptor
 alone, + alpha-QE, + DBA, + diffusion, + k-reciprocal (when :mod:`deepfeat.rerank`
@@ -66,13 +70,18 @@ def parse_args(argv=None):
     ap.add_argument("--query-subset", type=int, default=0, metavar="N",
                     help="instance set: only every k-th query, N in all (0: all); query local features that are "
                          "not cached in the query store are then computed on the fly")
+    ap.add_argument("--baseline-ms", default="", metavar="POST",
+                    help="also rank with multi-scale R-MAC (scales 1,0.707,0.5) post-processed by each ';'-separated "
+                         "POST (e.g. 'l2;pca-whiten:256,l2'), fitted on Flowers 17 images outside the database "
+                         "(the baseline rows of the literature)")
+    ap.add_argument("--fit-n", type=int, default=400, help="images of the separate set the baseline is fitted on")
     ap.add_argument("--out", default="bench-out/rerank.json")
     return ap.parse_args(argv)
 
 
-def ensure_store(out: Path, inputs: list[str], size: str, locals_: list[str]) -> FeatureStore:
+def ensure_store(out: Path, inputs: list[str], size: str, locals_: list[str], **cfg) -> FeatureStore:
     if not (out / "meta.json").is_file() or not (out / "items.parquet").is_file():
-        extract(ExtractConfig(inputs=inputs, output=str(out), size=size, progress="none"))
+        extract(ExtractConfig(inputs=inputs, output=str(out), size=size, progress="none", **cfg))
     st = FeatureStore(out)
     for spec in locals_:
         build_local_features(st, spec)
@@ -89,23 +98,76 @@ def query_local_ms(engine: SearchEngine, paths: list[str], local: str) -> float:
 
 
 def instance_gt(db: FeatureStore, q: FeatureStore, instance: Path) -> tuple[GroundTruth, list[str]]:
-    """One relevant database image per query (its original); queries are not database items."""
-    rows = {os.path.normpath(p): i for i, p in enumerate(db.paths)}
-    root = Path(db.meta.get("root", "."))
+    """The relevant database images of each query: its original, and with ``--views V`` sets the
+    V-1 other views of it (``queries.csv``'s ``relevant`` column); queries are not database items."""
+    rows = {os.path.normpath(db.resolve_path(p)): i for i, p in enumerate(db.paths)}
     by_q = {}
     with open(instance / "queries.csv") as f:
         for r in csv.DictReader(f):
-            by_q[Path(r["query"]).name] = (r["original"], r["edit"])
+            by_q[Path(r["query"]).name] = ((r.get("relevant") or r["original"]).split(";"), r["edit"])
     queries, edits = [], []
     for p in q.paths:
-        orig, edit = by_q[Path(p).name]
-        want = os.path.normpath(orig)
-        hit = [i for k, i in rows.items() if k == want or k.endswith(os.sep + want)]
-        if len(hit) != 1:
-            raise SystemExit(f"original {orig} of {p} not found once in {db.path} (root {root})")
+        names, edit = by_q[Path(p).name]
+        hit = []
+        for name in names:
+            want = os.sep + os.path.normpath(name)
+            found = [i for k, i in rows.items() if k.endswith(want)]
+            if len(found) != 1:
+                raise SystemExit(f"relevant image {name} of {p} not found once in {db.path}")
+            hit += found
         queries.append(Query(name=Path(p).stem, image=p, index=None, path=None, relevant=frozenset(hit)))
         edits.append(edit)
     return GroundTruth("instance", tuple(queries), len(db), source=str(instance)), edits
+
+
+def baseline_ms(work: Path, inst: Path, flowers: Path, size: str, fit_n: int,
+                pick: np.ndarray) -> tuple[FeatureStore, np.ndarray, np.ndarray]:
+    """Multi-scale R-MAC (scales 1, 0.707, 0.5; no post-processing) of the database, the queries and
+    *fit_n* Flowers 17 images outside the database (the separate set a PCA-whitening is learned on,
+    drawn with seed 7). Returns (database store, query vectors, separate-set vectors)."""
+    in_db = {Path(line).resolve() for line in (inst / "database.txt").read_text().split()}
+    rest = sorted(p.resolve() for p in flowers.glob("*/*.jpg") if p.resolve() not in in_db)
+    if len(rest) < fit_n:
+        raise SystemExit(f"only {len(rest)} Flowers 17 images are outside the database; lower --fit-n")
+    sep = [str(rest[i]) for i in sorted(np.random.default_rng(7).choice(len(rest), fit_n, replace=False))]
+    listing = work / "fit_ms.txt"
+    listing.write_text("".join(p + "\n" for p in sep))
+    # torch: R-MAC's region grid is fixed when a graph is traced, so ONNX Runtime would export one
+    # graph per image shape (seconds each, hundreds of shapes at long:512)
+    ms = {"pooling": "rmac", "scales": (1.0, 0.707, 0.5), "post": "none", "backend": "torch"}
+    fit = ensure_store(work / "fit_ms", [f"@{listing}"], size, [], **ms)
+    db = ensure_store(work / "db_ms", [f"@{inst / 'database.txt'}"], size, [], **ms)
+    qs = ensure_store(work / "q_ms", [str(inst / "queries")], size, [], **ms)
+    return db, qs.vectors()[pick], fit.vectors()
+
+
+def baseline_rows(args, work: Path, inst: Path, eng: SearchEngine, gt: GroundTruth, edits: list[str],
+                  pick: np.ndarray) -> list[dict]:
+    """One row per post-processing chain in ``--baseline-ms`` (';'-separated), fitted on the separate set."""
+    from deepfeat.postprocess import PostChain
+
+    db_ms, xq_raw, xfit = baseline_ms(work, inst, Path(args.flowers), args.size, args.fit_n, pick)
+    if [os.path.normpath(db_ms.resolve_path(p)) for p in db_ms.paths] != \
+            [os.path.normpath(eng.store.resolve_path(p)) for p in eng.store.paths]:
+        raise SystemExit(f"{db_ms.path} does not list the database in the order of {eng.store.path}")
+    rows = []
+    for post in [p for p in args.baseline_ms.split(";") if p]:
+        chain = PostChain.parse(post)
+        if chain.needs_fit:
+            chain.fit(xfit)
+        xb, xq = chain.apply(db_ms.vectors()), chain.apply(xq_raw)
+        t0 = time.perf_counter()
+        ranks = np.argsort(-(xq @ xb.T), axis=1, kind="stable")
+        ms = (time.perf_counter() - t0) * 1000 / len(xq)
+        res = evaluate_ranks(ranks, gt, ks=(1, 10))
+        aps = np.array([q.ap for q in res.queries])
+        rows.append({"set": "instance", "method": f"baseline: R-MAC x 3 scales, {post} (fitted on {args.fit_n} "
+                     "other images)", "step": {"baseline_ms": post}, "map": res.map, "p@1": res.mp_at_k[1],
+                     "ns": None, "ms_rank": ms, "ms_verify": 0.0, "ms_added": float("nan"), "dims": int(xb.shape[1]),
+                     "map_by_edit": {e: float(aps[[i for i, x in enumerate(edits) if x == e]].mean())
+                                     for e in sorted(set(edits))}})
+        print(f"[instance] {rows[-1]['method']}: mAP {100 * res.map:.2f}", flush=True)
+    return rows
 
 
 def rank(engine: SearchEngine, xq: np.ndarray, step: dict, query_rows) -> tuple[np.ndarray, float]:
@@ -123,22 +185,22 @@ def verify(engine: SearchEngine, ranks: np.ndarray, qcache, local: str, spec: st
 
 
 def methods(args, locals_: list[str]) -> list[tuple[str, dict]]:
-    qe, dba = int(args.qe), int(args.dba)
-    m = [("global", {}), (f"+ QE (alpha-QE {qe}, alpha {args.alpha:g})", {"qe": qe, "alpha": args.alpha}),
-         (f"+ DBA ({dba}, alpha {args.alpha:g})", {"dba": dba, "alpha": args.alpha}),
-         ("+ QE + DBA", {"qe": qe, "dba": dba, "alpha": args.alpha})]
+    """The rows: each global-side step alone, QE + DBA and QE + k-reciprocal, then spatial verification
+    of the top N alone and on top of each of them (the first local extractor; every extractor alone)."""
+    qe, dba, a = int(args.qe), int(args.dba), args.alpha
+    steps = [("", {}), (f" + QE ({qe}, alpha {a:g})", {"qe": qe, "alpha": a}),
+             (f" + DBA ({dba}, alpha {a:g})", {"dba": dba, "alpha": a}),
+             (" + QE + DBA", {"qe": qe, "dba": dba, "alpha": a})]
     if HAVE_RERANK:
-        m += [(f"+ diffusion ({args.diffusion})", {"rerank": args.diffusion}),
-              (f"+ k-reciprocal ({args.kreciprocal})", {"rerank": args.kreciprocal})]
+        steps += [(f" + diffusion ({args.diffusion})", {"rerank": args.diffusion}),
+                  (f" + k-reciprocal ({args.kreciprocal})", {"rerank": args.kreciprocal}),
+                  (" + QE + k-reciprocal", {"qe": qe, "alpha": a, "rerank": args.kreciprocal})]
+    m = [(("global" + label) if label else "global", step) for label, step in steps]
     for loc in locals_:
-        m.append((f"+ verification ({loc}, top {args.verify})", {"verify": loc}))
+        m.append((f"global + verification ({loc}, top {args.verify})", {"verify": loc}))
     if locals_:
-        m.append((f"+ QE + DBA + verification ({locals_[0]})", {"qe": qe, "dba": dba, "alpha": args.alpha,
-                                                                 "verify": locals_[0]}))
-    if HAVE_RERANK:
-        m += [(f"+ diffusion + verification ({loc})", {"rerank": args.diffusion, "verify": loc}) for loc in locals_]
-        m += [(f"+ k-reciprocal + verification ({loc})", {"rerank": args.kreciprocal, "verify": loc})
-              for loc in locals_]
+        m += [(f"global{label} + verification ({locals_[0]})", dict(step, verify=locals_[0]))
+              for label, step in steps[3:]]  # QE + DBA, diffusion, k-reciprocal, QE + k-reciprocal
     return m
 
 
@@ -180,7 +242,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{inst} has no queries.csv; run scripts/make_instance_set.py --out {inst} first")
     t0 = time.perf_counter()
     sets = args.sets.split(",")
-    db = ensure_store(work / "db", [args.flowers], args.size, locals_)
+    db = ensure_store(work / "db", [f"@{inst / 'database.txt'}"], args.size, locals_)
     qs = ensure_store(work / "q", [str(inst / "queries")], args.size, [] if args.query_subset else locals_)
     uk = ensure_store(work / "uk", [args.ukbench], args.size, locals_) if "ukbench56" in sets else None
     print(f"stores ready in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -199,6 +261,8 @@ def main(argv=None) -> int:
         qcaches = {loc: (_Rows(LocalFeatureCache(qs, loc), pick) if loc in have
                          else _OnTheFly(eng, qpaths_all, loc)) for loc in locals_}
         out += run_set("instance", eng, qs.vectors()[pick], gt, qcaches.__getitem__, None, args, locals_, edits)
+        if args.baseline_ms:
+            out += baseline_rows(args, work, inst, eng, gt, edits, pick)
     if uk is not None:  # UKBench: every image a query, its own row
         eng_uk = SearchEngine(uk, use_index=False)
         gt_uk = parse_gt_spec("ukbench", eng_uk.paths)[0]
@@ -242,6 +306,10 @@ class _Rows:
         return self.cache[self.rows[i]]
 
 
+def _num(v, fmt: str, scale: float = 1.0) -> str:
+    return "-" if v is None or v != v else format(scale * v, fmt)
+
+
 def table(rows: list[dict]) -> str:
     inst = [r for r in rows if r["set"] == "instance"]
     uk = {r["method"]: r for r in rows if r["set"] == "ukbench56"}
@@ -255,8 +323,8 @@ def table(rows: list[dict]) -> str:
         closed = (r["map"] - g) / (1 - g) if g < 1 else float("nan")
         lines.append(f"| {r['method']} | {100 * r['map']:.2f} | {100 * closed:+.0f}% | "
                      + " | ".join(f"{100 * r['map_by_edit'][e]:.2f}" for e in edits)
-                     + f" | {u.get('ns', float('nan')):.3f} | {100 * u.get('map', float('nan')):.2f} | "
-                       f"{r['ms_added']:.1f} |")
+                     + f" | {_num(u.get('ns'), '.3f')} | {_num(u.get('map'), '.2f', 100)} | "
+                       f"{_num(r['ms_added'], '.1f')} |")
     return "\n".join(lines)
 
 
