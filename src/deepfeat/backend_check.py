@@ -7,7 +7,7 @@ first: a few of the store's own images are extracted again with the new backend 
 with their stored descriptors. Within the tolerance of :mod:`deepfeat.onnx_runtime`
 (cosine >= 0.9999 and max abs diff <= 1e-4, or the float16 rounding of a float16 store), or,
 when either side is bf16, the bf16 tolerance of :mod:`deepfeat.openvino_runtime` (cosine >= 0.99
-and max abs diff <= 0.25 x the descriptor's largest component), the run goes on and the store
+and max abs diff <= 0.5 x the descriptor's largest component), the run goes on and the store
 notes both backends; otherwise it is refused with the numbers, and nothing is written.
 """
 

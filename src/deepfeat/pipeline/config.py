@@ -90,7 +90,7 @@ class ExtractConfig:
         if self.pad_to is not None:
             if self.pad_to < 1:
                 raise UsageError(f"--pad-to must be at least 1, not {self.pad_to}")
-            if self.backend == "onnx":
+            if self.backend in ("onnx", "openvino"):
                 raise UsageError("--pad-to batches padded images with eager torch; use --backend torch (or auto)")
             from ..batching import check_maskable
             from ..pooling import get_pooling

@@ -127,7 +127,7 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
 
 def padding(cfg: ExtractConfig) -> int | None:
     """The multiple images are padded to (``--pad-to``), for aspect-preserving policies on the torch backend."""
-    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend != "onnx":
+    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend not in ("onnx", "openvino"):
         return cfg.pad_to
     return None
 
