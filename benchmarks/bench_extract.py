@@ -9,17 +9,26 @@ Measures images/s of:
                 batched eager inference, sharded store);
   (c) onnx    - `deepfeat extract --backend onnx` (aspect-preserving policies and
                 --scales: one dynamic-shape graph);
-  (d) auto    - `deepfeat extract` as it runs by default (--policy other than model only);
+  (d) auto    - `deepfeat extract` as it runs by default (OpenVINO where installed for
+                aspect-preserving sizes and --scales, else ONNX Runtime);
+  (e) openvino - `deepfeat extract --backend openvino` (when OpenVINO is installed);
 
 plus the components: decode-only throughput (the same decode workers, no model), and
 model-only throughput on the same images pre-decoded, batched as the pipeline batches them,
-with the same threads. Model-only is the **limit** of a pipeline (it runs the same inference
-and must also decode): the pipeline's "% of limit" is its rate over it. Also printed, for
-reference: 1 / (1/decode + 1/model), what the two stages allow if each needs all cores.
+with the same threads, per engine (torch, ONNX Runtime, OpenVINO). Model-only is the **limit**
+of a pipeline (it runs the same inference and must also decode): the pipeline's "% of limit"
+is its rate over the model-only rate of the engine it used. Also printed, for reference:
+1 / (1/decode + 1/model), what the two stages allow if each needs all cores.
+
+--precision bf16 runs (d), (e) and the OpenVINO model-only row in bf16 (ONNX Runtime, torch and
+the naive loop stay float32). --rounds R then interleaves R rounds of the naive loop, the
+pipeline of --backend (auto by default), the ONNX Runtime pipeline (a row kept for comparison)
+and the model-only limit of the engine --backend ran on, and prints medians of within-round ratios.
 
     python benchmarks/bench_extract.py --images ../shared/data/flowers17 --n 640
     python benchmarks/bench_extract.py --policy long:512 --n 320
     python benchmarks/bench_extract.py --policy long:512 --scales 1,0.707,0.5 --n 160
+    python benchmarks/bench_extract.py --policy long:512 --n 40 --naive-n 10 --rounds 3 --precision bf16
 
 Prints a table with ratios to (a) and writes JSON (default bench-out/extract.json).
 """
@@ -103,16 +112,29 @@ def decode_only(paths: list[str], workers: int, policy: str = "model") -> float:
     return n / (time.perf_counter() - t0)
 
 
-def model_only(backend: str, layer: str, pool: str, batch: int, reps: int) -> float:
+def _runner(backend: str, fnet, threads: int | None, batch: int | None, export: str, precision: str = "f32"):
     import torch
 
+    from deepfeat.features import OnnxRunner, TorchRunner
+
+    if backend == "onnx":
+        return OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
+    if backend == "openvino":
+        from deepfeat.openvino_runtime import OpenVinoRunner
+
+        return OpenVinoRunner(fnet, threads=threads, batch_size=batch, export=export, precision=precision)
+    return TorchRunner(fnet, torch.device("cpu"))
+
+
+def model_only(backend: str, layer: str, pool: str, batch: int, reps: int, threads: int | None = None,
+               precision: str = "f32") -> float:
     import deepfeat
-    from deepfeat.features import FeatureNet, OnnxRunner, TorchRunner
+    from deepfeat.features import FeatureNet
     from deepfeat.pooling import get_pooling
 
     model = deepfeat.load_model("efficientnet_lite0")
     fnet = FeatureNet(model, [layer], get_pooling(pool))
-    runner = OnnxRunner(fnet, batch_size=batch) if backend == "onnx" else TorchRunner(fnet, torch.device("cpu"))
+    runner = _runner(backend, fnet, threads, batch, "static", precision)
     x = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     runner(x)
     t0 = time.perf_counter()
@@ -122,13 +144,13 @@ def model_only(backend: str, layer: str, pool: str, batch: int, reps: int) -> fl
 
 
 def model_only_images(backend: str, paths: list[str], layer: str, pool: str, policy: str, scales, batch: int,
-                      threads: int) -> dict:
+                      threads: int, precision: str = "f32") -> dict:
     """Model-only on the real images pre-decoded, batched as the pipeline batches them (one shape per
     batch, CPU_BATCH_PIXELS), with the pipeline's threads: the limit of a pipeline run."""
     import torch
 
     import deepfeat
-    from deepfeat.features import FeatureNet, OnnxRunner, TorchRunner
+    from deepfeat.features import FeatureNet
     from deepfeat.images import decode_image
     from deepfeat.pipeline import CPU_BATCH_PIXELS, shard_batches
     from deepfeat.pooling import get_pooling
@@ -143,12 +165,9 @@ def model_only_images(backend: str, paths: list[str], layer: str, pool: str, pol
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if backend == "onnx":
-            runner = OnnxRunner(fnet, threads=threads, batch_size=batch, export="static" if pol.fixed else "dynamic")
-        else:
-            runner = TorchRunner(fnet, torch.device("cpu"))
+        runner = _runner(backend, fnet, threads, batch, "static" if pol.fixed else "dynamic", precision)
         t0 = time.perf_counter()
-        runner(np.stack([pixels[i] for i, _ in batches[0]]))  # the export (ONNX), apart
+        runner(np.stack([pixels[i] for i, _ in batches[0]]))  # the export (ONNX, OpenVINO), apart
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for b in batches:
@@ -161,14 +180,14 @@ def model_only_images(backend: str, paths: list[str], layer: str, pool: str, pol
 
 
 def pipeline(paths_file: str, backend: str, layer: str, pool: str, batch: int | None, workers: int | None,
-             policy: str = "model", scales=(1.0,), threads: int | None = None) -> dict:
+             policy: str = "model", scales=(1.0,), threads: int | None = None, precision: str = "f32") -> dict:
     from deepfeat.pipeline import ExtractConfig, extract
 
     out = tempfile.mkdtemp(prefix=f"bench-{backend}-")
     try:
         cfg = ExtractConfig(inputs=[f"@{paths_file}"], output=out, layers=[layer], pooling=pool, backend=backend,
                             batch_size=batch, workers=workers, progress="none", size=policy, scales=tuple(scales),
-                            threads=threads)
+                            threads=threads, precision=precision)
         rep = extract(cfg)
         # steady state: after the first batch (model load, worker start and the one-off ONNX
         # export are reported apart, as warm-up)
@@ -192,16 +211,22 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: deepfeat's)")
     ap.add_argument("--threads", type=int, default=None, help="inference threads (default: deepfeat's)")
     ap.add_argument("--no-torch-pipeline", action="store_true", help="skip (b), the slow torch pipeline")
+    ap.add_argument("--backend", default="auto", choices=["auto", "onnx", "openvino"],
+                    help="the pipeline of the interleaved rounds, whose model-only limit is measured with the engine "
+                         "it ran on (default auto)")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"],
+                    help="precision of the OpenVINO rows and of auto (default f32)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="R > 1: after the table, R interleaved rounds of (a) naive, (d) the default pipeline and "
-                         "the model-only limit, each round's ratios taken within the round; the medians are "
-                         "printed (robust to a machine whose load changes during the run)")
+                    help="R > 1: after the table, R interleaved rounds of (a) naive, the --backend pipeline, the ONNX "
+                         "Runtime pipeline and the model-only limits, each round's ratios taken within the round; "
+                         "the medians are printed (robust to a machine whose load changes during the run)")
     ap.add_argument("--out", default="bench-out/extract.json")
     args = ap.parse_args()
 
     from deepfeat.features import parse_scales
     from deepfeat.images import discover
     from deepfeat.onnx_runtime import default_threads, work_pixels
+    from deepfeat.openvino_runtime import available
 
     if not Path(args.images).is_dir():
         print(f"image folder not found: {args.images}", file=sys.stderr)
@@ -213,62 +238,35 @@ def main() -> int:
     fixed = args.policy == "model" or args.policy.startswith("warp")
     paths = discover([args.images])[: args.n]
     naive_paths = paths[: args.naive_n or max(16, len(paths) // 4)]
+    engines = ["torch", "onnx"] + (["openvino"] if available() else [])
+    print(f"{len(paths)} images from {args.images}; {os.cpu_count()} cores; layer {args.layer}, pool {args.pool}, "
+          f"size {args.policy}, scales {','.join(map(str, scales))}; {threads} inference threads, {workers} decode "
+          f"workers; precision {args.precision}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    res: dict = {"policy": args.policy, "scales": list(scales), "threads": threads, "workers": workers,
+                 "precision": args.precision, "load_average_start": os.getloadavg()[0]}
+    res["naive"] = naive_loop(naive_paths, args.layer, args.pool, args.policy, scales)
+    res["decode_only"] = decode_only(paths, max(1, workers), args.policy)
+    for b in engines:
+        prec = args.precision if b == "openvino" else "f32"
+        if fixed and scales == (1.0,):
+            res[f"model_{b}"] = model_only(b, args.layer, args.pool, args.batch_size, 4, threads, prec)
+        else:  # the real shapes, pre-decoded, batched as the pipeline does
+            r = model_only_images(b, paths, args.layer, args.pool, args.policy, scales, args.batch_size, threads, prec)
+            res[f"model_{b}"] = r["images_per_s"]
+            res[f"model_{b}_detail"] = r
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(os.path.abspath(p) for p in paths) + "\n")
         listing = f.name
-    print(f"{len(paths)} images from {args.images}; {os.cpu_count()} cores; layer {args.layer}, pool {args.pool}, "
-          f"size {args.policy}, scales {','.join(map(str, scales))}; {threads} inference threads, {workers} decode "
-          "workers", file=sys.stderr)
-    res: dict = {"policy": args.policy, "scales": list(scales), "threads": threads, "workers": workers}
-    res["naive"] = naive_loop(naive_paths, args.layer, args.pool, args.policy, scales)
-    res["decode_only"] = decode_only(paths, max(1, workers), args.policy)
-    if fixed and scales == (1.0,):
-        res["model_torch"] = model_only("torch", args.layer, args.pool, args.batch_size, 4)
-        res["model_onnx"] = model_only("onnx", args.layer, args.pool, args.batch_size, 4)
-    else:  # the real shapes, pre-decoded, batched as the pipeline does
-        for b in ("onnx", "torch"):
-            r = model_only_images(b, paths, args.layer, args.pool, args.policy, scales, args.batch_size, threads)
-            res[f"model_{b}"] = r["images_per_s"]
-            res[f"model_{b}_detail"] = r
     batch = args.batch_size if fixed else None  # aspect-preserving: deepfeat's default batching
     common = dict(policy=args.policy, scales=scales, threads=args.threads)
-    if not args.no_torch_pipeline:
-        res["pipeline_torch"] = pipeline(listing, "torch", args.layer, args.pool, batch, args.workers, **common)
-    res["pipeline_onnx"] = pipeline(listing, "onnx", args.layer, args.pool, batch, args.workers, **common)
-    if not fixed or scales != (1.0,):
-        res["pipeline_auto"] = pipeline(listing, "auto", args.layer, args.pool, batch, args.workers, **common)
-    os.unlink(listing)
-
-    naive = res["naive"]
-    rows = [("(a) naive loop (bs 1, full decode, eager)", naive)]
-    if "pipeline_torch" in res:
-        rows.append(("(b) deepfeat extract --backend torch", res["pipeline_torch"]["images_per_s"]))
-    rows.append(("(c) deepfeat extract --backend onnx", res["pipeline_onnx"]["images_per_s"]))
-    if "pipeline_auto" in res:
-        rows.append((f"(d) deepfeat extract (auto: {res['pipeline_auto']['backend']})",
-                     res["pipeline_auto"]["images_per_s"]))
-    rows += [
-        (f"decode only ({workers} workers)", res["decode_only"]),
-        ("model only, torch (pre-decoded)", res["model_torch"]),
-        ("model only, onnx (pre-decoded) = the limit", res["model_onnx"]),
-    ]
-    limit = {b: res[f"model_{b}"] for b in ("torch", "onnx")}
-    shared = {b: 1.0 / (1.0 / res["decode_only"] + 1.0 / res[f"model_{b}"]) for b in ("torch", "onnx")}
-    print(f"\n{'what':48s} {'img/s':>8s} {'vs (a)':>7s}   (pipelines: steady state after the first batch)")
-    for name, v in rows:
-        print(f"{name:48s} {v:8.2f} {v / naive:6.2f}x")
-    for key, b in (("pipeline_torch", "torch"), ("pipeline_onnx", "onnx"), ("pipeline_auto", "onnx")):
-        if key not in res:
-            continue
-        r = res[key]
-        if key == "pipeline_auto" and r["backend"] != "onnx":
-            b = r["backend"]
-        print(f"{key}: {r['images_per_s'] / limit[b]:.0%} of the {b} model-only limit {limit[b]:.1f} img/s "
-              f"({r['images_per_s'] / shared[b]:.0%} of 1/(1/decode + 1/model) = {shared[b]:.1f}); end to end "
-              f"{r['end_to_end_images_per_s']:.1f} img/s with {r['warmup_seconds']:.1f}s warm-up; stages {r['stages']}")
-    res["limit"] = limit
-    res["shared_cores_bound"] = shared
-    res["ratios_vs_naive"] = {name: v / naive for name, v in rows}
+    try:
+        for b in (["auto", "onnx"] if args.no_torch_pipeline else ["torch", "auto", "onnx"]) + engines[2:]:
+            prec = args.precision if b in ("auto", "openvino") else "f32"
+            res[f"pipeline_{b}"] = pipeline(listing, b, args.layer, args.pool, batch, args.workers, precision=prec,
+                                            **common)
+    finally:
+        os.unlink(listing)
+    report(res, workers, engines)
     res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                       "n_images": len(paths), "naive_n": len(naive_paths)}
     if args.rounds > 1:
@@ -280,41 +278,92 @@ def main() -> int:
     return 0
 
 
+def report(res: dict, workers: int, engines: list[str]) -> None:
+    """Print the table (ratios to the naive loop) and each pipeline against its engine's limit."""
+    naive = res["naive"]
+    bf = " bf16" if res["precision"] == "bf16" else ""
+    rows = [("(a) naive loop (bs 1, full decode, eager)", naive)]
+    names = {"torch": "(b) deepfeat extract --backend torch", "onnx": "(c) deepfeat extract --backend onnx",
+             "auto": f"(d) deepfeat extract{bf} (auto: {res['pipeline_auto']['backend']})",
+             "openvino": f"(e) deepfeat extract --backend openvino{bf}"}
+    rows += [(names[b], res[f"pipeline_{b}"]["images_per_s"]) for b in ("torch", "onnx", "auto", "openvino")
+             if f"pipeline_{b}" in res]
+    rows.append((f"decode only ({workers} workers)", res["decode_only"]))
+    rows += [(f"model only, {b}{bf if b == 'openvino' else ''} (pre-decoded)", res[f"model_{b}"]) for b in engines]
+    limit = {b: res[f"model_{b}"] for b in engines}
+    shared = {b: 1.0 / (1.0 / res["decode_only"] + 1.0 / v) for b, v in limit.items()}
+    print(f"\n{'what':52s} {'img/s':>8s} {'vs (a)':>7s}   (pipelines: steady state after the first batch)")
+    for name, v in rows:
+        print(f"{name:52s} {v:8.2f} {v / naive:6.2f}x")
+    for key in ("pipeline_torch", "pipeline_onnx", "pipeline_auto", "pipeline_openvino"):
+        if key not in res:
+            continue
+        r = res[key]
+        b = r["backend"]
+        print(f"{key}: {r['images_per_s'] / limit[b]:.0%} of the {b} model-only limit {limit[b]:.1f} img/s "
+              f"({r['images_per_s'] / shared[b]:.0%} of 1/(1/decode + 1/model) = {shared[b]:.1f}); end to end "
+              f"{r['end_to_end_images_per_s']:.1f} img/s with {r['warmup_seconds']:.1f}s warm-up; stages {r['stages']}")
+    res["limit"] = limit
+    res["shared_cores_bound"] = shared
+    res["ratios_vs_naive"] = {name: v / naive for name, v in rows}
+
+
+def _limit(engine: str, args, paths: list[str], scales, threads: int, fixed: bool) -> float:
+    prec = args.precision if engine == "openvino" else "f32"
+    if fixed and scales == (1.0,):
+        return model_only(engine, args.layer, args.pool, args.batch_size, 4, threads, prec)
+    return model_only_images(engine, paths, args.layer, args.pool, args.policy, scales, args.batch_size, threads,
+                             prec)["images_per_s"]
+
+
 def interleaved_rounds(args, listing_paths: list[str], naive_paths: list[str], scales, threads: int,
                        fixed: bool) -> dict:
-    """R rounds of naive -> default pipeline -> model-only limit, back to back; ratios within each round.
+    """R rounds of naive -> the --backend pipeline -> the ONNX Runtime pipeline -> the model-only limit of
+    the engine the --backend pipeline ran on (and ONNX Runtime's), back to back; ratios within each round.
 
     On a shared machine the load can change several-fold between the steps of one table; a ratio
     whose two terms were measured seconds apart, repeated R times, and its median, is the figure
     to trust."""
-    backend = "onnx" if fixed else "auto"
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(os.path.abspath(p) for p in listing_paths) + "\n")
         listing = f.name
+    batch = args.batch_size if fixed else None
+    kw = dict(policy=args.policy, scales=scales, threads=args.threads)
     rounds = []
     try:
         for r in range(args.rounds):
             naive = naive_loop(naive_paths, args.layer, args.pool, args.policy, scales)
-            pipe = pipeline(listing, backend, args.layer, args.pool, args.batch_size if fixed else None,
-                            args.workers, policy=args.policy, scales=scales, threads=args.threads)
-            if fixed and scales == (1.0,):
-                limit = model_only("onnx", args.layer, args.pool, args.batch_size, 4)
-            else:
-                limit = model_only_images("onnx", listing_paths, args.layer, args.pool, args.policy, scales,
-                                          args.batch_size, threads)["images_per_s"]
-            row = {"naive": naive, "pipeline": pipe["images_per_s"], "limit": limit,
-                   "pipeline_vs_naive": pipe["images_per_s"] / naive, "pipeline_vs_limit": pipe["images_per_s"] / limit,
-                   "load_average": os.getloadavg()[0]}
+            pipe = pipeline(listing, args.backend, args.layer, args.pool, batch, args.workers,
+                            precision=args.precision, **kw)
+            engine = pipe["backend"]
+            row = {"naive": naive, "backend": engine, "pipeline": pipe["images_per_s"]}
+            if engine != "onnx":
+                row["pipeline_onnx"] = pipeline(listing, "onnx", args.layer, args.pool, batch, args.workers,
+                                                **kw)["images_per_s"]
+            row["limit"] = _limit(engine, args, listing_paths, scales, threads, fixed)
+            if engine != "onnx":
+                row["limit_onnx"] = _limit("onnx", args, listing_paths, scales, threads, fixed)
+            row.update(pipeline_vs_naive=row["pipeline"] / naive, pipeline_vs_limit=row["pipeline"] / row["limit"],
+                       load_average=os.getloadavg()[0])
+            line = (f"round {r + 1}: naive {naive:.2f}, pipeline ({args.backend}: {engine}) {row['pipeline']:.2f}, "
+                    f"limit {row['limit']:.2f} img/s: {row['pipeline_vs_naive']:.2f}x the naive loop, "
+                    f"{row['pipeline_vs_limit']:.0%} of the limit")
+            if engine != "onnx":
+                row.update(onnx_vs_naive=row["pipeline_onnx"] / naive,
+                           pipeline_vs_onnx=row["pipeline"] / row["pipeline_onnx"],
+                           limit_vs_onnx_limit=row["limit"] / row["limit_onnx"])
+                line += (f"; onnx pipeline {row['pipeline_onnx']:.2f} ({row['onnx_vs_naive']:.2f}x naive, "
+                         f"{engine} {row['pipeline_vs_onnx']:.2f}x it), onnx limit {row['limit_onnx']:.2f} "
+                         f"({engine} limit {row['limit_vs_onnx_limit']:.2f}x it)")
             rounds.append(row)
-            print(f"round {r + 1}: naive {naive:.2f}, pipeline ({backend}) {pipe['images_per_s']:.2f}, limit "
-                  f"{limit:.2f} img/s: {row['pipeline_vs_naive']:.2f}x the naive loop, "
-                  f"{row['pipeline_vs_limit']:.0%} of the limit (load {row['load_average']:.1f})", flush=True)
+            print(line + f" (load {row['load_average']:.1f})", flush=True)
     finally:
         os.unlink(listing)
-    med = {k: float(np.median([r[k] for r in rounds])) for k in ("pipeline_vs_naive", "pipeline_vs_limit")}
-    print(f"median of {len(rounds)} rounds: {med['pipeline_vs_naive']:.2f}x the naive loop, "
-          f"{med['pipeline_vs_limit']:.0%} of the limit")
-    return {"backend": backend, "rounds": rounds, "median": med}
+    keys = [k for k in ("pipeline_vs_naive", "pipeline_vs_limit", "onnx_vs_naive", "pipeline_vs_onnx",
+                        "limit_vs_onnx_limit") if all(k in r for r in rounds)]
+    med = {k: float(np.median([r[k] for r in rounds])) for k in keys}
+    print(f"median of {len(rounds)} rounds: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+    return {"backend": args.backend, "precision": args.precision, "rounds": rounds, "median": med}
 
 
 if __name__ == "__main__":

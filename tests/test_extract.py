@@ -393,11 +393,14 @@ def test_onnx_static_batch_pads_and_splits(lite0):
 
 
 def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
+    from deepfeat import openvino_runtime
+
     rep = extract(_cfg([collection], tmp_path / "a", limit=4, pooling="mac"))
     assert rep.backend == "onnx"  # one shape on the CPU: ONNX Runtime
     rep = extract(_cfg([collection], tmp_path / "b", limit=4, pooling="mac", size="long:128"))
-    assert rep.backend == "onnx"  # many shapes on the CPU: one dynamic-shape graph
-    assert FeatureStore(tmp_path / "b").meta["inference"] == {"backend": "onnx", "export": "dynamic"}
+    many = "openvino" if openvino_runtime.available() else "onnx"  # many shapes on the CPU: a dynamic-shape graph
+    assert rep.backend == many
+    assert FeatureStore(tmp_path / "b").meta["inference"] == {"backend": many, "precision": "f32", "export": "dynamic"}
     rep = extract(_cfg([collection], tmp_path / "c", limit=4, pooling="mac", size="long:128", device="cpu",
                        backend="torch"))
     assert rep.backend == "torch" and FeatureStore(tmp_path / "c").meta["inference"]["backend"] == "torch"

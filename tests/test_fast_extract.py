@@ -195,7 +195,7 @@ def test_padded_extraction_end_to_end(collection, tmp_path):
     extract(ExtractConfig(inputs=[str(collection)], output=str(tmp_path / "p"), pad_to=32, **kw))
     extract(ExtractConfig(inputs=[str(collection)], output=str(tmp_path / "e"), backend="torch", **kw))
     p, e = FeatureStore(tmp_path / "p"), FeatureStore(tmp_path / "e")
-    assert p.meta["inference"] == {"backend": "torch", "device": "cpu", "pad_to": 32}
+    assert p.meta["inference"] == {"backend": "torch", "precision": "f32", "device": "cpu", "pad_to": 32}
     assert p.paths == e.paths
     assert agreement(p.raw(), e.raw())[0] > 0.85  # padding is not exact (see above)
 
@@ -212,7 +212,8 @@ def test_append_with_another_backend_only_when_they_agree(collection, tmp_path):
     store = FeatureStore(out)
     assert rep.processed == 12 and len(store) == 24
     check = store.meta["backend_check"]
-    assert check["recorded"]["backend"] == "torch" and check["new"] == {"backend": "onnx", "export": "dynamic"}
+    assert check["recorded"]["backend"] == "torch" and check["new"] == {"backend": "onnx", "precision": "f32",
+                                                                         "export": "dynamic"}
     assert check["min_cosine"] >= COSINE_MIN and check["images"] == 3
     assert store.meta["inference"]["backend"] == "torch" and store.meta["inference_also"][0]["backend"] == "onnx"
 
@@ -234,6 +235,7 @@ def test_append_with_another_backend_only_when_they_agree(collection, tmp_path):
 def test_threads_flag_and_defaults(collection, tmp_path, capsys):
     from deepfeat.cli import main
     from deepfeat.onnx_runtime import default_threads, work_pixels
+    from deepfeat.openvino_runtime import available
 
     assert default_threads(2) == (2, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores at 224
     t, w = default_threads(16)
@@ -248,7 +250,7 @@ def test_threads_flag_and_defaults(collection, tmp_path, capsys):
         ExtractConfig(inputs=["x"], output=str(tmp_path / "o"), threads=0).validate()
     rc = main(["extract", str(collection / "a"), "-o", str(tmp_path / "t"), "--size", "long:160", "--threads", "1",
                "--workers", "1", "--progress", "none", "--limit", "3"])
-    assert rc == 0 and "backend onnx" in capsys.readouterr().out
+    assert rc == 0 and ("backend onnx" if not available() else "backend openvino") in capsys.readouterr().out
     assert torch.get_num_threads() == max(1, min(2, __import__("os").cpu_count() or 1))  # restored after the run
 
 

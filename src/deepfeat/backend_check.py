@@ -1,12 +1,14 @@
 """Appending to a store with another inference backend: allowed only when the descriptors agree.
 
-A store records which backend computed its descriptors (``meta["inference"]``: ``torch``, or
-``onnx`` with its export kind). Appending (or ``--resume``) with a different one is checked
+A store records which backend computed its descriptors and in which precision
+(``meta["inference"]``: ``torch`` with its device, ``onnx`` or ``openvino`` with the export kind;
+``precision`` ``f32`` or ``bf16``). Appending (or ``--resume``) with a different one is checked
 first: a few of the store's own images are extracted again with the new backend and compared
 with their stored descriptors. Within the tolerance of :mod:`deepfeat.onnx_runtime`
-(cosine >= 0.9999 and max abs diff <= 1e-4, or the float16 rounding of a float16 store) the
-run goes on and the store notes both backends; otherwise it is refused with the numbers, and
-nothing is written.
+(cosine >= 0.9999 and max abs diff <= 1e-4, or the float16 rounding of a float16 store), or,
+when either side is bf16, the bf16 tolerance of :mod:`deepfeat.openvino_runtime` (cosine >= 0.99
+and max abs diff <= 0.5 x the descriptor's largest component), the run goes on and the store
+notes both backends; otherwise it is refused with the numbers, and nothing is written.
 """
 
 from __future__ import annotations
@@ -25,11 +27,19 @@ log = logging.getLogger(__name__)
 CHECK_IMAGES = 3
 
 
+def active_runner(runner):
+    """The runner that does the work: through (nested) fallback runners, the one in use, else the
+    one that will be tried first."""
+    while hasattr(runner, "primary"):
+        runner = getattr(runner, "active", None) or runner.primary
+    return runner
+
+
 def runner_info(runner) -> dict[str, Any]:
     """What ``meta["inference"]`` records for *runner* (after it has run once)."""
-    active = getattr(runner, "active", None) or getattr(runner, "primary", None) or runner
-    info: dict[str, Any] = {"backend": active.name}
-    if active.name == "onnx":
+    active = active_runner(runner)
+    info: dict[str, Any] = {"backend": active.name, "precision": getattr(active, "precision", "f32")}
+    if active.name in ("onnx", "openvino"):
         info["export"] = active.export
     elif getattr(active, "device", None) is not None:
         info["device"] = active.device.type
@@ -47,9 +57,21 @@ def recorded_info(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def same_backend(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """Same backend, export kind, device and padding (torch on CUDA may use TF32: checked too)."""
+    """Same backend, export kind, device, padding and precision (torch on CUDA may use TF32: checked
+    too); a store recorded before precisions were recorded is f32."""
     keys = ("backend", "export", "device", "pad_to")
-    return a is not None and all(a.get(k) == b.get(k) for k in keys)
+    return (a is not None and all(a.get(k) == b.get(k) for k in keys)
+            and a.get("precision", "f32") == b.get("precision", "f32"))
+
+
+def tolerance(recorded: dict[str, Any] | None, new: dict[str, Any], dtype: str) -> dict[str, float]:
+    """The agreement asked of an append: bf16's when either side ran in bf16, else float32's
+    (float16's rounding for a float16 store)."""
+    if "bf16" in ((recorded or {}).get("precision"), new.get("precision")):
+        from .openvino_runtime import BF16_COSINE_MIN, BF16_RTOL
+
+        return {"min_cosine": BF16_COSINE_MIN, "max_rel_diff": BF16_RTOL}
+    return {"min_cosine": COSINE_MIN, "max_abs_diff": ATOL if dtype == "float32" else 2e-3}  # float16: 11 bits
 
 
 def check_append(store, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],
@@ -67,7 +89,7 @@ def check_append(store, runner: Callable[[np.ndarray], list[np.ndarray]], layers
     first = ok.slice(0, n)
     paths = first.column("path").to_pylist()
     stored = {name: first_rows(store, name, len(paths)) for name in layers}  # rows are in ok-item order
-    worst_cos, worst_diff, checked = 1.0, 0.0, 0
+    worst_cos, worst_diff, worst_rel, checked = 1.0, 0.0, 0.0, 0
     for row, path in enumerate(paths):
         try:
             px = decode(store.resolve_path(path))
@@ -80,20 +102,27 @@ def check_append(store, runner: Callable[[np.ndarray], list[np.ndarray]], layers
             cos, diff = agreement(got, ref)
             scale = float(np.abs(ref).max()) or 1.0
             worst_cos, worst_diff = min(worst_cos, cos), max(worst_diff, diff / max(1.0, scale))
+            worst_rel = max(worst_rel, diff / scale)
         checked += 1
     if not checked:
         log.warning("cannot check the new backend against %s: none of its first images can be read", store.path)
         return None
-    atol = ATOL if dtype == "float32" else 2e-3  # float16 keeps 11 significant bits
+    recorded = recorded_info(store.meta)
+    tol = tolerance(recorded, runner_info(runner), dtype)
     result = {"images": checked, "min_cosine": round(worst_cos, 7), "max_abs_diff": float(f"{worst_diff:.3g}"),
-              "tolerance": {"min_cosine": COSINE_MIN, "max_abs_diff": atol}}
-    if worst_cos < COSINE_MIN or worst_diff > atol:
+              "max_rel_diff": float(f"{worst_rel:.3g}"), "tolerance": tol}
+    if "max_rel_diff" in tol:
+        bad, diff, limit = worst_rel > tol["max_rel_diff"], worst_rel, f"relative diff <= {tol['max_rel_diff']:g}"
+    else:
+        bad, diff, limit = worst_diff > tol["max_abs_diff"], worst_diff, f"diff <= {tol['max_abs_diff']:g}"
+    if worst_cos < tol["min_cosine"] or bad:
         raise StoreError(
-            f"{store.path} was made with {describe(recorded_info(store.meta))}; this run's "
+            f"{store.path} was made with {describe(recorded)}; this run's "
             f"{describe(runner_info(runner))} gives other descriptors for the store's own images (cosine "
-            f"{worst_cos:.6f}, max abs diff {worst_diff:.2e}; they agree at cosine >= {COSINE_MIN} and diff <= "
-            f"{atol:g}), so appending would mix two kinds of descriptors. Use the store's backend (--backend "
-            f"{(recorded_info(store.meta) or {}).get('backend', 'torch')}) or extract into a new store.")
+            f"{worst_cos:.6f}, max {'relative' if 'max_rel_diff' in tol else 'abs'} diff {diff:.2e}; they agree at "
+            f"cosine >= {tol['min_cosine']} and {limit}), so appending would mix two kinds of descriptors. Use the "
+            f"store's backend (--backend {(recorded or {}).get('backend', 'torch')} --precision "
+            f"{(recorded or {}).get('precision', 'f32')}) or extract into a new store.")
     return result
 
 

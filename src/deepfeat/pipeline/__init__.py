@@ -34,7 +34,7 @@ The parts, each a module of this package (every name is re-exported here):
 
 from __future__ import annotations
 
-from .config import BACKENDS, DTYPES, ENGINES, ExtractConfig, ExtractReport
+from .config import BACKENDS, DTYPES, ENGINES, PRECISIONS, ExtractConfig, ExtractReport
 from .decode import (
     _W,
     _decode_failed,
@@ -58,6 +58,7 @@ from .network import (
     _fitted_pooling,
     _resolve_layers,
     auto_prefers_onnx,
+    auto_prefers_openvino,
     build_meta,
     default_layer,
     default_pooling,
@@ -80,12 +81,14 @@ __all__ = [
     "DTYPES",
     "ENGINES",
     "POOLING_FILE",
+    "PRECISIONS",
     "ExtractConfig",
     "ExtractReport",
     "Progress",
     "ShardJob",
     "ShardProcessor",
     "auto_prefers_onnx",
+    "auto_prefers_openvino",
     "build_meta",
     "check_post_dim",
     "decode_batch",

@@ -11,7 +11,8 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..preprocess import parse_size_policy
 
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+PRECISIONS = ("f32", "bf16")
 DTYPES = ("float32", "float16")
 ENGINES = ("local", "ray")
 
@@ -29,7 +30,9 @@ class ExtractConfig:
     size: str = "model"
     scales: tuple[float, ...] = (1.0,)
     scale_combine: str = "sum"
-    backend: str = "auto"  # auto: ONNX Runtime on the CPU, torch on CUDA
+    backend: str = "auto"  # auto: OpenVINO (else ONNX Runtime) on the CPU, torch on CUDA
+    #: inference precision: f32, or bf16 (OpenVINO on a CPU with AMX/AVX512_BF16; docs/onnx.md)
+    precision: str = "f32"
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on CPU (measured best for CNNs on few cores), 64 on CUDA
     #: pixels per batch at most, for aspect-preserving policies; None: set by ``extract``
@@ -69,6 +72,11 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
+        self.check_precision()
+        if self.backend == "openvino":
+            from ..openvino_runtime import require
+
+            require(self.precision)
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} unknown; choose {', '.join(DTYPES)}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -82,7 +90,7 @@ class ExtractConfig:
         if self.pad_to is not None:
             if self.pad_to < 1:
                 raise UsageError(f"--pad-to must be at least 1, not {self.pad_to}")
-            if self.backend == "onnx":
+            if self.backend in ("onnx", "openvino"):
                 raise UsageError("--pad-to batches padded images with eager torch; use --backend torch (or auto)")
             from ..batching import check_maskable
             from ..pooling import get_pooling
@@ -105,6 +113,21 @@ class ExtractConfig:
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
         parse_size_policy(self.size)
         self.post_chain()  # a bad chain (or a missing chain file) fails now, not after the extraction
+
+    def check_precision(self) -> None:
+        """``--precision bf16`` only where it can run: OpenVINO, on a CPU with bf16, not padded."""
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} unknown; choose {', '.join(PRECISIONS)}")
+        if self.precision == "f32":
+            return
+        if self.backend not in ("openvino", "auto"):
+            raise UsageError(f"--precision bf16 runs on OpenVINO only (--backend openvino or auto), not --backend "
+                             f"{self.backend}")
+        if self.device not in ("auto", "cpu") or self.pad_to:
+            raise UsageError("--precision bf16 runs on OpenVINO on the CPU: leave out --device and --pad-to")
+        from ..openvino_runtime import require
+
+        require(self.precision)
 
     def post_chain(self):
         """The ``post`` setting as a :class:`~deepfeat.postprocess.PostChain` (a spec, or a saved chain file)."""

@@ -86,7 +86,9 @@ def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[s
 
 def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
                 ) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """The inference runner for *cfg*; ONNX Runtime gets *threads* intra-op threads (None: torch's)."""
+    """The inference runner for *cfg*; ONNX Runtime and OpenVINO get *threads* inference threads
+    (None: torch's). ``auto`` on the CPU: OpenVINO, falling back to ONNX Runtime and then eager
+    torch on a failure in the first batch (:class:`~deepfeat.features.FallbackRunner`)."""
     import torch
 
     from ..features import FallbackRunner, OnnxRunner, TorchRunner
@@ -99,17 +101,33 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
     # one shape: static graphs (fastest per image); many shapes (aspect-preserving policies):
     # one graph with dynamic height and width (docs/benchmarks.md, "ONNX Runtime at retrieval sizes")
     export = "static" if parse_size_policy(cfg.size).fixed else "dynamic"
+    batch = cfg.batch_size or 8
+    if cfg.backend == "openvino" or (cfg.backend == "auto" and auto_prefers_openvino(cfg, fnet, device)):
+        from ..openvino_runtime import OpenVinoRunner
+
+        ov = OpenVinoRunner(fnet, threads=threads, batch_size=batch, export=export, precision=cfg.precision)
+        if cfg.backend == "openvino":
+            return ov
+        if auto_prefers_onnx(cfg, fnet, device):
+            safe = FallbackRunner(OnnxRunner(fnet, threads=threads, batch_size=batch, export=export),
+                                  TorchRunner(fnet, device))
+        else:
+            safe = TorchRunner(fnet, device)
+        return FallbackRunner(ov, safe)
+    if cfg.precision != "f32":
+        raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU only (--backend openvino or auto "
+                         f"on the CPU; this run: backend {cfg.backend}, device {device})")
     if cfg.backend == "onnx":
-        return OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
+        return OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
     if cfg.backend == "auto" and auto_prefers_onnx(cfg, fnet, device):
-        onnx = OnnxRunner(fnet, threads=threads, batch_size=cfg.batch_size or 8, export=export)
+        onnx = OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
         return FallbackRunner(onnx, TorchRunner(fnet, device))
     return TorchRunner(fnet, device, channels_last=cfg.channels_last, compile=cfg.compile)
 
 
 def padding(cfg: ExtractConfig) -> int | None:
     """The multiple images are padded to (``--pad-to``), for aspect-preserving policies on the torch backend."""
-    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend != "onnx":
+    if cfg.pad_to and not parse_size_policy(cfg.size).fixed and cfg.backend not in ("onnx", "openvino"):
         return cfg.pad_to
     return None
 
@@ -124,13 +142,34 @@ def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
 
 
 def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
-    """``--backend auto``: ONNX Runtime on the CPU (2-3.5x eager PyTorch, docs/benchmarks.md), for
-    every size policy (one static graph for one shape, one dynamic graph for many); eager torch
-    on CUDA."""
+    """Whether ``--backend auto`` may use ONNX Runtime: on the CPU (2-3.5x eager PyTorch,
+    docs/benchmarks.md), for every size policy (one static graph for one shape, one dynamic graph for
+    many) when it is installed; eager torch on CUDA."""
     import importlib.util
 
     return (device.type == "cpu" and fnet.exportable and not padding(cfg)
             and importlib.util.find_spec("onnxruntime") is not None)
+
+
+#: size policies for which ``--backend auto`` prefers OpenVINO to ONNX Runtime: ``many`` shapes
+#: (aspect-preserving, --scales), where OpenVINO f32 measured 1.4-1.9x ONNX Runtime (docs/benchmarks.md,
+#: "OpenVINO"); set from the --size model measurement there.
+OPENVINO_AUTO_FIXED = False
+
+
+def auto_prefers_openvino(cfg: ExtractConfig, fnet, device) -> bool:
+    """``--backend auto``: OpenVINO on the CPU where it is installed and was measured faster than ONNX
+    Runtime (aspect-preserving sizes and --scales; :data:`OPENVINO_AUTO_FIXED` for one-shape ones),
+    and always for ``--precision bf16``; ONNX Runtime stays the fallback."""
+    from ..openvino_runtime import available
+
+    if device.type != "cpu" or not fnet.exportable or padding(cfg):
+        return False
+    if cfg.precision != "f32":
+        return True  # only OpenVINO runs it: require() says why not, if it cannot
+    if parse_size_policy(cfg.size).fixed and not OPENVINO_AUTO_FIXED:
+        return False
+    return available()
 
 
 POOLING_FILE = "pooling.npz"

@@ -107,6 +107,8 @@ def _adopt_meta(cfg: ExtractConfig, meta: dict[str, Any]) -> None:
     cfg.dtype = meta.get("dtype", "float32")
     cfg.post = meta.get("post", cfg.post)
     cfg.draft = meta.get("draft_decode", cfg.draft)
+    if cfg.backend in ("auto", "openvino"):  # the store's precision; other backends run f32 (checked on append)
+        cfg.precision = (meta.get("inference") or {}).get("precision", "f32")
 
 
 def plan_work(cfg: ExtractConfig, store: FeatureStore

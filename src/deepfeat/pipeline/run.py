@@ -99,6 +99,9 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
 
     # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
     device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
+    if cfg.precision != "f32" and device.type != "cpu":
+        raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU; this run would use {device} "
+                         "(pass --device cpu)")
     model, layers, pooling, fnet = load_feature_net(cfg, out, device)
     dims = pooled_dims(fnet, model.data_config.input_size)
     if post_file:

@@ -1,0 +1,425 @@
+"""OpenVINO for a :class:`~deepfeat.features.FeatureNet`: its ONNX export compiled for the CPU.
+
+The descriptor network (normalisation, the taps, the pooling, the scales) is exported to ONNX
+exactly as for ONNX Runtime (:func:`deepfeat.onnx_runtime.export`) and compiled by OpenVINO's
+CPU plugin, in one of two precisions (:data:`PRECISIONS`):
+
+* ``f32`` (the default): float32 throughout (``INFERENCE_PRECISION_HINT=f32``; OpenVINO would
+  otherwise pick bf16 on a CPU with AMX). The same descriptors as eager PyTorch within
+  :data:`~deepfeat.onnx_runtime.COSINE_MIN` / :data:`~deepfeat.onnx_runtime.ATOL`.
+* ``bf16`` (opt-in, ``--precision bf16``): bfloat16 matrix products where the CPU has them (AMX
+  or AVX512_BF16); descriptors within :data:`BF16_COSINE_MIN` and :data:`BF16_RTOL` of float32.
+
+Shapes (measured, docs/benchmarks.md "OpenVINO"). ``dynamic`` (aspect-preserving policies,
+``--scales``): one export with dynamic batch, height and width, read into OpenVINO once and compiled
+with dynamic shapes, which runs any input. A compilation for one exact input shape (the same model
+reshaped: no new export) runs 1.3-2.9x faster but costs 0.15-0.9 s, so compiling every new shape
+loses on a collection of many shapes (0.3x on Flowers 17 at ``long:512``). A shape therefore runs on
+the dynamic compilation until the time it has lost there reaches the cost of a compilation (rent or
+buy: :meth:`CompiledGraphs._wants_compile`, both measured as the run goes), then on its own; at most
+:data:`MAX_COMPILED_SHAPES` are kept (least recently used out). In ``bf16`` the dynamic compilation
+is bf16 too (about 2x the f32 one): that needs the graph's arithmetic on shapes in integers (bf16
+rounds an odd side above 256; :func:`deepfeat.onnx_runtime.integer_same_padding`), and is checked at
+:data:`ODD_PROBE`; where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size
+model``, ``warp:``): a graph exported at that shape with a fixed batch (short batches padded with
+zero images), as ONNX Runtime's static graphs.
+
+Checks, before any descriptor is returned: the dynamic graph in f32 against eager PyTorch at a
+second input shape (:func:`deepfeat.onnx_runtime.dynamic_graph_agrees`; a graph with trace-time
+shape constants, such as R-MAC's region grid, fails it and per-shape static exports take over, as
+with ONNX Runtime); the first batch against eager PyTorch at the precision's tolerance
+(:class:`OpenVinoCheckError` if not: ``--backend auto`` then falls back to ONNX Runtime); in bf16
+the dynamic compilation at :data:`ODD_PROBE`; the first per-shape compilation against the dynamic one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .errors import DeepfeatError, UsageError
+from .onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, agreement, dynamic_graph_agrees, export,
+                           trace_shape)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("f32", "bf16")
+EXPORT_KINDS = ("static", "dynamic")
+#: what "the same descriptor" means between a bf16 run and float32 (eager PyTorch, ONNX Runtime,
+#: OpenVINO f32): row cosine at least this, and no component further apart than BF16_RTOL times
+#: the descriptor's largest component. Measured against eager PyTorch on Flowers 17 photos at
+#: long:512, bn2: GeM (136 photos) cosine min 0.9960, median 0.9993, relative diff max 0.15; MAC (68
+#: photos) cosine min 0.9942, median 0.9987, relative diff max 0.31 (a maximum moves with rounding);
+#: three scales, GeM: cosine min 0.9993 (docs/benchmarks.md, "OpenVINO").
+BF16_COSINE_MIN = 0.99
+BF16_RTOL = 0.5
+#: the first shape seen this many times gets its own compilation, which measures what one costs
+#: and how much faster it runs; later shapes by the rent-or-buy rule (CompiledGraphs._wants_compile)
+COMPILE_AT_SIGHT = 2
+#: per-shape compilations are given up if the first one runs less than this times the dynamic one
+MIN_SPEEDUP = 1.1
+#: the input size a dynamic bf16 compilation is checked at (portrait: transposed): odd sides above
+#: 256, which bf16 cannot represent, so float arithmetic on shapes in the graph would show
+ODD_PROBE = (385, 513)
+#: per-shape compilations kept at once (each holds its own weights and activation buffers)
+MAX_COMPILED_SHAPES = 8
+
+
+class OpenVinoCheckError(DeepfeatError):
+    """OpenVINO's result for a batch is not the eager PyTorch one within the precision's tolerance."""
+
+
+def available() -> bool:
+    """Whether the ``openvino`` package imports (the ``[openvino]`` extra)."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or a broken install: either way not usable
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def core():
+    """The process's OpenVINO ``Core``."""
+    return _core()
+
+
+def cpu_capabilities() -> list[str]:
+    return list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 here (AMX or AVX512_BF16)."""
+    return "BF16" in cpu_capabilities()
+
+
+def require(precision: str = "f32") -> None:
+    """Raise :class:`UsageError` unless OpenVINO is installed and runs *precision* on this CPU."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} unknown; choose {', '.join(PRECISIONS)}")
+    if not available():
+        raise UsageError("--backend openvino (and --precision bf16) need OpenVINO: pip install 'deepfeat[openvino]'")
+    if precision == "bf16" and not bf16_supported():
+        raise UsageError("--precision bf16: this CPU has no bfloat16 support OpenVINO can use (it needs AMX or "
+                         f"AVX512_BF16; OpenVINO reports {', '.join(cpu_capabilities())}); use --precision f32")
+
+
+def compare(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool, str]:
+    """Whether *got* is *want* within *precision*'s tolerance, and the numbers."""
+    cos, diff = agreement(got, want)
+    if precision == "bf16":
+        rel = diff / max(float(np.abs(np.asarray(want, np.float64)).max()), 1e-30)
+        return cos >= BF16_COSINE_MIN and rel <= BF16_RTOL, f"cosine {cos:.6f}, max abs diff / max {rel:.3g}"
+    return cos >= COSINE_MIN and diff <= ATOL, f"cosine {cos:.6f}, max abs diff {diff:.2e}"
+
+
+def tolerance(precision: str) -> dict[str, float]:
+    """The tolerance of *precision*, as recorded in a store's ``backend_check``."""
+    if precision == "bf16":
+        return {"min_cosine": BF16_COSINE_MIN, "max_rel_diff": BF16_RTOL}
+    return {"min_cosine": COSINE_MIN, "max_abs_diff": ATOL}
+
+
+def compile_config(threads: int | None, precision: str) -> dict[str, Any]:
+    """CPU plugin settings: the precision, *threads* inference threads, one stream, latency mode,
+    threads not pinned to cores (the decode workers and other jobs share them)."""
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                           "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    return cfg
+
+
+class Compiled:
+    """One compiled model and its infer request, with ONNX Runtime's ``run(None, feed)`` call
+    (so :func:`~deepfeat.onnx_runtime.dynamic_graph_agrees` can check it)."""
+
+    def __init__(self, model, config: dict[str, Any]):
+        self.compiled = core().compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.outputs = len(self.compiled.outputs)
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        self.request.infer({0: np.ascontiguousarray(pixels)})
+        return [self.request.get_output_tensor(i).data.copy() for i in range(self.outputs)]
+
+    def run(self, _names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self(feed["pixels"])
+
+
+def _read(fnet, shape: tuple[int, int, int], kind: str, batch_size: int | None):
+    """Export *fnet* to ONNX (a temporary file) and read it into an OpenVINO model."""
+    tmp = tempfile.mkdtemp(prefix="deepfeat-openvino-")
+    try:
+        path = os.path.join(tmp, "features.onnx")
+        export(fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
+        return core().read_model(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CompiledGraphs:
+    """OpenVINO compilations of one FeatureNet: a dynamic one plus per-shape ones, or static exports."""
+
+    def __init__(self, fnet, kind: str = "dynamic", threads: int | None = None, precision: str = "f32",
+                 batch_size: int | None = None, compile_at: int = COMPILE_AT_SIGHT,
+                 max_shapes: int = MAX_COMPILED_SHAPES):
+        if kind not in EXPORT_KINDS:
+            raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision {precision!r} unknown; choose {', '.join(PRECISIONS)}")
+        self.fnet, self.kind, self.precision = fnet, kind, precision
+        self.config = compile_config(threads, precision)
+        self.batch_size = batch_size if kind == "static" else None
+        self.compile_at, self.max_shapes = max(1, int(compile_at)), max(0, int(max_shapes))
+        self._model = None  # the dynamic graph, reshaped for each per-shape compilation
+        self._dynamic: Compiled | None = None
+        self._shapes: OrderedDict[tuple[int, ...], Compiled] = OrderedDict()  # per-shape compilations (LRU)
+        self._static: OrderedDict[tuple[int, int, int], Compiled] = OrderedDict()  # static exports (LRU)
+        self._seen: dict[tuple[int, ...], int] = {}  # batches of each shape run on the dynamic compilation
+        self._lost: dict[tuple[int, ...], float] = {}  # seconds they lost there (the rent paid)
+        self.compile_cost: float | None = None  # mean seconds of a per-shape compilation, measured
+        self.speedup: float | None = None  # per-shape / dynamic compilation speed, measured on the first
+        self.shape_compiles = 0
+        self.checked = False  # the first batch was compared with eager PyTorch
+        self.fallback_reason: str | None = None  # why the dynamic graph was given up for static exports
+        self.shape_problem: str | None = None  # why per-shape compilations were turned off
+        self.dynamic_precision: str | None = None  # the dynamic compilation's (f32 where bf16 failed its check)
+        self.dynamic_problem: str | None = None  # why a bf16 dynamic compilation was given up
+        self.exports = self.compiles = self.evictions = 0
+        self.export_seconds = self.compile_seconds = 0.0
+
+    @property
+    def export_kind(self) -> str:
+        return "static" if self.kind == "static" or self.fallback_reason else "dynamic"
+
+    def _compile(self, model, precision: str | None = None) -> Compiled:
+        t0 = time.perf_counter()
+        config = dict(self.config, INFERENCE_PRECISION_HINT=precision or self.precision)
+        out = Compiled(model, config)
+        self.compiles += 1
+        self.compile_seconds += time.perf_counter() - t0
+        return out
+
+    def _export(self, shape: tuple[int, int, int], kind: str, batch_size: int | None):
+        t0 = time.perf_counter()
+        model = _read(self.fnet, shape, kind, batch_size)
+        dt = time.perf_counter() - t0
+        self.exports += 1
+        self.export_seconds += dt
+        log.info("exported a %s graph at input %s for OpenVINO in %.1fs", kind, shape, dt)
+        return model
+
+    def _build_dynamic(self, pixels: np.ndarray) -> None:
+        """Export the dynamic graph and check it in f32 at another shape (exactness of the graph
+        itself: bf16's tolerance would hide a shape constant); in bf16, compile it in bf16 too and
+        check that on the batch's first image resized to :data:`ODD_PROBE` (odd sides above 256, which
+        bf16 cannot represent: float shape arithmetic in the graph would show)."""
+        shape = tuple(pixels.shape[1:])
+        self._model = self._export(shape, "dynamic", None)
+        f32 = self._compile(self._model, "f32")
+        ok, why = dynamic_graph_agrees(f32, self.fnet, shape)
+        if not ok:
+            self.fallback_reason = why
+            self._model = None
+            log.warning("the dynamic-shape graph does not match PyTorch at other input sizes (%s): exporting one "
+                        "graph per shape for OpenVINO instead (at most %d kept)", why, MAX_STATIC_GRAPHS)
+            return
+        self._dynamic, self.dynamic_precision = f32, "f32"
+        if self.precision == "bf16":
+            bf16 = self._compile(self._model)
+            odd = odd_probe(pixels[0])
+            ok, why = compare_all(bf16(odd), torch_outputs(self.fnet, odd), "bf16")
+            if ok:
+                self._dynamic, self.dynamic_precision = bf16, "bf16"
+            else:
+                self.dynamic_problem = why
+                log.warning("the dynamic-shape bf16 compilation is not within the bf16 tolerance at input %dx%d (%s): "
+                            "shapes run in f32 until they get their own bf16 compilation", *odd.shape[1:3], why)
+
+    def _static_for(self, shape: tuple[int, int, int]) -> Compiled:
+        comp = self._static.get(shape)
+        if comp is not None:
+            self._static.move_to_end(shape)
+            return comp
+        comp = self._compile(self._export(shape, "static", self.batch_size))
+        self._static[shape] = comp
+        if len(self._static) > MAX_STATIC_GRAPHS:
+            self._static.popitem(last=False)
+            self.evictions += 1
+        return comp
+
+    def _wants_compile(self, key: tuple[int, ...]) -> bool:
+        """Rent or buy: compile a shape once the time its batches have lost on the dynamic compilation
+        (their time there times 1 - 1/speedup) reaches what a compilation costs; the first one at its
+        :data:`COMPILE_AT_SIGHT`-th sight, which measures both (both depend on the model, the
+        input size and the machine's load)."""
+        if self.shape_problem is not None or self.max_shapes < 1 or self._model is None:
+            return False
+        if self.compile_cost is None or self.speedup is None:
+            return self._seen.get(key, 0) >= self.compile_at - 1
+        return self._lost.get(key, 0.0) >= self.compile_cost
+
+    def _measure_first(self, comp: Compiled, dynamic: Compiled, pixels: np.ndarray
+                       ) -> tuple[bool, list[np.ndarray]]:
+        """The first per-shape compilation: the same results as the dynamic one (and those results),
+        and how much faster."""
+        got = comp(pixels)  # the first inference of a compilation sets it up: timed apart
+        t_shape, t_dynamic = [], []
+        for _ in range(2):  # alternately, the faster of two each: robust to a moment of load
+            t0 = time.perf_counter()
+            comp(pixels)
+            t_shape.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            want = dynamic(pixels)
+            t_dynamic.append(time.perf_counter() - t0)
+        t_shape, t_dynamic = min(t_shape), min(t_dynamic)
+        self.speedup = t_dynamic / max(t_shape, 1e-9)
+        ok, why = compare_all(got, want, self.precision)
+        if not ok:
+            self.shape_problem = why
+            log.warning("a per-shape OpenVINO compilation differs from the dynamic one (%s): using the dynamic "
+                        "compilation only", why)
+        elif self.speedup < MIN_SPEEDUP:
+            self.shape_problem = f"a per-shape compilation ran {self.speedup:.2f}x the dynamic one"
+            log.info("%s: not compiling per shape", self.shape_problem)
+        return ok, (got if ok else want)
+
+    def _for_shape(self, dynamic: Compiled, pixels: np.ndarray) -> list[np.ndarray]:
+        """Run on this batch shape's own compilation, made now if :meth:`_wants_compile`, else on the
+        dynamic one (timed, for the rule)."""
+        key = tuple(pixels.shape)
+        comp = self._shapes.get(key)
+        if comp is not None:
+            self._shapes.move_to_end(key)
+            return comp(pixels)
+        if self._wants_compile(key):
+            import openvino as ov
+
+            t0 = time.perf_counter()
+            self._model.reshape({0: ov.PartialShape(list(key))})
+            comp = self._compile(self._model)
+            dt = time.perf_counter() - t0
+            n = self.shape_compiles
+            self.compile_cost = dt if self.compile_cost is None else (self.compile_cost * n + dt) / (n + 1)
+            self.shape_compiles += 1
+            out = None
+            if self.speedup is None:
+                ok, out = self._measure_first(comp, dynamic, pixels)
+                if not ok:
+                    return out
+            self._lost.pop(key, None)
+            self._seen.pop(key, None)
+            self._shapes[key] = comp
+            if len(self._shapes) > self.max_shapes:
+                self._shapes.popitem(last=False)
+                self.evictions += 1
+            return comp(pixels) if out is None else out
+        t0 = time.perf_counter()
+        out = dynamic(pixels)
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if self.speedup is not None:
+            self._lost[key] = self._lost.get(key, 0.0) + (time.perf_counter() - t0) * (1 - 1 / self.speedup)
+        return out
+
+    def _run_batch(self, pixels: np.ndarray) -> list[np.ndarray]:
+        shape = tuple(pixels.shape[1:])
+        if self.kind == "dynamic" and self.fallback_reason is None:
+            if self._dynamic is None:
+                self._build_dynamic(pixels)
+            if self._dynamic is not None:
+                return self._for_shape(self._dynamic, pixels)
+        comp, b = self._static_for(shape), self.batch_size
+        n = len(pixels)
+        if not b or n == b:
+            return comp(pixels)
+        parts = []
+        for i in range(0, n, b):
+            chunk = pixels[i: i + b]
+            m = len(chunk)
+            if m < b:  # every image is computed independently: zero images do not change the others
+                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
+            parts.append([o[:m] for o in comp(chunk)])
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        out = self._run_batch(pixels)
+        if not self.checked:  # the first real batch against eager PyTorch, at the precision's tolerance
+            ok, why = compare_all(out, torch_outputs(self.fnet, pixels), self.precision)
+            if not ok:
+                raise OpenVinoCheckError(f"OpenVINO ({self.precision}) does not give eager PyTorch's descriptors on "
+                                         f"the first batch ({why})")
+            self.checked = True
+        return out
+
+
+def torch_outputs(fnet, pixels: np.ndarray) -> list[np.ndarray]:
+    """Eager PyTorch's descriptors of a uint8 ``N x H x W x C`` batch: the reference of every check."""
+    import torch
+
+    with torch.inference_mode():
+        return [o.float().numpy() for o in fnet(torch.from_numpy(np.ascontiguousarray(pixels)))]
+
+
+def odd_probe(image: np.ndarray) -> np.ndarray:
+    """*image* (``H x W x C``) resized (nearest) to :data:`ODD_PROBE`, in its orientation, as a batch of one."""
+    h, w = ODD_PROBE if image.shape[0] <= image.shape[1] else ODD_PROBE[::-1]
+    rows = np.linspace(0, image.shape[0] - 1, h).round().astype(int)
+    cols = np.linspace(0, image.shape[1] - 1, w).round().astype(int)
+    return np.ascontiguousarray(image[rows][:, cols][None])
+
+
+def compare_all(got: list[np.ndarray], want: list[np.ndarray], precision: str) -> tuple[bool, str]:
+    """:func:`compare` for every output (tapped layer) in turn; the first disagreement."""
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return False, f"output shape {g.shape}, expected {w.shape}"
+        ok, why = compare(g, w, precision)
+        if not ok:
+            return False, why
+    return True, ""
+
+
+class OpenVinoRunner:
+    """Runs a :class:`~deepfeat.features.FeatureNet` with OpenVINO on the CPU (``--backend openvino``).
+
+    *export*: ``dynamic`` for many input shapes, ``static`` for one (see the module). *precision*:
+    ``f32`` or ``bf16``. *threads*: OpenVINO's inference threads (None: its default, every core).
+    """
+
+    name = "openvino"
+
+    def __init__(self, feature_net, threads: int | None = None, batch_size: int | None = None,
+                 export: str = "dynamic", precision: str = "f32"):
+        require(precision)
+        if not getattr(feature_net, "exportable", True):
+            raise UsageError("--backend openvino exports a PyTorch model to ONNX; an onnx: model runs in ONNX "
+                             "Runtime (--backend onnx or auto)")
+        self.fnet = feature_net.eval().cpu()
+        self.threads, self.precision = threads, precision
+        self.graphs = CompiledGraphs(self.fnet, export, threads=threads, precision=precision, batch_size=batch_size)
+
+    @property
+    def export(self) -> str:
+        return self.graphs.export_kind
+
+    @property
+    def export_seconds(self) -> float:
+        return self.graphs.export_seconds + self.graphs.compile_seconds
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return self.graphs.run(pixels)
