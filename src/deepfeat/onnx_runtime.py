@@ -314,17 +314,23 @@ class GraphCache:
         sess, b = self.session(tuple(pixels.shape[1:]))
         if sess is self._dynamic:
             sess = self._fixed_session(sess, pixels)
-        n = len(pixels)
-        if not b or n == b:
-            return list(sess.run(None, {"pixels": np.ascontiguousarray(pixels)}))
-        parts = []
-        for i in range(0, n, b):
-            chunk = pixels[i: i + b]
-            m = len(chunk)
-            if m < b:  # every image is computed independently: zero images do not change the others
-                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
-            parts.append([o[:m] for o in sess.run(None, {"pixels": np.ascontiguousarray(chunk)})])
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return run_in_batches_of(lambda x: list(sess.run(None, {"pixels": np.ascontiguousarray(x)})), pixels, b)
+
+
+def run_in_batches_of(run, pixels: np.ndarray, b: int | None) -> list[np.ndarray]:
+    """*run* (a graph with a fixed batch *b*; None: any batch) over *pixels*, in chunks of *b*,
+    the last padded with zero images, whose outputs are dropped."""
+    n = len(pixels)
+    if not b or n == b:
+        return run(pixels)
+    parts = []
+    for i in range(0, n, b):
+        chunk = pixels[i: i + b]
+        m = len(chunk)
+        if m < b:  # every image is computed independently: zero images do not change the others
+            chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
+        parts.append([o[:m] for o in run(chunk)])
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 #: Input pixels per image (summed over scales) from which inference, not decoding, is the cost

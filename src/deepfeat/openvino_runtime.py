@@ -47,7 +47,7 @@ import numpy as np
 
 from .errors import DeepfeatError, UsageError
 from .onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, agreement, dynamic_graph_agrees, export,
-                           trace_shape)
+                           run_in_batches_of, trace_shape)
 
 log = logging.getLogger(__name__)
 
@@ -343,18 +343,7 @@ class CompiledGraphs:
                 self._build_dynamic(pixels)
             if self._dynamic is not None:
                 return self._for_shape(self._dynamic, pixels)
-        comp, b = self._static_for(shape), self.batch_size
-        n = len(pixels)
-        if not b or n == b:
-            return comp(pixels)
-        parts = []
-        for i in range(0, n, b):
-            chunk = pixels[i: i + b]
-            m = len(chunk)
-            if m < b:  # every image is computed independently: zero images do not change the others
-                chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), chunk.dtype)])
-            parts.append([o[:m] for o in comp(chunk)])
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return run_in_batches_of(self._static_for(shape), pixels, self.batch_size)
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         out = self._run_batch(pixels)
