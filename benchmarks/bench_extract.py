@@ -25,6 +25,11 @@ the naive loop stay float32). --rounds R then interleaves R rounds of the naive 
 pipeline of --backend (auto by default), the ONNX Runtime pipeline (a row kept for comparison)
 and the model-only limit of the engine --backend ran on, and prints medians of within-round ratios.
 
+Every measurement runs in a process of its own (:func:`isolated`): once ONNX Runtime, OpenVINO
+and PyTorch have each run in one process, their idle thread pools slow whichever runs next
+(measured: a naive loop after both ran at 0.4 img/s instead of 2.5), so sharing a process would
+bias every ratio by the order of the steps.
+
     python benchmarks/bench_extract.py --images ../shared/data/flowers17 --n 640
     python benchmarks/bench_extract.py --policy long:512 --n 320
     python benchmarks/bench_extract.py --policy long:512 --scales 1,0.707,0.5 --n 160
@@ -40,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -198,7 +204,30 @@ def pipeline(paths_file: str, backend: str, layer: str, pool: str, batch: int | 
         shutil.rmtree(out, ignore_errors=True)
 
 
+STEPS = {"naive_loop": naive_loop, "decode_only": decode_only, "model_only": model_only,
+         "model_only_images": model_only_images, "pipeline": pipeline}
+
+
+def isolated(step: str, *args, **kwargs):
+    """``STEPS[step](*args, **kwargs)`` in a fresh Python process; its result (JSON) is returned."""
+    spec = json.dumps({"step": step, "args": args, "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", spec], check=False,
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark step {step} failed (exit {proc.returncode}); its messages are above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_step(spec: str) -> int:
+    """The child side of :func:`isolated`: run one step, print its result as the last line."""
+    s = json.loads(spec)
+    print(json.dumps(STEPS[s["step"]](*s["args"], **s["kwargs"])), flush=True)
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--step":
+        return run_step(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers17"))
     ap.add_argument("--n", type=int, default=640, help="number of images (default 640)")
@@ -220,6 +249,7 @@ def main() -> int:
                     help="R > 1: after the table, R interleaved rounds of (a) naive, the --backend pipeline, the ONNX "
                          "Runtime pipeline and the model-only limits, each round's ratios taken within the round; "
                          "the medians are printed (robust to a machine whose load changes during the run)")
+    ap.add_argument("--no-table", action="store_true", help="skip the table of every row (with --rounds: rounds only)")
     ap.add_argument("--out", default="bench-out/extract.json")
     args = ap.parse_args()
 
@@ -244,14 +274,32 @@ def main() -> int:
           f"workers; precision {args.precision}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     res: dict = {"policy": args.policy, "scales": list(scales), "threads": threads, "workers": workers,
                  "precision": args.precision, "load_average_start": os.getloadavg()[0]}
-    res["naive"] = naive_loop(naive_paths, args.layer, args.pool, args.policy, scales)
-    res["decode_only"] = decode_only(paths, max(1, workers), args.policy)
+    if not args.no_table:
+        table(args, res, paths, naive_paths, scales, threads, workers, fixed, engines)
+        report(res, workers, engines)
+    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                      "n_images": len(paths), "naive_n": len(naive_paths)}
+    if args.rounds > 1:
+        res["rounds"] = interleaved_rounds(args, listing_paths=paths, naive_paths=naive_paths, scales=scales,
+                                           threads=threads, fixed=fixed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def table(args, res: dict, paths: list[str], naive_paths: list[str], scales, threads: int, workers: int,
+          fixed: bool, engines: list[str]) -> None:
+    """One of each row, into *res*: the naive loop, decode only, each engine's model-only limit, each pipeline."""
+    res["naive"] = isolated("naive_loop", naive_paths, args.layer, args.pool, args.policy, scales)
+    res["decode_only"] = isolated("decode_only", paths, max(1, workers), args.policy)
     for b in engines:
         prec = args.precision if b == "openvino" else "f32"
         if fixed and scales == (1.0,):
-            res[f"model_{b}"] = model_only(b, args.layer, args.pool, args.batch_size, 4, threads, prec)
+            res[f"model_{b}"] = isolated("model_only", b, args.layer, args.pool, args.batch_size, 4, threads, prec)
         else:  # the real shapes, pre-decoded, batched as the pipeline does
-            r = model_only_images(b, paths, args.layer, args.pool, args.policy, scales, args.batch_size, threads, prec)
+            r = isolated("model_only_images", b, paths, args.layer, args.pool, args.policy, scales,
+                         args.batch_size, threads, prec)
             res[f"model_{b}"] = r["images_per_s"]
             res[f"model_{b}_detail"] = r
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -262,20 +310,10 @@ def main() -> int:
     try:
         for b in (["auto", "onnx"] if args.no_torch_pipeline else ["torch", "auto", "onnx"]) + engines[2:]:
             prec = args.precision if b in ("auto", "openvino") else "f32"
-            res[f"pipeline_{b}"] = pipeline(listing, b, args.layer, args.pool, batch, args.workers, precision=prec,
-                                            **common)
+            res[f"pipeline_{b}"] = isolated("pipeline", listing, b, args.layer, args.pool, batch, args.workers,
+                                            precision=prec, **common)
     finally:
         os.unlink(listing)
-    report(res, workers, engines)
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                      "n_images": len(paths), "naive_n": len(naive_paths)}
-    if args.rounds > 1:
-        res["rounds"] = interleaved_rounds(args, listing_paths=paths, naive_paths=naive_paths, scales=scales,
-                                           threads=threads, fixed=fixed)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    return 0
 
 
 def report(res: dict, workers: int, engines: list[str]) -> None:
@@ -311,9 +349,9 @@ def report(res: dict, workers: int, engines: list[str]) -> None:
 def _limit(engine: str, args, paths: list[str], scales, threads: int, fixed: bool) -> float:
     prec = args.precision if engine == "openvino" else "f32"
     if fixed and scales == (1.0,):
-        return model_only(engine, args.layer, args.pool, args.batch_size, 4, threads, prec)
-    return model_only_images(engine, paths, args.layer, args.pool, args.policy, scales, args.batch_size, threads,
-                             prec)["images_per_s"]
+        return isolated("model_only", engine, args.layer, args.pool, args.batch_size, 4, threads, prec)
+    return isolated("model_only_images", engine, paths, args.layer, args.pool, args.policy, scales, args.batch_size,
+                    threads, prec)["images_per_s"]
 
 
 def interleaved_rounds(args, listing_paths: list[str], naive_paths: list[str], scales, threads: int,
@@ -332,14 +370,14 @@ def interleaved_rounds(args, listing_paths: list[str], naive_paths: list[str], s
     rounds = []
     try:
         for r in range(args.rounds):
-            naive = naive_loop(naive_paths, args.layer, args.pool, args.policy, scales)
-            pipe = pipeline(listing, args.backend, args.layer, args.pool, batch, args.workers,
+            naive = isolated("naive_loop", naive_paths, args.layer, args.pool, args.policy, scales)
+            pipe = isolated("pipeline", listing, args.backend, args.layer, args.pool, batch, args.workers,
                             precision=args.precision, **kw)
             engine = pipe["backend"]
             row = {"naive": naive, "backend": engine, "pipeline": pipe["images_per_s"]}
             if engine != "onnx":
-                row["pipeline_onnx"] = pipeline(listing, "onnx", args.layer, args.pool, batch, args.workers,
-                                                **kw)["images_per_s"]
+                row["pipeline_onnx"] = isolated("pipeline", listing, "onnx", args.layer, args.pool, batch,
+                                                args.workers, **kw)["images_per_s"]
             row["limit"] = _limit(engine, args, listing_paths, scales, threads, fixed)
             if engine != "onnx":
                 row["limit_onnx"] = _limit("onnx", args, listing_paths, scales, threads, fixed)

@@ -125,6 +125,33 @@ def test_dynamic_graph_with_shape_constants_falls_back_to_static_graphs(lite0, r
     assert ort.graphs.graphs == 2 and ort.graphs.evictions == 2 and ort.graphs.exports == 5
 
 
+def test_auto_runs_shape_constant_networks_in_torch_with_one_export(collection, tmp_path, monkeypatch, caplog):
+    """--backend auto with R-MAC at an aspect-preserving size: the dynamic graph fails its check once,
+    and auto runs eager torch (one export in all, not one per image shape), with torch's descriptors;
+    --backend onnx still takes per-shape static graphs (the user asked for ONNX Runtime)."""
+    from deepfeat import onnx_runtime
+
+    exported = []
+    real_export = onnx_runtime.export
+    monkeypatch.setattr(onnx_runtime, "export", lambda *a, **k: (exported.append(a[3]), real_export(*a, **k)))
+    if "deepfeat.openvino_runtime" in __import__("sys").modules:  # it imported the name: count there too
+        monkeypatch.setattr("deepfeat.openvino_runtime.export", onnx_runtime.export)
+    kw = dict(inputs=[str(collection)], size="long:160", pooling="rmac", layers=["blocks.4"], workers=0,
+              progress="none", limit=6, post="none")
+    extract(ExtractConfig(output=str(tmp_path / "auto"), **kw))
+    extract(ExtractConfig(output=str(tmp_path / "torch"), backend="torch", **kw))
+    auto, eager = FeatureStore(tmp_path / "auto"), FeatureStore(tmp_path / "torch")
+    assert exported == ["dynamic"]  # one check, shared by every engine auto tried
+    assert auto.meta["inference"]["backend"] == "torch"
+    assert "DynamicGraphError" in caplog.text and "at other input sizes" in caplog.text
+    assert auto.paths == eager.paths
+    _assert_same(auto.raw(), eager.raw())
+    exported.clear()
+    extract(ExtractConfig(output=str(tmp_path / "onnx"), backend="onnx", **kw))
+    assert exported[0] == "dynamic" and exported[1:] and set(exported[1:]) == {"static"}
+    assert FeatureStore(tmp_path / "onnx").meta["inference"]["backend"] == "onnx"
+
+
 def test_masked_pooling_over_padded_maps_equals_unpadded_pooling(lite0, photos):
     """Feature maps of real photos at three sizes, padded into one batch with large garbage values:
     masked pooling gives each map's own pooling (to float rounding)."""

@@ -60,6 +60,10 @@ class FeatureNet(torch.nn.Module):
         self.layers = list(layers)
         self.taps = make_taps(model, self.layers)
         self.exportable = getattr(model, "exportable", True)
+        #: why a dynamic-shape export of this network does not give its descriptors at other input
+        #: sizes (set by the first check, :func:`deepfeat.onnx_runtime.dynamic_graph_agrees`), so that
+        #: the next engine does not export and check it again; None: not known to fail
+        self.dynamic_problem: str | None = None
         self.pooling = pooling
         self.scales = tuple(float(s) for s in scales)
         self.scale_combine = scale_combine
@@ -134,13 +138,15 @@ class OnnxRunner:
     :data:`~deepfeat.onnx_runtime.MAX_STATIC_GRAPHS` static graphs are kept (LRU).
     ``dynamic``: one graph with dynamic batch, height and width, for the many shapes of
     aspect-preserving and multi-scale policies; checked against PyTorch at a second shape
-    after the export, and replaced by static graphs if it does not agree.
+    after the export, and replaced by static graphs if it does not agree (*on_mismatch*
+    ``static``) or refused with :class:`~deepfeat.onnx_runtime.DynamicGraphError` (``raise``:
+    ``--backend auto``, which then runs eager PyTorch).
     """
 
     name = "onnx"
 
     def __init__(self, feature_net: FeatureNet, threads: int | None = None, cache_dir: str | None = None,
-                 batch_size: int | None = None, export: str = "static"):
+                 batch_size: int | None = None, export: str = "static", on_mismatch: str = "static"):
         try:
             import onnxruntime as ort  # noqa: F401
         except ImportError:
@@ -149,7 +155,8 @@ class OnnxRunner:
 
         self.fnet = feature_net.eval().cpu()
         self.threads = threads
-        self.graphs = GraphCache(self.fnet, export, threads=threads, batch_size=batch_size, cache_dir=cache_dir)
+        self.graphs = GraphCache(self.fnet, export, threads=threads, batch_size=batch_size, cache_dir=cache_dir,
+                                 on_mismatch=on_mismatch)
         # a network that already runs in ONNX Runtime (an onnx: model) is not re-exported
         self._eager = None if feature_net.exportable else TorchRunner(feature_net, torch.device("cpu"))
 

@@ -12,7 +12,10 @@ retrieval sizes"):
   network, normalisation or pooling turns the input shape into a constant at trace time
   (R-MAC's region grid, SPoC's centre prior, a Caffe mean image, ...). That is checked
   once, right after the export, at a second shape against eager PyTorch
-  (:func:`dynamic_graph_agrees`); a graph that fails falls back to ``static`` per shape.
+  (:func:`dynamic_graph_agrees`); a graph that fails falls back to ``static`` per shape, or, for
+  ``--backend auto`` (*on_mismatch* ``raise``), raises :class:`DynamicGraphError` so that auto
+  runs eager PyTorch instead: one export per distinct shape costs far more than eager inference
+  on a collection of many shapes (400 images at ``long:512`` x 3 scales with R-MAC: over 25 min).
   A batch shape (N, H, W) seen a second time gets its own session of the same graph with
   those dimensions fixed (ONNX Runtime's free-dimension overrides: no export, about 0.05 s),
   which runs 1.2-1.4x the dynamic session at ``long:512``/``long:1024`` (docs/benchmarks.md);
@@ -37,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DeepfeatError
+
 log = logging.getLogger(__name__)
 
 EXPORT_KINDS = ("static", "dynamic")
@@ -49,6 +54,39 @@ MAX_FIXED_SESSIONS = 4
 #: cosine similarity at least this, and no component further apart than ATOL
 COSINE_MIN = 0.9999
 ATOL = 1e-4
+
+
+#: what a dynamic graph that fails its check does: export one graph per shape, or raise
+ON_MISMATCH = ("static", "raise")
+
+
+class DynamicGraphError(DeepfeatError):
+    """The network's dynamic-shape export does not give its descriptors at other input sizes (shape
+    constants at trace time: R-MAC's region grid, SPoC's centre prior); raised where per-shape graphs
+    are not wanted instead (``--backend auto``)."""
+
+
+def dynamic_problem(fnet, check) -> str | None:
+    """Why *fnet*'s dynamic export disagrees with eager PyTorch (None: it agrees). *check* exports,
+    compiles and checks (returning ``(ok, why)``); it runs once per network, the answer is kept on
+    *fnet* (``dynamic_problem``), so a second engine (auto's fallback) does not export it again."""
+    why = getattr(fnet, "dynamic_problem", None)
+    if why is None:
+        ok, why = check()
+        if ok:
+            return None
+        fnet.dynamic_problem = why
+    return why
+
+
+def dynamic_mismatch(why: str, engine: str, on_mismatch: str, max_static: int) -> None:
+    """After a failed dynamic check: raise :class:`DynamicGraphError` (*on_mismatch* ``raise``), or
+    say that one graph per shape follows."""
+    if on_mismatch == "raise":
+        raise DynamicGraphError(f"the dynamic-shape graph does not give PyTorch's descriptors at other input sizes "
+                                f"({why}); one {engine} graph per input shape would be exported")
+    log.warning("the dynamic-shape graph does not match PyTorch at other input sizes (%s): exporting one %s graph "
+                "per shape instead (at most %d kept)", why, engine, max_static)
 
 
 def session_options(threads: int | None):
@@ -208,10 +246,13 @@ class GraphCache:
     """ONNX Runtime sessions for one FeatureNet: one dynamic graph, or static graphs per shape (LRU)."""
 
     def __init__(self, fnet, kind: str = "static", threads: int | None = None, batch_size: int | None = None,
-                 cache_dir: str | None = None, max_static: int = MAX_STATIC_GRAPHS):
+                 cache_dir: str | None = None, max_static: int = MAX_STATIC_GRAPHS, on_mismatch: str = "static"):
         if kind not in EXPORT_KINDS:
             raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch {on_mismatch!r}; choose {', '.join(ON_MISMATCH)}")
         self.fnet, self.kind, self.threads, self.cache_dir = fnet, kind, threads, cache_dir
+        self.on_mismatch = on_mismatch
         self.batch_size = batch_size if kind == "static" else None
         self.max_static = max(1, int(max_static))
         self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
@@ -260,14 +301,19 @@ class GraphCache:
         """(session, the batch size it must be fed: None for any) for inputs of *shape*."""
         if self.kind == "dynamic" and self.fallback_reason is None:
             if self._dynamic is None:
-                sess = self._build("dynamic", shape, None)
-                ok, why = dynamic_graph_agrees(sess, self.fnet, shape)
-                if ok:
-                    self._dynamic = sess
+                built = []
+
+                def check():
+                    built.append(self._build("dynamic", shape, None))
+                    return dynamic_graph_agrees(built[0], self.fnet, shape)
+
+                why = dynamic_problem(self.fnet, check)
+                if why is None:
+                    self._dynamic = built[0]
                 else:
+                    self._dynamic_model = None
+                    dynamic_mismatch(why, "ONNX", self.on_mismatch, self.max_static)
                     self.fallback_reason = why
-                    log.warning("the dynamic-shape ONNX graph does not match PyTorch at other input sizes (%s): "
-                                "exporting one graph per shape instead (at most %d kept)", why, self.max_static)
             if self._dynamic is not None:
                 return self._dynamic, None
         sess = self._static.get(shape)

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from .errors import DeepfeatError, UsageError
-from .onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, agreement, dynamic_graph_agrees, export,
-                           run_in_batches_of, trace_shape)
+from .onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, ON_MISMATCH, agreement, dynamic_graph_agrees,
+                           dynamic_mismatch, dynamic_problem, export, run_in_batches_of, trace_shape)
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,12 @@ class CompiledGraphs:
 
     def __init__(self, fnet, kind: str = "dynamic", threads: int | None = None, precision: str = "f32",
                  batch_size: int | None = None, compile_at: int = COMPILE_AT_SIGHT,
-                 max_shapes: int = MAX_COMPILED_SHAPES):
+                 max_shapes: int = MAX_COMPILED_SHAPES, on_mismatch: str = "static"):
         if kind not in EXPORT_KINDS:
             raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch {on_mismatch!r}; choose {', '.join(ON_MISMATCH)}")
+        self.on_mismatch = on_mismatch
         if precision not in PRECISIONS:
             raise UsageError(f"--precision {precision!r} unknown; choose {', '.join(PRECISIONS)}")
         self.fnet, self.kind, self.precision = fnet, kind, precision
@@ -230,15 +233,20 @@ class CompiledGraphs:
         check that on the batch's first image resized to :data:`ODD_PROBE` (odd sides above 256, which
         bf16 cannot represent: float shape arithmetic in the graph would show)."""
         shape = tuple(pixels.shape[1:])
-        self._model = self._export(shape, "dynamic", None)
-        f32 = self._compile(self._model, "f32")
-        ok, why = dynamic_graph_agrees(f32, self.fnet, shape)
-        if not ok:
-            self.fallback_reason = why
+        compiled = []
+
+        def check():
+            self._model = self._export(shape, "dynamic", None)
+            compiled.append(self._compile(self._model, "f32"))
+            return dynamic_graph_agrees(compiled[0], self.fnet, shape)
+
+        why = dynamic_problem(self.fnet, check)
+        if why is not None:
             self._model = None
-            log.warning("the dynamic-shape graph does not match PyTorch at other input sizes (%s): exporting one "
-                        "graph per shape for OpenVINO instead (at most %d kept)", why, MAX_STATIC_GRAPHS)
+            dynamic_mismatch(why, "OpenVINO", self.on_mismatch, MAX_STATIC_GRAPHS)
+            self.fallback_reason = why
             return
+        f32 = compiled[0]
         self._dynamic, self.dynamic_precision = f32, "f32"
         if self.precision == "bf16":
             bf16 = self._compile(self._model)
@@ -393,14 +401,15 @@ class OpenVinoRunner:
     name = "openvino"
 
     def __init__(self, feature_net, threads: int | None = None, batch_size: int | None = None,
-                 export: str = "dynamic", precision: str = "f32"):
+                 export: str = "dynamic", precision: str = "f32", on_mismatch: str = "static"):
         require(precision)
         if not getattr(feature_net, "exportable", True):
             raise UsageError("--backend openvino exports a PyTorch model to ONNX; an onnx: model runs in ONNX "
                              "Runtime (--backend onnx or auto)")
         self.fnet = feature_net.eval().cpu()
         self.threads, self.precision = threads, precision
-        self.graphs = CompiledGraphs(self.fnet, export, threads=threads, precision=precision, batch_size=batch_size)
+        self.graphs = CompiledGraphs(self.fnet, export, threads=threads, precision=precision, batch_size=batch_size,
+                                     on_mismatch=on_mismatch)
 
     @property
     def export(self) -> str:

@@ -102,15 +102,18 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
     # one graph with dynamic height and width (docs/benchmarks.md, "ONNX Runtime at retrieval sizes")
     export = "static" if parse_size_policy(cfg.size).fixed else "dynamic"
     batch = cfg.batch_size or 8
+    # auto: a network whose dynamic graph fails its check runs in eager torch, not in one exported
+    # graph per input shape (an export every few images; docs/benchmarks.md, "auto and R-MAC")
+    mismatch = "raise" if cfg.backend == "auto" else "static"
+    kw = {"threads": threads, "batch_size": batch, "export": export, "on_mismatch": mismatch}
     if cfg.backend == "openvino" or (cfg.backend == "auto" and auto_prefers_openvino(cfg, fnet, device)):
         from ..openvino_runtime import OpenVinoRunner
 
-        ov = OpenVinoRunner(fnet, threads=threads, batch_size=batch, export=export, precision=cfg.precision)
+        ov = OpenVinoRunner(fnet, precision=cfg.precision, **kw)
         if cfg.backend == "openvino":
             return ov
         if auto_prefers_onnx(cfg, fnet, device):
-            safe = FallbackRunner(OnnxRunner(fnet, threads=threads, batch_size=batch, export=export),
-                                  TorchRunner(fnet, device))
+            safe = FallbackRunner(OnnxRunner(fnet, **kw), TorchRunner(fnet, device))
         else:
             safe = TorchRunner(fnet, device)
         return FallbackRunner(ov, safe)
@@ -118,10 +121,9 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
         raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU only (--backend openvino or auto "
                          f"on the CPU; this run: backend {cfg.backend}, device {device})")
     if cfg.backend == "onnx":
-        return OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
+        return OnnxRunner(fnet, **kw)
     if cfg.backend == "auto" and auto_prefers_onnx(cfg, fnet, device):
-        onnx = OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
-        return FallbackRunner(onnx, TorchRunner(fnet, device))
+        return FallbackRunner(OnnxRunner(fnet, **kw), TorchRunner(fnet, device))
     return TorchRunner(fnet, device, channels_last=cfg.channels_last, compile=cfg.compile)
 
 
