@@ -14,7 +14,7 @@ from deepfeat.errors import UsageError
 from deepfeat.features import FeatureNet, TorchRunner
 from deepfeat.images import decode_image, discover
 from deepfeat.onnx_runtime import ATOL, COSINE_MIN, agreement
-from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.pipeline import ExtractConfig, extract, network
 from deepfeat.pooling import get_pooling
 from deepfeat.preprocess import parse_size_policy
 from deepfeat.store import FeatureStore
@@ -57,9 +57,10 @@ def _assert_same(got, want):
 
 
 @pytest.mark.parametrize("size,scales", [("long:512", (1.0,)), ("long:384", (1.0, 0.707, 0.5))])
-def test_openvino_equals_torch_at_aspect_preserving_sizes(ov, lite0, images, size, scales):
+def test_openvino_equals_torch_at_aspect_preserving_sizes(ov, lite0, images, size, scales, monkeypatch):
     """f32 OpenVINO gives eager torch's descriptors (cosine >= 0.9999, max abs diff <= 1e-4) for two
     taps, on every shape: first on the dynamic compilation, then on a shape's own compilation."""
+    monkeypatch.setattr(openvino_runtime, "MIN_SPEEDUP", 0.0)  # kept whatever its speed-up under load
     fnet = FeatureNet(lite0, ["blocks.5", "bn2"], get_pooling("gem"), scales)
     ref = TorchRunner(fnet, torch.device("cpu"))
     run = openvino_runtime.OpenVinoRunner(fnet, threads=2, export="dynamic")
@@ -94,13 +95,14 @@ def test_openvino_shape_constants_fall_back_to_static_exports(ov, lite0, images,
     assert "does not match PyTorch" in caplog.text
 
 
-def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images):
+def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images, monkeypatch):
     """bf16: every descriptor within BF16_COSINE_MIN / BF16_RTOL of eager torch's float32 one, on the
     dynamic bf16 compilation (odd sides above 256 included: the graph's shape arithmetic is integer)
     and on per-shape ones; and bf16 is really used."""
     fnet = FeatureNet(lite0, ["blocks.5", "bn2"], get_pooling("gem"))
     ref = TorchRunner(fnet, torch.device("cpu"))
     run = openvino_runtime.OpenVinoRunner(fnet, threads=2, export="dynamic", precision="bf16")
+    monkeypatch.setattr(openvino_runtime, "MIN_SPEEDUP", 0.0)  # per-shape compilations whatever their speed
     pixels = _pixels(images, "long:384", lite0)
     pixels.append(np.ascontiguousarray(pixels[0][:287, :383]))  # odd sides, one above 256
     cosines = []
@@ -135,6 +137,26 @@ def test_bf16_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)
     with pytest.raises(UsageError, match=r"pip install 'deepfeat\[openvino\]'"):
         ExtractConfig(backend="openvino", inputs=["x"], output=str(tmp_path / "o")).validate()
+
+
+def test_auto_prefers_openvino_where_it_was_measured_faster(lite0, monkeypatch):
+    """auto: OpenVINO f32 for one scale of an aspect-preserving size, ONNX Runtime with --scales and
+    for one-shape policies; OpenVINO always for bf16; never on CUDA."""
+    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+    fnet = FeatureNet(lite0, ["bn2"], get_pooling("gem"))
+    cpu = torch.device("cpu")
+
+    def prefers(**kw):
+        return network.auto_prefers_openvino(ExtractConfig(inputs=["x"], output="o", **kw), fnet, cpu)
+
+    assert prefers(size="long:1024") and prefers(size="long:512") and prefers(size="native")
+    assert not prefers(size="long:1024", scales=(1.0, 0.707, 0.5))
+    assert not prefers(size="model") and not prefers(size="warp:300")
+    assert prefers(size="long:512", precision="bf16") and prefers(size="model", precision="bf16")
+    assert not network.auto_prefers_openvino(ExtractConfig(inputs=["x"], output="o", size="long:1024"), fnet,
+                                             torch.device("cuda"))
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    assert not prefers(size="long:1024")
 
 
 def test_auto_falls_back_to_onnx_runtime_without_openvino(collection, tmp_path, monkeypatch):

@@ -153,23 +153,29 @@ def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
             and importlib.util.find_spec("onnxruntime") is not None)
 
 
-#: size policies for which ``--backend auto`` prefers OpenVINO to ONNX Runtime: ``many`` shapes
-#: (aspect-preserving, --scales), where OpenVINO f32 measured 1.4-1.9x ONNX Runtime (docs/benchmarks.md,
-#: "OpenVINO"); set from the --size model measurement there.
+#: ``--backend auto`` prefers OpenVINO float32 to ONNX Runtime for one-shape policies (``--size model``,
+#: ``warp:``): not measured faster there
 OPENVINO_AUTO_FIXED = False
 
 
 def auto_prefers_openvino(cfg: ExtractConfig, fnet, device) -> bool:
     """``--backend auto``: OpenVINO on the CPU where it is installed and was measured faster than ONNX
-    Runtime (aspect-preserving sizes and --scales; :data:`OPENVINO_AUTO_FIXED` for one-shape ones),
-    and always for ``--precision bf16``; ONNX Runtime stays the fallback."""
+    Runtime, and always for ``--precision bf16``; ONNX Runtime stays the fallback.
+
+    Measured end to end, each engine in its own process (docs/benchmarks.md, "OpenVINO and bf16"):
+    at one scale of an aspect-preserving size OpenVINO f32 ran 1.15x ONNX Runtime at ``long:512``
+    (160 images), 1.25x at ``long:768`` and 1.14x at ``long:1024``; with ``--scales 1,0.707,0.5``
+    0.83x, so auto keeps ONNX Runtime there; one-shape policies: :data:`OPENVINO_AUTO_FIXED`."""
     from ..openvino_runtime import available
 
     if device.type != "cpu" or not fnet.exportable or padding(cfg):
         return False
     if cfg.precision != "f32":
         return True  # only OpenVINO runs it: require() says why not, if it cannot
-    if parse_size_policy(cfg.size).fixed and not OPENVINO_AUTO_FIXED:
+    if parse_size_policy(cfg.size).fixed:
+        if not OPENVINO_AUTO_FIXED:
+            return False
+    elif len(cfg.scales) > 1:
         return False
     return available()
 
