@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import isolated  # noqa: E402
+from bench_extract import isolated
 
 
 def main() -> int:
