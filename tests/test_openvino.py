@@ -95,6 +95,25 @@ def test_openvino_shape_constants_fall_back_to_static_exports(ov, lite0, images,
     assert "does not match PyTorch" in caplog.text
 
 
+def test_per_shape_compilations_and_kernel_cache_are_bounded_by_input_size(ov, lite0, images, monkeypatch):
+    """Memory at large inputs: per-shape compilations are evicted to stay within MAX_COMPILED_PIXELS
+    (the most recent always kept), still exact; OpenVINO's kernel cache per shape is off for large inputs."""
+    monkeypatch.setattr(openvino_runtime, "MIN_SPEEDUP", 0.0)
+    fnet = FeatureNet(lite0, ["bn2"], get_pooling("gem"))
+    pixels = _pixels(images, "long:160", lite0)
+    assert len({im.shape for im in pixels}) >= 2
+    graphs = openvino_runtime.CompiledGraphs(fnet, "dynamic", threads=2, max_pixels=100 * 100)  # < one image
+    graphs._wants_compile = lambda key: True  # every shape on its own compilation
+    ref = TorchRunner(fnet, torch.device("cpu"))
+    for im in pixels + pixels[:1]:
+        _assert_same(graphs.run(im[None])[0], ref(im[None])[0])
+        assert list(graphs._shapes) == [(1, *im.shape)]  # the most recent only: over the budget alone
+    assert graphs.shape_compiles >= 3 and graphs.evictions == graphs.shape_compiles - 1
+    assert graphs.config["CPU_RUNTIME_CACHE_CAPACITY"] == openvino_runtime.RUNTIME_CACHE_CAPACITY  # small
+    assert openvino_runtime.runtime_cache_capacity(768 * 1024) == 0
+    assert openvino_runtime.runtime_cache_capacity(384 * 512) == openvino_runtime.RUNTIME_CACHE_CAPACITY > 0
+
+
 def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images, monkeypatch):
     """bf16: every descriptor within BF16_COSINE_MIN / BF16_RTOL of eager torch's float32 one, on the
     dynamic bf16 compilation (odd sides above 256 included: the graph's shape arithmetic is integer)

@@ -17,7 +17,9 @@ reshaped: no new export) runs 1.3-2.9x faster but costs 0.15-0.9 s, so compiling
 loses on a collection of many shapes (0.3x on Flowers 17 at ``long:512``). A shape therefore runs on
 the dynamic compilation until the time it has lost there reaches the cost of a compilation (rent or
 buy: :meth:`CompiledGraphs._wants_compile`, both measured as the run goes), then on its own; at most
-:data:`MAX_COMPILED_SHAPES` are kept (least recently used out). In ``bf16`` the dynamic compilation
+:data:`MAX_COMPILED_SHAPES` holding at most :data:`MAX_COMPILED_PIXELS` input pixels are kept (least
+recently used out); OpenVINO's kernel cache per input shape is off from :data:`RUNTIME_CACHE_OFF_PIXELS`
+(``long:768`` up), where it grew the memory by about 1-2 MB per new shape. In ``bf16`` the dynamic compilation
 is bf16 too (about 2x the f32 one): that needs the graph's arithmetic on shapes in integers (bf16
 rounds an odd side above 256; :func:`deepfeat.onnx_runtime.integer_same_padding`), and is checked at
 :data:`ODD_PROBE`; where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size
@@ -69,8 +71,24 @@ MIN_SPEEDUP = 1.1
 #: the input size a dynamic bf16 compilation is checked at (portrait: transposed): odd sides above
 #: 256, which bf16 cannot represent, so float arithmetic on shapes in the graph would show
 ODD_PROBE = (385, 513)
-#: per-shape compilations kept at once (each holds its own weights and activation buffers)
+#: per-shape compilations kept at once (each holds its own weights and activation buffers) ...
 MAX_COMPILED_SHAPES = 8
+#: ... and at most this many input pixels (N x H x W) over all of them, the first always kept: each
+#: held about 120 MB at 768 x 1024, so at ``long:1024`` two are kept, at ``long:512`` eight
+#: (docs/benchmarks.md, "At long:1024")
+MAX_COMPILED_PIXELS = 2 * 768 * 1024
+#: OpenVINO's CPU runtime cache (``CPU_RUNTIME_CACHE_CAPACITY``: kernels kept per input shape of the
+#: dynamic compilation) at OpenVINO's default capacity below RUNTIME_CACHE_OFF_PIXELS input pixels per
+#: image (``long:512``: 384 x 512), off from there (``long:768``: 576 x 768, and up). Measured on 400 Flowers 17 photos (docs/benchmarks.md, "At long:1024"): at
+#: ``long:1024`` it grew the memory by about 1-2 MB per new shape (+300 MB from 100 to 400 images; off:
+#: flat) for 7% of speed; at ``long:512`` by about 0.5 MB per new shape (+137 MB) for 11%.
+RUNTIME_CACHE_CAPACITY = 5000
+RUNTIME_CACHE_OFF_PIXELS = 400_000
+
+
+def runtime_cache_capacity(pixels: int) -> int:
+    """``CPU_RUNTIME_CACHE_CAPACITY`` for a dynamic compilation fed images of about *pixels* pixels."""
+    return 0 if pixels >= RUNTIME_CACHE_OFF_PIXELS else RUNTIME_CACHE_CAPACITY
 
 
 class OpenVinoCheckError(DeepfeatError):
@@ -177,7 +195,8 @@ class CompiledGraphs:
 
     def __init__(self, fnet, kind: str = "dynamic", threads: int | None = None, precision: str = "f32",
                  batch_size: int | None = None, compile_at: int = COMPILE_AT_SIGHT,
-                 max_shapes: int = MAX_COMPILED_SHAPES, on_mismatch: str = "static"):
+                 max_shapes: int = MAX_COMPILED_SHAPES, on_mismatch: str = "static",
+                 max_pixels: int = MAX_COMPILED_PIXELS):
         if kind not in EXPORT_KINDS:
             raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
         if on_mismatch not in ON_MISMATCH:
@@ -189,6 +208,7 @@ class CompiledGraphs:
         self.config = compile_config(threads, precision)
         self.batch_size = batch_size if kind == "static" else None
         self.compile_at, self.max_shapes = max(1, int(compile_at)), max(0, int(max_shapes))
+        self.max_pixels = int(max_pixels)
         self._model = None  # the dynamic graph, reshaped for each per-shape compilation
         self._dynamic: Compiled | None = None
         self._shapes: OrderedDict[tuple[int, ...], Compiled] = OrderedDict()  # per-shape compilations (LRU)
@@ -233,6 +253,7 @@ class CompiledGraphs:
         check that on the batch's first image resized to :data:`ODD_PROBE` (odd sides above 256, which
         bf16 cannot represent: float shape arithmetic in the graph would show)."""
         shape = tuple(pixels.shape[1:])
+        self.config["CPU_RUNTIME_CACHE_CAPACITY"] = runtime_cache_capacity(shape[0] * shape[1])
         compiled = []
 
         def check():
@@ -333,7 +354,8 @@ class CompiledGraphs:
             self._lost.pop(key, None)
             self._seen.pop(key, None)
             self._shapes[key] = comp
-            if len(self._shapes) > self.max_shapes:
+            while len(self._shapes) > 1 and (len(self._shapes) > self.max_shapes
+                                             or sum(k[0] * k[1] * k[2] for k in self._shapes) > self.max_pixels):
                 self._shapes.popitem(last=False)
                 self.evictions += 1
             return comp(pixels) if out is None else out
