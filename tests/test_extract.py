@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -452,3 +453,55 @@ def test_aspect_preserving_batches_are_one_shape_and_capped_in_pixels():
     assert [[i for i, _ in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 11], [6], [7], [8], [9]]
     fixed, _ = shard_batches(items, parse_size_policy("model"), 5, None, CPU_BATCH_PIXELS)
     assert [len(b) for b in fixed] == [5, 5, 2]  # fixed-size policies: batch size only
+
+
+def test_decoding_runs_ahead_of_inference_by_a_bounded_number_of_images():
+    """The local engine gives batches to the decoders as inference takes them: never more than
+    ahead_images images decoded but not inferred (beyond the first 2 x workers batches), every batch
+    inferred in plan order, every shard committed. A whole shard decoded ahead of a slow inference
+    held 2.4 GB at long:1024 (docs/benchmarks.md)."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from deepfeat.pipeline import local
+    from deepfeat.pipeline.config import ExtractReport
+    from deepfeat.pipeline.progress import Progress
+    from deepfeat.pipeline.shard import ShardJob
+
+    state = {"submitted": 0, "inferred": 0, "most_ahead": 0, "order": [], "committed": []}
+
+    class Decoders:
+        def submit(self, fn, batch):
+            assert fn is local.decode_batch
+            state["submitted"] += len(batch)
+            state["most_ahead"] = max(state["most_ahead"], state["submitted"] - state["inferred"])
+            fut = Future()
+            fut.set_result(batch)
+            return fut
+
+    class Processor:
+        store = SimpleNamespace(meta={"inference": {"backend": "fake"}})
+        runner = SimpleNamespace(name="fake")
+
+        def plan(self, shard, items, executor, workers):
+            return ShardJob(shard, items, [items[i: i + 3] for i in range(0, len(items), 3)], {})
+
+        def infer(self, job, batch):
+            state["inferred"] += len(batch)
+            state["order"] += [i for i, _ in batch]
+            job.left -= 1
+            return len(batch)
+
+        def commit(self, job):
+            state["committed"].append(job.shard)
+            return len(job.items), 0
+
+    by_shard = OrderedDict((s, [(s * 100 + i, f"img{i}.jpg") for i in range(30)]) for s in range(3))
+    report = ExtractReport(store="x")
+    local._schedule(Processor(), Decoders(), 1, by_shard, report, Progress(90, 0, "none"), {}, None, 0.0,
+                    ahead_images=7)
+    assert state["order"] == [i for items in by_shard.values() for i, _ in items]
+    assert state["committed"] == [0, 1, 2] and report.ok == 90
+    assert state["most_ahead"] <= 7  # 2 batches of 3 at least, then only while 7 images or fewer
+    assert local.decode_ahead(parse_size_policy("long:1024"), None, None) == 85
+    assert local.decode_ahead(parse_size_policy("model"), SimpleNamespace(input_size=(224, 224)), None) > 1024

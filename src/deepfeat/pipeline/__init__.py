@@ -4,7 +4,8 @@ The work is planned before it is done: every input gets a stable id and a shard
 (``plan.parquet``), and a shard's batches are formed deterministically from the
 shard's items (consecutive for fixed-size policies; grouped by exact output shape,
 from image headers, for aspect-preserving ones). Decoding runs in worker processes
-(or threads) ahead of inference; inference runs in the main process on the chosen
+(or threads) ahead of inference, by at most 256 MB of decoded pixels
+(:data:`.local.DECODE_AHEAD_BYTES`); inference runs in the main process on the chosen
 backend; a shard is written and committed as soon as its last batch is done.
 
 Because the plan and the batches do not depend on timing, an interrupted run

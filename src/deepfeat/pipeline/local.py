@@ -18,6 +18,30 @@ from .progress import Progress
 from .shard import ShardJob, ShardProcessor
 
 
+#: decoded images (uint8, H x W x 3) allowed to wait for inference, in bytes: decoding runs ahead of
+#: inference by whole shards at small sizes (224 x 224: over 1,700 images, where feeding the workers a
+#: few batches at a time ran 0.56x) but by about 85 images at ``long:1024`` instead of a shard of
+#: 1,024 (2.4 GB held at once; docs/benchmarks.md, "At long:1024")
+DECODE_AHEAD_BYTES = 256 * 2**20
+
+
+def decode_ahead(policy, data_config, max_pixels: int | None) -> int:
+    """How many decoded images may wait for inference under :data:`DECODE_AHEAD_BYTES`, from the
+    largest image *policy* makes (``short:S``: taken as S x 2S; ``native``: 4,000,000 pixels or
+    *max_pixels*)."""
+    side = policy.size
+    if policy.kind == "model":
+        h, w = data_config.input_size
+        pixels = h * w
+    elif isinstance(side, tuple):
+        pixels = side[0] * side[1]
+    elif isinstance(side, int):
+        pixels = side * side * (2 if policy.kind == "short" else 1)
+    else:
+        pixels = min(max_pixels or 4_000_000, 4_000_000)
+    return max(1, DECODE_AHEAD_BYTES // (3 * max(1, pixels)))
+
+
 def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list[str], dims: list[int], device,
               by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
               stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
@@ -45,7 +69,8 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
     executor = make_executor(cfg.decode_in, workers, initargs, cfg.decode_timeout)
     interrupted = False
     try:
-        _schedule(proc, executor, workers, by_shard, report, progress, stages, on_shard, t_start)
+        _schedule(proc, executor, workers, by_shard, report, progress, stages, on_shard, t_start,
+                  decode_ahead(policy, model.data_config, cfg.max_pixels))
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -58,20 +83,22 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
 
 def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
               by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
-              stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
-    """Keep up to ``2 * workers`` batches decoding ahead of inference, across shards in plan
-    order; infer them in submission order and commit each shard when its last batch is done."""
+              stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float,
+              ahead_images: int) -> None:
+    """Keep batches decoding ahead of inference (at least ``2 * workers``, and more while fewer than
+    *ahead_images* images are in flight), across shards in plan order; infer them in submission
+    order and commit each shard when its last batch is done."""
     from .. import backend_check
 
     store = proc.store
     inflight_max = max(2, 2 * max(workers, 1))
-    pending: deque = deque()  # (job, future of decode_batch), in submission order
+    pending: deque = deque()  # (job, future of decode_batch, its number of images), in submission order
+    waiting: deque = deque()  # (job, batch) planned but not yet given to the decoders
     jobs: dict[int, ShardJob] = {}
 
-    def submit_shard(shard: int, items: list[tuple[int, str]]) -> None:
+    def plan_shard(shard: int, items: list[tuple[int, str]]) -> None:
         job = jobs[shard] = proc.plan(shard, items, executor, workers)
-        for b in job.batches:
-            pending.append((job, executor.submit(decode_batch, b)))
+        waiting.extend((job, b) for b in job.batches)
         if not job.batches:
             finish_shard(job)
 
@@ -87,7 +114,7 @@ def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
             on_shard(job.shard)
 
     def drain_one() -> None:
-        job, fut = pending.popleft()
+        job, fut, _ = pending.popleft()
         n = proc.infer(job, fut.result())
         report.backend = proc.runner.name
         report.processed += n
@@ -98,15 +125,24 @@ def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
         if job.left == 0:
             finish_shard(job)
 
+    # batches go to the decoders as inference takes them, up to ahead_images images in flight (one batch
+    # at least): decoding is faster than inference at large sizes, and whatever it ran ahead by is memory
     shard_iter = iter(by_shard.items())
     exhausted = False
+    in_flight = 0
     while True:
-        while not exhausted and len(pending) < inflight_max:
-            nxt = next(shard_iter, None)
+        while len(pending) < inflight_max or (waiting and in_flight + len(waiting[0][1]) <= ahead_images):
+            if waiting:
+                job, b = waiting.popleft()
+                pending.append((job, executor.submit(decode_batch, b), len(b)))
+                in_flight += len(b)
+                continue
+            nxt = None if exhausted else next(shard_iter, None)
             if nxt is None:
                 exhausted = True
                 break
-            submit_shard(*nxt)
+            plan_shard(*nxt)
         if not pending:
             break
+        in_flight -= pending[0][2]
         drain_one()
