@@ -3,7 +3,8 @@
 Runs ``deepfeat.openvino_runtime.CompiledGraphs`` (f32, dynamic) on real photos one at a time and
 prints the resident memory every ``--every`` images and the time, with deepfeat's settings or others:
 ``--cache N`` (OpenVINO's ``CPU_RUNTIME_CACHE_CAPACITY``: kernels kept per input shape; OpenVINO's own
-default is 5000; deepfeat's: 5000, 0 from ``long:768`` up), ``--max-shapes N`` (per-shape compilations kept; 0: none) and ``--max-pixels P``
+default is 5000; deepfeat's: 5000, 0 from ``long:768`` up), ``--max-shapes N`` (per-shape
+compilations kept; 0: none) and ``--max-pixels P``
 (input pixels over all of them).
 
     python benchmarks/bench_openvino_memory.py --n 400                              # deepfeat's settings
@@ -62,7 +63,8 @@ def main() -> int:
         graphs.run(x)
         if i % args.every == 0:
             marks.append(f"{i}: {rss_mb():.0f} MB")
-    print(f"cache {graphs.config.get('CPU_RUNTIME_CACHE_CAPACITY')}, max shapes {graphs.max_shapes}, max pixels {graphs.max_pixels}, "
+    cache = graphs.config.get("CPU_RUNTIME_CACHE_CAPACITY")
+    print(f"cache {cache}, max shapes {graphs.max_shapes}, max pixels {graphs.max_pixels}, "
           f"{args.size}: {len(paths)} images, {len(shapes)} shapes, {graphs.shape_compiles} per-shape "
           f"compilations; RSS {', '.join(marks)}; peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} "
           f"MB; {time.perf_counter() - t0:.1f}s (decoding included)")

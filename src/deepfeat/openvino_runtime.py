@@ -79,9 +79,10 @@ MAX_COMPILED_SHAPES = 8
 MAX_COMPILED_PIXELS = 2 * 768 * 1024
 #: OpenVINO's CPU runtime cache (``CPU_RUNTIME_CACHE_CAPACITY``: kernels kept per input shape of the
 #: dynamic compilation) at OpenVINO's default capacity below RUNTIME_CACHE_OFF_PIXELS input pixels per
-#: image (``long:512``: 384 x 512), off from there (``long:768``: 576 x 768, and up). Measured on 400 Flowers 17 photos (docs/benchmarks.md, "At long:1024"): at
-#: ``long:1024`` it grew the memory by about 1-2 MB per new shape (+300 MB from 100 to 400 images; off:
-#: flat) for 7% of speed; at ``long:512`` by about 0.5 MB per new shape (+137 MB) for 11%.
+#: image (``long:512``: 384 x 512), off from there (``long:768``: 576 x 768, and up). Measured on 400
+#: Flowers 17 photos (docs/benchmarks.md, "At long:1024"): at ``long:1024`` it grew the memory by
+#: about 1-2 MB per new shape (+300 MB from 100 to 400 images; off: flat) for 7% of speed; at
+#: ``long:512`` by about 0.5 MB per new shape (+137 MB) for 11%.
 RUNTIME_CACHE_CAPACITY = 5000
 RUNTIME_CACHE_OFF_PIXELS = 400_000
 
