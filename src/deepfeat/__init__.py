@@ -6,7 +6,7 @@ in a decode worker does not pay for importing torch.
 
 from __future__ import annotations
 
-from .lazy import lazy_exports
+from deepfeat.lazy import lazy_exports
 
 __version__ = "0.1.0"
 

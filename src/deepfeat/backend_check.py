@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DeepfeatError, StoreError
-from .onnx_runtime import ATOL, COSINE_MIN, agreement
+from deepfeat.errors import DeepfeatError, StoreError
+from deepfeat.onnx_runtime import ATOL, COSINE_MIN, agreement
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def tolerance(recorded: dict[str, Any] | None, new: dict[str, Any], dtype: str) 
     """The agreement asked of an append: bf16's when either side ran in bf16, else float32's
     (float16's rounding for a float16 store)."""
     if "bf16" in ((recorded or {}).get("precision"), new.get("precision")):
-        from .openvino_runtime import BF16_COSINE_MIN, BF16_RTOL
+        from deepfeat.openvino_runtime import BF16_COSINE_MIN, BF16_RTOL
 
         return {"min_cosine": BF16_COSINE_MIN, "max_rel_diff": BF16_RTOL}
     return {"min_cosine": COSINE_MIN, "max_abs_diff": ATOL if dtype == "float32" else 2e-3}  # float16: 11 bits

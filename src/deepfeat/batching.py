@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .pooling import EPS, combine_scales, l2_normalize, rescale
+from deepfeat.errors import UsageError
+from deepfeat.pooling import EPS, combine_scales, l2_normalize, rescale
 
 MASKABLE = ("sum", "avg", "spoc", "mac", "gem")
 

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeepfeatError, UsageError
-from .pipeline.config import ExtractConfig, ExtractReport
-from .pipeline.progress import Progress
-from .store import FeatureStore
+from deepfeat.errors import DeepfeatError, UsageError
+from deepfeat.pipeline.config import ExtractConfig, ExtractReport
+from deepfeat.pipeline.progress import Progress
+from deepfeat.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ class ShardWorker:
     def _setup(self, cfg: ExtractConfig, decode_threads: int, torch_threads: int) -> None:
         import torch
 
-        from .features import pooled_dims
-        from .models.base import resolve_device
-        from .pipeline.decode import make_executor
-        from .pipeline.network import build_meta, load_feature_net, make_runner
-        from .pipeline.shard import ShardProcessor
-        from .preprocess import parse_size_policy
+        from deepfeat.features import pooled_dims
+        from deepfeat.models.base import resolve_device
+        from deepfeat.pipeline.decode import make_executor
+        from deepfeat.pipeline.network import build_meta, load_feature_net, make_runner
+        from deepfeat.pipeline.shard import ShardProcessor
+        from deepfeat.preprocess import parse_size_policy
 
         torch.set_num_threads(torch_threads)
         self.store = FeatureStore(cfg.output)
@@ -185,7 +185,7 @@ def _connect(cfg: ExtractConfig, ray) -> bool:
 
 def _raise_worker_error(row: dict[str, Any]) -> None:
     """Raise the deepfeat error a worker reported in *row*, as the same type."""
-    from . import errors
+    from deepfeat import errors
 
     cls = getattr(errors, str(row["error_type"]), None)
     if not (isinstance(cls, type) and issubclass(cls, DeepfeatError)):

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .models.base import Model
-from .taps import make_taps
+from deepfeat.errors import UsageError
+from deepfeat.models.base import Model
+from deepfeat.taps import make_taps
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class FeatureNet(torch.nn.Module):
         self.scale_p = float(scale_p)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from .pooling import rescale
+        from deepfeat.pooling import rescale
 
         x = self.normalize(pixels)
         if len(self.scales) == 1 and self.scales[0] == 1.0:
@@ -151,7 +151,7 @@ class OnnxRunner:
             import onnxruntime as ort  # noqa: F401
         except ImportError:
             raise UsageError("--backend onnx needs ONNX Runtime: pip install 'deepfeat[onnx]'") from None
-        from .onnx_runtime import GraphCache
+        from deepfeat.onnx_runtime import GraphCache
 
         self.fnet = feature_net.eval().cpu()
         self.threads = threads
@@ -205,7 +205,7 @@ class FallbackRunner:
 def export_feature_net(fnet: FeatureNet, shape: tuple[int, int, int], path: str, opset: int = 17,
                        batch_size: int | None = None) -> None:
     """Export *fnet* for uint8 inputs of ``shape`` (H, W, C), batch *batch_size* (None: dynamic)."""
-    from .onnx_runtime import export
+    from deepfeat.onnx_runtime import export
 
     export(fnet, shape, path, "static", batch_size, opset)
 

@@ -22,8 +22,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
-from .evaluate import REVISITED_FORMAT
+from deepfeat.errors import FormatError
+from deepfeat.evaluate import REVISITED_FORMAT
 
 #: the only globals an ndarray pickle needs (numpy 1.x and 2.x module names)
 _NUMPY_GLOBALS = {

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UsageError
+from deepfeat.errors import UsageError
 
 
 @lru_cache(maxsize=1)

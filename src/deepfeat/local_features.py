@@ -48,7 +48,7 @@ from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
-from .errors import UsageError, suggest
+from deepfeat.errors import UsageError, suggest
 
 #: version of the extraction code; recorded in the store section so a change is detected
 LOCAL_FEATURES_VERSION = 1
@@ -225,7 +225,7 @@ def default_cnn_layer(model) -> str:
     """The last top-level-most layer whose output has stride 16 (``blocks.4`` of
     EfficientNet-Lite0, ``layer3`` of a ResNet): fine enough to localise, deep enough
     to describe."""
-    from .taps import model_layer_table
+    from deepfeat.taps import model_layer_table
 
     side = 224
     table = model_layer_table(model, (model.data_config.channels, side, side))
@@ -255,12 +255,12 @@ class LocalExtractor:
         if self.spec.needs_model:
             if model is None:
                 raise UsageError(f"{self.spec.extractor} local features need the store's model")
-            from .taps import make_taps, resolve_layers
+            from deepfeat.taps import make_taps, resolve_layers
 
             if self.spec.layer:
                 self.layer = self.spec.layer
             elif self.spec.regions:
-                from .pipeline.network import default_layer
+                from deepfeat.pipeline.network import default_layer
 
                 self.layer = default_layer(model)
             else:
@@ -281,8 +281,8 @@ class LocalExtractor:
         return d
 
     def _decode(self, image: str | os.PathLike | BinaryIO, crop: Sequence[float] | None = None):
-        from .images import decode_image
-        from .preprocess import DataConfig, SizePolicy
+        from deepfeat.images import decode_image
+        from deepfeat.preprocess import DataConfig, SizePolicy
 
         cfg = self.model.data_config if self.model is not None else DataConfig()
         if not self.spec.needs_model:
@@ -319,7 +319,7 @@ class LocalExtractor:
         box centres, sides, unit descriptors and boxes, in frame pixels."""
         import torch
 
-        from .pooling import gem, mac, regional_vectors, rescale
+        from deepfeat.pooling import gem, mac, regional_vectors, rescale
 
         H, W = px.shape[:2]
         pool = mac if self.spec.pool == "mac" else (lambda r: gem(r, 3.0))
@@ -342,7 +342,7 @@ class LocalExtractor:
         import torch
         import torch.nn.functional as F
 
-        from .pooling import rescale
+        from deepfeat.pooling import rescale
 
         H, W = px.shape[:2]
         xys, sizes, descs, strengths = [], [], [], []
@@ -403,7 +403,7 @@ def descriptor_dim(extractor: LocalExtractor) -> int:
         return 128
     if spec.extractor == "orb":
         return 32
-    from .taps import model_layer_table
+    from deepfeat.taps import model_layer_table
 
     cfg = extractor.model.data_config
     table = model_layer_table(extractor.model, (cfg.channels, 224, 224))

@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ImageError, StoreError, UsageError
-from .local_features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
-from .store import FeatureStore, atomic_write_bytes
+from deepfeat.errors import ImageError, StoreError, UsageError
+from deepfeat.local_features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
+from deepfeat.store import FeatureStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def open_extractor(store: FeatureStore, spec, device: str = "cpu") -> LocalExtra
         spec = replace(spec, layer=store.meta["layers"][0])
     model = None
     if spec.needs_model:
-        from .models import load_model
+        from deepfeat.models import load_model
 
         mspec = store.meta["model"]["spec"]
         model = load_model(mspec, device=device)
@@ -92,7 +92,7 @@ def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str
     Shards already written are skipped, so an interrupted run continues where it
     stopped. A section of the same *name* made with different settings is refused.
     Returns a small report (shards done/skipped, images, keypoints, seconds, failures)."""
-    from .storelock import StoreLock
+    from deepfeat.storelock import StoreLock
 
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     with StoreLock(store.path, create=False):  # one writer at a time (an extract appending, another run)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeepfeatError
+from deepfeat.errors import DeepfeatError
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ LARGE_INPUT_PIXELS = 200_000
 def work_pixels(size: str, scales=(1.0,)) -> int | None:
     """About the input pixels per image of a size policy (``long:S``, ``short:S``, ``warp:S``:
     S x S; ``warp:HxW``: H x W) summed over *scales*; None for ``model``/``native``."""
-    from .preprocess import parse_size_policy
+    from deepfeat.preprocess import parse_size_policy
 
     side = parse_size_policy(size).size
     if isinstance(side, int):

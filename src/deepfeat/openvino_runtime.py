@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeepfeatError, UsageError
-from .onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, ON_MISMATCH, agreement, dynamic_graph_agrees,
+from deepfeat.errors import DeepfeatError, UsageError
+from deepfeat.onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, ON_MISMATCH, agreement, dynamic_graph_agrees,
                            dynamic_mismatch, dynamic_problem, export, run_in_batches_of, trace_shape)
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import FormatError, UsageError
+from deepfeat.errors import FormatError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,13 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
                 size: str = "model", expansions: Sequence[tuple[int, int]] = DEFAULT_EXPANSIONS,
                 batch_size: int = 32, workers: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Sweep the candidates (module docstring), write the winner to *out* (JSON) and return it."""
-    from . import __version__
-    from .evaluate import evaluate_ranks, parse_gt_spec
-    from .images import discover
-    from .rerank import get_reranker
-    from .search import rank_arrays
-    from .store import atomic_write_json
-    from .sweep import parse_reranks, sweep
+    from deepfeat import __version__
+    from deepfeat.evaluate import evaluate_ranks, parse_gt_spec
+    from deepfeat.images import discover
+    from deepfeat.rerank import get_reranker
+    from deepfeat.search import rank_arrays
+    from deepfeat.store import atomic_write_json
+    from deepfeat.sweep import parse_reranks, sweep
 
     out = Path(out)
     if out.suffix.lower() != ".json":
@@ -106,7 +106,7 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
     xb[~ok] = 0.0
     xq = np.ascontiguousarray(chain.apply(xq_raw), dtype=np.float32)
     gt = parse_gt_spec(gt_spec, discover(dataset))[0]
-    from .index import database_side_augmentation
+    from deepfeat.index import database_side_augmentation
 
     for qe, dba in expansions:
         xb_e = database_side_augmentation(xb, dba) if dba else xb
@@ -143,7 +143,7 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
 
 def chain_needs_file(post: str) -> bool:
     """A chain that learns from data (PCA, whitening) travels as a fitted file, not as its spec."""
-    from .postprocess import PostChain, is_chain_file
+    from deepfeat.postprocess import PostChain, is_chain_file
 
     return not is_chain_file(post) and PostChain.parse(post).needs_fit
 
@@ -182,7 +182,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def store_differences(recipe: dict[str, Any], store_meta: dict[str, Any]) -> list[str]:
     """How a store was made differently from the recipe's extraction (model, layer, pooling, scales, size)."""
-    from .pooling import get_pooling
+    from deepfeat.pooling import get_pooling
 
     ex = recipe["extract"]
     diffs = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from deepfeat.errors import UsageError
 
 #: name -> (scikit-image loader, file name, licence line)
 SAMPLES = {

@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import StoreError
+from deepfeat.errors import StoreError
 
 LOCK_NAME = ".extract.lock"
 

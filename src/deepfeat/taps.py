@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import LayerError, suggest
+from deepfeat.errors import LayerError, suggest
 
 OUTPUT = "output"
 INPUT_SUFFIX = ":in"

@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UsageError
-from .local_features import LocalFeatures, require_cv2
+from deepfeat.errors import UsageError
+from deepfeat.local_features import LocalFeatures, require_cv2
 
 GEOMETRIES = ("similarity", "affine", "homography")
 

@@ -28,8 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .errors import LayerError, UsageError
-from .models.base import Model
+from deepfeat.errors import LayerError, UsageError
+from deepfeat.models.base import Model
 
 __all__ = [
     "crow_spatial_weights",
@@ -103,14 +103,14 @@ def tile_grid(data: np.ndarray, pad: int = 1, pad_value: float = 1.0, normalize:
 
 
 def _image(model: Model, image: Any, size: Any) -> tuple[np.ndarray, str]:
-    from .surgery import load_pixels
+    from deepfeat.surgery import load_pixels
 
     pixels, name = load_pixels(model, image, size)
     return pixels, name or "image"
 
 
 def _capture(model: Model, pixels: np.ndarray, layer: str) -> torch.Tensor:
-    from .taps import capture
+    from deepfeat.taps import capture
 
     x = model.normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None].to(model.device))
     return capture(model, x, [layer])[layer][0].detach().float().cpu()
@@ -146,7 +146,7 @@ def filter_tiles(model: Model, layer: str | None = None, max_tiles: int = 256) -
     (a Caffe model's BGR filters are flipped so that colours look right); others
     ``N x kh x kw`` gray tiles, one per input channel of each filter, at most
     *max_tiles*."""
-    from .taps import resolve_layers
+    from deepfeat.taps import resolve_layers
 
     if max_tiles < 1:
         raise UsageError(f"max_tiles must be at least 1, not {max_tiles}")
@@ -245,7 +245,7 @@ def plot_histogram(model: Model, image: Any, layer: str, *, bins: int = 100, siz
 def plot_probabilities(model: Model, image: Any, *, top: int = 5, size: Any = None) -> Figure:
     """The classifier's probability vector for *image* (probability against class
     index), with the *top* classes labelled."""
-    from .classify import probabilities
+    from deepfeat.classify import probabilities
 
     pixels, name = _image(model, image, size)
     x = torch.from_numpy(np.ascontiguousarray(pixels))[None]
@@ -332,7 +332,7 @@ def plot_densemap(dense_map, image: Any = None, *, annotate: bool | None = None)
     """The image the dense map was computed on (left) and its top-class probability
     per cell (right), each cell labelled with its top class index when the grid is
     small enough (*annotate*), plus the most frequent classes in the title."""
-    from .surgery import DenseMap
+    from deepfeat.surgery import DenseMap
 
     if not isinstance(dense_map, DenseMap):
         raise UsageError(f"plot_densemap needs a DenseMap (from deepfeat.surgery.dense_map), "
@@ -344,7 +344,7 @@ def plot_densemap(dense_map, image: Any = None, *, annotate: bool | None = None)
     elif isinstance(image, np.ndarray):
         pixels = image
     else:
-        from .images import DecodedImage, decode_image
+        from deepfeat.images import DecodedImage, decode_image
 
         pixels = image.pixels if isinstance(image, DecodedImage) else decode_image(image).pixels
     gh, gw = dense_map.shape

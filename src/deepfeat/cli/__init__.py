@@ -13,8 +13,8 @@ import importlib
 import logging
 import sys
 
-from .. import __version__
-from ..errors import DeepfeatError
+from deepfeat import __version__
+from deepfeat.errors import DeepfeatError
 
 COMMAND_MODULES = (
     "cmd_models",

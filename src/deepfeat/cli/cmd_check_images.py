@@ -10,8 +10,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..images import check_image, discover, printable_path
-from .common import print_json
+from deepfeat.images import check_image, discover, printable_path
+from deepfeat.cli.common import print_json
 
 
 def register(sub) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
-from ..classify import classify_iter
-from ..images import discover
-from ..models import load_model
-from .common import add_model_args, print_json
+from deepfeat.classify import classify_iter
+from deepfeat.images import discover
+from deepfeat.models import load_model
+from deepfeat.cli.common import add_model_args, print_json
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def _expand(inputs: list[str]) -> list[str]:
     """Like discover(), but a missing path is an image result, not a fatal error."""
-    from ..errors import UsageError
+    from deepfeat.errors import UsageError
 
     out = []
     for item in inputs:

@@ -10,7 +10,7 @@ import math
 import sys
 from collections import Counter
 
-from ..evaluate import average_precision, read_gt_lists, read_name_list
+from deepfeat.evaluate import average_precision, read_gt_lists, read_name_list
 
 
 def register(sub) -> None:

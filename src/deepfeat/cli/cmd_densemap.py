@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import UsageError
-from ..models import load_model
-from .common import add_model_args, print_json
+from deepfeat.errors import UsageError
+from deepfeat.models import load_model
+from deepfeat.cli.common import add_model_args, print_json
 
 
 def register(sub) -> None:
@@ -54,7 +54,7 @@ def parse_window(text: str) -> str | int:
 
 
 def run(args) -> int:
-    from ..surgery import dense_map, fully_convolutional
+    from deepfeat.surgery import dense_map, fully_convolutional
 
     if args.dpi <= 0:
         raise UsageError(f"--dpi must be positive, not {args.dpi}")
@@ -67,7 +67,7 @@ def run(args) -> int:
         torch.save(net, args.save_net)
     dm = dense_map(model, args.image, args.size or default_size(model), window=window, net=net)
     if args.output:
-        from ..viz import plot_densemap, save_figure
+        from deepfeat.viz import plot_densemap, save_figure
 
         save_figure(plot_densemap(dm), args.output, dpi=args.dpi)
     if args.json:

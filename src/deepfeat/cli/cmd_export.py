@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..store import EXPORT_FORMATS, FeatureStore, export_store
-from .common import print_json
+from deepfeat.store import EXPORT_FORMATS, FeatureStore, export_store
+from deepfeat.cli.common import print_json
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run_export(args) -> int:
-    from ..errors import UsageError
+    from deepfeat.errors import UsageError
 
     fmt = args.format or args.output.rsplit(".", 1)[-1].lower()
     if fmt == "hdf5":

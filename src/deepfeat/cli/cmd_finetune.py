@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..models.registry import DEFAULT_MODEL
+from deepfeat.models.registry import DEFAULT_MODEL
 
 S = argparse.SUPPRESS
 
@@ -133,7 +133,7 @@ def build_config(args: argparse.Namespace):
     --resume, the run's saved settings for the others)."""
     from pathlib import Path
 
-    from ..finetune.train import FinetuneConfig
+    from deepfeat.finetune.train import FinetuneConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "json")}
     cfg = FinetuneConfig()
@@ -152,8 +152,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args) -> int:
-    from ..finetune.retrieval import comparison_table
-    from ..finetune.train import finetune
+    from deepfeat.finetune.retrieval import comparison_table
+    from deepfeat.finetune.train import finetune
 
     cfg = build_config(args)
     try:
@@ -174,7 +174,7 @@ def run(args) -> int:
     if res.val_accuracy is not None:
         print(f"validation accuracy: {100 * res.val_accuracy:.2f}%")
     if res.retrieval and "before" in res.retrieval and "after" in res.retrieval:
-        from ..finetune.retrieval import read_json
+        from deepfeat.finetune.retrieval import read_json
 
         doc = read_json(f"{res.run_dir}/retrieval.json") or {}
         pb = doc.get("pooling_before")

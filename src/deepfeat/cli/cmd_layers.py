@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..models import load_model
-from ..taps import model_layer_table
-from .common import add_model_args, format_table, print_json
+from deepfeat.models import load_model
+from deepfeat.taps import model_layer_table
+from deepfeat.cli.common import add_model_args, format_table, print_json
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def run(args) -> int:
     model = load_model(args.model, device="cpu")
     h, w = args.size if args.size else model.data_config.input_size
     if h <= 0 or w <= 0:
-        from ..errors import UsageError
+        from deepfeat.errors import UsageError
 
         raise UsageError(f"--size must be positive, not {h} {w}")
     table = model_layer_table(model, (model.data_config.channels, h, w))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..pipeline import fit_post, install_post
-from ..postprocess import PostChain
-from ..store import FeatureStore
-from ..storelock import StoreLock
+from deepfeat.pipeline import fit_post, install_post
+from deepfeat.postprocess import PostChain
+from deepfeat.store import FeatureStore
+from deepfeat.storelock import StoreLock
 
 
 def register(sub) -> None:

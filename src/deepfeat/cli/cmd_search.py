@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UsageError
-from ..search import SearchEngine, build_index, parse_bbox
-from ..verify import parse_verify_spec
-from .common import print_json
-from .recipe_args import add_recipe_arg, apply_recipe
+from deepfeat.errors import UsageError
+from deepfeat.search import SearchEngine, build_index, parse_bbox
+from deepfeat.verify import parse_verify_spec
+from deepfeat.cli.common import print_json
+from deepfeat.cli.recipe_args import add_recipe_arg, apply_recipe
 
 
 RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal | regional-diffusion, with optional parameters, "
@@ -29,12 +29,12 @@ def search_options(args, command: str) -> None:
     if args.rerank and args.rerank.strip().lower() == "none":
         args.rerank = None
     if args.rerank:
-        from ..rerank import get_reranker
+        from deepfeat.rerank import get_reranker
 
         get_reranker(args.rerank)
     if recipe:
-        from ..recipe import store_differences
-        from ..store import FeatureStore
+        from deepfeat.recipe import store_differences
+        from deepfeat.store import FeatureStore
 
         diffs = store_differences(recipe, FeatureStore(args.store).meta)
         if diffs:
@@ -122,8 +122,8 @@ def _add_verify_args(p) -> None:
 
 
 def run_index(args) -> int:
-    from ..index import plan_index
-    from ..store import FeatureStore
+    from deepfeat.index import plan_index
+    from deepfeat.store import FeatureStore
 
     store = FeatureStore(args.store)
     n, d = len(store), store.post.output_dim(store.dim)
@@ -138,7 +138,7 @@ def run_index(args) -> int:
 def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
     if not gt_spec:
         return None
-    from ..evaluate import parse_gt_spec
+    from deepfeat.evaluate import parse_gt_spec
 
     gts = parse_gt_spec(gt_spec, engine.paths)
     gt = gts[0]
@@ -190,7 +190,7 @@ def run_search(args) -> int:
             query_img = engine.store.resolve_path(engine.paths[rows[0]]) if rows[0] is not None else None
         from dataclasses import replace
 
-        from ..grid import search_grid
+        from deepfeat.grid import search_grid
 
         shown = [replace(h, path=engine.store.resolve_path(h.path)) for h in results[0]]
         search_grid(query_img, labels[0], shown, args.grid, _verdicts(engine, args.gt, rows[0], results[0]),
@@ -209,7 +209,7 @@ def run_search(args) -> int:
 
 
 def run_eval(args) -> int:
-    from ..evaluate import evaluate_ranks, parse_gt_spec
+    from deepfeat.evaluate import evaluate_ranks, parse_gt_spec
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -251,7 +251,7 @@ def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = Non
     """Rankings with each query's top N re-ordered by spatial verification; (ranks, ms/query).
     A query's keypoints are the cached ones of its stored image (restricted to its region,
     if it has one), or computed from its file."""
-    from ..verify import verify_rankings
+    from deepfeat.verify import verify_rankings
 
     def query_features(qi: int):
         q = gt.queries[qi]

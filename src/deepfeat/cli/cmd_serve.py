@@ -6,9 +6,9 @@ import ipaddress
 import os
 import sys
 
-from ..errors import UsageError
-from .cmd_search import RECIPE_FLAGS, search_options
-from .recipe_args import add_recipe_arg
+from deepfeat.errors import UsageError
+from deepfeat.cli.cmd_search import RECIPE_FLAGS, search_options
+from deepfeat.cli.recipe_args import add_recipe_arg
 
 
 def register(sub) -> None:
@@ -82,8 +82,8 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from ..serve import create_app
-        from ..serve.guards import API_KEY_ENV, JsonH11Protocol
+        from deepfeat.serve import create_app
+        from deepfeat.serve.guards import API_KEY_ENV, JsonH11Protocol
     except ImportError as e:
         raise UsageError(f"deepfeat serve needs the [serve] extra ({e.name} is missing): "
                          "pip install 'deepfeat[serve]'") from None

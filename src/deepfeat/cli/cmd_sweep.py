@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..features import parse_scales
-from ..sweep import sweep, write_outputs
-from .common import add_model_args
+from deepfeat.features import parse_scales
+from deepfeat.sweep import sweep, write_outputs
+from deepfeat.cli.common import add_model_args
 
 
 def _split(text: str) -> list[str]:

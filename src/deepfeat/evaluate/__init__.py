@@ -32,14 +32,14 @@ UKBench, Oxford/Paris), ``revisited`` (ROxford / RParis) and ``spec``
 
 from __future__ import annotations
 
-from .loaders import class_folder_gt, groups_gt, load_oxford_gt, ukbench_gt
-from .metrics import (average_precision, average_precision_revisited, precision_at_k, precision_at_k_revisited,
+from deepfeat.evaluate.loaders import class_folder_gt, groups_gt, load_oxford_gt, ukbench_gt
+from deepfeat.evaluate.metrics import (average_precision, average_precision_revisited, precision_at_k, precision_at_k_revisited,
                       recall_at_k)
-from .names import read_gt_lists, read_name_list
-from .revisited import REVISITED_FORMAT, REVISITED_PROTOCOLS, load_revisited_gt, read_revisited_gnd
-from .runner import evaluate_ranks, mean_average_precision, ns_score, rank_by_similarity
-from .spec import parse_gt_spec
-from .values import EvalResult, GroundTruth, Query, QueryResult
+from deepfeat.evaluate.names import read_gt_lists, read_name_list
+from deepfeat.evaluate.revisited import REVISITED_FORMAT, REVISITED_PROTOCOLS, load_revisited_gt, read_revisited_gnd
+from deepfeat.evaluate.runner import evaluate_ranks, mean_average_precision, ns_score, rank_by_similarity
+from deepfeat.evaluate.spec import parse_gt_spec
+from deepfeat.evaluate.values import EvalResult, GroundTruth, Query, QueryResult
 
 __all__ = [
     "REVISITED_FORMAT",

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, UsageError
-from .names import _NameIndex, _split_path, _stem, read_gt_lists
-from .values import GroundTruth, Query
+from deepfeat.errors import FormatError, UsageError
+from deepfeat.evaluate.names import _NameIndex, _split_path, _stem, read_gt_lists
+from deepfeat.evaluate.values import GroundTruth, Query
 
 _OXFORD_QUERY_PREFIX = "oxc1_"  # the Oxford release prefixes query image names with it
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 
 def _flags(ranked_ids: Iterable[Any], positives: Iterable[Any], junk: Iterable[Any]) -> tuple[np.ndarray, np.ndarray, int]:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import FormatError, UsageError
+from deepfeat.errors import FormatError, UsageError
 
 
 def _stem(name: str) -> str:

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, UsageError, suggest
-from .names import _NameIndex
-from .values import GroundTruth, Query
+from deepfeat.errors import FormatError, UsageError, suggest
+from deepfeat.evaluate.names import _NameIndex
+from deepfeat.evaluate.values import GroundTruth, Query
 
 #: Value of the ``format`` field of a revisited ground-truth JSON file.
 REVISITED_FORMAT = "deepfeat-revisited-gnd"
@@ -38,7 +38,7 @@ def read_revisited_gnd(json_path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"revisited ground-truth file not found: {path}")
     if path.suffix.lower() == ".pkl":  # the official file, read by an unpickler that runs no code
-        from ..gnd_pickle import read_revisited_pickle
+        from deepfeat.gnd_pickle import read_revisited_pickle
 
         data = read_revisited_pickle(path)
     else:

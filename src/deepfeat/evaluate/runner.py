@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
-from .metrics import _ap_oxford, _ap_revisited, _check_k, _precision_oxford, _precision_revisited
-from .values import EvalResult, GroundTruth, Query, QueryResult
+from deepfeat.errors import UsageError
+from deepfeat.evaluate.metrics import _ap_oxford, _ap_revisited, _check_k, _precision_oxford, _precision_revisited
+from deepfeat.evaluate.values import EvalResult, GroundTruth, Query, QueryResult
 
 
 def _check_ranks(ranks: np.ndarray, gt: GroundTruth) -> np.ndarray:

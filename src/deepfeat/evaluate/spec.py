@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import UsageError, suggest
-from .loaders import class_folder_gt, groups_gt, load_oxford_gt, ukbench_gt
-from .revisited import REVISITED_PROTOCOLS, _revisited_gts
-from .values import GroundTruth
+from deepfeat.errors import UsageError, suggest
+from deepfeat.evaluate.loaders import class_folder_gt, groups_gt, load_oxford_gt, ukbench_gt
+from deepfeat.evaluate.revisited import REVISITED_PROTOCOLS, _revisited_gts
+from deepfeat.evaluate.values import GroundTruth
 
 
 _SPEC_FORMS = ("folders", "ukbench", "groups:FILE.csv", "oxford:GT_DIR", "revisited:GND.json",

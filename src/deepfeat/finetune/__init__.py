@@ -18,7 +18,7 @@ without pulling in the rest.
 
 from __future__ import annotations
 
-from ..lazy import lazy_exports
+from deepfeat.lazy import lazy_exports
 
 _EXPORTS = {
     "FinetuneConfig": "config",

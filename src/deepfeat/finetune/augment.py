@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 if TYPE_CHECKING:
-    from .data import Sample
+    from deepfeat.finetune.data import Sample
 
 #: which samples are augmented (``--augment``): the fill-up copies, all, none
 AUGMENT_MODES = ("fill", "all", "none")

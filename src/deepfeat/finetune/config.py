@@ -8,10 +8,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import UsageError
-from ..models.registry import DEFAULT_MODEL
-from . import data as D
-from . import heads as H
+from deepfeat.errors import UsageError
+from deepfeat.models.registry import DEFAULT_MODEL
+from deepfeat.finetune import data as D
+from deepfeat.finetune import heads as H
 
 SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("ce", "contrastive", "triplet")

@@ -29,7 +29,7 @@ def plot_curves(history: Sequence[dict], title: str = ""):
     """A matplotlib Figure of the loss, accuracy and (if measured) mAP per epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    from ..viz import _figure
+    from deepfeat.viz import _figure
 
     has_map = any(h.get("val_map") is not None for h in history)
     panels = 3 if has_map else 2
@@ -71,7 +71,7 @@ def write_curves(run: str | os.PathLike, history: Sequence[dict], title: str = "
         return None
     import io
 
-    from ..store import atomic_write_bytes
+    from deepfeat.store import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, dpi=100, format="png")

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from ..images import check_image, walk_images
-from .augment import (AUGMENT_MODES, FILL_MODES, AffineParams, Augmentation, affine_matrix, aug_rng,
+from deepfeat.errors import UsageError
+from deepfeat.images import check_image, walk_images
+from deepfeat.finetune.augment import (AUGMENT_MODES, FILL_MODES, AffineParams, Augmentation, affine_matrix, aug_rng,
                       augmented_view, warp_affine)
-from .loader import BatchLoader, _safe_name, cache_fits, save_augmented  # noqa: F401  (_safe_name: its old home)
+from deepfeat.finetune.loader import BatchLoader, _safe_name, cache_fits, save_augmented  # noqa: F401  (_safe_name: its old home)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def list_labelled(source: str | os.PathLike) -> tuple[str, list[str], list[tuple
 
 
 def _image_exts() -> frozenset[str]:
-    from ..images import IMAGE_EXTENSIONS
+    from deepfeat.images import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..errors import ModelError, UsageError
+from deepfeat.errors import ModelError, UsageError
 
 HEAD_NAME = "head_ft"
 
@@ -194,7 +194,7 @@ def resolve_train_blocks(units: list[str], spec: str | int) -> list[str]:
         return units[len(units) - n:] if n else []
     if text in units:
         return units[units.index(text):]
-    from ..errors import suggest
+    from deepfeat.errors import suggest
 
     raise UsageError(f"--train-blocks {text!r}: give 'all', a number of last units, or a unit name; units are: "
                      f"{', '.join(units)}.{suggest(text, units)}")

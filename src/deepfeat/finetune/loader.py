@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DeepfeatError, UsageError
-from ..images import decode_image
-from ..preprocess import DataConfig, SizePolicy
-from .augment import Augmentation, augmented_view
+from deepfeat.errors import DeepfeatError, UsageError
+from deepfeat.images import decode_image
+from deepfeat.preprocess import DataConfig, SizePolicy
+from deepfeat.finetune.augment import Augmentation, augmented_view
 
 if TYPE_CHECKING:
-    from .data import LabelledImage, Sample
+    from deepfeat.finetune.data import LabelledImage, Sample
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pooling import GeM, gem
-from . import data as D
-from . import heads as H
-from .losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss  # noqa: F401
-from .schedule import Schedule
-from .whitening import WHITENING_FILE, l2_rows, pca_whitening, whiten_rows
+from deepfeat.pooling import GeM, gem
+from deepfeat.finetune import data as D
+from deepfeat.finetune import heads as H
+from deepfeat.finetune.losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss  # noqa: F401
+from deepfeat.finetune.schedule import Schedule
+from deepfeat.finetune.whitening import WHITENING_FILE, l2_rows, pca_whitening, whiten_rows
 
 
 
@@ -97,7 +97,7 @@ class MetricLearner:
         if self.whiten_dim and "whiten.weight" in d:
             w = d["whiten.weight"]
             if tuple(w.shape)[0] != self.whiten_dim:
-                from ..errors import UsageError
+                from deepfeat.errors import UsageError
 
                 raise UsageError(f"the snapshot's whitening has {w.shape[0]} dims, --whiten asks for "
                                  f"{self.whiten_dim}; resume with --whiten {w.shape[0]}")
@@ -116,7 +116,7 @@ class MetricLearner:
     def _check_whiten_dim(self) -> None:
         """--whiten DIM fits the layer's dimension: checked with one tiny forward pass now,
         not after the head stage."""
-        from ..taps import Taps
+        from deepfeat.taps import Taps
 
         ft, net = self.ft, self.ft.net
         flags = {m: m.training for m in net.modules()}
@@ -133,7 +133,7 @@ class MetricLearner:
 
     def _fits(self, dim_in: int) -> None:
         if self.whiten_dim > dim_in:
-            from ..errors import UsageError
+            from deepfeat.errors import UsageError
 
             raise UsageError(f"--whiten {self.whiten_dim} is more than the {dim_in} dims of layer {self.layer!r}")
 
@@ -158,7 +158,7 @@ class MetricLearner:
 
     def whitening_chain(self):
         """The learned whitening as a fitted post-processing chain (``l2,lw:DIM,l2``)."""
-        from ..postprocess import learned_whitening_chain
+        from deepfeat.postprocess import learned_whitening_chain
 
         return learned_whitening_chain(
             self.whiten.weight.detach().cpu().double().numpy(), self.whiten.bias.detach().cpu().double().numpy(),
@@ -233,7 +233,7 @@ class MetricLearner:
         return out
 
     def epoch(self, ft, e: int, opt: torch.optim.Optimizer, sched, base_lr: float, it: int) -> dict[str, Any]:
-        from ..taps import Taps
+        from deepfeat.taps import Taps
 
         cfg = ft.cfg
         t0 = time.perf_counter()

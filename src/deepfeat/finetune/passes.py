@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data as D
-from . import retrieval as R
-from .losses import ce_loss
+from deepfeat.finetune import data as D
+from deepfeat.finetune import retrieval as R
+from deepfeat.finetune.losses import ce_loss
 
 
 class PassesMixin:
@@ -66,7 +66,7 @@ class PassesMixin:
         key) the pass runs from cached prefix outputs where it can; with *fill_prefix*
         (same) the prefix output is captured on the way and cached. Returns the stacked
         captures and the positions of the samples that decoded."""
-        from ..taps import Taps
+        from deepfeat.taps import Taps
 
         net = net or self.net
         net.eval()
@@ -103,8 +103,8 @@ class PassesMixin:
         """Loss, accuracy (and retrieval mAP of the eval layer, pooled with *pool* or
         ``--eval-pool``; the pooled descriptors and their val positions as ``_desc``) on
         the validation split."""
-        from ..pooling import get_pooling
-        from ..taps import OUTPUT
+        from deepfeat.pooling import get_pooling
+        from deepfeat.taps import OUTPUT
 
         if not self.val_samples:
             return {}
@@ -132,7 +132,7 @@ class PassesMixin:
 
     def _precompute(self, need_before: bool) -> dict[str, torch.Tensor]:
         """The head's input for every sample (first-epoch views) and validation image."""
-        from ..pooling import get_pooling
+        from deepfeat.pooling import get_pooling
 
         head_in = f"{self.head_module}:in"
         # originals as they are, fill-up copies as the first epoch sees them
@@ -168,8 +168,8 @@ class PassesMixin:
 
     def _before_eval(self) -> None:
         """Off-the-shelf descriptors of the validation images from a freshly loaded base model."""
-        from ..models import load_model
-        from ..pooling import get_pooling
+        from deepfeat.models import load_model
+        from deepfeat.pooling import get_pooling
 
         base = load_model(self.cfg.model, device=str(self.device))
         pool = {self.eval_layer: get_pooling(self.eval_pool).to(self.device)}

@@ -9,11 +9,11 @@ import os
 
 import torch
 
-from ..errors import UsageError
-from . import data as D
-from . import heads as H
-from . import retrieval as R
-from .config import DESCRIPTOR_POOL, METRIC_LOSSES
+from deepfeat.errors import UsageError
+from deepfeat.finetune import data as D
+from deepfeat.finetune import heads as H
+from deepfeat.finetune import retrieval as R
+from deepfeat.finetune.config import DESCRIPTOR_POOL, METRIC_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class PrepareMixin:
             self.train, self.val = D.split_labelled(ds, cfg.val_frac, cfg.seed)
             self.excluded = [e.to_dict() for e in ds.excluded]
             self.odd = [e.to_dict() for e in ds.odd]
-            from ..store import atomic_write_bytes
+            from deepfeat.store import atomic_write_bytes
 
             atomic_write_bytes(run / "classes.txt", ("\n".join(self.classes) + "\n").encode("utf-8"))
             D.write_split(run / "train.txt", self.train, self.root)
@@ -56,10 +56,10 @@ class PrepareMixin:
         return self.cfg.workers or min(4, max(1, os.cpu_count() or 1))
 
     def _prepare_model(self) -> None:
-        from ..models import load_model
-        from ..models.base import resolve_device
-        from ..normalize import Normalize
-        from ..pipeline import default_layer
+        from deepfeat.models import load_model
+        from deepfeat.models.base import resolve_device
+        from deepfeat.normalize import Normalize
+        from deepfeat.pipeline import default_layer
 
         cfg = self.cfg
         self.device = resolve_device(cfg.device)
@@ -99,7 +99,7 @@ class PrepareMixin:
 
     def _make_prefix(self):
         """A verified :class:`FrozenPrefix` before the first trained unit, or None."""
-        from .prefix import FrozenPrefix
+        from deepfeat.finetune.prefix import FrozenPrefix
 
         if self.cfg.cache_prefix == "off" or not self.cfg.epochs or not self.train_units or \
                 self.train_units[0] == self.units[0]:

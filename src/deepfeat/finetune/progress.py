@@ -117,7 +117,7 @@ def write_log(run: Path, history: list[dict]) -> None:
     for h in history:
         w.writerow({k: ("" if h.get(k) is None else (f"{h[k]:.6g}" if isinstance(h[k], float) else h[k]))
                     for k in LOG_FIELDS})
-    from ..store import atomic_write_bytes
+    from deepfeat.store import atomic_write_bytes
 
     atomic_write_bytes(run / "log.csv", buf.getvalue().encode())
     atomic_write_bytes(run / "log.json", (json.dumps(history, indent=1) + "\n").encode())

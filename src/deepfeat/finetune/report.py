@@ -10,13 +10,13 @@ import os
 import time
 from pathlib import Path
 
-from .. import __version__
-from . import data as D
-from . import heads as H
-from . import retrieval as R
-from .config import FinetuneResult
-from .snapshots import now
-from .whitening import WHITENING_FILE
+from deepfeat import __version__
+from deepfeat.finetune import data as D
+from deepfeat.finetune import heads as H
+from deepfeat.finetune import retrieval as R
+from deepfeat.finetune.config import FinetuneResult
+from deepfeat.finetune.snapshots import now
+from deepfeat.finetune.whitening import WHITENING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class ReportMixin:
         return last_val["val_acc"] if last_val else None
 
     def _write_curves(self) -> None:
-        from .curves import write_curves
+        from deepfeat.finetune.curves import write_curves
 
         try:
             write_curves(self.run, self.history, f"{self.cfg.model} fine-tuned on {Path(self.root).name}")
@@ -110,14 +110,14 @@ class ReportMixin:
             log.warning("could not draw %s: %s: %s", self.run / "curves.png", type(e).__name__, e)
 
     def _pool_spec(self) -> str:
-        from ..pooling import get_pooling
+        from deepfeat.pooling import get_pooling
 
         return get_pooling(self.eval_pool).spec
 
     def _save_model(self) -> dict:
         from safetensors.torch import save_file
 
-        from ..models.base import file_sha256
+        from deepfeat.models.base import file_sha256
 
         sd = H.to_checkpoint({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                              self.head_module)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluate import EvalResult, GroundTruth, Query, evaluate_ranks, rank_by_similarity
+from deepfeat.evaluate import EvalResult, GroundTruth, Query, evaluate_ranks, rank_by_similarity
 
 KS = (1, 5, 10)
 
@@ -82,7 +82,7 @@ def comparison_table(before: dict, after: dict) -> str:
 
 
 def write_json(path: str | Path, obj: dict) -> None:
-    from ..store import atomic_write_json
+    from deepfeat.store import atomic_write_json
 
     atomic_write_json(Path(path), obj)
 

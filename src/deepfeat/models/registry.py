@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ModelError, UsageError, suggest
-from .base import Model, resolve_device
+from deepfeat.errors import ModelError, UsageError, suggest
+from deepfeat.models.base import Model, resolve_device
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -56,7 +56,7 @@ def _ensure_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import embedded, timm_models, torchvision_models  # noqa: F401
+    from deepfeat.models import embedded, timm_models, torchvision_models  # noqa: F401
 
     for optional in ("caffe", "onnx_models", "finetuned"):
         name = f"{__package__}.{optional}"
@@ -114,7 +114,7 @@ def load_model(
     src, rest = split_spec(spec)
     model = src.load(rest, spec, **options)
     if labels is not None:
-        from ..labels import read_labels
+        from deepfeat.labels import read_labels
 
         names = read_labels(labels) if isinstance(labels, str) else list(labels)
         n = model.num_classes

@@ -6,12 +6,12 @@ import functools
 
 import torch
 
-from ..errors import ModelError, suggest
-from ..labels import default_labels
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from .base import Model, file_sha256
-from .registry import ModelSource, register_source, split_weights
-from .weights import build_with_weights
+from deepfeat.errors import ModelError, suggest
+from deepfeat.labels import default_labels
+from deepfeat.preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.registry import ModelSource, register_source, split_weights
+from deepfeat.models.weights import build_with_weights
 
 EXAMPLE = "torchvision:resnet18@resnet18-f37072fd.pth"
 

@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..errors import ModelError
+from deepfeat.errors import ModelError
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")

@@ -35,8 +35,8 @@ The parts, each a module of this package (every name is re-exported here):
 
 from __future__ import annotations
 
-from .config import BACKENDS, DTYPES, ENGINES, PRECISIONS, ExtractConfig, ExtractReport
-from .decode import (
+from deepfeat.pipeline.config import BACKENDS, DTYPES, ENGINES, PRECISIONS, ExtractConfig, ExtractReport
+from deepfeat.pipeline.decode import (
     _W,
     _decode_failed,
     _die_with_parent,
@@ -53,8 +53,8 @@ from .decode import (
     probe_sizes,
     raise_empty,
 )
-from .local import run_local
-from .network import (
+from deepfeat.pipeline.local import run_local
+from deepfeat.pipeline.network import (
     POOLING_FILE,
     _fitted_pooling,
     _resolve_layers,
@@ -68,11 +68,11 @@ from .network import (
     padding,
     resolve_threads,
 )
-from .plan import CPU_BATCH_PIXELS, _adopt_meta, default_batch, eager_cpu, plan_inputs, plan_work, shard_batches
-from .post import _finish_post, check_post_dim, fit_post, install_post
-from .progress import Progress, _fmt_seconds, _stage_str
-from .run import _extract, extract
-from .shard import ShardJob, ShardProcessor, _one_line
+from deepfeat.pipeline.plan import CPU_BATCH_PIXELS, _adopt_meta, default_batch, eager_cpu, plan_inputs, plan_work, shard_batches
+from deepfeat.pipeline.post import _finish_post, check_post_dim, fit_post, install_post
+from deepfeat.pipeline.progress import Progress, _fmt_seconds, _stage_str
+from deepfeat.pipeline.run import _extract, extract
+from deepfeat.pipeline.shard import ShardJob, ShardProcessor, _one_line
 
 _run_local = run_local  # the old name
 

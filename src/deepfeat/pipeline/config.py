@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import UsageError
-from ..images import DEFAULT_MAX_PIXELS
-from ..preprocess import parse_size_policy
+from deepfeat.errors import UsageError
+from deepfeat.images import DEFAULT_MAX_PIXELS
+from deepfeat.preprocess import parse_size_policy
 
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
@@ -74,7 +74,7 @@ class ExtractConfig:
             raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
         self.check_precision()
         if self.backend == "openvino":
-            from ..openvino_runtime import require
+            from deepfeat.openvino_runtime import require
 
             require(self.precision)
         if self.dtype not in DTYPES:
@@ -92,8 +92,8 @@ class ExtractConfig:
                 raise UsageError(f"--pad-to must be at least 1, not {self.pad_to}")
             if self.backend in ("onnx", "openvino"):
                 raise UsageError("--pad-to batches padded images with eager torch; use --backend torch (or auto)")
-            from ..batching import check_maskable
-            from ..pooling import get_pooling
+            from deepfeat.batching import check_maskable
+            from deepfeat.pooling import get_pooling
 
             check_maskable(get_pooling(self.pooling))
         if self.limit is not None and self.limit < 1:
@@ -125,13 +125,13 @@ class ExtractConfig:
                              f"{self.backend}")
         if self.device not in ("auto", "cpu") or self.pad_to:
             raise UsageError("--precision bf16 runs on OpenVINO on the CPU: leave out --device and --pad-to")
-        from ..openvino_runtime import require
+        from deepfeat.openvino_runtime import require
 
         require(self.precision)
 
     def post_chain(self):
         """The ``post`` setting as a :class:`~deepfeat.postprocess.PostChain` (a spec, or a saved chain file)."""
-        from ..postprocess import PostChain
+        from deepfeat.postprocess import PostChain
 
         return PostChain.from_arg(self.post or "none")
 

@@ -16,11 +16,11 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from .. import faults
-from ..errors import DeepfeatError
-from ..images import check_resize, decode_image, file_problem, open_image
-from ..preprocess import DataConfig, SizePolicy, target_size
-from ..workerpool import PerItem, SupervisedPool
+from deepfeat import faults
+from deepfeat.errors import DeepfeatError
+from deepfeat.images import check_resize, decode_image, file_problem, open_image
+from deepfeat.preprocess import DataConfig, SizePolicy, target_size
+from deepfeat.workerpool import PerItem, SupervisedPool
 
 
 _W: dict[str, Any] = {}
@@ -136,7 +136,7 @@ probe_sizes.per_item = PerItem(_probe_one, _probe_failed, list)  # type: ignore[
 
 
 def raise_empty() -> None:
-    from ..errors import ImageError
+    from deepfeat.errors import ImageError
 
     raise ImageError("empty file (0 bytes)")
 

@@ -8,14 +8,14 @@ from collections import OrderedDict, deque
 from concurrent.futures import Executor
 from typing import Callable
 
-from ..images import decode_image
-from ..preprocess import parse_size_policy
-from ..store import FeatureStore
-from .config import ExtractConfig, ExtractReport
-from .decode import _shutdown, decode_batch, make_executor
-from .network import make_runner, padding, resolve_threads
-from .progress import Progress
-from .shard import ShardJob, ShardProcessor
+from deepfeat.images import decode_image
+from deepfeat.preprocess import parse_size_policy
+from deepfeat.store import FeatureStore
+from deepfeat.pipeline.config import ExtractConfig, ExtractReport
+from deepfeat.pipeline.decode import _shutdown, decode_batch, make_executor
+from deepfeat.pipeline.network import make_runner, padding, resolve_threads
+from deepfeat.pipeline.progress import Progress
+from deepfeat.pipeline.shard import ShardJob, ShardProcessor
 
 
 #: decoded images (uint8, H x W x 3) allowed to wait for inference, in bytes: decoding runs ahead of
@@ -56,7 +56,7 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
     proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
                           cfg.dtype, cfg.batch_pixels, padding(cfg))
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
-    from .. import backend_check
+    from deepfeat import backend_check
 
     try:
         backend_check.guard(store, proc.runner, layers, lambda p: decode_image(
@@ -88,7 +88,7 @@ def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
     """Keep batches decoding ahead of inference (at least ``2 * workers``, and more while fewer than
     *ahead_images* images are in flight), across shards in plan order; infer them in submission
     order and commit each shard when its last batch is done."""
-    from .. import backend_check
+    from deepfeat import backend_check
 
     store = proc.store
     inflight_max = max(2, 2 * max(workers, 1))

@@ -7,16 +7,16 @@ import logging
 
 import numpy as np
 
-from ..errors import UsageError
-from ..store import FeatureStore
-from .config import ExtractConfig
+from deepfeat.errors import UsageError
+from deepfeat.store import FeatureStore
+from deepfeat.pipeline.config import ExtractConfig
 
 log = logging.getLogger(__name__)
 
 
 def _finish_post(store: FeatureStore, cfg: ExtractConfig) -> None:
     """Fit the post-processing chain if it needs fitting and is not fitted yet."""
-    from ..postprocess import PostChain
+    from deepfeat.postprocess import PostChain
 
     chain = PostChain.parse(store.meta.get("post") or "none")
     if not chain.needs_fit or (store.path / "post.npz").is_file():

@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
-from ..store import FeatureStore, check_store_dir
-from ..storelock import StoreLock
-from .config import ExtractConfig, ExtractReport
-from .local import run_local
-from .network import POOLING_FILE, build_meta, load_feature_net
-from .plan import _adopt_meta, default_batch, plan_work
-from .post import _finish_post, check_post_dim, install_post
-from .progress import Progress
+from deepfeat.errors import UsageError
+from deepfeat.store import FeatureStore, check_store_dir
+from deepfeat.storelock import StoreLock
+from deepfeat.pipeline.config import ExtractConfig, ExtractReport
+from deepfeat.pipeline.local import run_local
+from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
+from deepfeat.pipeline.plan import _adopt_meta, default_batch, plan_work
+from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
+from deepfeat.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     post_file = cfg.post if post.fitted and post.needs_fit else None  # a saved, fitted chain file
     cfg.post = post.spec
     if cfg.engine == "ray":
-        from ..distributed import require_ray
+        from deepfeat.distributed import require_ray
 
         require_ray()  # before any heavy work: a missing extra is a UsageError that says how to install it
     t_start = time.perf_counter()
@@ -63,7 +63,7 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     progress = Progress(len(ids), len(ids) - todo, cfg.progress)
     try:
         if cfg.engine == "ray":
-            from ..distributed import run_shards_on_ray
+            from deepfeat.distributed import run_shards_on_ray
 
             run_shards_on_ray(cfg, store, layers, by_shard, report, progress, stages, on_shard)
         else:
@@ -88,8 +88,8 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     """The setup before the plan: with --resume the store's settings, the network, the store
     (created or reopened) with its meta, a learnt pooling's codebook and the post-processing
     chain. Returns (store, model, layers, fnet, dims, device)."""
-    from ..features import pooled_dims
-    from ..models.base import resolve_device
+    from deepfeat.features import pooled_dims
+    from deepfeat.models.base import resolve_device
 
     existing = FeatureStore(out) if (out / "meta.json").is_file() else None
     if cfg.resume and existing is None:

@@ -13,12 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from .. import faults
-from ..errors import DeepfeatError, StoreError
-from ..preprocess import SizePolicy
-from ..store import FeatureStore, ShardItems
-from .decode import decode_batch, probe_sizes
-from .plan import shard_batches
+from deepfeat import faults
+from deepfeat.errors import DeepfeatError, StoreError
+from deepfeat.preprocess import SizePolicy
+from deepfeat.store import FeatureStore, ShardItems
+from deepfeat.pipeline.decode import decode_batch, probe_sizes
+from deepfeat.pipeline.plan import shard_batches
 
 log = logging.getLogger(__name__)
 

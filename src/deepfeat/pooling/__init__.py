@@ -43,16 +43,16 @@ importable from ``deepfeat.pooling``.
 
 from __future__ import annotations
 
-from .common import EPS, l2_normalize  # noqa: F401  (EPS is public but not in __all__)
-from .crow_weighting import crow
-from .global_pool import GeM, avg_pool, gem, mac, no_pool, spoc, spoc_center_prior, sum_pool
-from .modules import ConcatPooling, Pooling
-from .mop import VLADLevel, kmeans, layer_stride, mop_encode, mop_patch_grid, mop_windows, vlad
-from .mop_pooling import MOP_FILE_KIND, MOP_FORMAT_VERSION, MOPPooling, load_pooling  # noqa: F401
-from .multiscale import COMBINE_MODES, DEFAULT_SCALES, combine_scales, parse_scales, pool_multiscale, rescale
-from .regional import regional_sum, regional_vectors, rgem, rmac, rmac_regions
-from .registry import POOLINGS, Param, PoolingKind, describe_poolings, list_poolings
-from .spec import get_pooling
+from deepfeat.pooling.common import EPS, l2_normalize  # noqa: F401  (EPS is public but not in __all__)
+from deepfeat.pooling.crow_weighting import crow
+from deepfeat.pooling.global_pool import GeM, avg_pool, gem, mac, no_pool, spoc, spoc_center_prior, sum_pool
+from deepfeat.pooling.modules import ConcatPooling, Pooling
+from deepfeat.pooling.mop import VLADLevel, kmeans, layer_stride, mop_encode, mop_patch_grid, mop_windows, vlad
+from deepfeat.pooling.mop_pooling import MOP_FILE_KIND, MOP_FORMAT_VERSION, MOPPooling, load_pooling  # noqa: F401
+from deepfeat.pooling.multiscale import COMBINE_MODES, DEFAULT_SCALES, combine_scales, parse_scales, pool_multiscale, rescale
+from deepfeat.pooling.regional import regional_sum, regional_vectors, rgem, rmac, rmac_regions
+from deepfeat.pooling.registry import POOLINGS, Param, PoolingKind, describe_poolings, list_poolings
+from deepfeat.pooling.spec import get_pooling
 
 __all__ = [
     "COMBINE_MODES", "DEFAULT_SCALES", "POOLINGS", "ConcatPooling", "GeM", "MOPPooling", "Param", "Pooling",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 EPS = 1e-6
 

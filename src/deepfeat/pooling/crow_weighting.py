@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import _check_map
+from deepfeat.pooling.common import _check_map
 
 
 def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0) -> torch.Tensor:

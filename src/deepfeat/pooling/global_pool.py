@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import UsageError
-from .common import EPS, _check_map
+from deepfeat.errors import UsageError
+from deepfeat.pooling.common import EPS, _check_map
 
 if TYPE_CHECKING:
-    from .modules import Pooling
+    from deepfeat.pooling.modules import Pooling
 
 
 def no_pool(x: torch.Tensor) -> torch.Tensor:
     """``none``: an ``N x D`` (already pooled, e.g. an FC layer) passes through;
     an ``N x C x 1 x 1`` map is flattened; larger maps are refused."""
-    from .registry import POOLINGS
+    from deepfeat.pooling.registry import POOLINGS
 
     if isinstance(x, torch.Tensor) and x.dim() == 2:
         return x
@@ -119,7 +119,7 @@ class GeM(torch.nn.Module):
 
     def to_pooling(self) -> Pooling:
         """The registry :class:`Pooling` with the current (e.g. learned) p."""
-        from .spec import get_pooling
+        from deepfeat.pooling.spec import get_pooling
 
         return get_pooling(f"gem:p={float(self.p.detach().reshape(-1)[0]):.6g}")
 

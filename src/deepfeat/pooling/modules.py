@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from .common import _check_map, l2_normalize
-from .multiscale import combine_scales
-from .regional import regional_sum
-from .registry import PoolingKind, _canonical
+from deepfeat.errors import UsageError
+from deepfeat.pooling.common import _check_map, l2_normalize
+from deepfeat.pooling.multiscale import combine_scales
+from deepfeat.pooling.regional import regional_sum
+from deepfeat.pooling.registry import PoolingKind, _canonical
 
 
 class Pooling(torch.nn.Module):

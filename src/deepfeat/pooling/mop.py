@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FormatError, UsageError
-from .common import EPS, _check_map, l2_normalize
+from deepfeat.errors import FormatError, UsageError
+from deepfeat.pooling.common import EPS, _check_map, l2_normalize
 
 
 def mop_patch_grid(image_hw: tuple[int, int], window: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -183,7 +183,7 @@ class VLADLevel(torch.nn.Module):
         *dim* (0: keep the K*D VLAD) is fitted on the VLADs of all images, so it
         needs more than *dim* images.
         """
-        from ..postprocess import PCA
+        from deepfeat.postprocess import PCA
 
         batches = []
         for d in descs:

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import FormatError, UsageError
-from .common import _check_map, l2_normalize
-from .global_pool import avg_pool, mac
-from .modules import Pooling
-from .mop import VLADLevel, mop_windows
-from .registry import PoolingKind
+from deepfeat.errors import FormatError, UsageError
+from deepfeat.pooling.common import _check_map, l2_normalize
+from deepfeat.pooling.global_pool import avg_pool, mac
+from deepfeat.pooling.modules import Pooling
+from deepfeat.pooling.mop import VLADLevel, mop_windows
+from deepfeat.pooling.registry import PoolingKind
 
 MOP_FILE_KIND = "deepfeat.mop-codebook"
 MOP_FORMAT_VERSION = 1
@@ -131,7 +131,7 @@ class MOPPooling(Pooling):
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write the fitted codebook as a self-describing ``.npz`` (arrays + JSON meta)."""
-        from ..postprocess import _version, _write_npz
+        from deepfeat.postprocess import _version, _write_npz
 
         if not self.fitted:
             raise UsageError("pooling 'mop' is not fitted; nothing to save")
@@ -157,8 +157,8 @@ class MOPPooling(Pooling):
 
 def load_pooling(path: str | os.PathLike) -> MOPPooling:
     """Load a fitted MOP pooling saved with :meth:`MOPPooling.save`."""
-    from ..postprocess import _read_npz
-    from .spec import get_pooling
+    from deepfeat.postprocess import _read_npz
+    from deepfeat.pooling.spec import get_pooling
 
     arrays, meta = _read_npz(path, MOP_FILE_KIND)
     if int(meta.get("format_version", 0)) > MOP_FORMAT_VERSION:

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
-from .common import EPS
+from deepfeat.errors import UsageError
+from deepfeat.pooling.common import EPS
 
 if TYPE_CHECKING:
-    from .modules import Pooling
+    from deepfeat.pooling.modules import Pooling
 
 DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
 COMBINE_MODES = ("sum", "gem")
@@ -81,7 +81,7 @@ def pool_multiscale(features: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                     scales: Sequence[float] = DEFAULT_SCALES, mode: str = "sum", p: float = 3.0) -> torch.Tensor:
     """Run *features* (normalised batch -> activation map) on *x* rescaled by every
     scale and combine with ``pooling.multiscale``; the result is L2-normalised."""
-    from .spec import get_pooling
+    from deepfeat.pooling.spec import get_pooling
 
     pooling = get_pooling(pooling)
     maps = [features(rescale(x, float(s))) for s in scales]

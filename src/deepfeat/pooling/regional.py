@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import UsageError
-from .common import EPS, _check_map, l2_normalize
-from .global_pool import gem, mac
+from deepfeat.errors import UsageError
+from deepfeat.pooling.common import EPS, _check_map, l2_normalize
+from deepfeat.pooling.global_pool import gem, mac
 
 
 def rmac_regions(H: int, W: int, L: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:

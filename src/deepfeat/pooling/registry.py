@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .common import EPS
-from .crow_weighting import crow
-from .global_pool import avg_pool, gem, mac, no_pool, spoc, sum_pool
+from deepfeat.pooling.common import EPS
+from deepfeat.pooling.crow_weighting import crow
+from deepfeat.pooling.global_pool import avg_pool, gem, mac, no_pool, spoc, sum_pool
 
 
 @dataclass(frozen=True)

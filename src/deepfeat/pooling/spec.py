@@ -6,10 +6,10 @@ import math
 import re
 from typing import Any
 
-from ..errors import UsageError, suggest
-from .modules import ConcatPooling, Pooling
-from .mop_pooling import MOPPooling
-from .registry import _ALIASES, POOLINGS, Param, PoolingKind
+from deepfeat.errors import UsageError, suggest
+from deepfeat.pooling.modules import ConcatPooling, Pooling
+from deepfeat.pooling.mop_pooling import MOPPooling
+from deepfeat.pooling.registry import _ALIASES, POOLINGS, Param, PoolingKind
 
 
 def _parse_value(kind: PoolingKind, p: Param, text: str) -> Any:

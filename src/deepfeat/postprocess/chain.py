@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, UsageError
-from .files import CHAIN_FILE_KIND, FORMAT_VERSION, _now, _read_npz, _version, _write_npz
-from .spec import CHAIN_GRAMMAR, _parse_step, _Step
-from .transforms import PCA, Affine, as_descriptors
+from deepfeat.errors import FormatError, UsageError
+from deepfeat.postprocess.files import CHAIN_FILE_KIND, FORMAT_VERSION, _now, _read_npz, _version, _write_npz
+from deepfeat.postprocess.spec import CHAIN_GRAMMAR, _parse_step, _Step
+from deepfeat.postprocess.transforms import PCA, Affine, as_descriptors
 
 
 class PostChain:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, UsageError
+from deepfeat.errors import FormatError, UsageError
 
 PCA_FILE_KIND = "deepfeat.pca"
 CHAIN_FILE_KIND = "deepfeat.postchain"
@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 
 def _version() -> str:
-    from .. import __version__
+    from deepfeat import __version__
 
     return __version__
 

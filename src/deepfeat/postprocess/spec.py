@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError, suggest
-from .transforms import PCA, Affine, l2n, power_law
+from deepfeat.errors import UsageError, suggest
+from deepfeat.postprocess.transforms import PCA, Affine, l2n, power_law
 
 STEP_NAMES = ("l2", "power", "sqrt", "pca", "pca-whiten", "lw")
 _ALIASES = {"l2n": "l2", "pow": "power", "ssr": "sqrt", "pcaw": "pca-whiten", "pca_whiten": "pca-whiten",

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, UsageError
-from .files import FORMAT_VERSION, PCA_FILE_KIND, _now, _read_npz, _version, _write_npz
+from deepfeat.errors import FormatError, UsageError
+from deepfeat.postprocess.files import FORMAT_VERSION, PCA_FILE_KIND, _now, _read_npz, _version, _write_npz
 
 _APPLY_CHUNK = 65536  # rows per float64 block when applying a PCA
 

@@ -33,11 +33,11 @@ One module per idea: the specs and their registry (:mod:`.specs`), the shared ba
 (:mod:`.base`), :mod:`.diffusion`, :mod:`.kreciprocal`, :mod:`.regional`.
 """
 
-from .base import Reranker, _check_shortlist, _query_rows, complete_ranking, rerank_ranks
-from .diffusion import Diffusion, diffuse, knn_graph, solve, system_matrix
-from .kreciprocal import KReciprocal, _reciprocal, k_reciprocal_distances
-from .regional import RegionalDiffusion, gmp_weights, seed_vector
-from .specs import (RERANKERS, RerankKind, RerankParam, canonical_spec, describe_rerankers, get_reranker,
+from deepfeat.rerank.base import Reranker, _check_shortlist, _query_rows, complete_ranking, rerank_ranks
+from deepfeat.rerank.diffusion import Diffusion, diffuse, knn_graph, solve, system_matrix
+from deepfeat.rerank.kreciprocal import KReciprocal, _reciprocal, k_reciprocal_distances
+from deepfeat.rerank.regional import RegionalDiffusion, gmp_weights, seed_vector
+from deepfeat.rerank.specs import (RERANKERS, RerankKind, RerankParam, canonical_spec, describe_rerankers, get_reranker,
                     list_rerankers, parse_rerank_spec)
 
 __all__ = ["RERANKERS", "RerankKind", "RerankParam", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 
 def _check_shortlist(I: np.ndarray, nq: int, n: int) -> np.ndarray:

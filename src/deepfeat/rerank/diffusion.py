@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Reranker, _check_shortlist
-from .specs import RERANKERS, canonical_spec
+from deepfeat.rerank.base import Reranker, _check_shortlist
+from deepfeat.rerank.specs import RERANKERS, canonical_spec
 
 
 def knn_graph(xb: np.ndarray, k: int, gamma: float, index: Any = None):
@@ -25,7 +25,7 @@ def knn_graph(xb: np.ndarray, k: int, gamma: float, index: Any = None):
     """
     from scipy import sparse
 
-    from ..index import brute_force_search, check_vectors
+    from deepfeat.index import brute_force_search, check_vectors
 
     xb = check_vectors(xb, "xb")
     n = xb.shape[0]

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Reranker, _check_shortlist, _query_rows
-from .specs import RERANKERS, canonical_spec
+from deepfeat.rerank.base import Reranker, _check_shortlist, _query_rows
+from deepfeat.rerank.specs import RERANKERS, canonical_spec
 
 
 def _reciprocal(rank: np.ndarray, k: int) -> list[np.ndarray]:

@@ -31,10 +31,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import StoreError, UsageError
-from .base import Reranker, _check_shortlist, _query_rows
-from .diffusion import knn_graph, solve, system_matrix
-from .specs import RERANKERS, canonical_spec
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.rerank.base import Reranker, _check_shortlist, _query_rows
+from deepfeat.rerank.diffusion import knn_graph, solve, system_matrix
+from deepfeat.rerank.specs import RERANKERS, canonical_spec
 
 
 def gmp_weights(R: np.ndarray, starts: np.ndarray, lam: float = 1.0) -> np.ndarray:
@@ -119,7 +119,7 @@ class RegionalDiffusion(Reranker):
             self._fitted_on = (xb.shape[0],)
 
     def fit(self, xb: np.ndarray, index: Any = None) -> RegionalDiffusion:
-        from ..index import Index
+        from deepfeat.index import Index
 
         if self._source is None:
             raise UsageError("regional diffusion needs the database's regional descriptors: search through "

@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import UsageError, suggest
+from deepfeat.errors import UsageError, suggest
 
 if TYPE_CHECKING:
-    from .base import Reranker
+    from deepfeat.rerank.base import Reranker
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def canonical_spec(kind: RerankKind, params: dict[str, Any]) -> str:
 def get_reranker(spec: str | Reranker) -> Reranker:
     """Parse a spec into a :class:`Diffusion`, :class:`KReciprocal` or :class:`RegionalDiffusion`
     (a reranker passes through)."""
-    from .base import Reranker
-    from .diffusion import Diffusion
-    from .kreciprocal import KReciprocal
-    from .regional import RegionalDiffusion
+    from deepfeat.rerank.base import Reranker
+    from deepfeat.rerank.diffusion import Diffusion
+    from deepfeat.rerank.kreciprocal import KReciprocal
+    from deepfeat.rerank.regional import RegionalDiffusion
 
     if isinstance(spec, Reranker):
         return spec

@@ -17,11 +17,11 @@ Every name is importable from ``deepfeat.search`` as before.
 
 from __future__ import annotations
 
-from ..errors import DeepfeatError
-from .engine import SearchEngine, log
-from .hits import Hit
-from .queries import parse_bbox
-from .ranking import _drop_rows, rank_arrays
-from .store_index import INDEX_DIR, build_index, index_source_meta
+from deepfeat.errors import DeepfeatError
+from deepfeat.search.engine import SearchEngine, log
+from deepfeat.search.hits import Hit
+from deepfeat.search.queries import parse_bbox
+from deepfeat.search.ranking import _drop_rows, rank_arrays
+from deepfeat.search.store_index import INDEX_DIR, build_index, index_source_meta
 
 __all__ = ["SearchEngine", "Hit", "build_index", "parse_bbox", "rank_arrays", "DeepfeatError"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
-from .store_index import INDEX_DIR, index_source_meta
+from deepfeat.errors import StoreError
+from deepfeat.search.store_index import INDEX_DIR, index_source_meta
 
 log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 
@@ -31,7 +31,7 @@ class DBAMixin:
         once and saved as ``STORE/index/dba-n<n>-a<alpha>.{faiss,json,npy}``; recomputed (and saved
         again) when the store or its index changed since (the index's ``source_meta`` check, plus the
         index the neighbours came from). A read-only store keeps them in memory only."""
-        from ..index import dba_index
+        from deepfeat.index import dba_index
 
         key = (int(n), float(alpha))
         if key in self._dba_cache:
@@ -47,8 +47,8 @@ class DBAMixin:
         return found
 
     def _load_dba(self, stem: Path, want: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
-        from ..checksums import size_problem
-        from ..index import Index
+        from deepfeat.checksums import size_problem
+        from deepfeat.index import Index
 
         meta_path = stem.with_suffix(".json")
         if not meta_path.is_file():
@@ -74,8 +74,8 @@ class DBAMixin:
         return index, np.ascontiguousarray(xb, dtype=np.float32)
 
     def _save_dba(self, stem: Path, found: tuple[Any, np.ndarray], want: dict[str, Any]) -> None:
-        from ..checksums import file_digest
-        from ..store import atomic_save_npy
+        from deepfeat.checksums import file_digest
+        from deepfeat.store import atomic_save_npy
 
         index, xb = found
         try:

@@ -22,15 +22,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import StoreError, UsageError
-from ..store import FeatureStore
-from .dba import DBAMixin
-from .hits import Hit
-from .queries import QueriesMixin
-from .ranking import _drop_rows, rank_arrays
-from .regions import RegionsMixin
-from .store_index import INDEX_DIR, index_source_meta
-from .verification import VerificationMixin
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.store import FeatureStore
+from deepfeat.search.dba import DBAMixin
+from deepfeat.search.hits import Hit
+from deepfeat.search.queries import QueriesMixin
+from deepfeat.search.ranking import _drop_rows, rank_arrays
+from deepfeat.search.regions import RegionsMixin
+from deepfeat.search.store_index import INDEX_DIR, index_source_meta
+from deepfeat.search.verification import VerificationMixin
 
 log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 
@@ -63,7 +63,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
     # -- index ----------------------------------------------------------------
 
     def _open_index(self):
-        from ..index import Index
+        from deepfeat.index import Index
 
         d = self.store.path / INDEX_DIR
         if not (d / "index.json").is_file():
@@ -81,7 +81,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
     @property
     def exact_index(self):
         """A flat (exact) index over the vectors, for when no saved index applies."""
-        from ..index import Index
+        from deepfeat.index import Index
 
         if getattr(self, "_flat", None) is None:
             self._flat = Index.build(self.xb, kind="flat", metric="ip",
@@ -97,7 +97,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
     def reranker(self, spec: Any, dba: int = 0, alpha: float = 0.0):
         """The :mod:`deepfeat.rerank` re-ranker for *spec*, one per (spec, DBA setting), kept with its
         offline part (diffusion's k-NN graph) so that it is built once per engine."""
-        from ..rerank import get_reranker
+        from deepfeat.rerank import get_reranker
 
         r = get_reranker(spec)
         key = (r.spec, int(dba), float(alpha) if dba else 0.0)
@@ -119,7 +119,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         *exclude_rows* drops a query's own row from its results (searching by a stored image).
         *query_regions*: each query's regional descriptors (:meth:`query_regions`) for
         ``regional-diffusion``; a stored query (*exclude_rows*) without them uses its cached ones."""
-        from ..index import alpha_query_expansion
+        from deepfeat.index import alpha_query_expansion
 
         if k < 1:
             raise UsageError(f"--top must be at least 1, not {k}")
@@ -161,7 +161,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
         each query that is a stored item (None for others), which k-reciprocal re-ranking uses, and
         regional diffusion for the cached regions of a query without *query_regions*."""
-        from ..index import database_side_augmentation
+        from deepfeat.index import database_side_augmentation
 
         rr = self.reranker(rerank, dba, alpha) if rerank else None
         xb = self.xb

@@ -11,7 +11,7 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from ..errors import StoreError, UsageError
+from deepfeat.errors import StoreError, UsageError
 
 
 class QueriesMixin:
@@ -20,7 +20,7 @@ class QueriesMixin:
     @property
     def model(self):
         if self._model is None:
-            from ..models import load_model
+            from deepfeat.models import load_model
 
             spec = self.store.meta["model"]["spec"]
             model = load_model(spec, device=self.device)
@@ -34,8 +34,8 @@ class QueriesMixin:
     @property
     def feature_net(self):
         if self._fnet is None:
-            from ..features import FeatureNet
-            from ..pooling import get_pooling, load_pooling
+            from deepfeat.features import FeatureNet
+            from deepfeat.pooling import get_pooling, load_pooling
 
             meta = self.store.meta
             codebook = self.store.path / "pooling.npz"
@@ -58,8 +58,8 @@ class QueriesMixin:
         return np.ascontiguousarray(self.store.post.apply(x), dtype=np.float32)
 
     def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
-        from ..images import decode_image
-        from ..preprocess import parse_size_policy
+        from deepfeat.images import decode_image
+        from deepfeat.preprocess import parse_size_policy
 
         policy = parse_size_policy(self.store.meta.get("size", "model"))
         return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,

@@ -14,15 +14,15 @@ def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0,
     each query's row in *xb* when it is a stored item (k-reciprocal counts it once); ignored
     after QE or DBA, which change the vectors; *rerank_inputs*: the re-ranker's own (the
     regions of regional diffusion). :meth:`SearchEngine.rank_all` on arrays."""
-    from ..evaluate import rank_by_similarity
-    from ..index import alpha_query_expansion
+    from deepfeat.evaluate import rank_by_similarity
+    from deepfeat.index import alpha_query_expansion
 
     ranks = rank_by_similarity(xq, xb)
     if qe:
         xq = alpha_query_expansion(xq, xb, ranks[:, :qe], None, qe, alpha)
         ranks = rank_by_similarity(xq, xb)
     if reranker is not None:
-        from ..rerank import rerank_ranks
+        from deepfeat.rerank import rerank_ranks
 
         ranks = rerank_ranks(reranker, xq, xb, ranks, query_rows if not qe else None, index=index, **rerank_inputs)
     return ranks

@@ -8,7 +8,7 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 
 class RegionsMixin:

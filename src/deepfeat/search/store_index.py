@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
-from ..store import FeatureStore
+from deepfeat.errors import StoreError
+from deepfeat.store import FeatureStore
 
 INDEX_DIR = "index"
 
@@ -30,7 +30,7 @@ def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
 def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", feature: str | None = None,
                 threads: int | None = None, **params: Any):
     """Build and save a FAISS index over the store's vectors (ids = feature rows)."""
-    from ..index import Index
+    from deepfeat.index import Index
 
     feature = store.feature_name(feature)
     xb = store.vectors(feature)

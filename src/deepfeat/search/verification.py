@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Sequence
 
-from ..errors import UsageError
-from .hits import Hit
+from deepfeat.errors import UsageError
+from deepfeat.search.hits import Hit
 
 
 class VerificationMixin:
@@ -17,7 +17,7 @@ class VerificationMixin:
         """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`);
         *regions*: a section of regional descriptors (for regional diffusion), not keypoints."""
         if (name, regions) not in self._local:
-            from ..local_store import LocalFeatureCache
+            from deepfeat.local_store import LocalFeatureCache
 
             self._local[(name, regions)] = LocalFeatureCache(self.store, name, regions=regions)
         return self._local[(name, regions)]
@@ -38,7 +38,7 @@ class VerificationMixin:
         if cache.name not in self._local_x:
             from dataclasses import replace
 
-            from ..local_features import LocalExtractor, parse_local_spec
+            from deepfeat.local_features import LocalExtractor, parse_local_spec
 
             spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
             self._local_x[cache.name] = LocalExtractor(spec, self.model if spec.needs_model else None)
@@ -49,7 +49,7 @@ class VerificationMixin:
         ``params.top`` (:func:`deepfeat.verify.verify_ranking`); verified hits carry inliers."""
         from dataclasses import replace
 
-        from ..verify import verify_ranking
+        from deepfeat.verify import verify_ranking
 
         cache = self.local_cache(name)
         res = verify_ranking(query_features, [h.row for h in hits], cache.__getitem__, params)

@@ -5,6 +5,6 @@ See :mod:`deepfeat.serve.app` for the endpoints and ``docs/serve.md`` for how to
 
 from __future__ import annotations
 
-from .app import ServeConfig, create_app
+from deepfeat.serve.app import ServeConfig, create_app
 
 __all__ = ["ServeConfig", "create_app"]

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ..cli import cmd_serve, dispatch
+from deepfeat.cli import cmd_serve, dispatch
 
 
 def main(argv: list[str] | None = None) -> int:

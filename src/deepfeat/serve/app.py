@@ -40,15 +40,15 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .. import __version__
-from ..errors import UsageError
-from .guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
-from .routes import STATIC_DIR, UPLOAD_PATH  # noqa: F401  (STATIC_DIR: importable from here, as before)
-from .routes import add_error_handlers, add_item_routes, add_page_routes, add_search_routes
-from .service import (DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOP_K_MAX,
+from deepfeat import __version__
+from deepfeat.errors import UsageError
+from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from deepfeat.serve.routes import STATIC_DIR, UPLOAD_PATH  # noqa: F401  (STATIC_DIR: importable from here, as before)
+from deepfeat.serve.routes import add_error_handlers, add_item_routes, add_page_routes, add_search_routes
+from deepfeat.serve.service import (DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOP_K_MAX,
                       SearchService, ServeConfig)
-from .service import DEFAULT_K, MiB, resolve_rerank  # noqa: F401  (importable from here, as before the split)
-from .uploads import MULTIPART_SLACK, BodyLimitMiddleware
+from deepfeat.serve.service import DEFAULT_K, MiB, resolve_rerank  # noqa: F401  (importable from here, as before the split)
+from deepfeat.serve.uploads import MULTIPART_SLACK, BodyLimitMiddleware
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "

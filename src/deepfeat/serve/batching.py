@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .uploads import ApiError
+from deepfeat.serve.uploads import ApiError
 
 log = logging.getLogger(__name__)
 

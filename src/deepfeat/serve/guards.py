@@ -26,7 +26,7 @@ import json
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import unquote
 
-from .uploads import ApiError, _send_json
+from deepfeat.serve.uploads import ApiError, _send_json
 
 #: environment variable read by ``deepfeat serve`` when ``--api-key`` is not given
 API_KEY_ENV = "DEEPFEAT_API_KEY"
@@ -72,7 +72,7 @@ def check_api_key(key: str | None) -> str | None:
     if key is None:
         return None
     if len(key) < MIN_KEY_LENGTH or key != key.strip() or any(ord(c) < 33 or ord(c) > 126 for c in key):
-        from ..errors import UsageError
+        from deepfeat.errors import UsageError
 
         raise UsageError(f"the API key must be at least {MIN_KEY_LENGTH} printable ASCII characters without "
                          "spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")

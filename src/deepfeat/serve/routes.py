@@ -19,11 +19,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import DeepfeatError, ImageError, UsageError
-from ..search import parse_bbox
-from .service import SearchService, resolve_rerank
-from .thumbs import THUMB_MAX, THUMB_MIN, make_thumbnail
-from .uploads import MEDIA_TYPES, ApiError, read_multipart_file
+from deepfeat.errors import DeepfeatError, ImageError, UsageError
+from deepfeat.search import parse_bbox
+from deepfeat.serve.service import SearchService, resolve_rerank
+from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, make_thumbnail
+from deepfeat.serve.uploads import MEDIA_TYPES, ApiError, read_multipart_file
 
 log = logging.getLogger(__package__ + ".app")  # the server's one logger, named as before the split
 

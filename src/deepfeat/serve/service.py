@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..errors import ImageError, UsageError
-from ..rerank import get_reranker, list_rerankers
-from ..search import Hit, SearchEngine
-from .batching import MicroBatcher
-from .guards import check_api_key
-from .thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
-from .uploads import ApiError, sniff_image
+from deepfeat import __version__
+from deepfeat.errors import ImageError, UsageError
+from deepfeat.rerank import get_reranker, list_rerankers
+from deepfeat.search import Hit, SearchEngine
+from deepfeat.serve.batching import MicroBatcher
+from deepfeat.serve.guards import check_api_key
+from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
+from deepfeat.serve.uploads import ApiError, sniff_image
 
 log = logging.getLogger(__package__ + ".app")  # the server's one logger, named as before the split
 
@@ -111,7 +111,7 @@ class SearchService:
         self._model_lock = threading.Lock()
         self._model_ready = False
         self._infer_lock = threading.Lock()  # one forward pass at a time: the model's taps are per pass
-        from ..local_store import is_regions, local_feature_names, section_meta
+        from deepfeat.local_store import is_regions, local_feature_names, section_meta
 
         sections = local_feature_names(self.engine.store)
         regional = [is_regions(section_meta(self.engine.store, n)) for n in sections]
@@ -203,7 +203,7 @@ class SearchService:
                bbox=None) -> list[Hit]:
         """*hits* with their top *n* re-ordered by spatial verification (:mod:`deepfeat.verify`):
         a stored query's cached local features, or an upload's, computed like the cached ones."""
-        from ..verify import VerifyParams
+        from deepfeat.verify import VerifyParams
 
         if not self.local_features:
             raise ApiError(422, "this store has no cached local features; run `deepfeat local-features STORE` "

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from PIL import Image, ImageOps
 
-from ..images import open_image
+from deepfeat.images import open_image
 
 THUMB_MIN, THUMB_MAX = 16, 1024
 
@@ -33,7 +33,7 @@ def make_thumbnail(path: str, size: int, max_pixels: int | None) -> bytes:
         img.save(out, "JPEG", quality=85, optimize=True)
         return out.getvalue()
     except OSError as e:
-        from ..errors import ImageError
+        from deepfeat.errors import ImageError
 
         raise ImageError(f"cannot make a thumbnail: {e}") from None
     finally:

@@ -28,7 +28,7 @@ directory), :mod:`deepfeat.store.items` (the items and plan tables, :class:`Shar
 
 from __future__ import annotations
 
-from .atomic import (
+from deepfeat.store.atomic import (
     _atomic,
     _fsync_dir,
     _tmp_name,
@@ -37,9 +37,9 @@ from .atomic import (
     atomic_write_json,
     atomic_write_parquet,
 )
-from .export import EXPORT_FORMATS, export_store
-from .featurestore import IDENTITY_KEYS, FeatureStore, check_store_dir, log
-from .items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
+from deepfeat.store.export import EXPORT_FORMATS, export_store
+from deepfeat.store.featurestore import IDENTITY_KEYS, FeatureStore, check_store_dir, log
+from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 __all__ = [
     "EXPORT_FORMATS",

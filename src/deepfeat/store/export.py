@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from .featurestore import FeatureStore
+from deepfeat.errors import UsageError
+from deepfeat.store.featurestore import FeatureStore
 
 EXPORT_FORMATS = ("npz", "h5", "pkl", "csv")
 

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import __version__
-from ..checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
-from ..errors import StoreError, UsageError
-from .atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
-from .items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
+from deepfeat import __version__
+from deepfeat.checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
+from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger("deepfeat.store")  # the name it had as one module
 
@@ -35,7 +35,7 @@ IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine"
 def check_store_dir(p: Path) -> None:
     """Refuse a store path that is a file, or a non-empty folder that is not a store (its
     writer's lock file aside)."""
-    from ..storelock import LOCK_NAME
+    from deepfeat.storelock import LOCK_NAME
 
     if p.exists() and not p.is_dir():
         raise StoreError(f"{p} exists and is not a directory")
@@ -139,7 +139,7 @@ class FeatureStore:
 
     def verify(self):
         """Hash and check every file (:func:`deepfeat.checksums.verify_store`); a :class:`VerifyReport`."""
-        from ..checksums import verify_store
+        from deepfeat.checksums import verify_store
 
         return verify_store(self)
 
@@ -308,7 +308,7 @@ class FeatureStore:
         """The post-processing chain of this store (fitted if it needs fitting), or None."""
         if self._post is None:
             spec = self.meta.get("post") or "none"
-            from ..postprocess import PostChain
+            from deepfeat.postprocess import PostChain
 
             fitted = self.path / "post.npz"
             if fitted.is_file():

@@ -55,12 +55,12 @@ The package, one part a module:
 
 from __future__ import annotations
 
-from .checks import CHECK_TOLERANCE  # noqa: F401
-from .convert import fully_convolutional
-from .densemap import DenseMap, dense_map
+from deepfeat.surgery.checks import CHECK_TOLERANCE  # noqa: F401
+from deepfeat.surgery.convert import fully_convolutional
+from deepfeat.surgery.densemap import DenseMap, dense_map
 
 # _ForwardFeatures/_ForwardHead: a DenseClassifier pickled before the package split names them here
-from .modules import (  # noqa: F401
+from deepfeat.surgery.modules import (  # noqa: F401
     ChannelLayerNorm,
     DenseClassifier,
     Elementwise,
@@ -69,7 +69,7 @@ from .modules import (  # noqa: F401
     fc_to_conv_weight,
     linear_to_conv,
 )
-from .pixels import load_pixels
+from deepfeat.surgery.pixels import load_pixels
 
 __all__ = [
     "DenseClassifier",

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ModelError, UsageError
-from ..models.base import Model
-from .checks import _native_input
-from .modules import _pair, _window_pool, linear_to_conv
+from deepfeat.errors import ModelError, UsageError
+from deepfeat.models.base import Model
+from deepfeat.surgery.checks import _native_input
+from deepfeat.surgery.modules import _pair, _window_pool, linear_to_conv
 
 
 def _caffe_classes():
     try:
-        from ..models.caffe.layers import Flatten, InnerProduct, Pooling, Reshape
-        from ..models.caffe.net import CaffeNet
+        from deepfeat.models.caffe.layers import Flatten, InnerProduct, Pooling, Reshape
+        from deepfeat.models.caffe.net import CaffeNet
     except ImportError:  # the caffe source is not part of this installation
         return None
     return CaffeNet, InnerProduct, Flatten, Pooling, Reshape

@@ -10,9 +10,9 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from ..models.base import Model
-from .modules import DenseClassifier
+from deepfeat.errors import ModelError
+from deepfeat.models.base import Model
+from deepfeat.surgery.modules import DenseClassifier
 
 #: Tolerance of the built-in equivalence checks (relative to the output's magnitude).
 CHECK_TOLERANCE = 1e-4

@@ -14,14 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelError, UsageError
-from ..models.base import Model
-from .caffe import _caffe_classes, _convert_caffe
-from .checks import _check_native, _check_sliding
-from .fxnodes import _shape
-from .head import _convert_head
-from .modules import DenseClassifier, _ForwardFeatures
-from .split import _split_fx, _split_timm
+from deepfeat.errors import ModelError, UsageError
+from deepfeat.models.base import Model
+from deepfeat.surgery.caffe import _caffe_classes, _convert_caffe
+from deepfeat.surgery.checks import _check_native, _check_sliding
+from deepfeat.surgery.fxnodes import _shape
+from deepfeat.surgery.head import _convert_head
+from deepfeat.surgery.modules import DenseClassifier, _ForwardFeatures
+from deepfeat.surgery.split import _split_fx, _split_timm
 
 log = logging.getLogger(__package__)  # "deepfeat.surgery", as before the package split
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from ..models.base import Model
-from .convert import fully_convolutional
-from .modules import DenseClassifier
-from .pixels import load_pixels
+from deepfeat.errors import UsageError
+from deepfeat.models.base import Model
+from deepfeat.surgery.convert import fully_convolutional
+from deepfeat.surgery.modules import DenseClassifier
+from deepfeat.surgery.pixels import load_pixels
 
 
 def _short(label: str) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError, UsageError
-from .fxnodes import (
+from deepfeat.errors import ModelError, UsageError
+from deepfeat.surgery.fxnodes import (
     _arg,
     _class_axis,
     _describe,
@@ -33,7 +33,7 @@ from .fxnodes import (
     _tensor_inputs,
     _tensor_users,
 )
-from .modules import _ELEMENTWISE_FUNCS, ChannelLayerNorm, Elementwise, _pair, _window_pool, linear_to_conv
+from deepfeat.surgery.modules import _ELEMENTWISE_FUNCS, ChannelLayerNorm, Elementwise, _pair, _window_pool, linear_to_conv
 
 _ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"})
 _LAYOUT_METHODS = frozenset({"contiguous"})

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from deepfeat.errors import UsageError
 
 # ---------------------------------------------------------------------------
 # FC weights as convolution weights

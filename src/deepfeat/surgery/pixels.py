@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
-from ..models.base import Model
+from deepfeat.errors import UsageError
+from deepfeat.models.base import Model
 
 
 def _size_policy(size: int | str | Any | None):
-    from ..preprocess import SizePolicy, parse_size_policy
+    from deepfeat.preprocess import SizePolicy, parse_size_policy
 
     if size is None:
         return SizePolicy("model")
@@ -39,8 +39,8 @@ def load_pixels(model: Model, image: Any, size: int | str | Any | None = None) -
     ``warp:HxW``, ``native``)."""
     from PIL import Image
 
-    from ..images import DecodedImage, decode_image
-    from ..preprocess import resize_image
+    from deepfeat.images import DecodedImage, decode_image
+    from deepfeat.preprocess import resize_image
 
     policy = _size_policy(size)
     if isinstance(image, (str, os.PathLike)):

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from ..models.base import Model
-from .checks import _native_input
-from .fxnodes import _describe, _is_activation, _is_head_start, _tensor_inputs, _tensor_users
-from .modules import _ForwardFeatures, _ForwardHead
+from deepfeat.errors import ModelError
+from deepfeat.models.base import Model
+from deepfeat.surgery.checks import _native_input
+from deepfeat.surgery.fxnodes import _describe, _is_activation, _is_head_start, _tensor_inputs, _tensor_users
+from deepfeat.surgery.modules import _ForwardFeatures, _ForwardHead
 
 
 def _shape_prop(gm, *example: torch.Tensor) -> None:

@@ -15,8 +15,8 @@ its scoring (:mod:`deepfeat.sweep.runner`), the result table and its files
 
 from __future__ import annotations
 
-from .descriptors import MultiPoolNet, compute_descriptors
-from .runner import (
+from deepfeat.sweep.descriptors import MultiPoolNet, compute_descriptors
+from deepfeat.sweep.runner import (
     _check_poolings,
     _fit_descriptors,
     _local_features,
@@ -29,7 +29,7 @@ from .runner import (
     parse_reranks,
     sweep,
 )
-from .table import SweepResult, _fmt, _scores, _verify_column, column_name, write_outputs
+from deepfeat.sweep.table import SweepResult, _fmt, _scores, _verify_column, column_name, write_outputs
 
 __all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs", "column_name",
            "parse_reranks"]

@@ -10,10 +10,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import DeepfeatError
-from ..pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
-from ..preprocess import parse_size_policy
-from ..taps import make_taps
+from deepfeat.errors import DeepfeatError
+from deepfeat.pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
+from deepfeat.preprocess import parse_size_policy
+from deepfeat.taps import make_taps
 
 
 class MultiPoolNet(torch.nn.Module):
@@ -30,7 +30,7 @@ class MultiPoolNet(torch.nn.Module):
         self.scales = tuple(float(s) for s in scales)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        from ..pooling import rescale
+        from deepfeat.pooling import rescale
 
         x = self.normalize(pixels)
         if self.scales == (1.0,):
@@ -45,7 +45,7 @@ def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: st
                         crop_boxes: Sequence | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, str]]:
     """Run *net* over *paths* with the pipeline's decoders. Returns (ok mask, one N x D array
     per output with zero rows for failed images, errors by path)."""
-    from ..images import decode_image
+    from deepfeat.images import decode_image
 
     policy = parse_size_policy(size)
     n_out = len(net.layers) * len(net.poolings)

@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
-from ..images import discover
-from ..pooling import get_pooling
-from ..postprocess import PostChain, is_chain_file
-from .descriptors import MultiPoolNet, compute_descriptors
-from .table import SweepResult, _scores, _verify_column, column_name
+from deepfeat.errors import UsageError
+from deepfeat.images import discover
+from deepfeat.pooling import get_pooling
+from deepfeat.postprocess import PostChain, is_chain_file
+from deepfeat.sweep.descriptors import MultiPoolNet, compute_descriptors
+from deepfeat.sweep.table import SweepResult, _scores, _verify_column, column_name
 
 log = logging.getLogger("deepfeat.sweep")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("deepfeat.sweep")
 def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
     """``none`` and re-ranking specs (:mod:`deepfeat.rerank`), validated (as written: they name the
     columns; each cell records the full spec)."""
-    from ..rerank import get_reranker
+    from deepfeat.rerank import get_reranker
 
     out = []
     for r in reranks or ["none"]:
@@ -56,9 +56,9 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     column gets a twin, ``COLUMN +verify N``: the same ranking with its
     top N re-ordered by spatial verification of *local* features (computed once per
     image, :mod:`deepfeat.local_features`)."""
-    from ..evaluate import parse_gt_spec
-    from ..models import load_model
-    from ..pipeline import default_layer
+    from deepfeat.evaluate import parse_gt_spec
+    from deepfeat.models import load_model
+    from deepfeat.pipeline import default_layer
 
     t0 = time.perf_counter()
     model = load_model(model_spec, device=device)
@@ -119,8 +119,8 @@ def _parse_verify(verify: str | None, local: str, model) -> tuple[Any, Any]:
     verification or local-feature specs fail before any work."""
     verify_params = lx = None
     if verify:
-        from ..local_features import LocalExtractor
-        from ..verify import parse_verify_spec
+        from deepfeat.local_features import LocalExtractor
+        from deepfeat.verify import parse_verify_spec
 
         verify_params = parse_verify_spec(verify)
         lx = LocalExtractor(local, model) if verify_params else None
@@ -139,7 +139,7 @@ def _fit_descriptors(fit_on: Sequence[str] | None, net: MultiPoolNet, model, siz
 
 def _local_features(lx, paths: Sequence[str], ok: np.ndarray) -> list:
     """Local features of every image (empty for the images that failed), for verification."""
-    from ..local_features import LocalFeatures, descriptor_dim
+    from deepfeat.local_features import LocalFeatures, descriptor_dim
 
     empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
     return [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
@@ -204,8 +204,8 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
                 xq_raw: np.ndarray, query_rows: list) -> None:
     """The cells of one (layer, pooling, post-processing): the chain fitted and applied, the
     exact ranking, then every re-ranking (and its verified twin)."""
-    from ..evaluate import evaluate_ranks, rank_by_similarity
-    from ..rerank import get_reranker, rerank_ranks
+    from deepfeat.evaluate import evaluate_ranks, rank_by_similarity
+    from deepfeat.rerank import get_reranker, rerank_ranks
 
     layer, pool, post = key
     chain = run.files.get(post) or PostChain.parse(post)
@@ -234,7 +234,7 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
         ev = evaluate_ranks(ranked, gt, run.ks)
         res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev)}
         if run.verify_params:
-            from ..verify import verify_rankings
+            from deepfeat.verify import verify_rankings
 
             vranks, ms = verify_rankings(
                 ranked, lambda qi: run.local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..postprocess import PostChain
+from deepfeat.postprocess import PostChain
 
 
 @dataclass

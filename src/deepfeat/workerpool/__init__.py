@@ -30,6 +30,6 @@ Every name is importable from ``deepfeat.workerpool`` as before.
 
 from __future__ import annotations
 
-from .pool import PREFETCH, SupervisedPool, _Task, _Worker
-from .recovery import MAX_START_FAILURES
-from .worker import PerItem, WorkerLost, WorkerStartError, _how_it_died, _worker_main
+from deepfeat.workerpool.pool import PREFETCH, SupervisedPool, _Task, _Worker
+from deepfeat.workerpool.recovery import MAX_START_FAILURES
+from deepfeat.workerpool.worker import PerItem, WorkerLost, WorkerStartError, _how_it_died, _worker_main

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from .recovery import RecoveryMixin
-from .worker import PerItem, WorkerStartError, _how_it_died, _worker_main
+from deepfeat.workerpool.recovery import RecoveryMixin
+from deepfeat.workerpool.worker import PerItem, WorkerStartError, _how_it_died, _worker_main
 
 
 @dataclass

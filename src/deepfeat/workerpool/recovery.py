@@ -9,10 +9,10 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from .worker import WorkerLost, WorkerStartError
+from deepfeat.workerpool.worker import WorkerLost, WorkerStartError
 
 if TYPE_CHECKING:
-    from .pool import _Worker
+    from deepfeat.workerpool.pool import _Worker
 
 #: consecutive worker deaths before being ready that make the pool give up
 MAX_START_FAILURES = 3

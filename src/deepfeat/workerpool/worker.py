@@ -9,7 +9,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import DeepfeatError
+from deepfeat.errors import DeepfeatError
 
 
 @dataclass(frozen=True)

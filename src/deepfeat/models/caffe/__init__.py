@@ -20,12 +20,12 @@ Public API:
 See ``docs/caffe.md``.
 """
 
-from .layers import supported_types
-from .net import CaffeNet, build_net, init_random, sanitize
-from .netdef import InputDef, LayerDef, NetDef, netdef_from_message, read_netdef
-from .prototxt import Message, parse_prototxt, parse_text
-from .source import ILSVRC_MEAN_BGR, load_caffe, load_caffe_net, read_mean, split_caffe_spec
-from .wire import (
+from deepfeat.models.caffe.layers import supported_types
+from deepfeat.models.caffe.net import CaffeNet, build_net, init_random, sanitize
+from deepfeat.models.caffe.netdef import InputDef, LayerDef, NetDef, netdef_from_message, read_netdef
+from deepfeat.models.caffe.prototxt import Message, parse_prototxt, parse_text
+from deepfeat.models.caffe.source import ILSVRC_MEAN_BGR, load_caffe, load_caffe_net, read_mean, split_caffe_spec
+from deepfeat.models.caffe.wire import (
     Blob,
     CaffeModelFile,
     LayerBlobs,

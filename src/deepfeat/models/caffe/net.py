@@ -36,8 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...errors import ModelError, UsageError, suggest
-from .layers import (
+from deepfeat.errors import ModelError, UsageError, suggest
+from deepfeat.models.caffe.layers import (
     TRAINING_TYPES,
     BatchNorm,
     Bias,
@@ -51,8 +51,8 @@ from .layers import (
     Top,
     build_layer,
 )
-from .netdef import LayerDef, NetDef
-from .wire import CaffeModelFile, LayerBlobs, write_caffemodel
+from deepfeat.models.caffe.netdef import LayerDef, NetDef
+from deepfeat.models.caffe.wire import CaffeModelFile, LayerBlobs, write_caffemodel
 
 _BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-]")
 

@@ -20,8 +20,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .prototxt import Ident, Message, parse_prototxt
-from .v1types import V1_ENUM_NAMES, V1_TYPES
+from deepfeat.models.caffe.prototxt import Ident, Message, parse_prototxt
+from deepfeat.models.caffe.v1types import V1_ENUM_NAMES, V1_TYPES
 
 NET_FIELDS = frozenset({"name", "input", "input_shape", "input_dim", "force_backward", "state", "debug_info",
                         "layer", "layers"})

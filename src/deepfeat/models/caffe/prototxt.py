@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any
 
-from ...errors import FormatError
+from deepfeat.errors import FormatError
 
 __all__ = ["Ident", "Message", "parse_prototxt", "parse_text"]
 

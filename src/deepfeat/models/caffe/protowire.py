@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import FormatError
+from deepfeat.errors import FormatError
 
 
 # wire types

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import FormatError
-from .protowire import (  # noqa: F401 - the primitives, also importable from here as before
+from deepfeat.errors import FormatError
+from deepfeat.models.caffe.protowire import (  # noqa: F401 - the primitives, also importable from here as before
     END_GROUP,
     FIXED32,
     FIXED64,
@@ -63,8 +63,8 @@ from .protowire import (  # noqa: F401 - the primitives, also importable from he
     _varint,
     _wrap,
 )
-from .v1types import V1_ENUM_NAMES, V1_TYPE_NUMBERS, V1_TYPES  # noqa: F401 - importable from here as before
-from .writer import (  # noqa: F401 - the writer, importable from here as before
+from deepfeat.models.caffe.v1types import V1_ENUM_NAMES, V1_TYPE_NUMBERS, V1_TYPES  # noqa: F401 - importable from here as before
+from deepfeat.models.caffe.writer import (  # noqa: F401 - the writer, importable from here as before
     LayerBlobs,
     encode_blob,
     encode_caffemodel,

@@ -56,10 +56,10 @@ table), :mod:`.net` (:class:`OnnxNet`, :class:`OnnxTaps`: the torch side) and
 
 from __future__ import annotations
 
-from .graph import _LAYOUT_BREAKING_OPS, _NCHW_OPS, _PASS_THROUGH_OPS, _SHAPE_ONLY_OPS, OnnxGraph
-from .listing import GraphListing
-from .net import OnnxNet, OnnxTaps, _to_torch
-from .options import (
+from deepfeat.models.onnx_models.graph import _LAYOUT_BREAKING_OPS, _NCHW_OPS, _PASS_THROUGH_OPS, _SHAPE_ONLY_OPS, OnnxGraph
+from deepfeat.models.onnx_models.listing import GraphListing
+from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps, _to_torch
+from deepfeat.models.onnx_models.options import (
     DEFAULT_CROP_PCT,
     DEFAULT_INTERPOLATION,
     DEFAULT_SIZE,
@@ -69,9 +69,9 @@ from .options import (
     _values,
     split_onnx_spec,
 )
-from .proto import LAYOUTS, _dims, _int_list_attr, _read_proto, _refs, _require_onnx, _static, detect_layout
-from .session import GraphSessions
-from .source import _GENERIC_GRAPH_NAMES, SOURCE, _default_layer, _load, _num_classes, _ready, load_onnx
+from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _int_list_attr, _read_proto, _refs, _require_onnx, _static, detect_layout
+from deepfeat.models.onnx_models.session import GraphSessions
+from deepfeat.models.onnx_models.source import _GENERIC_GRAPH_NAMES, SOURCE, _default_layer, _load, _num_classes, _ready, load_onnx
 
 __all__ = [
     "DEFAULT_CROP_PCT",

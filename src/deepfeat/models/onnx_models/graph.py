@@ -11,12 +11,12 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from ...errors import FormatError, LayerError, ModelError, suggest
-from ...taps import OUTPUT
-from ..base import file_sha256
-from .listing import GraphListing
-from .proto import LAYOUTS, _dims, _int_list_attr, _read_proto, _refs, _require_onnx, _static
-from .session import GraphSessions
+from deepfeat.errors import FormatError, LayerError, ModelError, suggest
+from deepfeat.taps import OUTPUT
+from deepfeat.models.base import file_sha256
+from deepfeat.models.onnx_models.listing import GraphListing
+from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _int_list_attr, _read_proto, _refs, _require_onnx, _static
+from deepfeat.models.onnx_models.session import GraphSessions
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...errors import UsageError
-from ...taps import OUTPUT, LayerInfo, LayerTable, ParamInfo
-from .proto import _require_onnx
+from deepfeat.errors import UsageError
+from deepfeat.taps import OUTPUT, LayerInfo, LayerTable, ParamInfo
+from deepfeat.models.onnx_models.proto import _require_onnx
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .graph import OnnxGraph
+from deepfeat.models.onnx_models.graph import OnnxGraph
 
 
 def _to_torch(arr: np.ndarray, device: torch.device, transpose: bool = False) -> torch.Tensor:

@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ...errors import UsageError
-from ..options import parse_number, parse_query
+from deepfeat.errors import UsageError
+from deepfeat.models.options import parse_number, parse_query
 
 
 OPTIONS = ("input_size", "mean", "std", "scale", "channel_order", "layout", "interpolation", "crop_pct", "resize",

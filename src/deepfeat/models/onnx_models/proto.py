@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ...errors import FormatError, ModelError
+from deepfeat.errors import FormatError, ModelError
 
 LAYOUTS = ("NCHW", "NHWC")
 

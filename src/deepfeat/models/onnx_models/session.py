@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...errors import ModelError, UsageError
-from .proto import _require_onnx
+from deepfeat.errors import ModelError, UsageError
+from deepfeat.models.onnx_models.proto import _require_onnx
 
 
 class GraphSessions:

@@ -11,17 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ModelError, UsageError, suggest
-from ...labels import imagenet_labels, read_labels
-from ...preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataConfig
-from ..base import Model, file_sha256
-from ..options import parse_number, parse_size
-from ..registry import ModelSource, register_source
-from .graph import OnnxGraph
-from .net import OnnxNet, OnnxTaps
-from .options import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, DEFAULT_SIZE, OPTIONS, _choice, _values,
+from deepfeat.errors import ModelError, UsageError, suggest
+from deepfeat.labels import imagenet_labels, read_labels
+from deepfeat.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataConfig
+from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.options import parse_number, parse_size
+from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.onnx_models.graph import OnnxGraph
+from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps
+from deepfeat.models.onnx_models.options import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, DEFAULT_SIZE, OPTIONS, _choice, _values,
                       split_onnx_spec)
-from .proto import LAYOUTS, _dims, _read_proto, _require_onnx, detect_layout
+from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _read_proto, _require_onnx, detect_layout
 
 _GENERIC_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "tf2onnx", "graph"})
 

@@ -41,7 +41,7 @@ works as before the split.
 
 from __future__ import annotations
 
-from .activations import (
+from deepfeat.models.caffe.layers.activations import (
     BNLL,
     ELU,
     AbsVal,
@@ -57,12 +57,12 @@ from .activations import (
     TanH,
     Threshold,
 )
-from .base import BUILDERS, Builder, CaffeLayer, Shape, builder, take_blobs
-from .conv import CONV_FIELDS, IP_FIELDS, Convolution, Deconvolution, InnerProduct, conv_out
-from .normalization import LRN, LRN_FIELDS, MVN, BatchNorm, Bias, Scale
-from .pool import POOL_FIELDS, Pooling, pool_out
-from .registry import TRAINING_TYPES, build_layer, supported_types
-from .reshape import Concat, Crop, Eltwise, Flatten, Input, Reshape, Silence, Slice, Split, Tile, Top, reshape_shape
+from deepfeat.models.caffe.layers.base import BUILDERS, Builder, CaffeLayer, Shape, builder, take_blobs
+from deepfeat.models.caffe.layers.conv import CONV_FIELDS, IP_FIELDS, Convolution, Deconvolution, InnerProduct, conv_out
+from deepfeat.models.caffe.layers.normalization import LRN, LRN_FIELDS, MVN, BatchNorm, Bias, Scale
+from deepfeat.models.caffe.layers.pool import POOL_FIELDS, Pooling, pool_out
+from deepfeat.models.caffe.layers.registry import TRAINING_TYPES, build_layer, supported_types
+from deepfeat.models.caffe.layers.reshape import Concat, Crop, Eltwise, Flatten, Input, Reshape, Silence, Slice, Split, Tile, Top, reshape_shape
 
 __all__ = [
     "BNLL",

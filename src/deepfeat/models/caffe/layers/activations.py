@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ....errors import FormatError, ModelError
-from ..netdef import LayerDef
-from ..wire import Blob
-from .base import BUILDERS, CaffeLayer, Shape, _canon_axis, _n_bottoms, _n_tops, _np, _simple, _t, builder, take_blobs
+from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
+from deepfeat.models.caffe.layers.base import BUILDERS, CaffeLayer, Shape, _canon_axis, _n_bottoms, _n_tops, _np, _simple, _t, builder, take_blobs
 
 
 class ReLU(CaffeLayer, nn.ReLU):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ....errors import FormatError, ModelError
-from ..netdef import LayerDef
-from ..prototxt import Message
-from ..wire import Blob
+from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.prototxt import Message
+from deepfeat.models.caffe.wire import Blob
 
 Shape = tuple[int, ...]
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ....errors import FormatError, ModelError
-from ..netdef import LayerDef
-from ..wire import Blob
-from .base import (
+from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
+from deepfeat.models.caffe.layers.base import (
     CaffeLayer,
     Shape,
     _canon_axis,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ....errors import ModelError
-from ..netdef import LayerDef
-from ..wire import Blob
-from . import activations, conv, normalization, pool, reshape  # noqa: F401 - each registers its builders
-from .base import BUILDERS, Shape
+from deepfeat.errors import ModelError
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
+from deepfeat.models.caffe.layers import activations, conv, normalization, pool, reshape  # noqa: F401 - each registers its builders
+from deepfeat.models.caffe.layers.base import BUILDERS, Shape
 
 #: Layer types that only make sense when training (data sources, losses, metrics).
 TRAINING_TYPES = frozenset({

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ....errors import FormatError, ModelError
-from ..netdef import LayerDef
-from ..wire import Blob
-from .base import CaffeLayer, Shape, _canon_axis, _enum, _fmt, _n_bottoms, _n_tops, builder, take_blobs
+from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
+from deepfeat.models.caffe.layers.base import CaffeLayer, Shape, _canon_axis, _enum, _fmt, _n_bottoms, _n_tops, builder, take_blobs
 
 
 class Input(CaffeLayer, nn.Identity):
