@@ -41,7 +41,7 @@ def model_only(spec: str, layer: str, seconds: float, max_pixels: int) -> list[d
     import torch
 
     import deepfeat
-    from deepfeat.taps import make_taps
+    from deepfeat.models.taps import make_taps
 
     model = deepfeat.load_model(spec)
     taps = make_taps(model, [layer])

@@ -7,7 +7,7 @@ Builds a synthetic store (random float32 features, ``--rows`` x ``--dim`` in sha
 ``--shard-size``) with :meth:`FeatureStore.commit_shard`, then, in one run:
 
 * commit: the time of committing every shard against the time of hashing the same
-  arrays alone (:func:`deepfeat.checksums.file_digest`), i.e. the share of a commit
+  arrays alone (:func:`deepfeat.store.checksums.file_digest`), i.e. the share of a commit
   spent recording checksums;
 * open: ``FeatureStore(path).vectors()`` (every shard read, each file's size checked
   against meta.json) against the same store with its checksum records removed (an old
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-out/checksums.json")
     args = ap.parse_args(argv)
 
-    from deepfeat.checksums import file_digest
     from deepfeat.store import FeatureStore, ShardItems
+    from deepfeat.store.checksums import file_digest
 
     base = Path(args.dir or tempfile.mkdtemp(prefix="bench-checksums-"))
     path = base / "store"

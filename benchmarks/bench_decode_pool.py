@@ -1,6 +1,6 @@
 """What supervision costs: the decode stage on SupervisedPool against ProcessPoolExecutor.
 
-deepfeat decodes in :class:`deepfeat.workerpool.SupervisedPool` (one message per image,
+deepfeat decodes in :class:`deepfeat.data.workers.SupervisedPool` (one message per image,
 so that a hang or a crash costs one image) instead of the standard library's
 ``ProcessPoolExecutor`` (one message per batch, and one dead worker breaks the pool).
 This decodes the same images in the same batches with both, alternated ``--repeat``
@@ -23,10 +23,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from deepfeat.images import discover
+from deepfeat.data.images import discover
+from deepfeat.data.preprocess import DataConfig, parse_size_policy
+from deepfeat.data.workers import SupervisedPool
 from deepfeat.pipeline import _worker_init, decode_batch
-from deepfeat.preprocess import DataConfig, parse_size_policy
-from deepfeat.workerpool import SupervisedPool
 
 
 def run(pool, batches) -> float:

@@ -61,8 +61,8 @@ def naive_loop(paths: list[str], layer: str, pool: str, policy: str = "model", s
     from PIL import Image
 
     import deepfeat
+    from deepfeat.models.taps import Taps
     from deepfeat.pooling import get_pooling, rescale
-    from deepfeat.taps import Taps
 
     model = deepfeat.load_model("efficientnet_lite0")
     cfg = model.data_config
@@ -94,8 +94,8 @@ def naive_loop(paths: list[str], layer: str, pool: str, policy: str = "model", s
 
 
 def _decode_chunk(args):
-    from deepfeat.images import decode_image
-    from deepfeat.preprocess import parse_size_policy
+    from deepfeat.data.images import decode_image
+    from deepfeat.data.preprocess import parse_size_policy
 
     paths, cfg, policy = args
     for p in paths:
@@ -121,12 +121,12 @@ def decode_only(paths: list[str], workers: int, policy: str = "model") -> float:
 def _runner(backend: str, fnet, threads: int | None, batch: int | None, export: str, precision: str = "f32"):
     import torch
 
-    from deepfeat.features import OnnxRunner, TorchRunner
+    from deepfeat.backends.featurenet import OnnxRunner, TorchRunner
 
     if backend == "onnx":
         return OnnxRunner(fnet, threads=threads, batch_size=batch, export=export)
     if backend == "openvino":
-        from deepfeat.openvino_runtime import OpenVinoRunner
+        from deepfeat.backends.openvino_runtime import OpenVinoRunner
 
         return OpenVinoRunner(fnet, threads=threads, batch_size=batch, export=export, precision=precision)
     return TorchRunner(fnet, torch.device("cpu"))
@@ -135,7 +135,7 @@ def _runner(backend: str, fnet, threads: int | None, batch: int | None, export: 
 def model_only(backend: str, layer: str, pool: str, batch: int, reps: int, threads: int | None = None,
                precision: str = "f32") -> float:
     import deepfeat
-    from deepfeat.features import FeatureNet
+    from deepfeat.backends.featurenet import FeatureNet
     from deepfeat.pooling import get_pooling
 
     model = deepfeat.load_model("efficientnet_lite0")
@@ -156,11 +156,11 @@ def model_only_images(backend: str, paths: list[str], layer: str, pool: str, pol
     import torch
 
     import deepfeat
-    from deepfeat.features import FeatureNet
-    from deepfeat.images import decode_image
+    from deepfeat.backends.featurenet import FeatureNet
+    from deepfeat.data.images import decode_image
+    from deepfeat.data.preprocess import parse_size_policy
     from deepfeat.pipeline import CPU_BATCH_PIXELS, shard_batches
     from deepfeat.pooling import get_pooling
-    from deepfeat.preprocess import parse_size_policy
 
     model = deepfeat.load_model("efficientnet_lite0")
     fnet = FeatureNet(model, [layer], get_pooling(pool), scales)
@@ -253,10 +253,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/extract.json")
     args = ap.parse_args()
 
-    from deepfeat.features import parse_scales
-    from deepfeat.images import discover
-    from deepfeat.onnx_runtime import default_threads, work_pixels
-    from deepfeat.openvino_runtime import available
+    from deepfeat.backends.featurenet import parse_scales
+    from deepfeat.backends.onnx_runtime import default_threads, work_pixels
+    from deepfeat.backends.openvino_runtime import available
+    from deepfeat.data.images import discover
 
     if not Path(args.images).is_dir():
         print(f"image folder not found: {args.images}", file=sys.stderr)

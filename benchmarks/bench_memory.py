@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/memory.json")
     args = ap.parse_args()
 
-    from deepfeat.images import discover
+    from deepfeat.data.images import discover
 
     images = discover([args.images])
     if not images:

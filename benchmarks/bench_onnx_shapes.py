@@ -9,7 +9,7 @@ shapes. Three ways to run them in ONNX Runtime, on the same real images, pre-dec
                  deepfeat used for one-shape policies;
   (c) buckets  - sides rounded up to a multiple (default 64), one static graph per bucket,
                  images padded (normalised zeros) and pooled with a mask
-                 (deepfeat.batching.masked_pool): fewer graphs, fuller batches, but the
+                 (deepfeat.backends.padding.masked_pool): fewer graphs, fuller batches, but the
                  descriptors change near the borders; their cosine to the exact ones is
                  reported.
 
@@ -47,13 +47,13 @@ def main() -> int:
     import torch
 
     import deepfeat
-    from deepfeat.batching import bucket_shape, masked_pool, valid_map_size, valid_mask
-    from deepfeat.features import FeatureNet
-    from deepfeat.images import decode_image, discover
-    from deepfeat.onnx_runtime import GraphCache, agreement, default_threads
+    from deepfeat.backends.featurenet import FeatureNet
+    from deepfeat.backends.onnx_runtime import GraphCache, agreement, default_threads
+    from deepfeat.backends.padding import bucket_shape, masked_pool, valid_map_size, valid_mask
+    from deepfeat.data.images import decode_image, discover
+    from deepfeat.data.preprocess import parse_size_policy
     from deepfeat.pipeline import CPU_BATCH_PIXELS, shard_batches
     from deepfeat.pooling import get_pooling
-    from deepfeat.preprocess import parse_size_policy
 
     threads = args.threads or default_threads()[0]
     torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """What holds memory in OpenVINO at large, varied input shapes: the engine alone, outside the pipeline.
 
-Runs ``deepfeat.openvino_runtime.CompiledGraphs`` (f32, dynamic) on real photos one at a time and
+Runs ``deepfeat.backends.openvino_runtime.CompiledGraphs`` (f32, dynamic) on real photos one at a time and
 prints the resident memory every ``--every`` images and the time, with deepfeat's settings or others:
 ``--cache N`` (OpenVINO's ``CPU_RUNTIME_CACHE_CAPACITY``: kernels kept per input shape; OpenVINO's own
 default is 5000; deepfeat's: 5000, 0 from ``long:768`` up), ``--max-shapes N`` (per-shape
@@ -37,12 +37,12 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=100)
     args = ap.parse_args()
 
-    from deepfeat import openvino_runtime as ovm
-    from deepfeat.features import FeatureNet
-    from deepfeat.images import decode_image, discover
+    from deepfeat.backends import openvino_runtime as ovm
+    from deepfeat.backends.featurenet import FeatureNet
+    from deepfeat.data.images import decode_image, discover
+    from deepfeat.data.preprocess import parse_size_policy
     from deepfeat.models import load_model
     from deepfeat.pooling import get_pooling
-    from deepfeat.preprocess import parse_size_policy
 
     model = load_model("efficientnet_lite0", device="cpu")
     fnet = FeatureNet(model, ["bn2"], get_pooling("gem")).eval()

@@ -1,7 +1,7 @@
 """How far padded, masked batches move descriptors from the exact (unpadded) ones.
 
 ``deepfeat extract --pad-to M`` (torch, meant for GPUs) pads images to sides that are
-multiples of M and pools with a mask (deepfeat.batching). The pooling is exact; the network
+multiples of M and pools with a mask (deepfeat.backends.padding). The pooling is exact; the network
 is not (convolutions near the right and bottom border see the padding). This prints, for
 every ``--step``-th image of a folder that needs padding, the cosine between the padded
 descriptor (image alone in its bucket) and the exact one, per size policy and multiple.
@@ -32,12 +32,12 @@ def main() -> int:
     import torch
 
     import deepfeat
-    from deepfeat.batching import PaddedTorchRunner, bucket_shape
-    from deepfeat.features import FeatureNet, TorchRunner
-    from deepfeat.images import decode_image, discover
-    from deepfeat.onnx_runtime import agreement
+    from deepfeat.backends.featurenet import FeatureNet, TorchRunner
+    from deepfeat.backends.onnx_runtime import agreement
+    from deepfeat.backends.padding import PaddedTorchRunner, bucket_shape
+    from deepfeat.data.images import decode_image, discover
+    from deepfeat.data.preprocess import parse_size_policy
     from deepfeat.pooling import get_pooling
-    from deepfeat.preprocess import parse_size_policy
 
     model = deepfeat.load_model("efficientnet_lite0")
     paths = discover([args.images])[:: args.step]

@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from deepfeat.evaluate import GroundTruth, Query, evaluate_ranks, parse_gt_spec
-from deepfeat.local_store import LocalFeatureCache, build_local_features
+from deepfeat.localfeat.cache import LocalFeatureCache, build_local_features
+from deepfeat.localfeat.verify import parse_verify_spec, verify_rankings
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
-from deepfeat.verify import parse_verify_spec, verify_rankings
 
 HAVE_RERANK = "rerank" in inspect.signature(SearchEngine.rank_all).parameters
 

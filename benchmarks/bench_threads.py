@@ -4,7 +4,7 @@ Runs ``deepfeat extract`` (backend auto: ONNX Runtime) on the same images with e
 ``--threads T --workers W`` combination, alternated ``--repeat`` times (order reversed
 every other round, so a change in the machine's load hits them alike), and prints images/s
 after the first batch with the ratio to deepfeat's default for this core count
-(:func:`deepfeat.onnx_runtime.default_threads`).
+(:func:`deepfeat.backends.onnx_runtime.default_threads`).
 
     python benchmarks/bench_threads.py --images ../shared/data/flowers17 --policy long:512 --n 160
 """
@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/threads.json")
     args = ap.parse_args()
 
-    from deepfeat.onnx_runtime import default_threads, work_pixels
+    from deepfeat.backends.onnx_runtime import default_threads, work_pixels
     from deepfeat.pipeline import ExtractConfig, extract
 
     cores = os.cpu_count() or 1

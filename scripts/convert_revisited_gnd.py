@@ -10,7 +10,7 @@ reads the pickle directly, with the same restricted unpickler)::
     python scripts/convert_revisited_gnd.py gnd_roxford5k.pkl            # -> gnd_roxford5k.json
     python scripts/convert_revisited_gnd.py gnd_rparis6k.pkl -o rparis.json
 
-The pickle is read with deepfeat.gnd_pickle's unpickler, which accepts only plain
+The pickle is read with deepfeat.evaluate.gnd_pickle's unpickler, which accepts only plain
 containers and numpy arrays, so a file that tries to run code is refused; still, only
 convert files you downloaded from the authors. The JSON schema is described in
 docs/evaluation.md.
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from deepfeat.errors import DeepfeatError
-from deepfeat.gnd_pickle import load_restricted_pickle, revisited_doc
+from deepfeat.evaluate.gnd_pickle import load_restricted_pickle, revisited_doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageEnhance, ImageOps
 
 from deepfeat.cli import COMMAND_MODULES, main
-from deepfeat.samples import write_sample_photos
+from deepfeat.data.samples import write_sample_photos
 
 
 def make_collection(photos: list[str], folder: Path) -> Path:

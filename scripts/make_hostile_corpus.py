@@ -47,7 +47,7 @@ def _png(width: int, height: int, bit_depth: int, color_type: int, rows) -> byte
 def _photo() -> Image.Image:
     import tempfile
 
-    from deepfeat.samples import write_sample_photos
+    from deepfeat.data.samples import write_sample_photos
 
     with tempfile.TemporaryDirectory() as d:
         img = Image.open(write_sample_photos(d, ["chelsea"])[0]).convert("RGB")

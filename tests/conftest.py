@@ -31,7 +31,7 @@ def lite0():
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, str]:
     """Real photos (scikit-image's CC0/public-domain samples) as JPEG files."""
-    from deepfeat.samples import SAMPLES, write_sample_photos
+    from deepfeat.data.samples import SAMPLES, write_sample_photos
 
     folder = tmp_path_factory.mktemp("photos")
     paths = write_sample_photos(folder)

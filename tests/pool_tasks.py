@@ -1,4 +1,4 @@
-"""Tiny tasks for tests of deepfeat.workerpool, in their own module so that spawned
+"""Tiny tasks for tests of deepfeat.data.workers, in their own module so that spawned
 workers import only this (no torch): each item is a file name in a scratch folder."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from deepfeat.workerpool import PerItem
+from deepfeat.data.workers import PerItem
 
 
 def _one(item: str) -> str:

@@ -42,7 +42,7 @@ from deepfeat.models.caffe import (
     write_caffemodel,
 )
 from deepfeat.models.caffe.layers import LRN, Pooling, pool_out
-from deepfeat.taps import Taps, layer_table
+from deepfeat.models.taps import Taps, layer_table
 
 SHARED = Path(os.environ.get("DEEPFEAT_SHARED_CAFFE")
               or Path(os.environ.get("DEEPFEAT_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "caffe")
@@ -130,8 +130,8 @@ def cifar_images():
 
 def real_batch(model, paths: list[str]) -> np.ndarray:
     """Images through deepfeat's own decode + preprocessing for *model*."""
-    from deepfeat.images import decode_image
-    from deepfeat.preprocess import SizePolicy
+    from deepfeat.data.images import decode_image
+    from deepfeat.data.preprocess import SizePolicy
 
     pix = [decode_image(p, SizePolicy("model"), model.data_config).pixels for p in paths]
     with torch.inference_mode():
@@ -303,7 +303,7 @@ def test_real_model_matches_opencv(key, cifar_images):
 def test_cifar10_quick_reproduces_the_real_caffe_run(cifar_images, tmp_path):
     """A real Caffe run (BGR images minus the CIFAR-10 mean) gave dog10 -> 5, cat10 -> 3,
     truck10 -> 9; so does deepfeat's whole classify path, with V1 and current deploys."""
-    from deepfeat.classify import classify
+    from deepfeat.models.classify import classify
 
     labels = tmp_path / "cifar10.txt"
     labels.write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n")

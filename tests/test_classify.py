@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from deepfeat.classify import classify
 from deepfeat.cli import main
+from deepfeat.models.classify import classify
 
 from .conftest import CAT_CLASSES, ESPRESSO
 

@@ -571,7 +571,7 @@ def _official(doc):
 
 
 def test_revisited_pickles_are_read_without_running_code(tmp_path):
-    from deepfeat.gnd_pickle import load_restricted_pickle
+    from deepfeat.evaluate.gnd_pickle import load_restricted_pickle
 
     doc = _revisited_doc()
     pkl = tmp_path / "gnd_roxford5k.pkl"

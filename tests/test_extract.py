@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+from deepfeat.backends.featurenet import FeatureNet
 from deepfeat.cli import main
+from deepfeat.data.images import decode_image, discover
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.features import FeatureNet
-from deepfeat.images import decode_image, discover
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.pooling import get_pooling
-from deepfeat.preprocess import parse_size_policy
 from deepfeat.store import FeatureStore
 
 FAST = dict(workers=0, progress="none", batch_size=8)
@@ -380,7 +380,7 @@ def test_full_disk_is_reported_and_loses_nothing(collection, tmp_path, monkeypat
 def test_onnx_static_batch_pads_and_splits(lite0):
     """The ONNX runner's static-batch graph: a short batch is padded, a long one split, and each
     image's descriptor is the same as when it is computed with other images."""
-    from deepfeat.features import OnnxRunner, TorchRunner
+    from deepfeat.backends.featurenet import OnnxRunner, TorchRunner
 
     fnet = FeatureNet(lite0, ["blocks.4"], get_pooling("gem"))
     x = np.random.default_rng(0).integers(0, 256, (7, 96, 96, 3), dtype=np.uint8)
@@ -394,7 +394,7 @@ def test_onnx_static_batch_pads_and_splits(lite0):
 
 
 def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
-    from deepfeat import openvino_runtime
+    from deepfeat.backends import openvino_runtime
 
     rep = extract(_cfg([collection], tmp_path / "a", limit=4, pooling="mac"))
     assert rep.backend == "onnx"  # one shape on the CPU: ONNX Runtime
@@ -406,7 +406,7 @@ def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
                        backend="torch"))
     assert rep.backend == "torch" and FeatureStore(tmp_path / "c").meta["inference"]["backend"] == "torch"
 
-    from deepfeat.features import FallbackRunner, TorchRunner
+    from deepfeat.backends.featurenet import FallbackRunner, TorchRunner
 
     class Broken:
         name = "onnx"
@@ -463,7 +463,7 @@ def test_decoding_runs_ahead_of_inference_by_a_bounded_number_of_images():
     from concurrent.futures import Future
     from types import SimpleNamespace
 
-    from deepfeat.pipeline import local
+    from deepfeat.pipeline import local_engine as local
     from deepfeat.pipeline.config import ExtractReport
     from deepfeat.pipeline.progress import Progress
     from deepfeat.pipeline.shard import ShardJob

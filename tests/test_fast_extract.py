@@ -7,15 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.batching import (PaddedTorchRunner, bucket_shape, check_maskable, masked_pool, valid_map_size,
-                               valid_mask)
+from deepfeat.backends.featurenet import FeatureNet, OnnxRunner, TorchRunner
+from deepfeat.backends.onnx_runtime import ATOL, COSINE_MIN, agreement
+from deepfeat.backends.padding import (
+    PaddedTorchRunner,
+    bucket_shape,
+    check_maskable,
+    masked_pool,
+    valid_map_size,
+    valid_mask,
+)
+from deepfeat.data.images import decode_image, discover
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.features import FeatureNet, OnnxRunner, TorchRunner
-from deepfeat.images import decode_image, discover
-from deepfeat.onnx_runtime import ATOL, COSINE_MIN, agreement
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.pooling import get_pooling
-from deepfeat.preprocess import parse_size_policy
 from deepfeat.store import FeatureStore
 
 from .conftest import SHARED_DATA
@@ -89,7 +95,7 @@ def test_dynamic_graph_is_traced_small_and_runs_without_the_growing_arena(lite0,
     grow with --size; H and W stay free), still gives torch's descriptors at the large size, and its
     sessions (dynamic and shape-fixed) run without ONNX Runtime's CPU arena, whose memory grows with
     every new input shape (docs/benchmarks.md)."""
-    import deepfeat.onnx_runtime as oxr
+    import deepfeat.backends.onnx_runtime as oxr
 
     traced = []
     real_export = oxr.export
@@ -129,13 +135,13 @@ def test_auto_runs_shape_constant_networks_in_torch_with_one_export(collection, 
     """--backend auto with R-MAC at an aspect-preserving size: the dynamic graph fails its check once,
     and auto runs eager torch (one export in all, not one per image shape), with torch's descriptors;
     --backend onnx still takes per-shape static graphs (the user asked for ONNX Runtime)."""
-    from deepfeat import onnx_runtime
+    from deepfeat.backends import onnx_runtime
 
     exported = []
     real_export = onnx_runtime.export
     monkeypatch.setattr(onnx_runtime, "export", lambda *a, **k: (exported.append(a[3]), real_export(*a, **k)))
-    if "deepfeat.openvino_runtime" in __import__("sys").modules:  # it imported the name: count there too
-        monkeypatch.setattr("deepfeat.openvino_runtime.export", onnx_runtime.export)
+    if "deepfeat.backends.openvino_runtime" in __import__("sys").modules:  # it imported the name: count there too
+        monkeypatch.setattr("deepfeat.backends.openvino_runtime.export", onnx_runtime.export)
     kw = dict(inputs=[str(collection)], size="long:160", pooling="rmac", layers=["blocks.4"], workers=0,
               progress="none", limit=6, post="none")
     extract(ExtractConfig(output=str(tmp_path / "auto"), **kw))
@@ -260,9 +266,9 @@ def test_append_with_another_backend_only_when_they_agree(collection, tmp_path):
 
 
 def test_threads_flag_and_defaults(collection, tmp_path, capsys):
+    from deepfeat.backends.onnx_runtime import default_threads, work_pixels
+    from deepfeat.backends.openvino_runtime import available
     from deepfeat.cli import main
-    from deepfeat.onnx_runtime import default_threads, work_pixels
-    from deepfeat.openvino_runtime import available
 
     assert default_threads(2) == (2, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores at 224
     t, w = default_threads(16)

@@ -297,7 +297,7 @@ def test_resume_continues_like_an_uninterrupted_run(run_a, labelled, tmp_path, m
 
 def test_finetuned_spec_classifies_and_extracts(run_a, tmp_path):
     import deepfeat
-    from deepfeat.classify import classify
+    from deepfeat.models.classify import classify
     from deepfeat.pipeline import ExtractConfig, extract
     from deepfeat.store import FeatureStore
 

@@ -165,8 +165,8 @@ def test_cosine_head_trains_saves_and_loads(labelled, tmp_path):
     """--head cosine: a bias-free head on L2-normalised features, its scale saved with it;
     finetuned:RUN rebuilds it and classifies the held-out images as the run measured."""
     import deepfeat
-    from deepfeat.classify import classify
     from deepfeat.finetune.heads import CosineHead
+    from deepfeat.models.classify import classify
 
     out = tmp_path / "cos"
     res = finetune(FinetuneConfig(data=str(labelled), output=str(out), head="cosine", head_scale=12.0, **TINY))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepfeat.data.images import decode_image, discover
+from deepfeat.data.preprocess import DataConfig, SizePolicy, parse_size_policy, target_size
 from deepfeat.errors import ImageError, UsageError
-from deepfeat.images import decode_image, discover
-from deepfeat.preprocess import DataConfig, SizePolicy, parse_size_policy, target_size
 
 
 def test_discover_forms(tmp_path, photos):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import deepfeat
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import ModelError, UsageError
-from deepfeat.images import decode_image
 from deepfeat.models.embedded import map_state_dict
-from deepfeat.preprocess import SizePolicy
 
 from .conftest import CAT_CLASSES, ESPRESSO
 

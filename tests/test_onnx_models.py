@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.classify import classify, classify_images, probabilities
+from deepfeat.backends.featurenet import FeatureNet
 from deepfeat.cli import main
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import FormatError, LayerError, ModelError, UsageError
-from deepfeat.features import FeatureNet
-from deepfeat.images import decode_image
 from deepfeat.models import load_model
+from deepfeat.models.classify import classify, classify_images, probabilities
+from deepfeat.models.taps import Taps, make_taps, model_layer_table
 from deepfeat.pipeline import ExtractConfig, default_layer, extract
 from deepfeat.pooling import get_pooling
-from deepfeat.preprocess import SizePolicy
 from deepfeat.store import FeatureStore
-from deepfeat.taps import Taps, make_taps, model_layer_table
 
 from .conftest import CAT_CLASSES, ESPRESSO
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat import openvino_runtime
+from deepfeat.backends import openvino_runtime
+from deepfeat.backends.featurenet import FeatureNet, TorchRunner
+from deepfeat.backends.onnx_runtime import ATOL, COSINE_MIN, agreement
+from deepfeat.data.images import decode_image, discover
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import UsageError
-from deepfeat.features import FeatureNet, TorchRunner
-from deepfeat.images import decode_image, discover
-from deepfeat.onnx_runtime import ATOL, COSINE_MIN, agreement
 from deepfeat.pipeline import ExtractConfig, extract, network
 from deepfeat.pooling import get_pooling
-from deepfeat.preprocess import parse_size_policy
 from deepfeat.store import FeatureStore
 
 from .conftest import SHARED_DATA

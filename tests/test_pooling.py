@@ -728,9 +728,9 @@ def real_maps(tmp_path_factory):
     from PIL import Image
 
     import deepfeat
-    from deepfeat.images import decode_image
-    from deepfeat.preprocess import SizePolicy
-    from deepfeat.taps import capture
+    from deepfeat.data.images import decode_image
+    from deepfeat.data.preprocess import SizePolicy
+    from deepfeat.models.taps import capture
 
     model = deepfeat.load_model("efficientnet_lite0")
     path = tmp_path_factory.mktemp("img") / "chelsea.png"

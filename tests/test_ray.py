@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from deepfeat.cli import main
-from deepfeat.distributed import ShardWorker, _raise_worker_error
+from deepfeat.data.images import discover
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.images import discover
 from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.pipeline.ray_engine import ShardWorker, _raise_worker_error
 from deepfeat.store import FeatureStore
 
 from .conftest import SHARED_DATA
@@ -57,7 +57,7 @@ def image_list(tmp_path_factory) -> Path:
         files = discover([str(flowers)])
         files = files[:: max(1, len(files) // N_IMAGES)][:N_IMAGES]
     else:
-        from deepfeat.samples import write_sample_photos
+        from deepfeat.data.samples import write_sample_photos
 
         files = []
         srcs = [Image.open(p).convert("RGB") for p in write_sample_photos(d / "samples")]

@@ -108,8 +108,8 @@ def test_multiscale_sweep_descriptors_equal_extract_scales(views, tmp_path):  # 
     from deepfeat.models import load_model
     from deepfeat.pipeline import ExtractConfig, extract
     from deepfeat.pooling import get_pooling
-    from deepfeat.recipe import MS_SCALES
-    from deepfeat.sweep import MultiPoolNet, compute_descriptors
+    from deepfeat.tune.recipe import MS_SCALES
+    from deepfeat.tune.sweep import MultiPoolNet, compute_descriptors
 
     model = load_model("efficientnet_lite0")
     files = sorted(str(p) for p in (views / "rocket").iterdir())

@@ -13,16 +13,22 @@ from PIL import Image
 from deepfeat.cli import main
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.evaluate import rank_by_similarity
-from deepfeat.local_features import LocalExtractor, parse_local_spec
-from deepfeat.local_store import LocalFeatureCache
+from deepfeat.localfeat.cache import LocalFeatureCache
+from deepfeat.localfeat.features import LocalExtractor, parse_local_spec
 from deepfeat.pooling import rmac, rmac_regions
-from deepfeat.rerank import (Diffusion, RegionalDiffusion, get_reranker, gmp_weights, knn_graph, seed_vector,
-                             system_matrix)
+from deepfeat.rerank import (
+    Diffusion,
+    RegionalDiffusion,
+    get_reranker,
+    gmp_weights,
+    knn_graph,
+    seed_vector,
+    system_matrix,
+)
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
 
 from .local_sections import kill_and_resume
-
 from .test_search import store, views  # noqa: F401  (module fixtures: 5 photos x 4 edited views)
 
 # --------------------------------------------------------------------------- the algorithm, on constructed data
@@ -144,7 +150,7 @@ def test_specs_and_refusals():
     r = RegionalDiffusion(k=2).attach((regions, counts))
     with pytest.raises(UsageError, match="query 0 is neither a stored image nor given with its image"):
         r.rerank(q, xb, rank_by_similarity(q, xb))
-    from deepfeat.sweep import parse_reranks
+    from deepfeat.tune.sweep import parse_reranks
 
     with pytest.raises(UsageError, match="regional diffusion needs a store's regional descriptors"):
         parse_reranks(["none", "regional-diffusion"])

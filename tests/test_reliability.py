@@ -21,8 +21,8 @@ import pytest
 
 from deepfeat.cli import main
 from deepfeat.errors import StoreError
-from deepfeat.faults import ENV as FAULTS
 from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.pipeline.faults import ENV as FAULTS
 from deepfeat.store import FeatureStore
 
 FAST = dict(progress="none", batch_size=4, pooling="mac", post="none")

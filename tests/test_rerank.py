@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from deepfeat.errors import UsageError
-from deepfeat.rerank import (Diffusion, KReciprocal, complete_ranking, get_reranker, k_reciprocal_distances,
-                             knn_graph, parse_rerank_spec)
+from deepfeat.rerank import (
+    Diffusion,
+    KReciprocal,
+    complete_ranking,
+    get_reranker,
+    k_reciprocal_distances,
+    knn_graph,
+    parse_rerank_spec,
+)
 
 
 def _two_moons_on_sphere(n_per: int = 150, noise: float = 0.03, seed: int = 0):
@@ -209,11 +216,11 @@ def test_oxford_eval_with_rerank(store, views, tmp_path, spec):
     """Oxford-format ground truth (a cropped query region, good/ok/junk) with re-ranking, end to end."""
     import json
 
+    from PIL import Image
+
     from deepfeat.cli import main
     from deepfeat.pipeline import ExtractConfig, extract
     from deepfeat.store import FeatureStore
-
-    from PIL import Image
 
     gt = tmp_path / "gt"
     gt.mkdir()

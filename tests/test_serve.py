@@ -28,7 +28,7 @@ from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.serve import create_app
 from deepfeat.serve.app import STATIC_DIR
-from deepfeat.serve.batching import MicroBatcher, group_by_shape
+from deepfeat.serve.microbatch import MicroBatcher, group_by_shape
 from deepfeat.serve.uploads import ApiError
 
 MAX_UPLOAD = 1 << 20  # small limits, so that real files can exceed them

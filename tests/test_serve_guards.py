@@ -29,8 +29,7 @@ from deepfeat.serve.guards import ConcurrencyLimitMiddleware, key_matches, prese
 from deepfeat.serve.uploads import ApiError
 
 from .conftest import REPO
-from .test_serve import image_root, store  # noqa: F401  (module fixtures: a real store)
-from .test_serve import assert_json_error, server_process
+from .test_serve import assert_json_error, image_root, server_process, store  # noqa: F401  (module fixtures: a real store)
 
 KEY = "test-key-0123456789"
 

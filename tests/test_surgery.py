@@ -20,11 +20,11 @@ from torch import nn
 
 import deepfeat
 import deepfeat.cli
-from deepfeat.classify import probabilities
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import DataConfig, SizePolicy
 from deepfeat.errors import ModelError, UsageError
-from deepfeat.images import decode_image
 from deepfeat.models.base import Model
-from deepfeat.preprocess import DataConfig, SizePolicy
+from deepfeat.models.classify import probabilities
 from deepfeat.surgery import DenseClassifier, DenseMap, dense_map, fc_to_conv_weight, fully_convolutional
 
 from .conftest import CAT_CLASSES, SHARED_CAFFE, needs_shared_caffe

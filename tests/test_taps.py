@@ -7,7 +7,7 @@ import torch
 
 import deepfeat
 from deepfeat.errors import LayerError
-from deepfeat.taps import OUTPUT, Taps, capture, layer_table
+from deepfeat.models.taps import OUTPUT, Taps, capture, layer_table
 
 
 def test_layer_table_embedded(lite0):

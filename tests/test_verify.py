@@ -13,12 +13,12 @@ pytest.importorskip("cv2")
 
 from deepfeat.cli import main
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.local_features import LocalExtractor, parse_local_spec
-from deepfeat.local_store import LocalFeatureCache, build_local_features
+from deepfeat.localfeat.cache import LocalFeatureCache, build_local_features
+from deepfeat.localfeat.features import LocalExtractor, parse_local_spec
+from deepfeat.localfeat.verify import VerifyParams, count_inliers, mutual_matches, parse_verify_spec, verify_ranking
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
-from deepfeat.verify import VerifyParams, count_inliers, mutual_matches, parse_verify_spec, verify_ranking
 
 from .local_sections import kill_and_resume
 

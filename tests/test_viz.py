@@ -14,10 +14,10 @@ from PIL import Image
 
 import deepfeat
 import deepfeat.cli
-from deepfeat import viz
 from deepfeat.errors import LayerError, UsageError
 from deepfeat.pooling import crow
 from deepfeat.surgery import dense_map, fully_convolutional
+from deepfeat.viz import network as viz
 
 from .conftest import SHARED_CAFFE, needs_shared_caffe
 

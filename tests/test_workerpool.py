@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deepfeat.workerpool import SupervisedPool, WorkerLost, WorkerStartError
+from deepfeat.data.workers import SupervisedPool, WorkerLost, WorkerStartError
 from tests import pool_tasks
 
 

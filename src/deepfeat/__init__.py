@@ -1,6 +1,6 @@
 """deepfeat: pretrained CNNs as image retrieval and classification systems.
 
-The public API is re-exported here lazily (PEP 562), so that ``import deepfeat.images``
+The public API is re-exported here lazily (PEP 562), so that ``import deepfeat.data.images``
 in a decode worker does not pay for importing torch.
 """
 
@@ -22,17 +22,17 @@ _EXPORTS = {
     # models and layers
     "Model": "models.base",
     "load_model": "models.registry",
-    "Taps": "taps",
-    "capture": "taps",
-    "layer_table": "taps",
+    "Taps": "models.taps",
+    "capture": "models.taps",
+    "layer_table": "models.taps",
     # images and preprocessing
-    "DataConfig": "preprocess",
-    "SizePolicy": "preprocess",
-    "parse_size_policy": "preprocess",
-    "decode_image": "images",
-    "discover": "images",
+    "DataConfig": "data.preprocess",
+    "SizePolicy": "data.preprocess",
+    "parse_size_policy": "data.preprocess",
+    "decode_image": "data.images",
+    "discover": "data.images",
     # tasks
-    "classify": "classify",
+    "classify": "models.classify",
     "FeatureStore": "store",
     "extract": "pipeline",
     "ExtractConfig": "pipeline",

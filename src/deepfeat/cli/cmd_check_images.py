@@ -10,8 +10,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from deepfeat.images import check_image, discover, printable_path
 from deepfeat.cli.common import print_json
+from deepfeat.data.images import check_image, discover, printable_path
 
 
 def register(sub) -> None:

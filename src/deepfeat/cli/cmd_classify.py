@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
-from deepfeat.classify import classify_iter
-from deepfeat.images import discover
-from deepfeat.models import load_model
 from deepfeat.cli.common import add_model_args, print_json
+from deepfeat.data.images import discover
+from deepfeat.models import load_model
+from deepfeat.models.classify import classify_iter
 
 
 def register(sub) -> None:

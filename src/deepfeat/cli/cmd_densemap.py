@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from deepfeat.cli.common import add_model_args, print_json
 from deepfeat.errors import UsageError
 from deepfeat.models import load_model
-from deepfeat.cli.common import add_model_args, print_json
 
 
 def register(sub) -> None:
@@ -67,7 +67,7 @@ def run(args) -> int:
         torch.save(net, args.save_net)
     dm = dense_map(model, args.image, args.size or default_size(model), window=window, net=net)
     if args.output:
-        from deepfeat.viz import plot_densemap, save_figure
+        from deepfeat.viz.network import plot_densemap, save_figure
 
         save_figure(plot_densemap(dm), args.output, dpi=args.dpi)
     if args.json:

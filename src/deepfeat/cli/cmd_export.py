@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from deepfeat.store import EXPORT_FORMATS, FeatureStore, export_store
 from deepfeat.cli.common import print_json
+from deepfeat.store import EXPORT_FORMATS, FeatureStore, export_store
 
 
 def register(sub) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from deepfeat.features import parse_scales
-from deepfeat.pipeline import ExtractConfig, extract
-from deepfeat.signals import Terminated, sigterm_interrupts
+from deepfeat.backends.featurenet import parse_scales
 from deepfeat.cli.common import add_model_args
 from deepfeat.cli.recipe_args import add_recipe_arg, apply_recipe, given
+from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.pipeline.signals import Terminated, sigterm_interrupts
 
 RECIPE_FLAGS = {"model": "extract.model", "layer": "extract.layer", "pool": "extract.pooling",
                 "scales": "extract.scales", "size": "extract.size", "post": "extract.post"}
@@ -101,7 +101,7 @@ def run(args) -> int:
                          f"is already fitted ({recipe['extract']['post']}); give --post CHAIN with --fit-on to "
                          "refit it, or leave --fit-on out")
     if args.local_features:
-        from deepfeat.local_features import parse_local_spec
+        from deepfeat.localfeat.features import parse_local_spec
 
         parse_local_spec(args.local_features)  # a bad spec fails before extracting
     cfg = ExtractConfig(
@@ -138,8 +138,8 @@ def run(args) -> int:
         if rep.failures_report:
             print(f"failures: {rep.failures_report}")
     if args.local_features and (rep.ok or rep.skipped_shards):
-        from deepfeat.local_store import build_local_features
         from deepfeat.cli.cmd_local_features import print_report
+        from deepfeat.localfeat.cache import build_local_features
 
         try:
             lrep = build_local_features(args.output, args.local_features, device=args.device)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from deepfeat.models import load_model
-from deepfeat.taps import model_layer_table
 from deepfeat.cli.common import add_model_args, format_table, print_json
+from deepfeat.models import load_model
+from deepfeat.models.taps import model_layer_table
 
 
 def register(sub) -> None:

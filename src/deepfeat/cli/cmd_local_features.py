@@ -36,7 +36,7 @@ def print_report(rep: dict, store: str) -> None:
 
 
 def run(args) -> int:
-    from deepfeat.local_store import build_local_features
+    from deepfeat.localfeat.cache import build_local_features
 
     try:
         rep = build_local_features(args.store, args.extractor, name=args.name, device=args.device)

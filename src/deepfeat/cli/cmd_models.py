@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from deepfeat.models.registry import sources
 from deepfeat.cli.common import format_table, print_json
+from deepfeat.models.registry import sources
 
 
 def register(sub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from deepfeat.pipeline import fit_post, install_post
 from deepfeat.postprocess import PostChain
 from deepfeat.store import FeatureStore
-from deepfeat.storelock import StoreLock
+from deepfeat.store.lock import StoreLock
 
 
 def register(sub) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from deepfeat.recipe import DEFAULT_POOLS, DEFAULT_POSTS, DEFAULT_RERANKS, MS_POOLS, MS_SCALES, make_recipe
 from deepfeat.cli.cmd_sweep import _split
 from deepfeat.cli.common import add_model_args
+from deepfeat.tune.recipe import DEFAULT_POOLS, DEFAULT_POSTS, DEFAULT_RERANKS, MS_POOLS, MS_SCALES, make_recipe
 
 
 def register(sub) -> None:

@@ -7,12 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from deepfeat.errors import UsageError
-from deepfeat.search import SearchEngine, build_index, parse_bbox
-from deepfeat.verify import parse_verify_spec
 from deepfeat.cli.common import print_json
 from deepfeat.cli.recipe_args import add_recipe_arg, apply_recipe
-
+from deepfeat.errors import UsageError
+from deepfeat.localfeat.verify import parse_verify_spec
+from deepfeat.search import SearchEngine, build_index, parse_bbox
 
 RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal | regional-diffusion, with optional parameters, "
                "e.g. diffusion:k=50,alpha=0.99,gamma=3,trunc=1000, kreciprocal:k1=20,k2=6,lambda=0.3 or "
@@ -33,8 +32,8 @@ def search_options(args, command: str) -> None:
 
         get_reranker(args.rerank)
     if recipe:
-        from deepfeat.recipe import store_differences
         from deepfeat.store import FeatureStore
+        from deepfeat.tune.recipe import store_differences
 
         diffs = store_differences(recipe, FeatureStore(args.store).meta)
         if diffs:
@@ -190,7 +189,7 @@ def run_search(args) -> int:
             query_img = engine.store.resolve_path(engine.paths[rows[0]]) if rows[0] is not None else None
         from dataclasses import replace
 
-        from deepfeat.grid import search_grid
+        from deepfeat.viz.grid import search_grid
 
         shown = [replace(h, path=engine.store.resolve_path(h.path)) for h in results[0]]
         search_grid(query_img, labels[0], shown, args.grid, _verdicts(engine, args.gt, rows[0], results[0]),
@@ -251,7 +250,7 @@ def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = Non
     """Rankings with each query's top N re-ordered by spatial verification; (ranks, ms/query).
     A query's keypoints are the cached ones of its stored image (restricted to its region,
     if it has one), or computed from its file."""
-    from deepfeat.verify import verify_rankings
+    from deepfeat.localfeat.verify import verify_rankings
 
     def query_features(qi: int):
         q = gt.queries[qi]

@@ -6,9 +6,9 @@ import ipaddress
 import os
 import sys
 
-from deepfeat.errors import UsageError
 from deepfeat.cli.cmd_search import RECIPE_FLAGS, search_options
 from deepfeat.cli.recipe_args import add_recipe_arg
+from deepfeat.errors import UsageError
 
 
 def register(sub) -> None:

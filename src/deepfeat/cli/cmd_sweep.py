@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from deepfeat.features import parse_scales
-from deepfeat.sweep import sweep, write_outputs
+from deepfeat.backends.featurenet import parse_scales
 from deepfeat.cli.common import add_model_args
+from deepfeat.tune.sweep import sweep, write_outputs
 
 
 def _split(text: str) -> list[str]:

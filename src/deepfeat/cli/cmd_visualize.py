@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from deepfeat.cli.common import add_model_args
 from deepfeat.errors import UsageError
 from deepfeat.models import load_model
-from deepfeat.cli.common import add_model_args
 
 KINDS = {
     "filters": "the filters of a convolution layer (default: the first), tiled in a square grid",
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from deepfeat import viz
+    from deepfeat.viz import network as viz
 
     kind = args.kind
     if kind in NEEDS_IMAGE and not args.image:
@@ -69,8 +69,8 @@ def run(args) -> int:
     elif kind == "crow":
         fig = viz.plot_crow(model, args.image, args.layer, size=args.size)
     else:
-        from deepfeat.surgery import dense_map
         from deepfeat.cli.cmd_densemap import default_size
+        from deepfeat.surgery import dense_map
 
         fig = viz.plot_densemap(dense_map(model, args.image, args.size or default_size(model)))
     viz.save_figure(fig, out, dpi=args.dpi)

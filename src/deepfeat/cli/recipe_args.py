@@ -57,7 +57,7 @@ def apply_recipe(args: argparse.Namespace, command: str) -> dict[str, Any] | Non
     """Load ``args.recipe`` (if any) and fill the flags the user left at their defaults."""
     if not getattr(args, "recipe", None):
         return None
-    from deepfeat.recipe import load_recipe
+    from deepfeat.tune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     for dest, where in args._recipe_dests.items():

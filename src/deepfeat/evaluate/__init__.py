@@ -33,8 +33,13 @@ UKBench, Oxford/Paris), ``revisited`` (ROxford / RParis) and ``spec``
 from __future__ import annotations
 
 from deepfeat.evaluate.loaders import class_folder_gt, groups_gt, load_oxford_gt, ukbench_gt
-from deepfeat.evaluate.metrics import (average_precision, average_precision_revisited, precision_at_k, precision_at_k_revisited,
-                      recall_at_k)
+from deepfeat.evaluate.metrics import (
+                      average_precision,
+                      average_precision_revisited,
+                      precision_at_k,
+                      precision_at_k_revisited,
+                      recall_at_k,
+)
 from deepfeat.evaluate.names import read_gt_lists, read_name_list
 from deepfeat.evaluate.revisited import REVISITED_FORMAT, REVISITED_PROTOCOLS, load_revisited_gt, read_revisited_gnd
 from deepfeat.evaluate.runner import evaluate_ranks, mean_average_precision, ns_score, rank_by_similarity

@@ -31,14 +31,14 @@ def read_revisited_gnd(json_path: str | os.PathLike) -> dict[str, Any]:
     "hard": [i], "junk": [i]}, ...]}``, indices 0-based into ``imlist``, one gnd
     entry per query. ``scripts/convert_revisited_gnd.py`` writes it from the official
     ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl``; a ``.pkl`` path is read directly, with
-    the restricted unpickler of :mod:`deepfeat.gnd_pickle` (no code runs; anything but
+    the restricted unpickler of :mod:`deepfeat.evaluate.gnd_pickle` (no code runs; anything but
     numpy arrays, lists, dicts, numbers and strings is refused).
     """
     path = Path(json_path)
     if not path.is_file():
         raise UsageError(f"revisited ground-truth file not found: {path}")
     if path.suffix.lower() == ".pkl":  # the official file, read by an unpickler that runs no code
-        from deepfeat.gnd_pickle import read_revisited_pickle
+        from deepfeat.evaluate.gnd_pickle import read_revisited_pickle
 
         data = read_revisited_pickle(path)
     else:

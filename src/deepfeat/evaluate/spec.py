@@ -9,7 +9,6 @@ from deepfeat.evaluate.loaders import class_folder_gt, groups_gt, load_oxford_gt
 from deepfeat.evaluate.revisited import REVISITED_PROTOCOLS, _revisited_gts
 from deepfeat.evaluate.values import GroundTruth
 
-
 _SPEC_FORMS = ("folders", "ukbench", "groups:FILE.csv", "oxford:GT_DIR", "revisited:GND.json",
                "revisited-easy:GND.json", "revisited-medium:GND.json", "revisited-hard:GND.json")
 

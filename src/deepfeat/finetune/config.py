@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from deepfeat.errors import UsageError
-from deepfeat.models.registry import DEFAULT_MODEL
 from deepfeat.finetune import data as D
 from deepfeat.finetune import heads as H
+from deepfeat.models.registry import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("ce", "contrastive", "triplet")

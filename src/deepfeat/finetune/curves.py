@@ -29,7 +29,7 @@ def plot_curves(history: Sequence[dict], title: str = ""):
     """A matplotlib Figure of the loss, accuracy and (if measured) mAP per epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    from deepfeat.viz import _figure
+    from deepfeat.viz.network import _figure
 
     has_map = any(h.get("val_map") is not None for h in history)
     panels = 3 if has_map else 2

@@ -24,10 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from deepfeat.data.images import check_image, walk_images
 from deepfeat.errors import UsageError
-from deepfeat.images import check_image, walk_images
-from deepfeat.finetune.augment import (AUGMENT_MODES, FILL_MODES, AffineParams, Augmentation, affine_matrix, aug_rng,
-                      augmented_view, warp_affine)
+from deepfeat.finetune.augment import (
+    AUGMENT_MODES,
+    FILL_MODES,
+    AffineParams,
+    Augmentation,
+    affine_matrix,
+    aug_rng,
+    augmented_view,
+    warp_affine,
+)
 from deepfeat.finetune.loader import BatchLoader, _safe_name, cache_fits, save_augmented  # noqa: F401  (_safe_name: its old home)
 
 log = logging.getLogger(__name__)
@@ -138,7 +146,7 @@ def list_labelled(source: str | os.PathLike) -> tuple[str, list[str], list[tuple
 
 
 def _image_exts() -> frozenset[str]:
-    from deepfeat.images import IMAGE_EXTENSIONS
+    from deepfeat.data.images import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS
 

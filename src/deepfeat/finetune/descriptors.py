@@ -46,8 +46,8 @@ def candidates(model, learned_p: float | None = None) -> list[Descriptor]:
     """The descriptors worth comparing for *model*: its last feature map with GeM (p = 3,
     and the learned p when given), average (the head's input for EfficientNet/ResNet
     heads) and max pooling; the head's input as captured; the logits; the softmax."""
+    from deepfeat.models.taps import OUTPUT
     from deepfeat.pipeline import default_layer
-    from deepfeat.taps import OUTPUT
 
     layer = default_layer(model)
     out = [Descriptor(f"{layer} + GeM p=3", layer, "gem"),
@@ -66,9 +66,9 @@ def describe(model, items: Sequence[D.LabelledImage], descriptors: Sequence[Desc
     """Every descriptor of every image in *items* from one pass of *model* (eval mode, no
     grad). Returns name -> ``N x D`` float32 rows and the positions of the images that
     decoded (unreadable images are left out, as in training)."""
-    from deepfeat.normalize import Normalize
+    from deepfeat.data.normalize import Normalize
+    from deepfeat.models.taps import Taps
     from deepfeat.pooling import get_pooling
-    from deepfeat.taps import Taps
 
     if not descriptors:
         raise UsageError("no descriptors to compute")
@@ -131,8 +131,8 @@ def compare_run(run_dir: str, split: str = "val", *, batch_size: int = 32, worke
     import json
     from pathlib import Path
 
-    from deepfeat.models import load_model
     from deepfeat.finetune import heads as H
+    from deepfeat.models import load_model
 
     run = Path(run_dir)
     meta = json.loads((run / "meta.json").read_text(encoding="utf-8"))

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import DataConfig, SizePolicy
 from deepfeat.errors import DeepfeatError, UsageError
-from deepfeat.images import decode_image
-from deepfeat.preprocess import DataConfig, SizePolicy
 from deepfeat.finetune.augment import Augmentation, augmented_view
 
 if TYPE_CHECKING:

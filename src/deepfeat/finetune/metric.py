@@ -36,13 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfeat.pooling import GeM, gem
 from deepfeat.finetune import data as D
 from deepfeat.finetune import heads as H
 from deepfeat.finetune.losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss  # noqa: F401
 from deepfeat.finetune.schedule import Schedule
 from deepfeat.finetune.whitening import WHITENING_FILE, l2_rows, pca_whitening, whiten_rows
-
+from deepfeat.pooling import GeM, gem
 
 
 class MetricLearner:
@@ -116,7 +115,7 @@ class MetricLearner:
     def _check_whiten_dim(self) -> None:
         """--whiten DIM fits the layer's dimension: checked with one tiny forward pass now,
         not after the head stage."""
-        from deepfeat.taps import Taps
+        from deepfeat.models.taps import Taps
 
         ft, net = self.ft, self.ft.net
         flags = {m: m.training for m in net.modules()}
@@ -233,7 +232,7 @@ class MetricLearner:
         return out
 
     def epoch(self, ft, e: int, opt: torch.optim.Optimizer, sched, base_lr: float, it: int) -> dict[str, Any]:
-        from deepfeat.taps import Taps
+        from deepfeat.models.taps import Taps
 
         cfg = ft.cfg
         t0 = time.perf_counter()

@@ -66,7 +66,7 @@ class PassesMixin:
         key) the pass runs from cached prefix outputs where it can; with *fill_prefix*
         (same) the prefix output is captured on the way and cached. Returns the stacked
         captures and the positions of the samples that decoded."""
-        from deepfeat.taps import Taps
+        from deepfeat.models.taps import Taps
 
         net = net or self.net
         net.eval()
@@ -103,8 +103,8 @@ class PassesMixin:
         """Loss, accuracy (and retrieval mAP of the eval layer, pooled with *pool* or
         ``--eval-pool``; the pooled descriptors and their val positions as ``_desc``) on
         the validation split."""
+        from deepfeat.models.taps import OUTPUT
         from deepfeat.pooling import get_pooling
-        from deepfeat.taps import OUTPUT
 
         if not self.val_samples:
             return {}

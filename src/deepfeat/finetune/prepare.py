@@ -56,9 +56,9 @@ class PrepareMixin:
         return self.cfg.workers or min(4, max(1, os.cpu_count() or 1))
 
     def _prepare_model(self) -> None:
+        from deepfeat.data.normalize import Normalize
         from deepfeat.models import load_model
         from deepfeat.models.base import resolve_device
-        from deepfeat.normalize import Normalize
         from deepfeat.pipeline import default_layer
 
         cfg = self.cfg

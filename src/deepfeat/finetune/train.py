@@ -25,16 +25,33 @@ import torch
 
 from deepfeat.finetune import data as D
 from deepfeat.finetune import retrieval as R
-from deepfeat.finetune.config import (DESCRIPTOR_POOL, IDENTITY_KEYS, LOSSES, METRIC_LOSSES, SCHEDULES, STAGES,
-                     FinetuneConfig, FinetuneResult, adopt_identity)
+from deepfeat.finetune.config import (
+    DESCRIPTOR_POOL,
+    IDENTITY_KEYS,
+    LOSSES,
+    METRIC_LOSSES,
+    SCHEDULES,
+    STAGES,
+    FinetuneConfig,
+    FinetuneResult,
+    adopt_identity,
+)
 from deepfeat.finetune.losses import ce_loss
 from deepfeat.finetune.passes import PassesMixin
 from deepfeat.finetune.prepare import PrepareMixin
 from deepfeat.finetune.progress import LOG_FIELDS, Progress, write_log
 from deepfeat.finetune.report import ACCURACY_RISE_MIN, META_FORMAT, RETRIEVAL_GAIN_MIN, ReportMixin, retrieval_warning
 from deepfeat.finetune.schedule import Schedule
-from deepfeat.finetune.snapshots import (SNAPSHOT_FORMAT, SnapshotMixin, latest_snapshot, load_snapshot, now,
-                        rng_state, set_rng_state, snapshot_path)
+from deepfeat.finetune.snapshots import (
+    SNAPSHOT_FORMAT,
+    SnapshotMixin,
+    latest_snapshot,
+    load_snapshot,
+    now,
+    rng_state,
+    set_rng_state,
+    snapshot_path,
+)
 from deepfeat.finetune.stages import StagesMixin
 
 __all__ = [

@@ -18,7 +18,15 @@ import numpy as np
 
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.index.checks import _check_ids, _check_k, _check_metric, _check_threads, _faiss, check_vectors, omp_threads
+from deepfeat.index.checks import (
+    _check_ids,
+    _check_k,
+    _check_metric,
+    _check_threads,
+    _faiss,
+    check_vectors,
+    omp_threads,
+)
 from deepfeat.index.kinds import INDEX_KINDS
 from deepfeat.index.persist import META_FORMAT, META_VERSION, _jsonable, _now, read_index, write_index
 from deepfeat.index.plan import IndexPlan, _positive_int, estimate_memory, plan_index

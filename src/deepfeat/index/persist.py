@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from deepfeat import __version__
-from deepfeat.checksums import file_digest
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
+from deepfeat.store.checksums import file_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -103,7 +103,7 @@ def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[
     faiss.write_index(faiss_index, str(tmp))  # straight to disk: no in-memory copy of a large index
     os.replace(tmp, index_path)
     meta["index_file"] = index_path.name
-    digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.checksums)
+    digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.store.checksums)
     meta["index_bytes"] = digest["bytes"]
     meta["index_sha256"] = digest["sha256"]
     meta["saved_at"] = _now()

@@ -17,7 +17,14 @@ import numpy as np
 
 from deepfeat.errors import UsageError
 from deepfeat.index.checks import _check_metric
-from deepfeat.index.kinds import FLAT_MAX_N, INDEX_KINDS, UNCOMPRESSED_MAX_BYTES, UNCOMPRESSED_MAX_N, _train_size, get_kind
+from deepfeat.index.kinds import (
+    FLAT_MAX_N,
+    INDEX_KINDS,
+    UNCOMPRESSED_MAX_BYTES,
+    UNCOMPRESSED_MAX_N,
+    _train_size,
+    get_kind,
+)
 
 
 def choose_kind(n: int, d: int) -> str:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from deepfeat.normalize import Normalize
-from deepfeat.preprocess import DataConfig
+from deepfeat.data.normalize import Normalize
+from deepfeat.data.preprocess import DataConfig
 
 
 @dataclass

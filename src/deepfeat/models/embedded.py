@@ -22,8 +22,8 @@ from functools import lru_cache
 import torch
 
 from deepfeat.errors import ModelError
-from deepfeat.labels import imagenet_labels
 from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.labels import imagenet_labels
 from deepfeat.models.registry import ModelSource, register_source
 from deepfeat.models.timm_models import timm_data_config
 

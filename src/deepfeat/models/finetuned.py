@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from deepfeat.data.preprocess import DataConfig
 from deepfeat.errors import DeepfeatError, ModelError
-from deepfeat.preprocess import DataConfig
 from deepfeat.models.base import Model, file_sha256
 from deepfeat.models.registry import ModelSource, register_source
 

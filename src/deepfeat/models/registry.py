@@ -114,7 +114,7 @@ def load_model(
     src, rest = split_spec(spec)
     model = src.load(rest, spec, **options)
     if labels is not None:
-        from deepfeat.labels import read_labels
+        from deepfeat.models.labels import read_labels
 
         names = read_labels(labels) if isinstance(labels, str) else list(labels)
         n = model.num_classes

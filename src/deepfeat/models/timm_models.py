@@ -6,10 +6,10 @@ import functools
 
 import torch
 
+from deepfeat.data.preprocess import DataConfig
 from deepfeat.errors import ModelError, suggest
-from deepfeat.labels import default_labels
-from deepfeat.preprocess import DataConfig
 from deepfeat.models.base import Model, file_sha256
+from deepfeat.models.labels import default_labels
 from deepfeat.models.registry import ModelSource, register_source, split_weights
 from deepfeat.models.weights import build_with_weights
 

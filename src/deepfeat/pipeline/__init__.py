@@ -16,7 +16,7 @@ progress is redone.
 How one shard is computed (batches -> decode -> FeatureNet -> items + arrays -> commit)
 lives in :class:`ShardProcessor`, shared by the two engines: the local one
 (``engine="local"``: decode processes feeding inference in this process, several
-shards in flight) and the Ray one in :mod:`deepfeat.distributed` (``engine="ray"``:
+shards in flight) and the Ray one in :mod:`deepfeat.pipeline.ray_engine` (``engine="ray"``:
 one shard per actor call, on many machines). Both write the same store.
 
 The parts, each a module of this package (every name is re-exported here):
@@ -53,7 +53,7 @@ from deepfeat.pipeline.decode import (
     probe_sizes,
     raise_empty,
 )
-from deepfeat.pipeline.local import run_local
+from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import (
     POOLING_FILE,
     _fitted_pooling,
@@ -68,7 +68,15 @@ from deepfeat.pipeline.network import (
     padding,
     resolve_threads,
 )
-from deepfeat.pipeline.plan import CPU_BATCH_PIXELS, _adopt_meta, default_batch, eager_cpu, plan_inputs, plan_work, shard_batches
+from deepfeat.pipeline.plan import (
+    CPU_BATCH_PIXELS,
+    _adopt_meta,
+    default_batch,
+    eager_cpu,
+    plan_inputs,
+    plan_work,
+    shard_batches,
+)
 from deepfeat.pipeline.post import _finish_post, check_post_dim, fit_post, install_post
 from deepfeat.pipeline.progress import Progress, _fmt_seconds, _stage_str
 from deepfeat.pipeline.run import _extract, extract

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from deepfeat.data.images import DEFAULT_MAX_PIXELS
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import UsageError
-from deepfeat.images import DEFAULT_MAX_PIXELS
-from deepfeat.preprocess import parse_size_policy
-
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("f32", "bf16")
@@ -43,7 +42,7 @@ class ExtractConfig:
     channels_last: bool = True  # torch on CUDA: channels-last memory format (no effect on the CPU)
     compile: bool = False  # torch: torch.compile the feature network (--compile)
     #: aspect-preserving policies, torch: pad images to shapes rounded up to this multiple and batch
-    #: them together, pooling with a mask (deepfeat.batching); None: batch by exact shape only
+    #: them together, pooling with a mask (deepfeat.backends.padding); None: batch by exact shape only
     pad_to: int | None = None
     decode_in: str = "processes"  # or "threads"
     #: seconds one image may take to decode in a worker process before the worker is killed
@@ -62,7 +61,7 @@ class ExtractConfig:
     progress: str = "auto"  # auto | bar | lines | none
     labels: str | None = None
     # where the shards are computed: "local" (this process + decode workers) or "ray"
-    # (an actor pool on a Ray cluster, see deepfeat.distributed); the store is the same
+    # (an actor pool on a Ray cluster, see deepfeat.pipeline.ray_engine); the store is the same
     engine: str = "local"
     ray_address: str | None = None  # None: $RAY_ADDRESS or a new local instance; "auto"; "HOST:PORT"
     num_actors: int | None = None  # None: as many as the cluster's CPUs (GPUs) allow
@@ -74,7 +73,7 @@ class ExtractConfig:
             raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
         self.check_precision()
         if self.backend == "openvino":
-            from deepfeat.openvino_runtime import require
+            from deepfeat.backends.openvino_runtime import require
 
             require(self.precision)
         if self.dtype not in DTYPES:
@@ -92,7 +91,7 @@ class ExtractConfig:
                 raise UsageError(f"--pad-to must be at least 1, not {self.pad_to}")
             if self.backend in ("onnx", "openvino"):
                 raise UsageError("--pad-to batches padded images with eager torch; use --backend torch (or auto)")
-            from deepfeat.batching import check_maskable
+            from deepfeat.backends.padding import check_maskable
             from deepfeat.pooling import get_pooling
 
             check_maskable(get_pooling(self.pooling))
@@ -125,7 +124,7 @@ class ExtractConfig:
                              f"{self.backend}")
         if self.device not in ("auto", "cpu") or self.pad_to:
             raise UsageError("--precision bf16 runs on OpenVINO on the CPU: leave out --device and --pad-to")
-        from deepfeat.openvino_runtime import require
+        from deepfeat.backends.openvino_runtime import require
 
         require(self.precision)
 

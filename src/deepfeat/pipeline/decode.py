@@ -3,7 +3,7 @@
 Everything here is module level so that it pickles into spawned worker processes; a
 worker's settings (size policy, data config, draft mode, pixel limit) live in ``_W``,
 set by :func:`_worker_init`. :func:`make_executor` chooses inline, threads or a
-:class:`~deepfeat.workerpool.SupervisedPool`, which runs :func:`decode_batch` and
+:class:`~deepfeat.data.workers.SupervisedPool`, which runs :func:`decode_batch` and
 :func:`probe_sizes` image by image so that a hang or a crash costs one image.
 """
 
@@ -16,12 +16,11 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from deepfeat import faults
+from deepfeat.data.images import check_resize, decode_image, file_problem, open_image
+from deepfeat.data.preprocess import DataConfig, SizePolicy, target_size
+from deepfeat.data.workers import PerItem, SupervisedPool
 from deepfeat.errors import DeepfeatError
-from deepfeat.images import check_resize, decode_image, file_problem, open_image
-from deepfeat.preprocess import DataConfig, SizePolicy, target_size
-from deepfeat.workerpool import PerItem, SupervisedPool
-
+from deepfeat.pipeline import faults
 
 _W: dict[str, Any] = {}
 
@@ -160,7 +159,7 @@ class _InlineExecutor(Executor):
 
 def make_executor(kind: str, workers: int, initargs: tuple, timeout: float | None = None) -> Executor:
     """Decode workers: inline (0), threads, or supervised processes, where one image may take
-    *timeout* seconds before its worker is killed and replaced (:mod:`deepfeat.workerpool`)."""
+    *timeout* seconds before its worker is killed and replaced (:mod:`deepfeat.data.workers`)."""
     if workers == 0:
         return _InlineExecutor(_worker_init, initargs)
     if kind == "threads":

@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from deepfeat.data.images import decode_image, discover
+from deepfeat.data.preprocess import SizePolicy, parse_size_policy
 from deepfeat.errors import DeepfeatError, UsageError
-from deepfeat.images import decode_image, discover
-from deepfeat.preprocess import SizePolicy, parse_size_policy
 from deepfeat.pipeline.config import ExtractConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def build_meta(cfg: ExtractConfig, model, layers: list[str], pooling, dims: list
 def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[str], Any, Any]:
     """(model, resolved layers, pooling, FeatureNet on *device*) as *cfg* defines them; a pooling
     that learns is taken from --pool-fit or the store's saved codebook, else fitted and returned."""
-    from deepfeat.features import FeatureNet
+    from deepfeat.backends.featurenet import FeatureNet
     from deepfeat.models import load_model
     from deepfeat.pooling import get_pooling
 
@@ -88,14 +88,14 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
                 ) -> Callable[[np.ndarray], list[np.ndarray]]:
     """The inference runner for *cfg*; ONNX Runtime and OpenVINO get *threads* inference threads
     (None: torch's). ``auto`` on the CPU: OpenVINO, falling back to ONNX Runtime and then eager
-    torch on a failure in the first batch (:class:`~deepfeat.features.FallbackRunner`)."""
+    torch on a failure in the first batch (:class:`~deepfeat.backends.featurenet.FallbackRunner`)."""
     import torch
 
-    from deepfeat.features import FallbackRunner, OnnxRunner, TorchRunner
+    from deepfeat.backends.featurenet import FallbackRunner, OnnxRunner, TorchRunner
 
     threads = threads or torch.get_num_threads()
     if padding(cfg):
-        from deepfeat.batching import PaddedTorchRunner
+        from deepfeat.backends.padding import PaddedTorchRunner
 
         return PaddedTorchRunner(fnet, device, cfg.pad_to, channels_last=cfg.channels_last)
     # one shape: static graphs (fastest per image); many shapes (aspect-preserving policies):
@@ -107,7 +107,7 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
     mismatch = "raise" if cfg.backend == "auto" else "static"
     kw = {"threads": threads, "batch_size": batch, "export": export, "on_mismatch": mismatch}
     if cfg.backend == "openvino" or (cfg.backend == "auto" and auto_prefers_openvino(cfg, fnet, device)):
-        from deepfeat.openvino_runtime import OpenVinoRunner
+        from deepfeat.backends.openvino_runtime import OpenVinoRunner
 
         ov = OpenVinoRunner(fnet, precision=cfg.precision, **kw)
         if cfg.backend == "openvino":
@@ -136,8 +136,8 @@ def padding(cfg: ExtractConfig) -> int | None:
 
 def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
     """(inference threads, decode workers): ``--threads`` and ``--workers`` where given, else
-    :func:`deepfeat.onnx_runtime.default_threads` for this machine's cores and the input size."""
-    from deepfeat.onnx_runtime import default_threads, work_pixels
+    :func:`deepfeat.backends.onnx_runtime.default_threads` for this machine's cores and the input size."""
+    from deepfeat.backends.onnx_runtime import default_threads, work_pixels
 
     threads, workers = default_threads(pixels=work_pixels(cfg.size, cfg.scales))
     return (cfg.threads or threads), (cfg.workers if cfg.workers is not None else workers)
@@ -166,7 +166,7 @@ def auto_prefers_openvino(cfg: ExtractConfig, fnet, device) -> bool:
     at one scale of an aspect-preserving size OpenVINO f32 ran 1.15x ONNX Runtime at ``long:512``
     (160 images), 1.25x at ``long:768`` and 1.14x at ``long:1024``; with ``--scales 1,0.707,0.5``
     0.83x, so auto keeps ONNX Runtime there; one-shape policies: :data:`OPENVINO_AUTO_FIXED`."""
-    from deepfeat.openvino_runtime import available
+    from deepfeat.backends.openvino_runtime import available
 
     if device.type != "cpu" or not fnet.exportable or padding(cfg):
         return False
@@ -188,8 +188,8 @@ def _fitted_pooling(cfg: ExtractConfig, model, layers: list[str], pooling, polic
     a seeded sample of the inputs and saved into the store so a resumed run reuses it."""
     import torch
 
+    from deepfeat.models.taps import make_taps
     from deepfeat.pooling import load_pooling
-    from deepfeat.taps import make_taps
 
     if len(layers) != 1:
         raise UsageError(f"pooling {pooling.spec!r} learns a codebook per layer; tap one layer, not {layers}")

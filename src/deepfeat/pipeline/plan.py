@@ -14,11 +14,11 @@ import os
 from collections import OrderedDict
 from typing import Any
 
+from deepfeat.data.images import discover, printable_path
+from deepfeat.data.preprocess import SizePolicy, parse_size_policy
 from deepfeat.errors import UsageError
-from deepfeat.images import discover, printable_path
-from deepfeat.preprocess import SizePolicy, parse_size_policy
-from deepfeat.store import FeatureStore
 from deepfeat.pipeline.config import ExtractConfig
+from deepfeat.store import FeatureStore
 
 
 def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple[list[int], list[str], list[int]]:
@@ -69,9 +69,9 @@ def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: 
 
     Fixed-size policies: consecutive items, *batch_size* at a time. Aspect-preserving ones:
     items of exactly the same output size together (with *pad_to*: of the same size rounded up
-    to multiples of it, :func:`deepfeat.batching.bucket_shape`), at most *batch_size* per batch
+    to multiples of it, :func:`deepfeat.backends.padding.bucket_shape`), at most *batch_size* per batch
     and, with *batch_pixels*, at most that many pixels (but at least one image)."""
-    from deepfeat.batching import bucket_shape
+    from deepfeat.backends.padding import bucket_shape
 
     if policy.fixed or sizes is None:
         return [items[i: i + batch_size] for i in range(0, len(items), batch_size)], {}

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 
 from deepfeat.errors import UsageError
-from deepfeat.store import FeatureStore
 from deepfeat.pipeline.config import ExtractConfig
+from deepfeat.store import FeatureStore
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Callable
 
 from deepfeat.errors import UsageError
-from deepfeat.store import FeatureStore, check_store_dir
-from deepfeat.storelock import StoreLock
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
-from deepfeat.pipeline.local import run_local
+from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
 from deepfeat.pipeline.plan import _adopt_meta, default_batch, plan_work
 from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
 from deepfeat.pipeline.progress import Progress
+from deepfeat.store import FeatureStore, check_store_dir
+from deepfeat.store.lock import StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
     """Run (or continue) an extraction into ``cfg.output``, as the store's only writer.
 
-    The store's lock (:class:`~deepfeat.storelock.StoreLock`) is taken first: a second
+    The store's lock (:class:`~deepfeat.store.lock.StoreLock`) is taken first: a second
     ``extract`` on the same store, or a store folder that cannot be written, is refused
     before the model is loaded. The run itself is :func:`_extract`.
     """
@@ -46,7 +46,7 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     post_file = cfg.post if post.fitted and post.needs_fit else None  # a saved, fitted chain file
     cfg.post = post.spec
     if cfg.engine == "ray":
-        from deepfeat.distributed import require_ray
+        from deepfeat.pipeline.ray_engine import require_ray
 
         require_ray()  # before any heavy work: a missing extra is a UsageError that says how to install it
     t_start = time.perf_counter()
@@ -63,7 +63,7 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     progress = Progress(len(ids), len(ids) - todo, cfg.progress)
     try:
         if cfg.engine == "ray":
-            from deepfeat.distributed import run_shards_on_ray
+            from deepfeat.pipeline.ray_engine import run_shards_on_ray
 
             run_shards_on_ray(cfg, store, layers, by_shard, report, progress, stages, on_shard)
         else:
@@ -88,7 +88,7 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     """The setup before the plan: with --resume the store's settings, the network, the store
     (created or reopened) with its meta, a learnt pooling's codebook and the post-processing
     chain. Returns (store, model, layers, fnet, dims, device)."""
-    from deepfeat.features import pooled_dims
+    from deepfeat.backends.featurenet import pooled_dims
     from deepfeat.models.base import resolve_device
 
     existing = FeatureStore(out) if (out / "meta.json").is_file() else None

@@ -1,5 +1,5 @@
 """One shard, from its (id, path) items to a committed shard: the single definition
-shared by the local engine and the Ray one (:mod:`deepfeat.distributed`)."""
+shared by the local engine and the Ray one (:mod:`deepfeat.pipeline.ray_engine`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from deepfeat import faults
+from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import DeepfeatError, StoreError
-from deepfeat.preprocess import SizePolicy
-from deepfeat.store import FeatureStore, ShardItems
+from deepfeat.pipeline import faults
 from deepfeat.pipeline.decode import decode_batch, probe_sizes
 from deepfeat.pipeline.plan import shard_batches
+from deepfeat.store import FeatureStore, ShardItems
 
 log = logging.getLogger(__name__)
 

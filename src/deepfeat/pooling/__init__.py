@@ -49,7 +49,14 @@ from deepfeat.pooling.global_pool import GeM, avg_pool, gem, mac, no_pool, spoc,
 from deepfeat.pooling.modules import ConcatPooling, Pooling
 from deepfeat.pooling.mop import VLADLevel, kmeans, layer_stride, mop_encode, mop_patch_grid, mop_windows, vlad
 from deepfeat.pooling.mop_pooling import MOP_FILE_KIND, MOP_FORMAT_VERSION, MOPPooling, load_pooling  # noqa: F401
-from deepfeat.pooling.multiscale import COMBINE_MODES, DEFAULT_SCALES, combine_scales, parse_scales, pool_multiscale, rescale
+from deepfeat.pooling.multiscale import (
+    COMBINE_MODES,
+    DEFAULT_SCALES,
+    combine_scales,
+    parse_scales,
+    pool_multiscale,
+    rescale,
+)
 from deepfeat.pooling.regional import regional_sum, regional_vectors, rgem, rmac, rmac_regions
 from deepfeat.pooling.registry import POOLINGS, Param, PoolingKind, describe_poolings, list_poolings
 from deepfeat.pooling.spec import get_pooling

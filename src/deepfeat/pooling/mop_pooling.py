@@ -157,8 +157,8 @@ class MOPPooling(Pooling):
 
 def load_pooling(path: str | os.PathLike) -> MOPPooling:
     """Load a fitted MOP pooling saved with :meth:`MOPPooling.save`."""
-    from deepfeat.postprocess import _read_npz
     from deepfeat.pooling.spec import get_pooling
+    from deepfeat.postprocess import _read_npz
 
     arrays, meta = _read_npz(path, MOP_FILE_KIND)
     if int(meta.get("format_version", 0)) > MOP_FORMAT_VERSION:

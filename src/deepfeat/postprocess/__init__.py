@@ -32,7 +32,15 @@ file they are saved in (:mod:`deepfeat.postprocess.files`).
 from __future__ import annotations
 
 from deepfeat.postprocess.chain import PostChain, is_chain_file, learned_whitening_chain, parse_post
-from deepfeat.postprocess.files import CHAIN_FILE_KIND, FORMAT_VERSION, PCA_FILE_KIND, _now, _read_npz, _version, _write_npz
+from deepfeat.postprocess.files import (
+    CHAIN_FILE_KIND,
+    FORMAT_VERSION,
+    PCA_FILE_KIND,
+    _now,
+    _read_npz,
+    _version,
+    _write_npz,
+)
 from deepfeat.postprocess.spec import CHAIN_GRAMMAR, STEP_NAMES
 from deepfeat.postprocess.transforms import PCA, Affine, as_descriptors, l2n, power_law
 

@@ -37,8 +37,16 @@ from deepfeat.rerank.base import Reranker, _check_shortlist, _query_rows, comple
 from deepfeat.rerank.diffusion import Diffusion, diffuse, knn_graph, solve, system_matrix
 from deepfeat.rerank.kreciprocal import KReciprocal, _reciprocal, k_reciprocal_distances
 from deepfeat.rerank.regional import RegionalDiffusion, gmp_weights, seed_vector
-from deepfeat.rerank.specs import (RERANKERS, RerankKind, RerankParam, canonical_spec, describe_rerankers, get_reranker,
-                    list_rerankers, parse_rerank_spec)
+from deepfeat.rerank.specs import (
+                    RERANKERS,
+                    RerankKind,
+                    RerankParam,
+                    canonical_spec,
+                    describe_rerankers,
+                    get_reranker,
+                    list_rerankers,
+                    parse_rerank_spec,
+)
 
 __all__ = ["RERANKERS", "RerankKind", "RerankParam", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",
            "get_reranker", "parse_rerank_spec", "canonical_spec", "list_rerankers", "describe_rerankers", "knn_graph",

@@ -4,7 +4,7 @@ the paper's main setting; the authors' code is ``ahmetius/diffusion-retrieval``)
 
 Every database image is a set of regional descriptors (the R-MAC grid of a tapped map,
 each region pooled and L2-normalised: ``deepfeat local-features STORE --extractor
-regions``, read through :class:`deepfeat.local_store.LocalFeatureCache`). Then:
+regions``, read through :class:`deepfeat.localfeat.cache.LocalFeatureCache`). Then:
 
 1. **Offline**: the mutual k-NN graph of all database *regions*
    (:func:`~deepfeat.rerank.diffusion.knn_graph` over a FAISS index of the regions),
@@ -99,7 +99,7 @@ class RegionalDiffusion(Reranker):
         self._sub_regions = 0
 
     def attach(self, source: Any) -> RegionalDiffusion:
-        """The database's regional descriptors: a :class:`~deepfeat.local_store.LocalFeatureCache`
+        """The database's regional descriptors: a :class:`~deepfeat.localfeat.cache.LocalFeatureCache`
         of a regions section, or ``(desc, counts)``. The offline part is (re)built on first use."""
         self._source = source
         self._fitted_on = None

@@ -47,8 +47,8 @@ class DBAMixin:
         return found
 
     def _load_dba(self, stem: Path, want: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
-        from deepfeat.checksums import size_problem
         from deepfeat.index import Index
+        from deepfeat.store.checksums import size_problem
 
         meta_path = stem.with_suffix(".json")
         if not meta_path.is_file():
@@ -74,8 +74,8 @@ class DBAMixin:
         return index, np.ascontiguousarray(xb, dtype=np.float32)
 
     def _save_dba(self, stem: Path, found: tuple[Any, np.ndarray], want: dict[str, Any]) -> None:
-        from deepfeat.checksums import file_digest
         from deepfeat.store import atomic_save_npy
+        from deepfeat.store.checksums import file_digest
 
         index, xb = found
         try:

@@ -23,7 +23,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.store import FeatureStore
 from deepfeat.search.dba import DBAMixin
 from deepfeat.search.hits import Hit
 from deepfeat.search.queries import QueriesMixin
@@ -31,6 +30,7 @@ from deepfeat.search.ranking import _drop_rows, rank_arrays
 from deepfeat.search.regions import RegionsMixin
 from deepfeat.search.store_index import INDEX_DIR, index_source_meta
 from deepfeat.search.verification import VerificationMixin
+from deepfeat.store import FeatureStore
 
 log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 

@@ -34,7 +34,7 @@ class QueriesMixin:
     @property
     def feature_net(self):
         if self._fnet is None:
-            from deepfeat.features import FeatureNet
+            from deepfeat.backends.featurenet import FeatureNet
             from deepfeat.pooling import get_pooling, load_pooling
 
             meta = self.store.meta
@@ -58,8 +58,8 @@ class QueriesMixin:
         return np.ascontiguousarray(self.store.post.apply(x), dtype=np.float32)
 
     def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
-        from deepfeat.images import decode_image
-        from deepfeat.preprocess import parse_size_policy
+        from deepfeat.data.images import decode_image
+        from deepfeat.data.preprocess import parse_size_policy
 
         policy = parse_size_policy(self.store.meta.get("size", "model"))
         return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,

@@ -1,5 +1,5 @@
 """A query's regional descriptors for regional diffusion (:mod:`deepfeat.rerank.regional`),
-read from or computed like the store's regions section (:mod:`deepfeat.local_store`)."""
+read from or computed like the store's regions section (:mod:`deepfeat.localfeat.cache`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Spatial verification of a :class:`~deepfeat.search.engine.SearchEngine`'s hits with the store's
-cached local features (:mod:`deepfeat.local_store`, :mod:`deepfeat.verify`)."""
+cached local features (:mod:`deepfeat.localfeat.cache`, :mod:`deepfeat.localfeat.verify`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from deepfeat.search.hits import Hit
 
 
 class VerificationMixin:
-    """:class:`~deepfeat.search.engine.SearchEngine`'s spatial verification (:mod:`deepfeat.verify`)."""
+    """:class:`~deepfeat.search.engine.SearchEngine`'s spatial verification (:mod:`deepfeat.localfeat.verify`)."""
 
     def local_cache(self, name: str | None = None, regions: bool = False):
-        """The store's cached local features (:class:`deepfeat.local_store.LocalFeatureCache`);
+        """The store's cached local features (:class:`deepfeat.localfeat.cache.LocalFeatureCache`);
         *regions*: a section of regional descriptors (for regional diffusion), not keypoints."""
         if (name, regions) not in self._local:
-            from deepfeat.local_store import LocalFeatureCache
+            from deepfeat.localfeat.cache import LocalFeatureCache
 
             self._local[(name, regions)] = LocalFeatureCache(self.store, name, regions=regions)
         return self._local[(name, regions)]
@@ -38,7 +38,7 @@ class VerificationMixin:
         if cache.name not in self._local_x:
             from dataclasses import replace
 
-            from deepfeat.local_features import LocalExtractor, parse_local_spec
+            from deepfeat.localfeat.features import LocalExtractor, parse_local_spec
 
             spec = replace(parse_local_spec(cache.spec), layer=cache.meta.get("layer"))
             self._local_x[cache.name] = LocalExtractor(spec, self.model if spec.needs_model else None)
@@ -46,10 +46,10 @@ class VerificationMixin:
 
     def verify(self, hits: list[Hit], query_features, params, name: str | None = None) -> list[Hit]:
         """Re-order *hits* (one query's, best first) by spatial verification of the first
-        ``params.top`` (:func:`deepfeat.verify.verify_ranking`); verified hits carry inliers."""
+        ``params.top`` (:func:`deepfeat.localfeat.verify.verify_ranking`); verified hits carry inliers."""
         from dataclasses import replace
 
-        from deepfeat.verify import verify_ranking
+        from deepfeat.localfeat.verify import verify_ranking
 
         cache = self.local_cache(name)
         res = verify_ranking(query_features, [h.row for h in hits], cache.__getitem__, params)

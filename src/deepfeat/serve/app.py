@@ -21,7 +21,7 @@ GET      /api/openapi.json                   the OpenAPI schema
 Files are only ever read from the store's own items, looked up by id: no request
 names a file. Uploads stay in memory, bounded in bytes and pixels. Decoding and
 thumbnails run in a small thread pool, inference in one thread that batches
-concurrent requests (:mod:`deepfeat.serve.batching`), searches in worker threads:
+concurrent requests (:mod:`deepfeat.serve.microbatch`), searches in worker threads:
 the event loop never computes. Every error is JSON ``{"error": message, "detail": ...}``,
 overload included (503 with ``Retry-After``: too many requests in progress, or the model's
 queue full); with an API key, ``/api/`` routes answer 401 without it (:mod:`.guards`).
@@ -43,11 +43,25 @@ from fastapi import FastAPI
 from deepfeat import __version__
 from deepfeat.errors import UsageError
 from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
-from deepfeat.serve.routes import STATIC_DIR, UPLOAD_PATH  # noqa: F401  (STATIC_DIR: importable from here, as before)
-from deepfeat.serve.routes import add_error_handlers, add_item_routes, add_page_routes, add_search_routes
-from deepfeat.serve.service import (DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOP_K_MAX,
-                      SearchService, ServeConfig)
-from deepfeat.serve.service import DEFAULT_K, MiB, resolve_rerank  # noqa: F401  (importable from here, as before the split)
+from deepfeat.serve.routes import (  # noqa: F401  (STATIC_DIR: importable from here, as before)
+    STATIC_DIR,
+    UPLOAD_PATH,
+    add_error_handlers,
+    add_item_routes,
+    add_page_routes,
+    add_search_routes,
+)
+from deepfeat.serve.service import (  # noqa: F401  (importable from here, as before the split)
+    DEFAULT_K,
+    DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_TOP_K_MAX,
+    MiB,
+    SearchService,
+    ServeConfig,
+    resolve_rerank,
+)
 from deepfeat.serve.uploads import MULTIPART_SLACK, BodyLimitMiddleware
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "

@@ -21,8 +21,8 @@ from deepfeat import __version__
 from deepfeat.errors import ImageError, UsageError
 from deepfeat.rerank import get_reranker, list_rerankers
 from deepfeat.search import Hit, SearchEngine
-from deepfeat.serve.batching import MicroBatcher
 from deepfeat.serve.guards import check_api_key
+from deepfeat.serve.microbatch import MicroBatcher
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
 from deepfeat.serve.uploads import ApiError, sniff_image
 
@@ -111,7 +111,7 @@ class SearchService:
         self._model_lock = threading.Lock()
         self._model_ready = False
         self._infer_lock = threading.Lock()  # one forward pass at a time: the model's taps are per pass
-        from deepfeat.local_store import is_regions, local_feature_names, section_meta
+        from deepfeat.localfeat.cache import is_regions, local_feature_names, section_meta
 
         sections = local_feature_names(self.engine.store)
         regional = [is_regions(section_meta(self.engine.store, n)) for n in sections]
@@ -201,9 +201,9 @@ class SearchService:
 
     def verify(self, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
                bbox=None) -> list[Hit]:
-        """*hits* with their top *n* re-ordered by spatial verification (:mod:`deepfeat.verify`):
+        """*hits* with their top *n* re-ordered by spatial verification (:mod:`deepfeat.localfeat.verify`):
         a stored query's cached local features, or an upload's, computed like the cached ones."""
-        from deepfeat.verify import VerifyParams
+        from deepfeat.localfeat.verify import VerifyParams
 
         if not self.local_features:
             raise ApiError(422, "this store has no cached local features; run `deepfeat local-features STORE` "

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from PIL import Image, ImageOps
 
-from deepfeat.images import open_image
+from deepfeat.data.images import open_image
 
 THUMB_MIN, THUMB_MAX = 16, 1024
 

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deepfeat import __version__
-from deepfeat.checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
+from deepfeat.store.checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger("deepfeat.store")  # the name it had as one module
@@ -35,7 +35,7 @@ IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine"
 def check_store_dir(p: Path) -> None:
     """Refuse a store path that is a file, or a non-empty folder that is not a store (its
     writer's lock file aside)."""
-    from deepfeat.storelock import LOCK_NAME
+    from deepfeat.store.lock import LOCK_NAME
 
     if p.exists() and not p.is_dir():
         raise StoreError(f"{p} exists and is not a directory")
@@ -126,7 +126,7 @@ class FeatureStore:
             self.meta["checksums"] = {"algorithm": ALGORITHM, "files": files}
         atomic_write_json(self.path / "meta.json", self.meta)
 
-    # -- checksums (deepfeat.checksums) ------------------------------------------------
+    # -- checksums (deepfeat.store.checksums) ------------------------------------------------
 
     def _recorded(self) -> dict[str, dict[str, Any]]:
         return (self.meta.get("checksums") or {}).get("files") or {}
@@ -138,8 +138,8 @@ class FeatureStore:
             raise StoreError(f"{msg}; `deepfeat info {self.path} --verify` checks every file of the store")
 
     def verify(self):
-        """Hash and check every file (:func:`deepfeat.checksums.verify_store`); a :class:`VerifyReport`."""
-        from deepfeat.checksums import verify_store
+        """Hash and check every file (:func:`deepfeat.store.checksums.verify_store`); a :class:`VerifyReport`."""
+        from deepfeat.store.checksums import verify_store
 
         return verify_store(self)
 

@@ -50,7 +50,7 @@ The package, one part a module:
 * :mod:`.checks`: the numerical equivalence checks;
 * :mod:`.convert`: :func:`fully_convolutional`, which puts these together;
 * :mod:`.densemap`: :func:`dense_map` and :class:`DenseMap` (running it on an image);
-* :mod:`.pixels`: :func:`load_pixels` (the pictures glue shared with :mod:`deepfeat.viz`).
+* :mod:`.pixels`: :func:`load_pixels` (the pictures glue shared with :mod:`deepfeat.viz.network`).
 """
 
 from __future__ import annotations

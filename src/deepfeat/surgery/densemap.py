@@ -121,7 +121,7 @@ def dense_map(model: Model, image: Any, size: int | str | Any | None = None, *, 
 
     *image* is a path, a decoded image or uint8 pixels; *size* as in
     :func:`load_pixels` (``None``: the model's native input, a 1 x 1 map equal to
-    :func:`deepfeat.classify.classify`; ``451`` with CaffeNet: the classic 8 x 8 map).
+    :func:`deepfeat.models.classify.classify`; ``451`` with CaffeNet: the classic 8 x 8 map).
     Pass *net* (from :func:`fully_convolutional`) to reuse one conversion for many
     images (*window* is then the one *net* was built with).
     """

@@ -16,7 +16,7 @@ def _fn_name(target: Any) -> str:
 
 
 def _is_activation(m: nn.Module) -> bool:
-    from deepfeat.taps import _is_activation as taps_is_activation
+    from deepfeat.models.taps import _is_activation as taps_is_activation
 
     return taps_is_activation(m)
 

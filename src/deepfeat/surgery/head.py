@@ -33,7 +33,14 @@ from deepfeat.surgery.fxnodes import (
     _tensor_inputs,
     _tensor_users,
 )
-from deepfeat.surgery.modules import _ELEMENTWISE_FUNCS, ChannelLayerNorm, Elementwise, _pair, _window_pool, linear_to_conv
+from deepfeat.surgery.modules import (
+    _ELEMENTWISE_FUNCS,
+    ChannelLayerNorm,
+    Elementwise,
+    _pair,
+    _window_pool,
+    linear_to_conv,
+)
 
 _ELEMENTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"})
 _LAYOUT_METHODS = frozenset({"contiguous"})

@@ -1,6 +1,6 @@
 """Pictures glue: the pixels a model sees for a path, a decoded image or an array,
 resized by a size (an int to warp to, or a size policy), shared by
-:func:`~.densemap.dense_map` and :mod:`deepfeat.viz`.
+:func:`~.densemap.dense_map` and :mod:`deepfeat.viz.network`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from deepfeat.models.base import Model
 
 
 def _size_policy(size: int | str | Any | None):
-    from deepfeat.preprocess import SizePolicy, parse_size_policy
+    from deepfeat.data.preprocess import SizePolicy, parse_size_policy
 
     if size is None:
         return SizePolicy("model")
@@ -32,15 +32,15 @@ def _size_policy(size: int | str | Any | None):
 
 
 def load_pixels(model: Model, image: Any, size: int | str | Any | None = None) -> tuple[np.ndarray, str | None]:
-    """Pixels for *model* from a path, a :class:`~deepfeat.images.DecodedImage` or a uint8
+    """Pixels for *model* from a path, a :class:`~deepfeat.data.images.DecodedImage` or a uint8
     ``H x W x C`` array, resized by *size*: ``None`` = the model's own resize + crop
     (arrays are then used as they are), an int S = warp to S x S (as the classic
     net-surgery example does), or a size policy string (``short:448``, ``long:640``,
     ``warp:HxW``, ``native``)."""
     from PIL import Image
 
-    from deepfeat.images import DecodedImage, decode_image
-    from deepfeat.preprocess import resize_image
+    from deepfeat.data.images import DecodedImage, decode_image
+    from deepfeat.data.preprocess import resize_image
 
     policy = _size_policy(size)
     if isinstance(image, (str, os.PathLike)):

@@ -17,7 +17,6 @@ import numpy as np
 
 from deepfeat.errors import FormatError
 
-
 # wire types
 VARINT, FIXED64, LEN, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5
 

@@ -52,16 +52,16 @@ from typing import Any
 
 import numpy as np
 
+from deepfeat.data.preprocess import INTERPOLATIONS, DataConfig
 from deepfeat.errors import FormatError, ModelError, UsageError, suggest
-from deepfeat.labels import default_labels, read_labels
-from deepfeat.preprocess import INTERPOLATIONS, DataConfig
 from deepfeat.models.base import Model, file_sha256
-from deepfeat.models.options import parse_number, parse_query, parse_size
-from deepfeat.models.registry import ModelSource, register_source
 from deepfeat.models.caffe.layers import InnerProduct
 from deepfeat.models.caffe.net import CaffeNet, build_net, init_random
 from deepfeat.models.caffe.netdef import NetDef, read_netdef
 from deepfeat.models.caffe.wire import CaffeModelFile, read_blobproto, read_caffemodel
+from deepfeat.models.labels import default_labels, read_labels
+from deepfeat.models.options import parse_number, parse_query, parse_size
+from deepfeat.models.registry import ModelSource, register_source
 
 log = logging.getLogger(__name__)
 

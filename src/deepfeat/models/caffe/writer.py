@@ -14,7 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepfeat.errors import UsageError
-from deepfeat.models.caffe.protowire import FIXED32, FIXED64, VARINT, _enc_len, _enc_str, _enc_varint, _key, _Parts, _values, _wrap
+from deepfeat.models.caffe.protowire import (
+    FIXED32,
+    FIXED64,
+    VARINT,
+    _enc_len,
+    _enc_str,
+    _enc_varint,
+    _key,
+    _Parts,
+    _values,
+    _wrap,
+)
 from deepfeat.models.caffe.v1types import V1_TYPE_NUMBERS
 
 

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from deepfeat.errors import FormatError, LayerError, ModelError, suggest
-from deepfeat.taps import OUTPUT
 from deepfeat.models.base import file_sha256
 from deepfeat.models.onnx_models.listing import GraphListing
 from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _int_list_attr, _read_proto, _refs, _require_onnx, _static
 from deepfeat.models.onnx_models.session import GraphSessions
+from deepfeat.models.taps import OUTPUT
 
 log = logging.getLogger(__name__)
 

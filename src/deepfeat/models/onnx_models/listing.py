@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from deepfeat.errors import UsageError
-from deepfeat.taps import OUTPUT, LayerInfo, LayerTable, ParamInfo
 from deepfeat.models.onnx_models.proto import _require_onnx
+from deepfeat.models.taps import OUTPUT, LayerInfo, LayerTable, ParamInfo
 
 log = logging.getLogger(__name__)
 

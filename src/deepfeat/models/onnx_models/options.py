@@ -10,7 +10,6 @@ from typing import Any
 from deepfeat.errors import UsageError
 from deepfeat.models.options import parse_number, parse_query
 
-
 OPTIONS = ("input_size", "mean", "std", "scale", "channel_order", "layout", "interpolation", "crop_pct", "resize",
            "output", "output_kind", "labels", "tap_layout", "threads")
 

@@ -11,17 +11,24 @@ from typing import Any
 
 import numpy as np
 
+from deepfeat.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataConfig
 from deepfeat.errors import ModelError, UsageError, suggest
-from deepfeat.labels import imagenet_labels, read_labels
-from deepfeat.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, DataConfig
 from deepfeat.models.base import Model, file_sha256
-from deepfeat.models.options import parse_number, parse_size
-from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.labels import imagenet_labels, read_labels
 from deepfeat.models.onnx_models.graph import OnnxGraph
 from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps
-from deepfeat.models.onnx_models.options import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, DEFAULT_SIZE, OPTIONS, _choice, _values,
-                      split_onnx_spec)
+from deepfeat.models.onnx_models.options import (
+    DEFAULT_CROP_PCT,
+    DEFAULT_INTERPOLATION,
+    DEFAULT_SIZE,
+    OPTIONS,
+    _choice,
+    _values,
+    split_onnx_spec,
+)
 from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _read_proto, _require_onnx, detect_layout
+from deepfeat.models.options import parse_number, parse_size
+from deepfeat.models.registry import ModelSource, register_source
 
 _GENERIC_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "tf2onnx", "graph"})
 

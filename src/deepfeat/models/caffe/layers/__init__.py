@@ -62,7 +62,20 @@ from deepfeat.models.caffe.layers.conv import CONV_FIELDS, IP_FIELDS, Convolutio
 from deepfeat.models.caffe.layers.normalization import LRN, LRN_FIELDS, MVN, BatchNorm, Bias, Scale
 from deepfeat.models.caffe.layers.pool import POOL_FIELDS, Pooling, pool_out
 from deepfeat.models.caffe.layers.registry import TRAINING_TYPES, build_layer, supported_types
-from deepfeat.models.caffe.layers.reshape import Concat, Crop, Eltwise, Flatten, Input, Reshape, Silence, Slice, Split, Tile, Top, reshape_shape
+from deepfeat.models.caffe.layers.reshape import (
+    Concat,
+    Crop,
+    Eltwise,
+    Flatten,
+    Input,
+    Reshape,
+    Silence,
+    Slice,
+    Split,
+    Tile,
+    Top,
+    reshape_shape,
+)
 
 __all__ = [
     "BNLL",

@@ -14,9 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.layers.base import (
+    BUILDERS,
+    CaffeLayer,
+    Shape,
+    _canon_axis,
+    _n_bottoms,
+    _n_tops,
+    _np,
+    _simple,
+    _t,
+    builder,
+    take_blobs,
+)
 from deepfeat.models.caffe.netdef import LayerDef
 from deepfeat.models.caffe.wire import Blob
-from deepfeat.models.caffe.layers.base import BUILDERS, CaffeLayer, Shape, _canon_axis, _n_bottoms, _n_tops, _np, _simple, _t, builder, take_blobs
 
 
 class ReLU(CaffeLayer, nn.ReLU):

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfeat.errors import FormatError, ModelError
-from deepfeat.models.caffe.netdef import LayerDef
-from deepfeat.models.caffe.wire import Blob
 from deepfeat.models.caffe.layers.base import (
     CaffeLayer,
     Shape,
@@ -29,6 +27,8 @@ from deepfeat.models.caffe.layers.base import (
     builder,
     take_blobs,
 )
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
 
 
 def conv_out(size: int, k: int, s: int, p: int, d: int) -> int:

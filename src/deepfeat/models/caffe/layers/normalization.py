@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfeat.errors import FormatError, ModelError
-from deepfeat.models.caffe.netdef import LayerDef
-from deepfeat.models.caffe.wire import Blob
 from deepfeat.models.caffe.layers.base import (
     CaffeLayer,
     Shape,
@@ -33,6 +31,8 @@ from deepfeat.models.caffe.layers.base import (
     builder,
     take_blobs,
 )
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
 
 
 class LRN(CaffeLayer, nn.Module):

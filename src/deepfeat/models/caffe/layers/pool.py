@@ -14,9 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.layers.base import (
+    CaffeLayer,
+    Shape,
+    _check_positive,
+    _enum,
+    _n_bottoms,
+    _n_tops,
+    _need_4d,
+    _pair,
+    builder,
+    take_blobs,
+)
 from deepfeat.models.caffe.netdef import LayerDef
 from deepfeat.models.caffe.wire import Blob
-from deepfeat.models.caffe.layers.base import CaffeLayer, Shape, _check_positive, _enum, _n_bottoms, _n_tops, _need_4d, _pair, builder, take_blobs
 
 
 def pool_out(size: int, k: int, s: int, p: int) -> int:

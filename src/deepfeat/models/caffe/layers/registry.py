@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from deepfeat.errors import ModelError
-from deepfeat.models.caffe.netdef import LayerDef
-from deepfeat.models.caffe.wire import Blob
 from deepfeat.models.caffe.layers import activations, conv, normalization, pool, reshape  # noqa: F401 - each registers its builders
 from deepfeat.models.caffe.layers.base import BUILDERS, Shape
+from deepfeat.models.caffe.netdef import LayerDef
+from deepfeat.models.caffe.wire import Blob
 
 #: Layer types that only make sense when training (data sources, losses, metrics).
 TRAINING_TYPES = frozenset({

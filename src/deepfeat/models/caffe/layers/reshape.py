@@ -13,9 +13,19 @@ import torch
 from torch import nn
 
 from deepfeat.errors import FormatError, ModelError
+from deepfeat.models.caffe.layers.base import (
+    CaffeLayer,
+    Shape,
+    _canon_axis,
+    _enum,
+    _fmt,
+    _n_bottoms,
+    _n_tops,
+    builder,
+    take_blobs,
+)
 from deepfeat.models.caffe.netdef import LayerDef
 from deepfeat.models.caffe.wire import Blob
-from deepfeat.models.caffe.layers.base import CaffeLayer, Shape, _canon_axis, _enum, _fmt, _n_bottoms, _n_tops, builder, take_blobs
 
 
 class Input(CaffeLayer, nn.Identity):

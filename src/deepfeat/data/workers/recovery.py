@@ -1,4 +1,4 @@
-"""What a :class:`~deepfeat.workerpool.pool.SupervisedPool` does when a worker hangs or dies: kill
+"""What a :class:`~deepfeat.data.workers.pool.SupervisedPool` does when a worker hangs or dies: kill
 and replace it, report or retry (alone, once) the item it was on, requeue what waited behind it,
 and fail every future when workers die before they are ready."""
 
@@ -9,17 +9,17 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from deepfeat.workerpool.worker import WorkerLost, WorkerStartError
+from deepfeat.data.workers.worker import WorkerLost, WorkerStartError
 
 if TYPE_CHECKING:
-    from deepfeat.workerpool.pool import _Worker
+    from deepfeat.data.workers.pool import _Worker
 
 #: consecutive worker deaths before being ready that make the pool give up
 MAX_START_FAILURES = 3
 
 
 class RecoveryMixin:
-    """:class:`~deepfeat.workerpool.pool.SupervisedPool`'s handling of hung and dead workers."""
+    """:class:`~deepfeat.data.workers.pool.SupervisedPool`'s handling of hung and dead workers."""
 
     def _check_timeouts(self) -> None:
         if self.timeout is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deepfeat.data.preprocess import DataConfig
 from deepfeat.errors import UsageError
-from deepfeat.preprocess import DataConfig
 
 
 class Normalize(torch.nn.Module):

@@ -1,5 +1,5 @@
 """The pool: :class:`SupervisedPool`, an :class:`~concurrent.futures.Executor` over ``spawn``-ed
-decode workers fed by a supervisor thread (see :mod:`deepfeat.workerpool`)."""
+decode workers fed by a supervisor thread (see :mod:`deepfeat.data.workers`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
-from deepfeat.workerpool.recovery import RecoveryMixin
-from deepfeat.workerpool.worker import PerItem, WorkerStartError, _how_it_died, _worker_main
+from deepfeat.data.workers.recovery import RecoveryMixin
+from deepfeat.data.workers.worker import PerItem, WorkerStartError, _how_it_died, _worker_main
 
 
 @dataclass

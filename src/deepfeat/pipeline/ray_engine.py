@@ -8,7 +8,7 @@ the post-processing chain and writes ``failures.csv``. In between, every uncommi
 shard becomes one row of a Ray Dataset (shard id, ids, paths) and goes through
 ``map_batches(ShardWorker, batch_size=1)`` on a fixed-size actor pool:
 
-* :class:`ShardWorker` loads the model and builds the :class:`~deepfeat.features.FeatureNet`
+* :class:`ShardWorker` loads the model and builds the :class:`~deepfeat.backends.featurenet.FeatureNet`
   once per actor, checks that it matches the store's meta, and computes a shard with
   the very code the local engine uses (:class:`deepfeat.pipeline.shard.ShardProcessor`: the
   same deterministic batches, decode, network, pooling, assembly), reading the images
@@ -83,12 +83,12 @@ class ShardWorker:
     def _setup(self, cfg: ExtractConfig, decode_threads: int, torch_threads: int) -> None:
         import torch
 
-        from deepfeat.features import pooled_dims
+        from deepfeat.backends.featurenet import pooled_dims
+        from deepfeat.data.preprocess import parse_size_policy
         from deepfeat.models.base import resolve_device
         from deepfeat.pipeline.decode import make_executor
         from deepfeat.pipeline.network import build_meta, load_feature_net, make_runner
         from deepfeat.pipeline.shard import ShardProcessor
-        from deepfeat.preprocess import parse_size_policy
 
         torch.set_num_threads(torch_threads)
         self.store = FeatureStore(cfg.output)

@@ -10,10 +10,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import DeepfeatError, UsageError
-from deepfeat.images import decode_image
 from deepfeat.models.base import Model
-from deepfeat.preprocess import SizePolicy
 
 
 @dataclass

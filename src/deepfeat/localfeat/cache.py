@@ -16,7 +16,7 @@ ends with the same bytes as an uninterrupted run. The section describes itself i
 store's ``meta.json`` under ``local_features.<name>``: extractor spec, layer, model,
 maximum keypoints, frame size, descriptor dim and dtype, code version.
 
-Keypoint sections serve spatial verification (:mod:`deepfeat.verify`); ``regions``
+Keypoint sections serve spatial verification (:mod:`deepfeat.localfeat.verify`); ``regions``
 sections serve regional diffusion (:mod:`deepfeat.rerank.regional`). Each use picks
 its own kind: ``LocalFeatureCache(store, regions=True)`` reads the first regions section.
 """
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepfeat.errors import ImageError, StoreError, UsageError
-from deepfeat.local_features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
+from deepfeat.localfeat.features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
 from deepfeat.store import FeatureStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def build_local_features(store: FeatureStore | str, spec: Any = "cnn", name: str
     Shards already written are skipped, so an interrupted run continues where it
     stopped. A section of the same *name* made with different settings is refused.
     Returns a small report (shards done/skipped, images, keypoints, seconds, failures)."""
-    from deepfeat.storelock import StoreLock
+    from deepfeat.store.lock import StoreLock
 
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     with StoreLock(store.path, create=False):  # one writer at a time (an extract appending, another run)

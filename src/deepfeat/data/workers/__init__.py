@@ -22,14 +22,14 @@ same as that of a run without the fault (apart from the reported items). Other t
 that calls the library without ``if __name__ == "__main__":``) make every future raise
 :class:`WorkerStartError` instead of restarting forever.
 
-The package: the worker process (:mod:`deepfeat.workerpool.worker`), the pool and its
-supervisor thread (:mod:`deepfeat.workerpool.pool`), what the supervisor does when a worker
-hangs or dies (:mod:`deepfeat.workerpool.recovery`).
-Every name is importable from ``deepfeat.workerpool`` as before.
+The package: the worker process (:mod:`deepfeat.data.workers.worker`), the pool and its
+supervisor thread (:mod:`deepfeat.data.workers.pool`), what the supervisor does when a worker
+hangs or dies (:mod:`deepfeat.data.workers.recovery`).
+Every name is importable from ``deepfeat.data.workers`` as before.
 """
 
 from __future__ import annotations
 
-from deepfeat.workerpool.pool import PREFETCH, SupervisedPool, _Task, _Worker
-from deepfeat.workerpool.recovery import MAX_START_FAILURES
-from deepfeat.workerpool.worker import PerItem, WorkerLost, WorkerStartError, _how_it_died, _worker_main
+from deepfeat.data.workers.pool import PREFETCH, SupervisedPool, _Task, _Worker
+from deepfeat.data.workers.recovery import MAX_START_FAILURES
+from deepfeat.data.workers.worker import PerItem, WorkerLost, WorkerStartError, _how_it_died, _worker_main

@@ -225,7 +225,7 @@ def default_cnn_layer(model) -> str:
     """The last top-level-most layer whose output has stride 16 (``blocks.4`` of
     EfficientNet-Lite0, ``layer3`` of a ResNet): fine enough to localise, deep enough
     to describe."""
-    from deepfeat.taps import model_layer_table
+    from deepfeat.models.taps import model_layer_table
 
     side = 224
     table = model_layer_table(model, (model.data_config.channels, side, side))
@@ -255,7 +255,7 @@ class LocalExtractor:
         if self.spec.needs_model:
             if model is None:
                 raise UsageError(f"{self.spec.extractor} local features need the store's model")
-            from deepfeat.taps import make_taps, resolve_layers
+            from deepfeat.models.taps import make_taps, resolve_layers
 
             if self.spec.layer:
                 self.layer = self.spec.layer
@@ -281,8 +281,8 @@ class LocalExtractor:
         return d
 
     def _decode(self, image: str | os.PathLike | BinaryIO, crop: Sequence[float] | None = None):
-        from deepfeat.images import decode_image
-        from deepfeat.preprocess import DataConfig, SizePolicy
+        from deepfeat.data.images import decode_image
+        from deepfeat.data.preprocess import DataConfig, SizePolicy
 
         cfg = self.model.data_config if self.model is not None else DataConfig()
         if not self.spec.needs_model:
@@ -403,7 +403,7 @@ def descriptor_dim(extractor: LocalExtractor) -> int:
         return 128
     if spec.extractor == "orb":
         return 32
-    from deepfeat.taps import model_layer_table
+    from deepfeat.models.taps import model_layer_table
 
     cfg = extractor.model.data_config
     table = model_layer_table(extractor.model, (cfg.channels, 224, 224))

@@ -1,4 +1,4 @@
-"""The worker side of a :class:`~deepfeat.workerpool.pool.SupervisedPool`: the process's main loop
+"""The worker side of a :class:`~deepfeat.data.workers.pool.SupervisedPool`: the process's main loop
 and the messages it sends (``ready``; then per task ``item`` results one by one for a batch
 function, ``done`` or ``error``), the :class:`PerItem` description of a batch function, the
 errors a pool's futures raise, and how a worker process ended."""

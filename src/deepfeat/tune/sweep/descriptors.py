@@ -10,15 +10,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import DeepfeatError
+from deepfeat.models.taps import make_taps
 from deepfeat.pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
-from deepfeat.preprocess import parse_size_policy
-from deepfeat.taps import make_taps
 
 
 class MultiPoolNet(torch.nn.Module):
     """uint8 batch -> every (layer, pooling) descriptor from one forward pass (one per scale
-    with *scales*, combined as :class:`deepfeat.features.FeatureNet` does, so that ``extract
+    with *scales*, combined as :class:`deepfeat.backends.featurenet.FeatureNet` does, so that ``extract
     --scales`` reproduces them)."""
 
     def __init__(self, model, layers: Sequence[str], poolings: Sequence, scales: Sequence[float] = (1.0,)):
@@ -45,7 +45,7 @@ def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: st
                         crop_boxes: Sequence | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, str]]:
     """Run *net* over *paths* with the pipeline's decoders. Returns (ok mask, one N x D array
     per output with zero rows for failed images, errors by path)."""
-    from deepfeat.images import decode_image
+    from deepfeat.data.images import decode_image
 
     policy = parse_size_policy(size)
     n_out = len(net.layers) * len(net.poolings)

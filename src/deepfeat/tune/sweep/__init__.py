@@ -8,15 +8,15 @@ papers do), ranked exactly, and scored with the ground truth. The result is the
 table the retrieval literature prints: rows layer x pooling, columns
 post-processing, cells mAP, best marked.
 
-The package: the one-pass descriptors (:mod:`deepfeat.sweep.descriptors`), the run and
-its scoring (:mod:`deepfeat.sweep.runner`), the result table and its files
-(:mod:`deepfeat.sweep.table`). Every name is importable from ``deepfeat.sweep`` as before.
+The package: the one-pass descriptors (:mod:`deepfeat.tune.sweep.descriptors`), the run and
+its scoring (:mod:`deepfeat.tune.sweep.runner`), the result table and its files
+(:mod:`deepfeat.tune.sweep.table`). Every name is importable from ``deepfeat.tune.sweep`` as before.
 """
 
 from __future__ import annotations
 
-from deepfeat.sweep.descriptors import MultiPoolNet, compute_descriptors
-from deepfeat.sweep.runner import (
+from deepfeat.tune.sweep.descriptors import MultiPoolNet, compute_descriptors
+from deepfeat.tune.sweep.runner import (
     _check_poolings,
     _fit_descriptors,
     _local_features,
@@ -29,7 +29,7 @@ from deepfeat.sweep.runner import (
     parse_reranks,
     sweep,
 )
-from deepfeat.sweep.table import SweepResult, _fmt, _scores, _verify_column, column_name, write_outputs
+from deepfeat.tune.sweep.table import SweepResult, _fmt, _scores, _verify_column, column_name, write_outputs
 
 __all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs", "column_name",
            "parse_reranks"]

@@ -8,15 +8,14 @@ from collections import OrderedDict, deque
 from concurrent.futures import Executor
 from typing import Callable
 
-from deepfeat.images import decode_image
-from deepfeat.preprocess import parse_size_policy
-from deepfeat.store import FeatureStore
+from deepfeat.data.images import decode_image
+from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.decode import _shutdown, decode_batch, make_executor
 from deepfeat.pipeline.network import make_runner, padding, resolve_threads
 from deepfeat.pipeline.progress import Progress
 from deepfeat.pipeline.shard import ShardJob, ShardProcessor
-
+from deepfeat.store import FeatureStore
 
 #: decoded images (uint8, H x W x 3) allowed to wait for inference, in bytes: decoding runs ahead of
 #: inference by whole shards at small sizes (224 x 224: over 1,700 images, where feeding the workers a
@@ -56,7 +55,7 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
     proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
                           cfg.dtype, cfg.batch_pixels, padding(cfg))
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
-    from deepfeat import backend_check
+    from deepfeat.backends import append_check as backend_check
 
     try:
         backend_check.guard(store, proc.runner, layers, lambda p: decode_image(
@@ -88,7 +87,7 @@ def _schedule(proc: ShardProcessor, executor: Executor, workers: int,
     """Keep batches decoding ahead of inference (at least ``2 * workers``, and more while fewer than
     *ahead_images* images are in flight), across shards in plan order; infer them in submission
     order and commit each shard when its last batch is done."""
-    from deepfeat import backend_check
+    from deepfeat.backends import append_check as backend_check
 
     store = proc.store
     inflight_max = max(2, 2 * max(workers, 1))

@@ -11,14 +11,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from deepfeat.data.images import discover
 from deepfeat.errors import UsageError
-from deepfeat.images import discover
 from deepfeat.pooling import get_pooling
 from deepfeat.postprocess import PostChain, is_chain_file
-from deepfeat.sweep.descriptors import MultiPoolNet, compute_descriptors
-from deepfeat.sweep.table import SweepResult, _scores, _verify_column, column_name
+from deepfeat.tune.sweep.descriptors import MultiPoolNet, compute_descriptors
+from deepfeat.tune.sweep.table import SweepResult, _scores, _verify_column, column_name
 
-log = logging.getLogger("deepfeat.sweep")
+log = logging.getLogger("deepfeat.tune.sweep")
 
 
 def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
@@ -50,12 +50,12 @@ def sweep(dataset: Sequence[str], gt_spec: str, layers: Sequence[str], pools: Se
     rankings (:mod:`deepfeat.rerank`): each post-processing column is repeated per re-ranking
     (``POST + RERANK``). *scales* extracts multi-scale descriptors (as ``extract --scales``).
     *keep_descriptors* keeps the raw descriptors and fitted chains on each result (for
-    :mod:`deepfeat.recipe`).
+    :mod:`deepfeat.tune.recipe`).
 
-    With *verify* (``N[:ARGS]``, :func:`deepfeat.verify.parse_verify_spec`) every
+    With *verify* (``N[:ARGS]``, :func:`deepfeat.localfeat.verify.parse_verify_spec`) every
     column gets a twin, ``COLUMN +verify N``: the same ranking with its
     top N re-ordered by spatial verification of *local* features (computed once per
-    image, :mod:`deepfeat.local_features`)."""
+    image, :mod:`deepfeat.localfeat.features`)."""
     from deepfeat.evaluate import parse_gt_spec
     from deepfeat.models import load_model
     from deepfeat.pipeline import default_layer
@@ -119,8 +119,8 @@ def _parse_verify(verify: str | None, local: str, model) -> tuple[Any, Any]:
     verification or local-feature specs fail before any work."""
     verify_params = lx = None
     if verify:
-        from deepfeat.local_features import LocalExtractor
-        from deepfeat.verify import parse_verify_spec
+        from deepfeat.localfeat.features import LocalExtractor
+        from deepfeat.localfeat.verify import parse_verify_spec
 
         verify_params = parse_verify_spec(verify)
         lx = LocalExtractor(local, model) if verify_params else None
@@ -139,7 +139,7 @@ def _fit_descriptors(fit_on: Sequence[str] | None, net: MultiPoolNet, model, siz
 
 def _local_features(lx, paths: Sequence[str], ok: np.ndarray) -> list:
     """Local features of every image (empty for the images that failed), for verification."""
-    from deepfeat.local_features import LocalFeatures, descriptor_dim
+    from deepfeat.localfeat.features import LocalFeatures, descriptor_dim
 
     empty = LocalFeatures.empty(descriptor_dim(lx), lx.spec.binary)
     return [lx.extract(p) if ok[i] else empty for i, p in enumerate(paths)]
@@ -234,7 +234,7 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
         ev = evaluate_ranks(ranked, gt, run.ks)
         res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev)}
         if run.verify_params:
-            from deepfeat.verify import verify_rankings
+            from deepfeat.localfeat.verify import verify_rankings
 
             vranks, ms = verify_rankings(
                 ranked, lambda qi: run.local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),

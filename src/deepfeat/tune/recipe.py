@@ -1,6 +1,6 @@
 """A recipe: the best retrieval pipeline for a dataset, found by a small sweep, written as a file.
 
-:func:`make_recipe` runs :func:`deepfeat.sweep.sweep` over a few candidates and keeps the
+:func:`make_recipe` runs :func:`deepfeat.tune.sweep.sweep` over a few candidates and keeps the
 one with the highest mAP on the user's ground truth:
 
 * single-scale descriptors: layers x poolings x post-processing (default: the last feature
@@ -71,12 +71,12 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
                 batch_size: int = 32, workers: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Sweep the candidates (module docstring), write the winner to *out* (JSON) and return it."""
     from deepfeat import __version__
+    from deepfeat.data.images import discover
     from deepfeat.evaluate import evaluate_ranks, parse_gt_spec
-    from deepfeat.images import discover
     from deepfeat.rerank import get_reranker
     from deepfeat.search import rank_arrays
     from deepfeat.store import atomic_write_json
-    from deepfeat.sweep import parse_reranks, sweep
+    from deepfeat.tune.sweep import parse_reranks, sweep
 
     out = Path(out)
     if out.suffix.lower() != ".json":

@@ -9,7 +9,7 @@ the layer, its shape and the image. The pictures follow the classic Caffe
 "filter visualization" notebook (``vis_square``): filters and feature maps tiled in
 a square grid, normalised to [0, 1], with white padding between tiles.
 
-Images are given as a path, a :class:`~deepfeat.images.DecodedImage` or uint8
+Images are given as a path, a :class:`~deepfeat.data.images.DecodedImage` or uint8
 ``H x W x C`` pixels; *size* chooses the input geometry (``None``: the model's own
 resize and centre crop; an int S: warp to S x S; or a size policy such as
 ``long:512``), as in :func:`deepfeat.surgery.load_pixels`.
@@ -110,7 +110,7 @@ def _image(model: Model, image: Any, size: Any) -> tuple[np.ndarray, str]:
 
 
 def _capture(model: Model, pixels: np.ndarray, layer: str) -> torch.Tensor:
-    from deepfeat.taps import capture
+    from deepfeat.models.taps import capture
 
     x = model.normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None].to(model.device))
     return capture(model, x, [layer])[layer][0].detach().float().cpu()
@@ -146,7 +146,7 @@ def filter_tiles(model: Model, layer: str | None = None, max_tiles: int = 256) -
     (a Caffe model's BGR filters are flipped so that colours look right); others
     ``N x kh x kw`` gray tiles, one per input channel of each filter, at most
     *max_tiles*."""
-    from deepfeat.taps import resolve_layers
+    from deepfeat.models.taps import resolve_layers
 
     if max_tiles < 1:
         raise UsageError(f"max_tiles must be at least 1, not {max_tiles}")
@@ -245,7 +245,7 @@ def plot_histogram(model: Model, image: Any, layer: str, *, bins: int = 100, siz
 def plot_probabilities(model: Model, image: Any, *, top: int = 5, size: Any = None) -> Figure:
     """The classifier's probability vector for *image* (probability against class
     index), with the *top* classes labelled."""
-    from deepfeat.classify import probabilities
+    from deepfeat.models.classify import probabilities
 
     pixels, name = _image(model, image, size)
     x = torch.from_numpy(np.ascontiguousarray(pixels))[None]
@@ -344,7 +344,7 @@ def plot_densemap(dense_map, image: Any = None, *, annotate: bool | None = None)
     elif isinstance(image, np.ndarray):
         pixels = image
     else:
-        from deepfeat.images import DecodedImage, decode_image
+        from deepfeat.data.images import DecodedImage, decode_image
 
         pixels = image.pixels if isinstance(image, DecodedImage) else decode_image(image).pixels
     gh, gw = dense_map.shape

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for a :class:`~deepfeat.features.FeatureNet`: which graphs, how many threads.
+"""ONNX Runtime sessions for a :class:`~deepfeat.backends.featurenet.FeatureNet`: which graphs, how many threads.
 
 Two export kinds (the measured comparison is in docs/benchmarks.md, "ONNX Runtime at
 retrieval sizes"):
@@ -388,7 +388,7 @@ LARGE_INPUT_PIXELS = 200_000
 def work_pixels(size: str, scales=(1.0,)) -> int | None:
     """About the input pixels per image of a size policy (``long:S``, ``short:S``, ``warp:S``:
     S x S; ``warp:HxW``: H x W) summed over *scales*; None for ``model``/``native``."""
-    from deepfeat.preprocess import parse_size_policy
+    from deepfeat.data.preprocess import parse_size_policy
 
     side = parse_size_policy(size).size
     if isinstance(side, int):

@@ -3,7 +3,7 @@
 Every file deepfeat writes into a store gets a record ``{"bytes": size, "sha256": hex}``:
 
 * a shard's feature arrays (``shards/000007.<feature>.npy``): in the metadata of the
-  shard's items file (key ``deepfeat.checksums``), which is the shard's commit marker,
+  shard's items file (key ``deepfeat.store.checksums``), which is the shard's commit marker,
   so the record is committed atomically with the shard;
 * the shard items files, ``items.parquet``, the fitted post-processing (``post.npz``)
   and a pooling codebook (``pooling.npz``): in ``meta.json`` under ``checksums``, at
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 #: key of the schema metadata of a shard's items parquet that holds its arrays' records
-SHARD_KEY = b"deepfeat.checksums"
+SHARD_KEY = b"deepfeat.checksums"  # a file-format key (the module was deepfeat.checksums): never rename
 #: small files beside the shards whose records live in meta.json, refreshed by update_meta
 SIDE_FILES = ("post.npz", "pooling.npz")
 ALGORITHM = "sha256"

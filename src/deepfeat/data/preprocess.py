@@ -12,7 +12,7 @@ part of an exported ONNX graph too) are separate steps:
 * :func:`parse_size_policy` / :func:`target_size` / :func:`resize_image` decide and
   apply the geometry for one of the size policies (``model``, ``short:S``,
   ``long:S``, ``warp:S``, ``native``);
-* :class:`deepfeat.normalize.Normalize` turns an ``N x H x W x C`` uint8 batch into
+* :class:`deepfeat.data.normalize.Normalize` turns an ``N x H x W x C`` uint8 batch into
   the float ``N x C x H x W`` tensor the network expects.
 
 This module does not import torch, so decode worker processes start fast.

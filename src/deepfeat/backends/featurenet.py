@@ -19,7 +19,7 @@ import torch
 
 from deepfeat.errors import UsageError
 from deepfeat.models.base import Model
-from deepfeat.taps import make_taps
+from deepfeat.models.taps import make_taps
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class FeatureNet(torch.nn.Module):
         self.taps = make_taps(model, self.layers)
         self.exportable = getattr(model, "exportable", True)
         #: why a dynamic-shape export of this network does not give its descriptors at other input
-        #: sizes (set by the first check, :func:`deepfeat.onnx_runtime.dynamic_graph_agrees`), so that
+        #: sizes (set by the first check, :func:`deepfeat.backends.onnx_runtime.dynamic_graph_agrees`), so that
         #: the next engine does not export and check it again; None: not known to fail
         self.dynamic_problem: str | None = None
         self.pooling = pooling
@@ -129,17 +129,17 @@ class TorchRunner:
 class OnnxRunner:
     """Exports a :class:`FeatureNet` to ONNX and runs it with ONNX Runtime.
 
-    *export* chooses the graphs (:mod:`deepfeat.onnx_runtime`): ``static``, one graph per
+    *export* chooses the graphs (:mod:`deepfeat.backends.onnx_runtime`): ``static``, one graph per
     input shape with H and W fixed, because some networks (TF 'SAME' padding) and poolings
     (R-MAC's region grid) compute shape-dependent constants at trace time; with
     *batch_size* the batch dimension is fixed too (ONNX Runtime runs a fully static graph
     about 1.5x faster than one with a dynamic batch, docs/benchmarks.md; short batches are
     padded with zero images, which do not change the others' results). At most
-    :data:`~deepfeat.onnx_runtime.MAX_STATIC_GRAPHS` static graphs are kept (LRU).
+    :data:`~deepfeat.backends.onnx_runtime.MAX_STATIC_GRAPHS` static graphs are kept (LRU).
     ``dynamic``: one graph with dynamic batch, height and width, for the many shapes of
     aspect-preserving and multi-scale policies; checked against PyTorch at a second shape
     after the export, and replaced by static graphs if it does not agree (*on_mismatch*
-    ``static``) or refused with :class:`~deepfeat.onnx_runtime.DynamicGraphError` (``raise``:
+    ``static``) or refused with :class:`~deepfeat.backends.onnx_runtime.DynamicGraphError` (``raise``:
     ``--backend auto``, which then runs eager PyTorch).
     """
 
@@ -151,7 +151,7 @@ class OnnxRunner:
             import onnxruntime as ort  # noqa: F401
         except ImportError:
             raise UsageError("--backend onnx needs ONNX Runtime: pip install 'deepfeat[onnx]'") from None
-        from deepfeat.onnx_runtime import GraphCache
+        from deepfeat.backends.onnx_runtime import GraphCache
 
         self.fnet = feature_net.eval().cpu()
         self.threads = threads
@@ -205,7 +205,7 @@ class FallbackRunner:
 def export_feature_net(fnet: FeatureNet, shape: tuple[int, int, int], path: str, opset: int = 17,
                        batch_size: int | None = None) -> None:
     """Export *fnet* for uint8 inputs of ``shape`` (H, W, C), batch *batch_size* (None: dynamic)."""
-    from deepfeat.onnx_runtime import export
+    from deepfeat.backends.onnx_runtime import export
 
     export(fnet, shape, path, "static", batch_size, opset)
 

@@ -105,7 +105,7 @@ class PaddedTorchRunner:
     """Eager torch on images of several shapes at once: each scale's images are padded to one
     bucket shape (sides rounded up to *multiple*), run as one batch, and pooled with a mask.
 
-    Same output as :class:`~deepfeat.features.TorchRunner` (one list of ``N x D`` arrays per
+    Same output as :class:`~deepfeat.backends.featurenet.TorchRunner` (one list of ``N x D`` arrays per
     layer) up to the border effect of padding inside the network (module docstring). Takes a
     list of ``H x W x C`` uint8 images (:meth:`run_list`).
     """

@@ -1,6 +1,6 @@
 """Spatial verification: re-score the top of a global ranking by geometric agreement.
 
-For a query and each of its top-N database images (:mod:`deepfeat.local_features`):
+For a query and each of its top-N database images (:mod:`deepfeat.localfeat.features`):
 
 1. **match** descriptors by mutual nearest neighbours (cosine similarity for float
    descriptors, Hamming distance for binary ones), optionally with Lowe's ratio test;
@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from deepfeat.errors import UsageError
-from deepfeat.local_features import LocalFeatures, require_cv2
+from deepfeat.localfeat.features import LocalFeatures, require_cv2
 
 GEOMETRIES = ("similarity", "affine", "homography")
 

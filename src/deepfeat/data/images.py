@@ -24,8 +24,8 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deepfeat.data.preprocess import DataConfig, SizePolicy, draft_request, resize_image, target_size
 from deepfeat.errors import ImageError, UsageError
-from deepfeat.preprocess import DataConfig, SizePolicy, draft_request, resize_image, target_size
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}

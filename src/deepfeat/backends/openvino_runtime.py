@@ -1,12 +1,12 @@
-"""OpenVINO for a :class:`~deepfeat.features.FeatureNet`: its ONNX export compiled for the CPU.
+"""OpenVINO for a :class:`~deepfeat.backends.featurenet.FeatureNet`: its ONNX export compiled for the CPU.
 
 The descriptor network (normalisation, the taps, the pooling, the scales) is exported to ONNX
-exactly as for ONNX Runtime (:func:`deepfeat.onnx_runtime.export`) and compiled by OpenVINO's
+exactly as for ONNX Runtime (:func:`deepfeat.backends.onnx_runtime.export`) and compiled by OpenVINO's
 CPU plugin, in one of two precisions (:data:`PRECISIONS`):
 
 * ``f32`` (the default): float32 throughout (``INFERENCE_PRECISION_HINT=f32``; OpenVINO would
   otherwise pick bf16 on a CPU with AMX). The same descriptors as eager PyTorch within
-  :data:`~deepfeat.onnx_runtime.COSINE_MIN` / :data:`~deepfeat.onnx_runtime.ATOL`.
+  :data:`~deepfeat.backends.onnx_runtime.COSINE_MIN` / :data:`~deepfeat.backends.onnx_runtime.ATOL`.
 * ``bf16`` (opt-in, ``--precision bf16``): bfloat16 matrix products where the CPU has them (AMX
   or AVX512_BF16); descriptors within :data:`BF16_COSINE_MIN` and :data:`BF16_RTOL` of float32.
 
@@ -21,13 +21,13 @@ buy: :meth:`CompiledGraphs._wants_compile`, both measured as the run goes), then
 recently used out); OpenVINO's kernel cache per input shape is off from :data:`RUNTIME_CACHE_OFF_PIXELS`
 (``long:768`` up), where it grew the memory by about 1-2 MB per new shape. In ``bf16`` the dynamic compilation
 is bf16 too (about 2x the f32 one): that needs the graph's arithmetic on shapes in integers (bf16
-rounds an odd side above 256; :func:`deepfeat.onnx_runtime.integer_same_padding`), and is checked at
+rounds an odd side above 256; :func:`deepfeat.backends.onnx_runtime.integer_same_padding`), and is checked at
 :data:`ODD_PROBE`; where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size
 model``, ``warp:``): a graph exported at that shape with a fixed batch (short batches padded with
 zero images), as ONNX Runtime's static graphs.
 
 Checks, before any descriptor is returned: the dynamic graph in f32 against eager PyTorch at a
-second input shape (:func:`deepfeat.onnx_runtime.dynamic_graph_agrees`; a graph with trace-time
+second input shape (:func:`deepfeat.backends.onnx_runtime.dynamic_graph_agrees`; a graph with trace-time
 shape constants, such as R-MAC's region grid, fails it and per-shape static exports take over, as
 with ONNX Runtime); the first batch against eager PyTorch at the precision's tolerance
 (:class:`OpenVinoCheckError` if not: ``--backend auto`` then falls back to ONNX Runtime); in bf16
@@ -47,9 +47,20 @@ from typing import Any
 
 import numpy as np
 
+from deepfeat.backends.onnx_runtime import (
+    ATOL,
+    COSINE_MIN,
+    MAX_STATIC_GRAPHS,
+    ON_MISMATCH,
+    agreement,
+    dynamic_graph_agrees,
+    dynamic_mismatch,
+    dynamic_problem,
+    export,
+    run_in_batches_of,
+    trace_shape,
+)
 from deepfeat.errors import DeepfeatError, UsageError
-from deepfeat.onnx_runtime import (ATOL, COSINE_MIN, MAX_STATIC_GRAPHS, ON_MISMATCH, agreement, dynamic_graph_agrees,
-                           dynamic_mismatch, dynamic_problem, export, run_in_batches_of, trace_shape)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +176,7 @@ def compile_config(threads: int | None, precision: str) -> dict[str, Any]:
 
 class Compiled:
     """One compiled model and its infer request, with ONNX Runtime's ``run(None, feed)`` call
-    (so :func:`~deepfeat.onnx_runtime.dynamic_graph_agrees` can check it)."""
+    (so :func:`~deepfeat.backends.onnx_runtime.dynamic_graph_agrees` can check it)."""
 
     def __init__(self, model, config: dict[str, Any]):
         self.compiled = core().compile_model(model, "CPU", config)
@@ -415,7 +426,7 @@ def compare_all(got: list[np.ndarray], want: list[np.ndarray], precision: str) -
 
 
 class OpenVinoRunner:
-    """Runs a :class:`~deepfeat.features.FeatureNet` with OpenVINO on the CPU (``--backend openvino``).
+    """Runs a :class:`~deepfeat.backends.featurenet.FeatureNet` with OpenVINO on the CPU (``--backend openvino``).
 
     *export*: ``dynamic`` for many input shapes, ``static`` for one (see the module). *precision*:
     ``f32`` or ``bf16``. *threads*: OpenVINO's inference threads (None: its default, every core).

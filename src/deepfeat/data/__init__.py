@@ -1,0 +1,1 @@
+"""Images in: finding files, decoding them robustly, the model's preprocessing, decode workers."""

@@ -1,0 +1,2 @@
+"""Local features: keypoints and regional descriptors per image, their cache in a store, and spatial
+verification of a global ranking."""
