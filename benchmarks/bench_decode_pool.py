@@ -26,7 +26,7 @@ from pathlib import Path
 from deepfeat.data.images import discover
 from deepfeat.data.preprocess import DataConfig, parse_size_policy
 from deepfeat.data.workers import SupervisedPool
-from deepfeat.pipeline import _worker_init, decode_batch
+from deepfeat.pipeline.decode import _worker_init, decode_batch
 
 
 def run(pool, batches) -> float:

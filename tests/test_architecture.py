@@ -1,87 +1,99 @@
-"""The shape of the code stays as issue 18 left it: no import cycles among deepfeat's modules, and
-no function too long to read at once. Both are static checks (ast over src/deepfeat, nothing imported).
+"""The shape of the code (issue 25): packages layered by stage with no import cycles, enforced by
+import-linter's contracts in pyproject.toml (``[tool.importlinter]``), and no module or function too
+long to read at once.
 
-Import graph: an edge A -> B for each import A runs when it is imported, that is each ``import``
-at module level (also inside a module-level ``if``/``try``/``with``), not those inside functions
-(run later, on purpose lazy) or under ``if TYPE_CHECKING:`` (never run). ``from P import x`` is an
-edge to the module ``P.x`` when there is one, else to ``P`` itself (for a package, its
-``__init__``). The implicit import of a module's parent package is not an edge, so a package
-``__init__`` that re-exports its submodules is no cycle; a submodule that imports names from its
-own package's ``__init__`` is one (the ``__init__`` imports it back)."""
+import-linter (on grimp's import graph) sees every import statement: at module level, inside
+functions (lazy on purpose) and under ``if TYPE_CHECKING:``; an import cycle hidden by laziness is
+still a cycle. The ``acyclic_siblings`` contract forbids cycles between the modules or subpackages
+of any package; the module-level check below adds the one it cannot see, a submodule importing its
+own package's ``__init__`` that imports it back."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+import grimp
+import pytest
 
-#: the guard; the aim (issue 18) is about 80 lines
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+#: the guards; the aims (issues 18 and 25) are about 80 lines a function, 400 a module
 MAX_FUNCTION_LINES = 100
+MAX_MODULE_LINES = 420
 
 
-def _modules(src: Path) -> dict[str, tuple[Path, bool]]:
-    """Dotted name -> (file, is a package ``__init__``) for every module under src/deepfeat."""
-    mods = {}
-    for p in sorted((src / "deepfeat").rglob("*.py")):
-        parts = list(p.relative_to(src).with_suffix("").parts)
-        is_pkg = parts[-1] == "__init__"
-        mods[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
-    return mods
+def lint_imports(config: Path, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--config", str(config), "--no-cache"], cwd=root,
+                          env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+def test_import_contracts_hold():
+    res = lint_imports(REPO / "pyproject.toml", REPO)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    assert "0 broken" in res.stdout
 
 
-def _import_time_imports(body: list[ast.stmt]):
-    """The import statements that run when a module is imported."""
-    for st in body:
-        if isinstance(st, (ast.Import, ast.ImportFrom)):
-            yield st
-        elif isinstance(st, ast.If):
-            if not _is_type_checking(st.test):
-                yield from _import_time_imports(st.body)
-            yield from _import_time_imports(st.orelse)
-        elif isinstance(st, ast.Try):
-            for block in (st.body, st.orelse, st.finalbody, *(h.body for h in st.handlers)):
-                yield from _import_time_imports(block)
-        elif isinstance(st, ast.With):
-            yield from _import_time_imports(st.body)
+CONFIG = """
+[tool.importlinter]
+root_package = "pkg"
+exclude_type_checking_imports = false
+
+[[tool.importlinter.contracts]]
+id = "layers"
+name = "layers"
+type = "layers"
+containers = ["pkg"]
+layers = ["high", "low"]
+
+[[tool.importlinter.contracts]]
+id = "acyclic"
+name = "acyclic"
+type = "acyclic_siblings"
+ancestors = ["pkg"]
+"""
 
 
-def import_graph(src: Path = SRC) -> dict[str, set[str]]:
-    """Module -> the deepfeat modules it imports at import time (see the module docstring)."""
-    mods = _modules(src)
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for name, (path, is_pkg) in mods.items():
-        package = name if is_pkg else name.rpartition(".")[0]
-        for st in _import_time_imports(ast.parse(path.read_text(encoding="utf-8")).body):
-            if isinstance(st, ast.Import):
-                targets = [a.name for a in st.names]
-            else:
-                if st.level:
-                    base = package.split(".")[: len(package.split(".")) - (st.level - 1)]
-                    origin = ".".join(base + ([st.module] if st.module else []))
-                else:
-                    origin = st.module or ""
-                targets = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in mods else origin for a in st.names]
-            graph[name].update(t for t in targets if t in mods and t != name)
-    return graph
+@pytest.mark.parametrize("statement", [
+    "from pkg.high import a",                                   # at import time
+    "def f():\n    from pkg.high import a",                     # lazy, inside a function
+    "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import a",
+])
+def test_the_contracts_see_every_kind_of_import(tmp_path, statement):
+    """An upward import breaks the layers however it is written; the same file without it passes."""
+    pkg = tmp_path / "src" / "pkg"
+    for sub in ("high", "low"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "high" / "a.py").write_text("from pkg.low import b\n")
+    (pkg / "low" / "b.py").write_text("X = 1\n")
+    (tmp_path / "pyproject.toml").write_text(CONFIG)
+    assert lint_imports(tmp_path / "pyproject.toml", tmp_path).returncode == 0
+    (pkg / "low" / "b.py").write_text(statement + "\nX = 1\n")
+    res = lint_imports(tmp_path / "pyproject.toml", tmp_path)
+    assert res.returncode != 0 and "pkg.low.b -> pkg.high.a" in res.stdout, res.stdout
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle (as a path that returns to its start) per strongly connected component."""
+def module_cycles(package: str = "deepfeat") -> list[list[str]]:
+    """Strongly connected components of more than one module in the whole import graph (every
+    import, lazy and TYPE_CHECKING ones included; a package is its ``__init__``)."""
+    graph = grimp.build_graph(package, cache_dir=None)
+    edges = {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     components: list[list[str]] = []
 
-    def visit(v: str) -> None:  # Tarjan; the graph is a few hundred modules deep at most
+    def visit(v: str) -> None:  # Tarjan
         index[v] = low[v] = len(index)
         stack.append(v)
-        for w in sorted(graph[v]):
+        for w in sorted(edges[v]):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -94,55 +106,33 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if len(comp) > 1:
                 components.append(sorted(comp))
 
-    for v in sorted(graph):
+    for v in sorted(edges):
         if v not in index:
             visit(v)
-    return [_a_cycle_in(graph, comp) for comp in components]
+    return components
 
 
-def _a_cycle_in(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
-    """The shortest path from the component's first module back to itself (breadth first)."""
-    start, inside = comp[0], set(comp)
-    came_from: dict[str, str] = {}
-    frontier = [start]
-    while frontier:
-        following = []
-        for u in frontier:
-            for w in sorted(graph[u] & inside):
-                if w == start:
-                    path = [u]
-                    while path[-1] != start:
-                        path.append(came_from[path[-1]])
-                    return [start, *reversed(path[:-1]), start]
-                if w not in came_from:
-                    came_from[w] = u
-                    following.append(w)
-        frontier = following
-    return comp  # not reached: a strongly connected component has a cycle through each member
+def test_no_module_cycles():
+    cycles = module_cycles()
+    assert not cycles, "import cycles among deepfeat's modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-def test_no_import_cycles():
-    graph = import_graph()
-    assert len(graph) > 100 and sum(map(len, graph.values())) > 300  # the graph was really read
-    cycles = find_cycles(graph)
-    assert not cycles, "import cycles among deepfeat's modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
-
-
-def test_the_cycle_check_finds_cycles(tmp_path):
-    """A submodule importing its own package's __init__ (which re-exports it) is a cycle; the
-    re-export alone, a lazy import and a TYPE_CHECKING import are not."""
-    pkg = tmp_path / "deepfeat" / "part"
+def test_the_module_cycle_check_finds_a_submodule_importing_its_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "cyc" / "part"
     pkg.mkdir(parents=True)
-    (tmp_path / "deepfeat" / "__init__.py").write_text("")
-    (tmp_path / "deepfeat" / "other.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .part import a\n"
-        "def f():\n    from .part import a\n")
-    (pkg / "__init__.py").write_text("from .a import A\nfrom .b import B\n")
-    (pkg / "a.py").write_text("from .. import other\nA = 1\n")
-    (pkg / "b.py").write_text("from . import a\nB = 2\n")
-    assert find_cycles(import_graph(tmp_path)) == []
-    (pkg / "b.py").write_text("from . import A\nB = 2\n")
-    assert find_cycles(import_graph(tmp_path)) == [["deepfeat.part", "deepfeat.part.b", "deepfeat.part"]]
+    (tmp_path / "cyc" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from cyc.part.a import A\n")
+    (pkg / "a.py").write_text("A = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert module_cycles("cyc") == []
+    (pkg / "a.py").write_text("def f():\n    from cyc.part import A\nA = 1\n")
+    assert module_cycles("cyc") == [["cyc.part", "cyc.part.a"]]
+
+
+def test_no_module_is_too_long():
+    long = [f"{p.relative_to(SRC)}: {n} lines" for p in sorted((SRC / "deepfeat").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(long)
 
 
 def test_no_function_is_too_long():

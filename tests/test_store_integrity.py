@@ -57,7 +57,7 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     for rel, rec in files.items():
         assert rec["bytes"] == (store / rel).stat().st_size and len(rec["sha256"]) == 64
     # each shard's commit marker carries its arrays' checksums (committed with the shard)
-    own = json.loads(pq.read_schema(store / "shards/000001.items.parquet").metadata[b"deepfeat.store.checksums"])
+    own = json.loads(pq.read_schema(store / "shards/000001.items.parquet").metadata[b"deepfeat.checksums"])
     assert own == {"000001.bn2.npy": files["shards/000001.bn2.npy"]}
     assert "index_sha256" in json.loads((store / "index/index.json").read_text())
     rc, report = _verify(store, capsys)
@@ -119,7 +119,7 @@ def test_a_missing_shard_array_and_a_wrong_shape(store, capsys):
     rec = file_digest(f)
     marker = store / "shards/000001.items.parquet"
     pq.write_table(pq.read_table(marker).replace_schema_metadata(
-        {b"deepfeat.store.checksums": json.dumps({f.name: rec})}), marker)
+        {b"deepfeat.checksums": json.dumps({f.name: rec})}), marker)
     meta = json.loads((store / "meta.json").read_text())
     meta["checksums"]["files"].update({"shards/000001.bn2.npy": rec, "shards/000001.items.parquet":
                                        file_digest(marker)})

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from deepfeat.errors import FormatError
-from deepfeat.evaluate import REVISITED_FORMAT
+
+#: the ``format`` of the JSON ground truth this converter writes and :mod:`deepfeat.evaluate.revisited` reads
+REVISITED_FORMAT = "deepfeat-revisited-gnd"
 
 #: the only globals an ndarray pickle needs (numpy 1.x and 2.x module names)
 _NUMPY_GLOBALS = {

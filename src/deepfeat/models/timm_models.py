@@ -10,7 +10,7 @@ from deepfeat.data.preprocess import DataConfig
 from deepfeat.errors import ModelError, suggest
 from deepfeat.models.base import Model, file_sha256
 from deepfeat.models.labels import default_labels
-from deepfeat.models.registry import ModelSource, register_source, split_weights
+from deepfeat.models.source import ModelSource, split_weights
 from deepfeat.models.weights import build_with_weights
 
 EXAMPLE = "timm:resnet50@resnet50.safetensors"
@@ -71,14 +71,12 @@ def ready() -> list[str]:
     return []
 
 
-register_source(
-    ModelSource(
-        name="timm",
-        prefix="timm",
-        example=EXAMPLE,
-        description="any timm architecture with a local .pth/.pt/.safetensors file (or @random)",
-        load=load_timm,
-        ready=ready,
-        requires=("timm",),
-    )
+SOURCE = ModelSource(
+    name="timm",
+    prefix="timm",
+    example=EXAMPLE,
+    description="any timm architecture with a local .pth/.pt/.safetensors file (or @random)",
+    load=load_timm,
+    ready=ready,
+    requires=("timm",),
 )

@@ -10,7 +10,7 @@ from deepfeat.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from deepfeat.errors import ModelError, suggest
 from deepfeat.models.base import Model, file_sha256
 from deepfeat.models.labels import default_labels
-from deepfeat.models.registry import ModelSource, register_source, split_weights
+from deepfeat.models.source import ModelSource, split_weights
 from deepfeat.models.weights import build_with_weights
 
 EXAMPLE = "torchvision:resnet18@resnet18-f37072fd.pth"
@@ -88,14 +88,12 @@ def load_torchvision(rest: str, spec: str, **_: object) -> Model:
     )
 
 
-register_source(
-    ModelSource(
-        name="torchvision",
-        prefix="torchvision",
-        example=EXAMPLE,
-        description="any torchvision classification architecture with a local weights file (or @random)",
-        load=load_torchvision,
-        ready=lambda: [],
-        requires=("torchvision",),
-    )
+SOURCE = ModelSource(
+    name="torchvision",
+    prefix="torchvision",
+    example=EXAMPLE,
+    description="any torchvision classification architecture with a local weights file (or @random)",
+    load=load_torchvision,
+    ready=lambda: [],
+    requires=("torchvision",),
 )

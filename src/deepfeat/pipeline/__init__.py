@@ -5,7 +5,7 @@ The work is planned before it is done: every input gets a stable id and a shard
 shard's items (consecutive for fixed-size policies; grouped by exact output shape,
 from image headers, for aspect-preserving ones). Decoding runs in worker processes
 (or threads) ahead of inference, by at most 256 MB of decoded pixels
-(:data:`.local.DECODE_AHEAD_BYTES`); inference runs in the main process on the chosen
+(:data:`.local_engine.DECODE_AHEAD_BYTES`); inference runs in the main process on the chosen
 backend; a shard is written and committed as soon as its last batch is done.
 
 Because the plan and the batches do not depend on timing, an interrupted run
@@ -19,7 +19,7 @@ lives in :class:`ShardProcessor`, shared by the two engines: the local one
 shards in flight) and the Ray one in :mod:`deepfeat.pipeline.ray_engine` (``engine="ray"``:
 one shard per actor call, on many machines). Both write the same store.
 
-The parts, each a module of this package (every name is re-exported here):
+The parts, each a module of this package (the API, :func:`extract` and :class:`ExtractConfig`, is re-exported here):
 
 * :mod:`.config`: :class:`ExtractConfig` (one field per CLI flag) and its validation,
   :class:`ExtractReport`;
@@ -28,7 +28,7 @@ The parts, each a module of this package (every name is re-exported here):
 * :mod:`.decode`: the decode workers (header probes, decoding) and their executors;
 * :mod:`.network`: the model, layers, pooling, meta and the inference runner;
 * :mod:`.shard`: :class:`ShardProcessor`, one shard from items to a committed shard;
-* :mod:`.local`: the local engine; :mod:`.run`: :func:`extract`, setup, plan, engine, finish;
+* :mod:`.local_engine`: the local engine; :mod:`.ray_engine`: the Ray engine; :mod:`.run`: :func:`extract`, setup, plan, engine, finish;
 * :mod:`.progress`: the progress bar or lines; :mod:`.post`: fitting or installing the
   post-processing chain.
 """
@@ -36,89 +36,12 @@ The parts, each a module of this package (every name is re-exported here):
 from __future__ import annotations
 
 from deepfeat.pipeline.config import BACKENDS, DTYPES, ENGINES, PRECISIONS, ExtractConfig, ExtractReport
-from deepfeat.pipeline.decode import (
-    _W,
-    _decode_failed,
-    _die_with_parent,
-    _InlineExecutor,
-    _merge_decoded,
-    _probe_failed,
-    _probe_one,
-    _shutdown,
-    _worker_init,
-    decode_batch,
-    decode_one,
-    default_workers,
-    make_executor,
-    probe_sizes,
-    raise_empty,
-)
-from deepfeat.pipeline.local_engine import run_local
-from deepfeat.pipeline.network import (
-    POOLING_FILE,
-    _fitted_pooling,
-    _resolve_layers,
-    auto_prefers_onnx,
-    auto_prefers_openvino,
-    build_meta,
-    default_layer,
-    default_pooling,
-    load_feature_net,
-    make_runner,
-    padding,
-    resolve_threads,
-)
-from deepfeat.pipeline.plan import (
-    CPU_BATCH_PIXELS,
-    _adopt_meta,
-    default_batch,
-    eager_cpu,
-    plan_inputs,
-    plan_work,
-    shard_batches,
-)
-from deepfeat.pipeline.post import _finish_post, check_post_dim, fit_post, install_post
-from deepfeat.pipeline.progress import Progress, _fmt_seconds, _stage_str
-from deepfeat.pipeline.run import _extract, extract
-from deepfeat.pipeline.shard import ShardJob, ShardProcessor, _one_line
-
-_run_local = run_local  # the old name
+from deepfeat.pipeline.network import default_layer, default_pooling
+from deepfeat.pipeline.plan import CPU_BATCH_PIXELS, shard_batches
+from deepfeat.pipeline.post import fit_post, install_post
+from deepfeat.pipeline.run import extract
 
 __all__ = [
-    "BACKENDS",
-    "CPU_BATCH_PIXELS",
-    "DTYPES",
-    "ENGINES",
-    "POOLING_FILE",
-    "PRECISIONS",
-    "ExtractConfig",
-    "ExtractReport",
-    "Progress",
-    "ShardJob",
-    "ShardProcessor",
-    "auto_prefers_onnx",
-    "auto_prefers_openvino",
-    "build_meta",
-    "check_post_dim",
-    "decode_batch",
-    "decode_one",
-    "default_batch",
-    "default_layer",
-    "default_pooling",
-    "default_workers",
-    "eager_cpu",
-    "extract",
-    "fit_post",
-    "install_post",
-    "load_feature_net",
-    "make_executor",
-    "make_runner",
-    "padding",
-    "plan_inputs",
-    "plan_work",
-    "probe_sizes",
-    "raise_empty",
-    "resolve_threads",
-    "run_local",
-    "shard_batches",
+    "BACKENDS", "CPU_BATCH_PIXELS", "DTYPES", "ENGINES", "PRECISIONS", "ExtractConfig", "ExtractReport",
+    "default_layer", "default_pooling", "extract", "fit_post", "install_post", "shard_batches",
 ]

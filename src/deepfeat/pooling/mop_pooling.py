@@ -131,7 +131,7 @@ class MOPPooling(Pooling):
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write the fitted codebook as a self-describing ``.npz`` (arrays + JSON meta)."""
-        from deepfeat.postprocess import _version, _write_npz
+        from deepfeat.postprocess.files import _version, _write_npz
 
         if not self.fitted:
             raise UsageError("pooling 'mop' is not fitted; nothing to save")
@@ -158,7 +158,7 @@ class MOPPooling(Pooling):
 def load_pooling(path: str | os.PathLike) -> MOPPooling:
     """Load a fitted MOP pooling saved with :meth:`MOPPooling.save`."""
     from deepfeat.pooling.spec import get_pooling
-    from deepfeat.postprocess import _read_npz
+    from deepfeat.postprocess.files import _read_npz
 
     arrays, meta = _read_npz(path, MOP_FILE_KIND)
     if int(meta.get("format_version", 0)) > MOP_FORMAT_VERSION:

@@ -32,31 +32,11 @@ file they are saved in (:mod:`deepfeat.postprocess.files`).
 from __future__ import annotations
 
 from deepfeat.postprocess.chain import PostChain, is_chain_file, learned_whitening_chain, parse_post
-from deepfeat.postprocess.files import (
-    CHAIN_FILE_KIND,
-    FORMAT_VERSION,
-    PCA_FILE_KIND,
-    _now,
-    _read_npz,
-    _version,
-    _write_npz,
-)
+from deepfeat.postprocess.files import CHAIN_FILE_KIND, FORMAT_VERSION, PCA_FILE_KIND
 from deepfeat.postprocess.spec import CHAIN_GRAMMAR, STEP_NAMES
 from deepfeat.postprocess.transforms import PCA, Affine, as_descriptors, l2n, power_law
 
 __all__ = [
-    "CHAIN_FILE_KIND",
-    "CHAIN_GRAMMAR",
-    "FORMAT_VERSION",
-    "PCA",
-    "PCA_FILE_KIND",
-    "STEP_NAMES",
-    "Affine",
-    "PostChain",
-    "as_descriptors",
-    "is_chain_file",
-    "l2n",
-    "learned_whitening_chain",
-    "parse_post",
-    "power_law",
+    "CHAIN_FILE_KIND", "CHAIN_GRAMMAR", "FORMAT_VERSION", "PCA", "PCA_FILE_KIND", "STEP_NAMES", "Affine",
+    "PostChain", "as_descriptors", "is_chain_file", "l2n", "learned_whitening_chain", "parse_post", "power_law",
 ]

@@ -25,7 +25,7 @@ from deepfeat.serve.service import SearchService, resolve_rerank
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, make_thumbnail
 from deepfeat.serve.uploads import MEDIA_TYPES, ApiError, read_multipart_file
 
-log = logging.getLogger(__package__ + ".app")  # the server's one logger, named as before the split
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 

@@ -26,7 +26,7 @@ from deepfeat.serve.microbatch import MicroBatcher
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
 from deepfeat.serve.uploads import ApiError, sniff_image
 
-log = logging.getLogger(__package__ + ".app")  # the server's one logger, named as before the split
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 20 * MiB

@@ -136,7 +136,7 @@ def verify_store(store) -> VerifyReport:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from deepfeat.store import feature_file_key
+    from deepfeat.store.items import feature_file_key
 
     root = store.path
     report = VerifyReport(str(root))

@@ -26,7 +26,7 @@ from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json
 from deepfeat.store.checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
-log = logging.getLogger("deepfeat.store")  # the name it had as one module
+log = logging.getLogger(__name__)
 
 #: meta keys that must agree for two extractions to share a store
 IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine", "dtype", "features")

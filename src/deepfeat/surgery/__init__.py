@@ -55,28 +55,13 @@ The package, one part a module:
 
 from __future__ import annotations
 
-from deepfeat.surgery.checks import CHECK_TOLERANCE  # noqa: F401
 from deepfeat.surgery.convert import fully_convolutional
 from deepfeat.surgery.densemap import DenseMap, dense_map
 
-# _ForwardFeatures/_ForwardHead: a DenseClassifier pickled before the package split names them here
-from deepfeat.surgery.modules import (  # noqa: F401
-    ChannelLayerNorm,
-    DenseClassifier,
-    Elementwise,
-    _ForwardFeatures,
-    _ForwardHead,
-    fc_to_conv_weight,
-    linear_to_conv,
-)
+from deepfeat.surgery.modules import DenseClassifier, fc_to_conv_weight, linear_to_conv
 from deepfeat.surgery.pixels import load_pixels
 
 __all__ = [
-    "DenseClassifier",
-    "DenseMap",
-    "dense_map",
-    "fc_to_conv_weight",
-    "fully_convolutional",
-    "linear_to_conv",
+    "DenseClassifier", "DenseMap", "dense_map", "fc_to_conv_weight", "fully_convolutional", "linear_to_conv",
     "load_pixels",
 ]

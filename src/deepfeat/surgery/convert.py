@@ -23,7 +23,7 @@ from deepfeat.surgery.head import _convert_head
 from deepfeat.surgery.modules import DenseClassifier, _ForwardFeatures
 from deepfeat.surgery.split import _split_fx, _split_timm
 
-log = logging.getLogger(__package__)  # "deepfeat.surgery", as before the package split
+log = logging.getLogger(__name__)
 
 
 def _parse_window(window: Any) -> str | int:

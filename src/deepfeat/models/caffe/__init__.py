@@ -25,17 +25,9 @@ from deepfeat.models.caffe.net import CaffeNet, build_net, init_random, sanitize
 from deepfeat.models.caffe.netdef import InputDef, LayerDef, NetDef, netdef_from_message, read_netdef
 from deepfeat.models.caffe.prototxt import Message, parse_prototxt, parse_text
 from deepfeat.models.caffe.source import ILSVRC_MEAN_BGR, load_caffe, load_caffe_net, read_mean, split_caffe_spec
-from deepfeat.models.caffe.wire import (
-    Blob,
-    CaffeModelFile,
-    LayerBlobs,
-    encode_blob,
-    encode_caffemodel,
-    parse_caffemodel,
-    read_blobproto,
-    read_caffemodel,
-    write_binaryproto,
-    write_caffemodel,
+from deepfeat.models.caffe.wire import Blob, CaffeModelFile, parse_caffemodel, read_blobproto, read_caffemodel
+from deepfeat.models.caffe.writer import (
+    LayerBlobs, encode_blob, encode_caffemodel, write_binaryproto, write_caffemodel,
 )
 
 __all__ = [

@@ -52,7 +52,8 @@ from deepfeat.models.caffe.layers import (
     build_layer,
 )
 from deepfeat.models.caffe.netdef import LayerDef, NetDef
-from deepfeat.models.caffe.wire import CaffeModelFile, LayerBlobs, write_caffemodel
+from deepfeat.models.caffe.wire import CaffeModelFile
+from deepfeat.models.caffe.writer import LayerBlobs, write_caffemodel
 
 _BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-]")
 

@@ -61,7 +61,7 @@ from deepfeat.models.caffe.netdef import NetDef, read_netdef
 from deepfeat.models.caffe.wire import CaffeModelFile, read_blobproto, read_caffemodel
 from deepfeat.models.labels import default_labels, read_labels
 from deepfeat.models.options import parse_number, parse_query, parse_size
-from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -384,13 +384,11 @@ def _ready() -> list[str]:
     return []
 
 
-SOURCE = register_source(
-    ModelSource(
-        name="caffe",
-        prefix="caffe",
-        example="caffe:deploy.prototxt@weights.caffemodel",
-        description="Caffe deploy.prototxt + .caffemodel (current and V1 formats), run in PyTorch without Caffe",
-        load=_load,
-        ready=_ready,
-    )
+SOURCE = ModelSource(
+    name="caffe",
+    prefix="caffe",
+    example="caffe:deploy.prototxt@weights.caffemodel",
+    description="Caffe deploy.prototxt + .caffemodel (current and V1 formats), run in PyTorch without Caffe",
+    load=_load,
+    ready=_ready,
 )

@@ -38,39 +38,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deepfeat.errors import FormatError
-from deepfeat.models.caffe.protowire import (  # noqa: F401 - the primitives, also importable from here as before
-    END_GROUP,
+from deepfeat.models.caffe.protowire import (
     FIXED32,
     FIXED64,
     LEN,
-    START_GROUP,
     VARINT,
     _Buf,
-    _enc_len,
-    _enc_str,
-    _enc_varint,
     _Field,
     _fields,
     _fixed_run,
-    _key,
     _one_field,
-    _Parts,
     _repeated_varints,
     _signed64,
-    _size,
     _string,
-    _values,
     _varint,
-    _wrap,
 )
-from deepfeat.models.caffe.v1types import V1_ENUM_NAMES, V1_TYPE_NUMBERS, V1_TYPES  # noqa: F401 - importable from here as before
-from deepfeat.models.caffe.writer import (  # noqa: F401 - the writer, importable from here as before
-    LayerBlobs,
-    encode_blob,
-    encode_caffemodel,
-    write_binaryproto,
-    write_caffemodel,
-)
+from deepfeat.models.caffe.v1types import V1_TYPES
 
 # ---------------------------------------------------------------------------
 # Blobs

@@ -56,60 +56,16 @@ table), :mod:`.net` (:class:`OnnxNet`, :class:`OnnxTaps`: the torch side) and
 
 from __future__ import annotations
 
-from deepfeat.models.onnx_models.graph import (
-    _LAYOUT_BREAKING_OPS,
-    _NCHW_OPS,
-    _PASS_THROUGH_OPS,
-    _SHAPE_ONLY_OPS,
-    OnnxGraph,
-)
+from deepfeat.models.onnx_models.graph import OnnxGraph
 from deepfeat.models.onnx_models.listing import GraphListing
-from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps, _to_torch
-from deepfeat.models.onnx_models.options import (
-    DEFAULT_CROP_PCT,
-    DEFAULT_INTERPOLATION,
-    DEFAULT_SIZE,
-    OPTIONS,
-    TAP_LAYOUTS,
-    _choice,
-    _values,
-    split_onnx_spec,
-)
-from deepfeat.models.onnx_models.proto import (
-    LAYOUTS,
-    _dims,
-    _int_list_attr,
-    _read_proto,
-    _refs,
-    _require_onnx,
-    _static,
-    detect_layout,
-)
+from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps
+from deepfeat.models.onnx_models.options import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, DEFAULT_SIZE, OPTIONS, TAP_LAYOUTS, split_onnx_spec
+from deepfeat.models.onnx_models.proto import LAYOUTS, detect_layout
 from deepfeat.models.onnx_models.session import GraphSessions
-from deepfeat.models.onnx_models.source import (
-    _GENERIC_GRAPH_NAMES,
-    SOURCE,
-    _default_layer,
-    _load,
-    _num_classes,
-    _ready,
-    load_onnx,
-)
+from deepfeat.models.onnx_models.source import SOURCE, load_onnx
 
 __all__ = [
-    "DEFAULT_CROP_PCT",
-    "DEFAULT_INTERPOLATION",
-    "DEFAULT_SIZE",
-    "LAYOUTS",
-    "OPTIONS",
-    "SOURCE",
-    "TAP_LAYOUTS",
-    "GraphListing",
-    "GraphSessions",
-    "OnnxGraph",
-    "OnnxNet",
-    "OnnxTaps",
-    "detect_layout",
-    "load_onnx",
+    "DEFAULT_CROP_PCT", "DEFAULT_INTERPOLATION", "DEFAULT_SIZE", "LAYOUTS", "OPTIONS", "SOURCE", "TAP_LAYOUTS",
+    "GraphListing", "GraphSessions", "OnnxGraph", "OnnxNet", "OnnxTaps", "detect_layout", "load_onnx",
     "split_onnx_spec",
 ]

@@ -28,7 +28,7 @@ from deepfeat.models.onnx_models.options import (
 )
 from deepfeat.models.onnx_models.proto import LAYOUTS, _dims, _read_proto, _require_onnx, detect_layout
 from deepfeat.models.options import parse_number, parse_size
-from deepfeat.models.registry import ModelSource, register_source
+from deepfeat.models.source import ModelSource
 
 _GENERIC_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "tf2onnx", "graph"})
 
@@ -267,16 +267,14 @@ def _ready() -> list[str]:
     return []
 
 
-SOURCE = register_source(
-    ModelSource(
-        name="onnx",
-        prefix="onnx",
-        example="onnx:model.onnx",
-        description="any ONNX image model (PyTorch, Keras/TensorFlow via tf2onnx), run by ONNX Runtime; "
-                    "preprocessing as ?options",
-        load=_load,
-        ready=_ready,
-        requires=("onnxruntime", "onnx"),
-        extra="onnx",
-    )
+SOURCE = ModelSource(
+    name="onnx",
+    prefix="onnx",
+    example="onnx:model.onnx",
+    description="any ONNX image model (PyTorch, Keras/TensorFlow via tf2onnx), run by ONNX Runtime; "
+                "preprocessing as ?options",
+    load=_load,
+    ready=_ready,
+    requires=("onnxruntime", "onnx"),
+    extra="onnx",
 )

@@ -13,7 +13,8 @@ import torch
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import DeepfeatError
 from deepfeat.models.taps import make_taps
-from deepfeat.pipeline import decode_batch, default_workers, make_executor, probe_sizes, shard_batches
+from deepfeat.pipeline.decode import decode_batch, default_workers, make_executor, probe_sizes
+from deepfeat.pipeline import shard_batches
 
 
 class MultiPoolNet(torch.nn.Module):
