@@ -10,21 +10,22 @@ CPU plugin, in one of two precisions (:data:`PRECISIONS`):
 * ``bf16`` (opt-in, ``--precision bf16``): bfloat16 matrix products where the CPU has them (AMX
   or AVX512_BF16); descriptors within :data:`BF16_COSINE_MIN` and :data:`BF16_RTOL` of float32.
 
-Shapes (measured, docs/benchmarks.md "OpenVINO"). ``dynamic`` (aspect-preserving policies,
+Shapes (figures: docs/benchmarks.md, "OpenVINO and bf16"). ``dynamic`` (aspect-preserving policies,
 ``--scales``): one export with dynamic batch, height and width, read into OpenVINO once and compiled
 with dynamic shapes, which runs any input. A compilation for one exact input shape (the same model
-reshaped: no new export) runs 1.3-2.9x faster but costs 0.15-0.9 s, so compiling every new shape
-loses on a collection of many shapes (0.3x on Flowers 17 at ``long:512``). A shape therefore runs on
+reshaped: no new export) runs faster but takes time to compile, so compiling every new shape
+loses on a collection of many shapes. A shape therefore runs on
 the dynamic compilation until the time it has lost there reaches the cost of a compilation (rent or
 buy: :meth:`CompiledGraphs._wants_compile`, both measured as the run goes), then on its own; at most
 :data:`MAX_COMPILED_SHAPES` holding at most :data:`MAX_COMPILED_PIXELS` input pixels are kept (least
 recently used out); OpenVINO's kernel cache per input shape is off from :data:`RUNTIME_CACHE_OFF_PIXELS`
-(``long:768`` up), where it grew the memory by about 1-2 MB per new shape. In ``bf16`` the dynamic compilation
-is bf16 too (about 2x the f32 one): that needs the graph's arithmetic on shapes in integers (bf16
-rounds an odd side above 256; :func:`deepfeat.backends.onnx_runtime.integer_same_padding`), and is checked at
-:data:`ODD_PROBE`; where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size
-model``, ``warp:``): a graph exported at that shape with a fixed batch (short batches padded with
-zero images), as ONNX Runtime's static graphs.
+(``long:768`` up), where it grew the memory with every new shape (docs/benchmarks.md, "At long:1024").
+In ``bf16`` the dynamic compilation is bf16 too (faster than the f32 one): that needs the graph's
+arithmetic on shapes in integers (bf16 rounds an odd side above 256;
+:func:`deepfeat.backends.onnx_runtime.integer_same_padding`), and is checked at :data:`ODD_PROBE`;
+where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size model``,
+``warp:``): a graph exported at that shape with a fixed batch (short batches padded with zero
+images), as ONNX Runtime's static graphs.
 
 Checks, before any descriptor is returned: the dynamic graph in f32 against eager PyTorch at a
 second input shape (:func:`deepfeat.backends.onnx_runtime.dynamic_graph_agrees`; a graph with trace-time

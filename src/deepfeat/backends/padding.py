@@ -14,7 +14,8 @@ change with padding, and only one of them can be undone:
 * the **network** itself: convolutions near the image's right and bottom border see padding
   (zeros in normalised space, what the network's own zero padding would show the first
   layer) instead of their own border handling, so border activations differ slightly. That
-  is not undone; docs/benchmarks.md gives the measured cosine to unpadded descriptors.
+  is not undone; docs/benchmarks.md ("Padded batches and masked pooling") gives the cosine to
+  unpadded descriptors.
   Padding is therefore opt-in (``--pad-to``), never the default.
 
 All of this is device-agnostic torch, tested on the CPU; :class:`PaddedTorchRunner` is meant

@@ -5,7 +5,7 @@ files into one ordered, de-duplicated list of paths. :func:`decode_image` opens 
 image and returns an RGB (or L) uint8 array, resized by a size policy, handling the
 odd cases real collections contain: EXIF orientation, CMYK, 16-bit, palette with
 transparency, LA/RGBA, and JPEG draft decoding at reduced resolution when the target
-is smaller than the file (a 4x to 8x saving in decode time for large photos).
+is smaller than the file (PIL decodes the JPEG at 1/2, 1/4 or 1/8 scale).
 Problems are raised as :class:`~deepfeat.errors.ImageError` with a short reason,
 never as a raw PIL traceback.
 """

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from deepfeat.errors import UsageError, suggest
 
 #: below this many vectors ``auto`` picks ``flat``: exact, no training; one query scans at most
-#: 200k x d floats (100 MB at d=128, tens of ms at most on 2 cores), batches amortise it.
+#: 200k x d floats (100 MB at d=128), batches amortise it.
 FLAT_MAX_N = 200_000
 #: up to this many vectors (and :data:`UNCOMPRESSED_MAX_BYTES` of raw float32) ``auto``
-#: picks ``hnsw``: raw vectors kept, recall@10 ~0.97 at ~19x the throughput of brute force (1M x 128).
+#: picks ``hnsw``: raw vectors kept, high recall at many times the throughput of brute force
+#: (docs/benchmarks.md, "Search").
 UNCOMPRESSED_MAX_N = 2_000_000
 #: raw float32 vectors above this size are compressed (``ivfpq``) whatever n is.
 UNCOMPRESSED_MAX_BYTES = 4 * 2**30
@@ -47,11 +48,9 @@ def ivf_nlist(n: int) -> int:
 def ivf_nprobe(nlist: int) -> int:
     """Lists visited per query: nlist/16 (about 1/16 of the database scanned), at least 8, at most nlist.
 
-    A trade-off measured by benchmarks/bench_search.py on clustered data (docs/benchmarks.md):
-    IVF-Flat recall@10 0.94 at 200k vectors and 0.83 at 1M (nlist/8: 0.93 at 1M, at half
-    the speed); IVF-PQ gets 0.64 at 1M, 96 % of what its 32-byte codes allow with
-    nprobe=nlist/8 (0.67). Raise ``Index.nprobe`` for recall; ``nprobe = nlist`` makes
-    IVF-Flat exact.
+    A trade-off measured by benchmarks/bench_search.py on clustered data (recall against
+    nprobe: docs/benchmarks.md, "Search"). Raise ``Index.nprobe`` for recall; ``nprobe = nlist``
+    makes IVF-Flat exact.
     """
     return min(nlist, max(8, nlist // 16))
 
@@ -74,9 +73,8 @@ def pq_nbits(n: int) -> int:
 def hnsw_ef_search(n: int) -> int:
     """HNSW candidate list at search time: 64 up to 10^5 vectors, 128 up to 10^6, doubling per decade, at most 512.
 
-    Recall at a fixed efSearch drops as the graph grows: on benchmarks/bench_search.py's
-    clustered data (docs/benchmarks.md) efSearch=64 gives recall@10 0.99 at 200k vectors
-    but 0.93 at 1M, where 128 gives 0.97.
+    Recall at a fixed efSearch drops as the graph grows (benchmarks/bench_search.py's clustered
+    data; recall against efSearch: docs/benchmarks.md, "Search").
     """
     decades = max(0, math.ceil(math.log10(max(n, 1))) - 5)
     return min(512, 64 * 2**decades)

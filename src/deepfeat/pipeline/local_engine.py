@@ -18,9 +18,9 @@ from deepfeat.pipeline.shard import ShardJob, ShardProcessor
 from deepfeat.store import FeatureStore
 
 #: decoded images (uint8, H x W x 3) allowed to wait for inference, in bytes: decoding runs ahead of
-#: inference by whole shards at small sizes (224 x 224: over 1,700 images, where feeding the workers a
-#: few batches at a time ran 0.56x) but by about 85 images at ``long:1024`` instead of a shard of
-#: 1,024 (2.4 GB held at once; docs/benchmarks.md, "At long:1024")
+#: inference by whole shards at small sizes (224 x 224: over 1,700 images, where feeding the workers
+#: only a few batches at a time was slower) but by about 85 images at ``long:1024`` instead of a whole
+#: shard of 1,024 images (figures: docs/benchmarks.md, "At long:1024")
 DECODE_AHEAD_BYTES = 256 * 2**20
 
 

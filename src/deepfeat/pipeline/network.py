@@ -144,7 +144,7 @@ def resolve_threads(cfg: ExtractConfig) -> tuple[int, int]:
 
 
 def auto_prefers_onnx(cfg: ExtractConfig, fnet, device) -> bool:
-    """Whether ``--backend auto`` may use ONNX Runtime: on the CPU (2-3.5x eager PyTorch,
+    """Whether ``--backend auto`` may use ONNX Runtime: on the CPU (faster than eager PyTorch,
     docs/benchmarks.md), for every size policy (one static graph for one shape, one dynamic graph for
     many) when it is installed; eager torch on CUDA."""
     import importlib.util
@@ -163,9 +163,8 @@ def auto_prefers_openvino(cfg: ExtractConfig, fnet, device) -> bool:
     Runtime, and always for ``--precision bf16``; ONNX Runtime stays the fallback.
 
     Measured end to end, each engine in its own process (docs/benchmarks.md, "OpenVINO and bf16"):
-    at one scale of an aspect-preserving size OpenVINO f32 ran 1.15x ONNX Runtime at ``long:512``
-    (160 images), 1.25x at ``long:768`` and 1.14x at ``long:1024``; with ``--scales 1,0.707,0.5``
-    0.83x, so auto keeps ONNX Runtime there; one-shape policies: :data:`OPENVINO_AUTO_FIXED`."""
+    OpenVINO f32 is the faster engine at one scale of an aspect-preserving size and the slower one
+    with ``--scales``, so auto keeps ONNX Runtime there; one-shape policies: :data:`OPENVINO_AUTO_FIXED`."""
     from deepfeat.backends.openvino_runtime import available
 
     if device.type != "cpu" or not fnet.exportable or padding(cfg):

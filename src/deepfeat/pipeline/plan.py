@@ -56,9 +56,9 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
 
 
 #: eager PyTorch on the CPU slows down when a batch outgrows the caches: at 384 x 512 one
-#: image at a time runs about 1.5x faster than 8 (benchmarks/bench_batch.py), while at
-#: 224 x 224 batches of 4-8 are best. Aspect-preserving batches are therefore capped at the
-#: pixels of four 224 x 224 images (one image per batch from about 320 x 320 up).
+#: image at a time runs faster than 8, while at 224 x 224 batches of 4-8 are best
+#: (docs/benchmarks.md, "Batch size against input size"). Aspect-preserving batches are therefore
+#: capped at the pixels of four 224 x 224 images (one image per batch from about 320 x 320 up).
 CPU_BATCH_PIXELS = 4 * 224 * 224
 
 
