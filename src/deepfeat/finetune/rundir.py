@@ -45,9 +45,6 @@ class RunDirectory:
         self.created: str | None = None
         self.resumed_from: str | None = None
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def __str__(self) -> str:
         return str(self.path)
 
