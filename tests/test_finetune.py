@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageOps
 
 from deepfeat.errors import ModelError, UsageError
+from deepfeat.finetune import FinetuneConfig, finetune, load_snapshot
 from deepfeat.finetune import data as D
 from deepfeat.finetune import heads as H
-from deepfeat.finetune.train import FinetuneConfig, finetune, load_snapshot
 
 CLASS_SIZES = {"cat": 6, "coffee": 5, "rocket": 8}
 SOURCES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from deepfeat.finetune import FinetuneConfig, finetune
 from deepfeat.finetune import data as D
-from deepfeat.finetune.train import FinetuneConfig, finetune, retrieval_warning
+from deepfeat.finetune.report import retrieval_warning
 
 SOURCES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
 

@@ -133,7 +133,7 @@ def build_config(args: argparse.Namespace):
     --resume, the run's saved settings for the others)."""
     from pathlib import Path
 
-    from deepfeat.finetune.train import FinetuneConfig
+    from deepfeat.finetune.config import FinetuneConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "json")}
     cfg = FinetuneConfig()

@@ -6,14 +6,16 @@ replaces the classifier by a new head for the user's classes, trains head-only t
 end to end with snapshots, and writes a run directory that is itself a model spec:
 ``finetuned:runs/flowers``. See ``docs/finetune.md``.
 
-Modules: :mod:`.data` (listing, check, split, balance, augmentation, loading),
-:mod:`.heads` (new head, trainable units, parameter groups, BatchNorm),
-:mod:`.config` (the settings and their checks), :mod:`.train` (the run, put together from
-:mod:`.prepare`, :mod:`.passes`, :mod:`.stages`, :mod:`.snapshots`, :mod:`.report`, with
-:mod:`.schedule`, :mod:`.losses` and :mod:`.progress`), :mod:`.retrieval` (before/after mAP),
-:mod:`.metric` (contrastive or triplet loss with hard negatives; :mod:`.whitening`).
-Exports are resolved lazily so that ``deepfeat.models.finetuned`` can import :mod:`.heads`
-without pulling in the rest.
+Modules: the labelled images :mod:`.data` (with :mod:`.augment`, :mod:`.loader`); the
+network :mod:`.heads` and :mod:`.prefix`; the settings :mod:`.config`; the run
+:mod:`.train` (:func:`finetune`), put together from :mod:`.rundir` (the run directory and
+its files, snapshots in :mod:`.snapshots`), :mod:`.prepared` (the data and loaders),
+:mod:`.network` (the network being trained), :mod:`.passes` (forward passes that train
+nothing), :mod:`.trainer` (the two stages, over the state of :mod:`.state`, with
+:mod:`.schedule` and :mod:`.losses`), :mod:`.progress` and :mod:`.report` (retrieval,
+``meta.json``, the result); metric learning :mod:`.metric` and :mod:`.whitening`;
+:mod:`.retrieval` (before/after mAP), :mod:`.descriptors`, :mod:`.curves`.
+Exports are resolved lazily, so importing the package costs nothing until a name is used.
 """
 
 from __future__ import annotations
@@ -27,19 +29,6 @@ _EXPORTS = {
     "load_snapshot": "snapshots",
     "latest_snapshot": "snapshots",
     "META_FORMAT": "report",
-    "Augmentation": "data",
-    "LabelledImage": "data",
-    "LabelledSet": "data",
-    "Sample": "data",
-    "balance": "data",
-    "balance_counts": "data",
-    "check_labelled": "data",
-    "list_labelled": "data",
-    "read_split": "data",
-    "split_labelled": "data",
-    "write_split": "data",
-    "HEAD_NAME": "heads",
-    "backbone_units": "heads",
 }
 
 __all__ = sorted(_EXPORTS)

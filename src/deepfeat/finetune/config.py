@@ -5,7 +5,7 @@ and its validation, the settings a resumed run keeps (:data:`IDENTITY_KEYS`), an
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from deepfeat.errors import UsageError
@@ -166,11 +166,13 @@ class FinetuneResult:
         return asdict(self)
 
 
-def adopt_identity(cfg: FinetuneConfig, saved: dict[str, Any]) -> None:
-    """--resume: the data, split and network settings come from the run; a value the
-    caller set explicitly to something else is an error."""
+def adopt_identity(cfg: FinetuneConfig, saved: dict[str, Any]) -> FinetuneConfig:
+    """--resume: *cfg* with the data, split and network settings of the run's saved config
+    (a new config; *cfg* is left as it is). A value the caller set explicitly to something
+    else is an error."""
     defaults = {f.name: f.default for f in fields(FinetuneConfig)}
     diffs = []
+    adopted = {}
     for k in IDENTITY_KEYS:
         if k not in saved:
             continue
@@ -181,7 +183,8 @@ def adopt_identity(cfg: FinetuneConfig, saved: dict[str, Any]) -> None:
             same = mine == saved[k]
         if not same and mine != defaults[k] and not (k == "data" and not mine):
             diffs.append(f"{k}: run has {saved[k]!r}, asked {mine!r}")
-        setattr(cfg, k, saved[k])
+        adopted[k] = saved[k]
     if diffs:
         raise UsageError("--resume keeps the run's data, split and model settings; these differ: "
                          + "; ".join(diffs) + ". Start a new -o RUN_DIR to change them")
+    return replace(cfg, **adopted)

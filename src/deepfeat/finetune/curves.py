@@ -27,13 +27,14 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_curves(history: Sequence[dict], title: str = ""):
     """A matplotlib Figure of the loss, accuracy and (if measured) mAP per epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from deepfeat.viz.network import _figure
 
     has_map = any(h.get("val_map") is not None for h in history)
     panels = 3 if has_map else 2
-    fig = _figure(4.2 * panels, 3.4)
+    fig = Figure(figsize=(4.2 * panels, 3.4), dpi=100)
+    FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
     axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
     spec = [("loss", [("train_loss", "train"), ("val_loss", "validation")]),
             ("accuracy (%)", [("train_acc", "train"), ("val_acc", "validation")])]

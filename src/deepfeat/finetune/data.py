@@ -7,7 +7,7 @@ up with augmented copies, large ones kept whole) -> :class:`BatchLoader` (decode
 model's input size, augment on the fly, batch, in threads).
 
 The augmentation (Keras ``ImageDataGenerator`` semantics) is :mod:`deepfeat.finetune.augment`,
-the loading :mod:`deepfeat.finetune.loader`; their names are re-exported here.
+the loading :mod:`deepfeat.finetune.loader`; the names a run uses are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,17 +26,8 @@ import numpy as np
 
 from deepfeat.data.images import check_image, walk_images
 from deepfeat.errors import UsageError
-from deepfeat.finetune.augment import (
-    AUGMENT_MODES,
-    FILL_MODES,
-    AffineParams,
-    Augmentation,
-    affine_matrix,
-    aug_rng,
-    augmented_view,
-    warp_affine,
-)
-from deepfeat.finetune.loader import BatchLoader, _safe_name, cache_fits, save_augmented  # noqa: F401  (_safe_name: its old home)
+from deepfeat.finetune.augment import AUGMENT_MODES, AffineParams, Augmentation, aug_rng
+from deepfeat.finetune.loader import BatchLoader, cache_fits, save_augmented
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +312,7 @@ def n_batches(n: int, batch_size: int) -> int:
 
 
 __all__ = [
-    "AUGMENT_MODES", "FILL_MODES", "AffineParams", "Augmentation", "BatchLoader", "Excluded", "LabelledImage",
-    "LabelledSet", "Sample", "affine_matrix", "aug_rng", "augmented_view", "balance", "balance_counts", "cache_fits",
-    "check_labelled", "epoch_order", "list_labelled", "read_split", "save_augmented", "split_labelled",
-    "warp_affine", "write_split",
+    "AUGMENT_MODES", "AffineParams", "Augmentation", "BatchLoader", "Excluded", "LabelledImage", "LabelledSet",
+    "Sample", "aug_rng", "balance", "balance_counts", "cache_fits", "check_labelled", "epoch_order",
+    "list_labelled", "n_batches", "read_split", "save_augmented", "split_labelled", "write_split",
 ]

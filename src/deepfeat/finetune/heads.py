@@ -1,24 +1,33 @@
 """Network surgery for fine-tuning: a new head, trainable units, parameter groups, BatchNorm.
 
-The model's classifier module (``Model.classifier``: ``classifier`` for EfficientNet,
-``fc`` for ResNets, ``classifier.6`` for VGG) is replaced in place by a new layer
-with one output per user class, so every layer name of the base model stays valid
-(``bn2`` is still ``bn2`` for taps, extraction and sweeps). In checkpoints the new
-layer's tensors are stored under another name, :data:`HEAD_NAME` (``head_ft.weight``,
-``head_ft.bias``), as Caffe users rename ``fc8`` to ``fc8_flickr``: the base model's
-weight files have no such keys, so old ImageNet weights can never be loaded into the
-new head, and a fine-tuned file loaded as the base model fails loudly.
+The model's classifier module is replaced in place by a new layer with one output per
+user class (``bn2`` is still ``bn2`` for taps, extraction and sweeps); what loading a
+fine-tuned network needs of its head (the head modules, their spec, the ``head_ft.*``
+checkpoint names) lives in :mod:`deepfeat.models.heads` and is used from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 
 from deepfeat.errors import ModelError, UsageError
+from deepfeat.models.heads import (
+    HEAD_NAME,
+    CosineHead,
+    build_head,
+    from_checkpoint,
+    head_spec,
+    replace_head,
+    to_checkpoint,
+)
 
-HEAD_NAME = "head_ft"
+__all__ = [
+    "BN_MODES", "HEAD_KINDS", "HEAD_NAME", "CosineHead", "backbone_units", "build_head", "from_checkpoint",
+    "head_module_name", "head_spec", "new_head", "param_groups", "replace_head", "resolve_train_blocks",
+    "set_bn_mode", "set_trainable", "to_checkpoint",
+]
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList)
 
@@ -41,27 +50,6 @@ def head_module_name(model) -> str:
 
 
 HEAD_KINDS = ("linear", "cosine")
-
-
-class CosineHead(torch.nn.Module):
-    """``scale x cos(x, w_c)``: the logits of a classifier on the L2-normalised input
-    against L2-normalised class weights, no bias (NormFace, Wang et al. 2017; the
-    normalised softmax of Zhai & Wu, *Classification is a strong baseline for deep metric
-    learning*, BMVC 2019). Its loss keeps pulling each image's normalised feature towards
-    its class direction until the cosine is large, so the head's input, read as a
-    descriptor, ends up clustered by class; an ordinary linear head stops pushing as
-    soon as the classes are separable."""
-
-    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0):
-        super().__init__()
-        self.in_features, self.out_features = int(in_features), int(num_classes)
-        self.weight = torch.nn.Parameter(torch.empty(self.out_features, self.in_features))
-        self.register_buffer("scale", torch.tensor(float(scale)))
-        torch.nn.init.normal_(self.weight, 0.0, 0.01)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(x.flatten(1), dim=1)
-        return self.scale * torch.nn.functional.linear(x, torch.nn.functional.normalize(self.weight, dim=1))
 
 
 def new_head(old: torch.nn.Module, num_classes: int, generator: torch.Generator | None = None,
@@ -99,57 +87,6 @@ def new_head(old: torch.nn.Module, num_classes: int, generator: torch.Generator 
         head.weight.normal_(0.0, 0.01, generator=generator)
         head.bias.zero_()
     return head.to(next(old.parameters(), torch.empty(0)).device)
-
-
-def head_spec(head: torch.nn.Module) -> dict:
-    """What the finetuned loader needs to rebuild the head."""
-    if isinstance(head, CosineHead):
-        return {"kind": "cosine", "in_features": head.in_features, "num_classes": head.out_features,
-                "scale": float(head.scale)}
-    if isinstance(head, torch.nn.Linear):
-        return {"kind": "linear", "in_features": head.in_features, "num_classes": head.out_features}
-    if isinstance(head, torch.nn.Conv2d):
-        return {"kind": "conv1x1", "in_features": head.in_channels, "num_classes": head.out_channels}
-    raise ModelError(f"unsupported head type {type(head).__name__}")
-
-
-def build_head(spec: Mapping) -> torch.nn.Module:
-    kind = spec.get("kind")
-    if kind == "linear":
-        return torch.nn.Linear(int(spec["in_features"]), int(spec["num_classes"]))
-    if kind == "conv1x1":
-        return torch.nn.Conv2d(int(spec["in_features"]), int(spec["num_classes"]), 1)
-    if kind == "cosine":
-        return CosineHead(int(spec["in_features"]), int(spec["num_classes"]), float(spec.get("scale", 16.0)))
-    raise ModelError(f"unknown head kind {kind!r} in the fine-tuned meta")
-
-
-def replace_head(net: torch.nn.Module, name: str, head: torch.nn.Module) -> None:
-    """Put *head* where the module *name* was (in place)."""
-    net.set_submodule(name, head)
-    if isinstance(getattr(net, "num_classes", None), int):
-        net.num_classes = int(head_spec(head)["num_classes"])
-
-
-def to_checkpoint(sd: Mapping[str, torch.Tensor], head_module: str) -> dict[str, torch.Tensor]:
-    """The net's state dict with the head's keys renamed ``<head_module>.*`` -> ``head_ft.*``."""
-    prefix = head_module + "."
-    out = {}
-    for k, v in sd.items():
-        out[HEAD_NAME + "." + k[len(prefix):] if k.startswith(prefix) else k] = v
-    return out
-
-
-def from_checkpoint(sd: Mapping[str, torch.Tensor], head_module: str, what: str) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_checkpoint`; refuses a state dict without the renamed head."""
-    prefix = HEAD_NAME + "."
-    if not any(k.startswith(prefix) for k in sd):
-        raise ModelError(f"{what} has no '{HEAD_NAME}.*' tensors: it is not a deepfeat fine-tuned checkpoint "
-                         "(base-model weights are never loaded into a fine-tuned head)")
-    if any(k.startswith(head_module + ".") for k in sd):
-        raise ModelError(f"{what} holds both '{HEAD_NAME}.*' and '{head_module}.*' tensors; refusing to guess "
-                         "which is the head")
-    return {(head_module + "." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------------

@@ -31,27 +31,43 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from deepfeat.errors import UsageError
 from deepfeat.finetune import data as D
 from deepfeat.finetune import heads as H
-from deepfeat.finetune.losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss  # noqa: F401
+from deepfeat.finetune.config import FinetuneConfig
+from deepfeat.finetune.losses import DEFAULT_MARGIN, ce_loss, contrastive_loss, triplet_loss
+from deepfeat.finetune.network import TrainedNetwork
+from deepfeat.finetune.passes import Passes
+from deepfeat.finetune.progress import TrainingProgress
 from deepfeat.finetune.schedule import Schedule
+from deepfeat.finetune.state import LogEntry
 from deepfeat.finetune.whitening import WHITENING_FILE, l2_rows, pca_whitening, whiten_rows
 from deepfeat.pooling import GeM, gem
 
+__all__ = ["MetricLearner", "contrastive_loss", "triplet_loss"]
+
+#: one optimizer step on a loss (:meth:`deepfeat.finetune.trainer.Trainer.step`)
+Step = Callable[[torch.optim.Optimizer, torch.Tensor], None]
+
 
 class MetricLearner:
-    """The ``--loss contrastive|triplet`` full stage for a :class:`~deepfeat.finetune.train.Finetuner`."""
+    """The ``--loss contrastive|triplet`` full stage: the learned GeM (and whitening) over
+    *network*'s eval layer, the tuples mined with *passes*, the head re-fit; *run* names the
+    run directory in the whitening's meta."""
 
-    def __init__(self, ft) -> None:
-        cfg = ft.cfg
-        self.ft = ft
-        self.layer = ft.eval_layer
-        self.gem = GeM(p=3.0, learnable=cfg.learn_gem).to(ft.device)
+    def __init__(self, cfg: FinetuneConfig, network: TrainedNetwork, passes: Passes, run: str) -> None:
+        self.cfg = cfg
+        self.network = network
+        self.passes = passes
+        self.run = run
+        self.layer = network.eval_layer
+        self.gem = GeM(p=3.0, learnable=cfg.learn_gem).to(network.device)
         self.loss = cfg.loss
         self.margin = float(cfg.margin if cfg.margin is not None else DEFAULT_MARGIN[cfg.loss])
         self.neg_num = int(cfg.neg_num)
@@ -77,7 +93,7 @@ class MetricLearner:
         if self.whiten_dim:
             if self.whiten is None:
                 self._init_whitening()
-            wd = self.ft.cfg.weight_decay
+            wd = self.cfg.weight_decay
             groups += [{"name": "whiten_weight", "params": [self.whiten.weight], "lr": base_lr, "lr_mult": 1.0,
                         "weight_decay": wd},
                        {"name": "whiten_bias", "params": [self.whiten.bias], "lr": base_lr, "lr_mult": 1.0,
@@ -96,8 +112,6 @@ class MetricLearner:
         if self.whiten_dim and "whiten.weight" in d:
             w = d["whiten.weight"]
             if tuple(w.shape)[0] != self.whiten_dim:
-                from deepfeat.errors import UsageError
-
                 raise UsageError(f"the snapshot's whitening has {w.shape[0]} dims, --whiten asks for "
                                  f"{self.whiten_dim}; resume with --whiten {w.shape[0]}")
             self.whiten = self._linear(int(w.shape[1]))
@@ -115,16 +129,14 @@ class MetricLearner:
     def _check_whiten_dim(self) -> None:
         """--whiten DIM fits the layer's dimension: checked with one tiny forward pass now,
         not after the head stage."""
-        from deepfeat.models.taps import Taps
-
-        ft, net = self.ft, self.ft.net
+        nw, net = self.network, self.network.net
         flags = {m: m.training for m in net.modules()}
         net.eval()
         try:
-            h, w = ft.data_config.input_size
-            x = torch.zeros(1, len(ft.data_config.mean), h, w, device=ft.device)
+            h, w = nw.data_config.input_size
+            x = torch.zeros(1, len(nw.data_config.mean), h, w, device=nw.device)
             with torch.inference_mode():
-                out = Taps(net, [self.layer], getattr(ft.base, "layer_aliases", None))(x)[self.layer]
+                out = nw.taps([self.layer])(x)[self.layer]
         finally:
             for m, f in flags.items():
                 m.training = f
@@ -132,13 +144,11 @@ class MetricLearner:
 
     def _fits(self, dim_in: int) -> None:
         if self.whiten_dim > dim_in:
-            from deepfeat.errors import UsageError
-
             raise UsageError(f"--whiten {self.whiten_dim} is more than the {dim_in} dims of layer {self.layer!r}")
 
     def _linear(self, dim_in: int) -> torch.nn.Linear:
         self._fits(dim_in)
-        return torch.nn.Linear(dim_in, self.whiten_dim, bias=True).to(self.ft.device)
+        return torch.nn.Linear(dim_in, self.whiten_dim, bias=True).to(self.network.device)
 
     def _init_whitening(self) -> None:
         """``W`` = leading principal directions of the training descriptors, ``b = -W mean``."""
@@ -161,8 +171,8 @@ class MetricLearner:
 
         return learned_whitening_chain(
             self.whiten.weight.detach().cpu().double().numpy(), self.whiten.bias.detach().cpu().double().numpy(),
-            {"layer": self.layer, "pooling": f"gem:p={self.p:.6g}", "model": f"finetuned:{self.ft.run}",
-             "trained_on": len(self.ft.train), "init": "pca"})
+            {"layer": self.layer, "pooling": f"gem:p={self.p:.6g}", "model": f"finetuned:{self.run}",
+             "trained_on": len(self.passes.data.train), "init": "pca"})
 
     def save_files(self, run) -> None:
         """Write ``whitening.npz`` into the run directory (when a whitening is learned)."""
@@ -176,30 +186,31 @@ class MetricLearner:
         return self._whiten_np(x) if self.whiten is not None else x
 
     def n_queries(self) -> int:
-        n = len(self.ft.train)
-        return min(self.ft.cfg.tuples or n, n)
+        n = len(self.passes.data.train)
+        return min(self.cfg.tuples or n, n)
 
     def iters_per_epoch(self) -> int:
-        if self.ft.cfg.iters_per_epoch:
-            return int(self.ft.cfg.iters_per_epoch)
+        if self.cfg.iters_per_epoch:
+            return int(self.cfg.iters_per_epoch)
         return math.ceil(self.n_queries() / self.per_step)
 
     # -------------------------------------------------------------- training
 
     def _descriptors(self, whitened: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(descriptors, labels, train indices) of the training originals with the current network."""
-        ft = self.ft
-        originals = [D.Sample(i, it.label, 0) for i, it in enumerate(ft.train)]
+        passes = self.passes
+        originals = [D.Sample(i, it.label, 0) for i, it in enumerate(passes.data.train)]
         p = self.p
-        acts, kept = ft._describe(ft.loader, originals, [self.layer], pooled={self.layer: lambda a: gem(a, p=p)},
-                                  key=ft._train_key, fill_prefix=ft._train_key)
+        acts, kept = passes.describe(passes.loaders.train, originals, [self.layer],
+                                     pooled={self.layer: lambda a: gem(a, p=p)}, key=passes.train_key,
+                                     fill_prefix=passes.train_key)
         x = acts[self.layer].numpy()
         x = l2_rows(x)
         return x, np.array([originals[i].label for i in kept]), np.array(kept)
 
     def _mine(self, epoch: int) -> list[tuple[int, int, list[int]]]:
         """(query, positive, negatives) as train indices, from the current descriptors."""
-        cfg = self.ft.cfg
+        cfg = self.cfg
         if self._first_descriptors is not None:  # computed by the whitening's init, nothing trained since
             x, labels, index = self._first_descriptors
             self._first_descriptors = None
@@ -231,17 +242,18 @@ class MetricLearner:
                 out.append((int(index[qi]), int(index[pi]), negs))
         return out
 
-    def epoch(self, ft, e: int, opt: torch.optim.Optimizer, sched, base_lr: float, it: int) -> dict[str, Any]:
-        from deepfeat.models.taps import Taps
-
-        cfg = ft.cfg
+    def epoch(self, e: int, opt: torch.optim.Optimizer, sched: Schedule, base_lr: float, it: int, step: Step,
+              progress: TrainingProgress) -> tuple[LogEntry, int]:
+        """One epoch of the metric stage: mine tuples, then train on them. Returns the log
+        entry and the iteration after it."""
+        cfg, nw, passes = self.cfg, self.network, self.passes
         t0 = time.perf_counter()
         tuples = self._mine(e)
         mine_s = time.perf_counter() - t0
         iters = self.iters_per_epoch()
-        taps = Taps(ft.net, [self.layer], getattr(ft.base, "layer_aliases", None))
+        taps = nw.taps([self.layer])
         tot_loss, n_tuples, lr = 0.0, 0, base_lr
-        ft.progress.start(iters, f"epoch {e} [full, {self.loss}]")
+        progress.start(iters, f"epoch {e} [full, {self.loss}]")
         for b in range(iters):
             chunk = [tuples[(b * self.per_step + k) % len(tuples)] for k in range(self.per_step)] if tuples else []
             lr = sched.apply(opt, it, base_lr)
@@ -249,56 +261,61 @@ class MetricLearner:
             samples, sizes = [], []
             for q, pidx, negs in chunk:
                 idx = [q, pidx, *negs]
-                samples.extend(D.Sample(i, ft.train[i].label, 0) for i in idx)
+                samples.extend(D.Sample(i, passes.data.train[i].label, 0) for i in idx)
                 sizes.append(len(idx))
-            x, _, kept = ft.loader._build(samples, ft.aug, cfg.augment, cfg.seed, e)
+            x, _, kept = passes.loaders.train._build(samples, passes.data.aug, cfg.augment, cfg.seed, e)
             if len(kept) != len(samples):  # an image failed to decode: skip this step
                 continue
-            ft._train_mode()
-            keys = [ft._train_key(s) for s in samples] if ft._prefix_ok([self.layer]) else None
-            with ft._autocast():
-                fmap = ft.forward_from(x, keys, taps)[self.layer]
-            d = self.gem(fmap.float())
-            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            if self.whiten is not None:
-                d = self.whiten(d)
-                d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            loss = d.new_zeros(())
-            start = 0
-            for n in sizes:
-                t = d[start:start + n]
-                if self.loss == "triplet":
-                    loss = loss + triplet_loss(t[0], t[1], t[2:], self.margin)
-                else:
-                    is_pos = torch.zeros(n - 1, dtype=torch.bool, device=d.device)
-                    is_pos[0] = True
-                    loss = loss + contrastive_loss(t[0], t[1:], is_pos, self.margin)
-                start += n
-            loss = loss / max(len(sizes), 1)
-            ft._step(opt, loss)
+            nw.train_mode(cfg.bn)
+            keys = [passes.train_key(s) for s in samples] if nw.prefix_ok([self.layer]) else None
+            with nw.autocast():
+                fmap = nw.forward_from(x, keys, taps)[self.layer]
+            loss = self._loss(fmap, sizes)
+            step(opt, loss)
             with torch.no_grad():
                 self.gem.p.clamp_(min=1.0)  # p < 1 is not a generalised *max*; cirtorch keeps p >= 1 in practice
             tot_loss += loss.item() * len(sizes)
             n_tuples += len(sizes)
-            ft.progress.update(loss.item())
-        ft.progress.close()
-        return {"epoch": e, "stage": "full", "iters": iters, "images": int(n_tuples * (2 + self.neg_num)),
-                "train_loss": tot_loss / max(n_tuples, 1), "train_acc": None, "lr": lr, "gem_p": self.p,
-                "mine_seconds": round(mine_s, 2), "_it": it}
+            progress.update(loss.item())
+        progress.close()
+        entry = LogEntry(epoch=e, stage="full", iters=iters, images=int(n_tuples * (2 + self.neg_num)),
+                         train_loss=tot_loss / max(n_tuples, 1), train_acc=None, lr=lr, gem_p=self.p,
+                         mine_seconds=round(mine_s, 2))
+        return entry, it
 
-    def refit_head(self, epochs: int) -> dict[str, Any]:
+    def _loss(self, fmap: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The mean loss of the tuples whose feature maps are *fmap*, *sizes* rows each."""
+        d = self.gem(fmap.float())
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.whiten is not None:
+            d = self.whiten(d)
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        loss = d.new_zeros(())
+        start = 0
+        for n in sizes:
+            t = d[start:start + n]
+            if self.loss == "triplet":
+                loss = loss + triplet_loss(t[0], t[1], t[2:], self.margin)
+            else:
+                is_pos = torch.zeros(n - 1, dtype=torch.bool, device=d.device)
+                is_pos[0] = True
+                loss = loss + contrastive_loss(t[0], t[1:], is_pos, self.margin)
+            start += n
+        return loss / max(len(sizes), 1)
+
+    def refit_head(self, epochs: int, step: Step) -> dict[str, Any]:
         """Train the head again, on the fine-tuned backbone's features (precomputed once)."""
-        ft, cfg = self.ft, self.ft.cfg
-        if not ft.head_is_last or epochs <= 0:
+        cfg, nw, passes = self.cfg, self.network, self.passes
+        if not nw.head_is_last or epochs <= 0:
             self.refit = {"epochs": 0}
             return self.refit
-        feats = ft._precompute(False)
-        H.set_trainable(ft.net, ft.head_module, [])
+        feats, _ = passes.precompute(False)
+        H.set_trainable(nw.net, nw.head_module, [])
         base_lr = cfg.head_stage_lr
-        groups = H.param_groups(ft.net, ft.head_module, base_lr, cfg.weight_decay, cfg.head_lr_mult,
+        groups = H.param_groups(nw.net, nw.head_module, base_lr, cfg.weight_decay, cfg.head_lr_mult,
                                 cfg.head_bias_lr_mult)
         opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
-        n = len(ft.samples)
+        n = len(passes.data.samples)
         iters = D.n_batches(n, cfg.batch_size)
 
         sched = Schedule(cfg.schedule, epochs * iters, max(1, math.ceil(epochs / 3)) * iters, cfg.lr_gamma)
@@ -306,13 +323,14 @@ class MetricLearner:
         for e in range(1, epochs + 1):
             order = D.epoch_order(n, cfg.seed, "refit", e)
             for b in range(iters):
-                rows = feats["pos_of"][order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+                rows = feats.pos_of[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
                 rows = torch.from_numpy(rows[rows >= 0])
                 sched.apply(opt, it, base_lr)
                 it += 1
                 if not len(rows):
                     continue
-                out = ft.head(feats["x"][rows].to(ft.device))
-                ft._step(opt, ce_loss(out, feats["y"][rows].to(ft.device), ft.probs))
-        self.refit = {"epochs": epochs, **ft._val_features(feats)}
+                out = nw.head(feats.x[rows].to(nw.device))
+                step(opt, ce_loss(out, feats.y[rows].to(nw.device), nw.probs))
+        v = passes.head_validation(feats)
+        self.refit = {"epochs": epochs, **(v.numbers() if v is not None else {})}
         return self.refit

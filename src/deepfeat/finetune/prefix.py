@@ -5,9 +5,8 @@ trained unit (the *prefix*) is frozen and runs in eval mode, so for an image tha
 not augmented its output is the same every epoch. :class:`FrozenPrefix` computes it
 once per image (during the head stage's feature pass when there is one) and later
 runs the network from the cached activation: the prefix modules are swapped, for the
-duration of one call, for a module returning the cached batch and identities. For
-EfficientNet-Lite0 trained from ``blocks.5`` on, the prefix is about 80% of the
-forward cost.
+duration of one call, for a module returning the cached batch and identities (what
+that saves: docs/finetune.md, "Cached frozen prefix").
 
 This relies on the prefix being applied as a plain sequence of the network's
 top-level modules (with ``Sequential`` children expanded), which holds for timm's

@@ -1,20 +1,19 @@
-"""What a fine-tuning run reports while it runs: the progress bars or lines on stderr,
-and the per-epoch log (``log.csv``, ``log.json``) of the run directory."""
+"""What a fine-tuning run shows while it runs: the progress bars or lines on stderr
+(:class:`TrainingProgress`) and the line that sums up each epoch (:func:`epoch_line`). The
+per-epoch log files are :class:`~deepfeat.finetune.rundir.RunDirectory`'s."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import sys
 import time
-from pathlib import Path
+
+from deepfeat.finetune.state import LogEntry
 
 log = logging.getLogger(__name__)
 
 
-class Progress:
+class TrainingProgress:
     """Progress of a run: on a terminal (``bar``) an epoch bar (epochs done, last epoch's
     loss, accuracy, validation accuracy / mAP and seconds per epoch) above a bar of the
     current pass (iterations, running loss and accuracy); otherwise (``lines``) one line
@@ -40,17 +39,17 @@ class Progress:
         self.epoch_bar = tqdm(total=total, initial=done, desc="fine-tuning", unit="epoch", dynamic_ncols=True,
                               position=0, leave=True)
 
-    def epoch_done(self, entry: dict) -> None:
+    def epoch_done(self, entry: LogEntry) -> None:
         if self.epoch_bar is None:
             return
-        post = [f"{entry['stage']}", f"loss {entry['train_loss']:.4f}"]
-        if entry.get("train_acc") is not None:
-            post.append(f"acc {100 * entry['train_acc']:.1f}%")
-        if entry.get("val_acc") is not None:
-            post.append(f"val acc {100 * entry['val_acc']:.1f}%")
-        if entry.get("val_map") is not None:
-            post.append(f"val mAP {100 * entry['val_map']:.1f}%")
-        post.append(f"{entry['seconds']:.1f}s/epoch")
+        post = [f"{entry.stage}", f"loss {entry.train_loss:.4f}"]
+        if entry.train_acc is not None:
+            post.append(f"acc {100 * entry.train_acc:.1f}%")
+        if entry.val_acc is not None:
+            post.append(f"val acc {100 * entry.val_acc:.1f}%")
+        if entry.val_map is not None:
+            post.append(f"val mAP {100 * entry.val_map:.1f}%")
+        post.append(f"{entry.seconds:.1f}s/epoch")
         self.epoch_bar.set_postfix_str(", ".join(post), refresh=False)
         self.epoch_bar.update(1)
 
@@ -106,18 +105,18 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
 
-LOG_FIELDS = ("epoch", "stage", "iters", "images", "train_loss", "train_acc", "val_loss", "val_acc", "val_map",
-              "val_mp10", "lr", "seconds")
-
-
-def write_log(run: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(LOG_FIELDS), extrasaction="ignore")
-    w.writeheader()
-    for h in history:
-        w.writerow({k: ("" if h.get(k) is None else (f"{h[k]:.6g}" if isinstance(h[k], float) else h[k]))
-                    for k in LOG_FIELDS})
-    from deepfeat.store import atomic_write_bytes
-
-    atomic_write_bytes(run / "log.csv", buf.getvalue().encode())
-    atomic_write_bytes(run / "log.json", (json.dumps(history, indent=1) + "\n").encode())
+def epoch_line(entry: LogEntry, total_epochs: int, snapshot: str | None = None) -> str:
+    """``epoch E/N [stage], loss ..., acc ..., val ..., seconds[, snapshot FILE]``."""
+    parts = [f"epoch {entry.epoch}/{total_epochs} [{entry.stage}]", f"loss {entry.train_loss:.4f}"]
+    if entry.train_acc is not None:
+        parts.append(f"acc {100 * entry.train_acc:.1f}%")
+    if entry.gem_p is not None:
+        parts.append(f"GeM p {entry.gem_p:.3f}")
+    if entry.val_acc is not None:
+        parts.append(f"val loss {entry.val_loss:.4f} val acc {100 * entry.val_acc:.1f}%")
+    if entry.val_map is not None:
+        parts.append(f"val mAP {100 * entry.val_map:.2f}%")
+    parts.append(f"{entry.seconds:.0f}s")
+    if snapshot:
+        parts.append(f"snapshot {snapshot}")
+    return ", ".join(parts)

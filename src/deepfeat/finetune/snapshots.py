@@ -1,12 +1,9 @@
-"""The run directory's state: ``config.json`` (and the checks of ``--resume``), the
-snapshots ``snapshots/epoch_NNN.pt`` (written, found, read, restored) and the RNG state
-they carry, so that a resumed run continues exactly as the uninterrupted run would have."""
+"""The snapshots of a fine-tuning run, ``snapshots/epoch_NNN.pt``: their format, finding and
+reading them safely, and the RNG state they carry, so that a resumed run continues exactly
+as the uninterrupted run would have. Writing them is :class:`~deepfeat.finetune.rundir.RunDirectory`'s."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import random
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,14 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfeat import __version__
 from deepfeat.errors import ModelError, UsageError
-from deepfeat.finetune import heads as H
-from deepfeat.finetune import retrieval as R
-from deepfeat.finetune.config import adopt_identity
-from deepfeat.finetune.progress import write_log
-
-log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = "deepfeat-finetune-snapshot/1"
 
@@ -78,88 +68,3 @@ def load_snapshot(path: str | Path) -> dict[str, Any]:
     if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
         raise ModelError(f"{p} is not a deepfeat fine-tuning snapshot")
     return snap
-
-
-class SnapshotMixin:
-    """:class:`~deepfeat.finetune.train.Finetuner`'s run directory and snapshots."""
-
-    def _prepare_run_dir(self) -> dict | None:
-        cfg = self.cfg
-        snap = None
-        if cfg.resume:
-            if not (self.run / "config.json").is_file():
-                raise UsageError(f"--resume: {self.run} is not a fine-tuning run directory (no config.json)")
-            saved = json.loads((self.run / "config.json").read_text(encoding="utf-8"))["config"]
-            adopt_identity(cfg, saved)
-            if cfg.resume is True or cfg.resume in ("latest", "", "true"):
-                path = latest_snapshot(self.run)
-            else:
-                path = Path(str(cfg.resume))
-                if not path.is_file() and (self.run / "snapshots" / str(cfg.resume)).is_file():
-                    path = self.run / "snapshots" / str(cfg.resume)
-            if path is not None:
-                snap = load_snapshot(path)
-                self.resumed_from = str(path)
-            else:
-                log.warning("--resume: no snapshot in %s yet; starting from the beginning", self.run)
-        else:
-            if (self.run / "meta.json").is_file() or latest_snapshot(self.run) is not None:
-                raise UsageError(f"{self.run} already holds a fine-tuning run; continue it with --resume, or give "
-                                 "another -o RUN_DIR")
-        self.run.mkdir(parents=True, exist_ok=True)
-        (self.run / "snapshots").mkdir(exist_ok=True)
-        created = now()
-        if (self.run / "config.json").is_file():
-            created = json.loads((self.run / "config.json").read_text(encoding="utf-8")).get("created", created)
-        self.created = created
-        R.write_json(self.run / "config.json", {"created": created, "deepfeat_version": __version__,
-                                                "config": cfg.to_dict()})
-        return snap
-
-    def _snapshot(self, epoch: int, stage: str, opt: torch.optim.Optimizer, it: int) -> Path:
-        snap = {
-            "format": SNAPSHOT_FORMAT,
-            "epoch": epoch,
-            "stage": stage,
-            "model": H.to_checkpoint({k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                                     self.head_module),
-            "optimizer": opt.state_dict(),
-            "scheduler": {"kind": self.cfg.schedule, "iteration": it},
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "metric": self.metric.state_dict() if self.metric is not None else {},
-            "rng": rng_state(),
-            "history": self.history,
-            "classes": list(self.classes),
-            "base_model": self.cfg.model,
-            "head_module": self.head_module,
-            "deepfeat_version": __version__,
-            "saved": now(),
-        }
-        path = snapshot_path(self.run, epoch)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(snap, tmp)
-        os.replace(tmp, path)
-        if self.cfg.keep_snapshots:
-            for old in sorted((self.run / "snapshots").glob("epoch_*.pt"))[:-self.cfg.keep_snapshots]:
-                old.unlink(missing_ok=True)
-        return path
-
-    def _restore(self, snap: dict) -> int:
-        """Continue from *snap*: its weights, metric-learning state, RNG state and history;
-        returns the number of epochs it had done."""
-        if list(snap["classes"]) != list(self.classes) or snap["head_module"] != self.head_module:
-            raise UsageError(f"snapshot {self.resumed_from} was made for other classes or another model; "
-                             "resume it in its own run directory")
-        sd = H.from_checkpoint(snap["model"], self.head_module, f"snapshot {self.resumed_from}")
-        from deepfeat.models.weights import fit_state_dict
-
-        fit_state_dict(self.net, sd, f"snapshot {self.resumed_from}")
-        if self.metric is not None and snap.get("metric"):
-            self.metric.load_state_dict(snap["metric"])
-        set_rng_state(snap["rng"])
-        start = int(snap["epoch"])
-        self.history = [dict(h) for h in snap["history"]]
-        self._seconds_before = sum(float(h.get("seconds") or 0) for h in self.history)
-        write_log(self.run, self.history)
-        self.progress.line(f"resuming from {self.resumed_from} (epoch {start} of {self.total_epochs})")
-        return start

@@ -12,117 +12,33 @@ Everything random is seeded: the head's initialisation and dropout by the torch
 generator (saved in snapshots), the order of each epoch and the transform of each
 sample by their own seeded generators, so a run resumed from a snapshot continues
 exactly as the uninterrupted run would have.
+
+:func:`finetune` puts the run together from objects that each own their state: the
+:class:`~deepfeat.finetune.rundir.RunDirectory`, the
+:class:`~deepfeat.finetune.prepared.PreparedData` and its loaders, the
+:class:`~deepfeat.finetune.network.TrainedNetwork`, the
+:class:`~deepfeat.finetune.passes.Passes` that train nothing, the
+:class:`~deepfeat.finetune.report.RetrievalRecord`, and the
+:class:`~deepfeat.finetune.trainer.Trainer` over a
+:class:`~deepfeat.finetune.state.TrainingState`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from deepfeat.finetune import data as D
-from deepfeat.finetune import retrieval as R
-from deepfeat.finetune.config import (
-    DESCRIPTOR_POOL,
-    IDENTITY_KEYS,
-    LOSSES,
-    METRIC_LOSSES,
-    SCHEDULES,
-    STAGES,
-    FinetuneConfig,
-    FinetuneResult,
-    adopt_identity,
-)
-from deepfeat.finetune.losses import ce_loss
-from deepfeat.finetune.passes import PassesMixin
-from deepfeat.finetune.prepare import PrepareMixin
-from deepfeat.finetune.progress import LOG_FIELDS, Progress, write_log
-from deepfeat.finetune.report import ACCURACY_RISE_MIN, META_FORMAT, RETRIEVAL_GAIN_MIN, ReportMixin, retrieval_warning
-from deepfeat.finetune.schedule import Schedule
-from deepfeat.finetune.snapshots import (
-    SNAPSHOT_FORMAT,
-    SnapshotMixin,
-    latest_snapshot,
-    load_snapshot,
-    now,
-    rng_state,
-    set_rng_state,
-    snapshot_path,
-)
-from deepfeat.finetune.stages import StagesMixin
-
-__all__ = [
-    "ACCURACY_RISE_MIN", "DESCRIPTOR_POOL", "IDENTITY_KEYS", "LOG_FIELDS", "LOSSES", "META_FORMAT", "METRIC_LOSSES",
-    "RETRIEVAL_GAIN_MIN", "SCHEDULES", "SNAPSHOT_FORMAT", "STAGES", "FinetuneConfig", "FinetuneResult", "Finetuner",
-    "Schedule", "finetune", "latest_snapshot", "load_snapshot", "retrieval_warning", "snapshot_path",
-]
-
-# the names these had when they lived here
-_ce = ce_loss
-_Progress = Progress
-_write_log = write_log
-_write_json = R.write_json
-_adopt_identity = adopt_identity
-_rng_state, _set_rng_state, _now = rng_state, set_rng_state, now
-
-
-class Finetuner(PrepareMixin, PassesMixin, StagesMixin, SnapshotMixin, ReportMixin):
-    """One run: data, network, stages, snapshots. Use :func:`finetune`.
-
-    The run's parts live in sibling modules, one mixin each, sharing this object's
-    state: :mod:`.prepare` (data and network: ``train``/``val``/``samples``, ``net``,
-    ``head``, ``units``/``train_units``, ``prefix``, the loaders), :mod:`.passes` (forward
-    passes that train nothing: describing, validation, precomputed head features),
-    :mod:`.stages` (the two training stages), :mod:`.snapshots` (``config.json``,
-    snapshots, resume) and :mod:`.report` (``model.safetensors``, ``meta.json``,
-    ``retrieval.json``, the result). ``metric`` is the
-    :class:`~deepfeat.finetune.metric.MetricLearner` of a metric loss, else None.
-    """
-
-    def __init__(self, cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None):
-        self.cfg = cfg
-        self.on_epoch = on_epoch
-        self.run = Path(cfg.output)
-        self.t_start = time.perf_counter()
-        self.progress = Progress(cfg.progress)
-        self.history: list[dict] = []
-        self.retrieval: dict[str, Any] = {}
-        self.resumed_from: str | None = None
-
-    # ----------------------------------------------------------------- setup
-
-    def __call__(self) -> FinetuneResult:
-        cfg = self.cfg
-        cfg.validate()
-        snap = self._prepare_run_dir()
-        if cfg.threads:
-            torch.set_num_threads(int(cfg.threads))
-        self._prepare_data()
-        self._prepare_model()
-        self.metric = None
-        if cfg.loss in METRIC_LOSSES:
-            from deepfeat.finetune.metric import MetricLearner
-
-            self.metric = MetricLearner(self)
-        self.total_epochs = cfg.head_epochs + cfg.epochs
-        self._seconds_before = 0.0
-        self._reuse_before()
-        start = self._restore(snap) if snap is not None else 0
-        self._log_plan()
-        if cfg.save_augmented and not cfg.resume:
-            written = D.save_augmented(self.run / "augmented", self.train, self.classes, self.samples, self.loader,
-                                       self.aug, cfg.augment, cfg.seed, epoch=1)
-            self.progress.line(f"saved {len(written)} augmented copies to {self.run / 'augmented'}")
-        self._run_stages(start, snap)
-        if cfg.eval_retrieval:
-            self._finish_retrieval()
-        self.progress.finish()
-        self._write_curves()  # with the final numbers
-        meta = self._save_model()
-        return self._result(meta)
+from deepfeat.finetune.config import METRIC_LOSSES, FinetuneConfig, FinetuneResult
+from deepfeat.finetune.network import TrainedNetwork
+from deepfeat.finetune.passes import Passes
+from deepfeat.finetune.prepared import Loaders, prepare_data
+from deepfeat.finetune.progress import TrainingProgress
+from deepfeat.finetune.report import RetrievalRecord, final_val_acc, result, save_model
+from deepfeat.finetune.rundir import RunDirectory
+from deepfeat.finetune.trainer import Trainer
 
 
 def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None) -> FinetuneResult:
@@ -133,5 +49,39 @@ def finetune(cfg: FinetuneConfig, on_epoch: Callable[[dict], None] | None = None
     ``model.safetensors`` + ``meta.json`` (the run is then the model spec
     ``finetuned:RUN_DIR``) and, with ``eval_retrieval``, ``retrieval.json``.
     *on_epoch* is called with each epoch's log entry after its snapshot is written.
+    *cfg* is not changed (with ``resume``, the run uses the settings it was started with).
     """
-    return Finetuner(cfg, on_epoch)()
+    t_start = time.perf_counter()
+    cfg.validate()
+    run = RunDirectory(cfg.output)
+    cfg, snap = run.open(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    progress = TrainingProgress(cfg.progress)
+    data = prepare_data(cfg, run)
+    network = TrainedNetwork.build(cfg, data.n_classes)
+    loaders = Loaders.make(cfg, data, network.data_config)
+    passes = Passes(cfg, network, data, loaders, progress)
+    metric = None
+    if cfg.loss in METRIC_LOSSES:
+        from deepfeat.finetune.metric import MetricLearner
+
+        metric = MetricLearner(cfg, network, passes, str(run.path))
+    record = RetrievalRecord(cfg, run, network, metric, n_queries=len(data.val))
+    if cfg.resume:
+        record.reuse_before()
+    trainer = Trainer(cfg, run, data, loaders, network, passes, record, metric, progress, on_epoch)
+    if snap is not None:
+        trainer.restore(snap)
+    progress.line(f"{data.plan()}; {network.plan(cfg, data.n_classes)}")
+    if cfg.save_augmented and not cfg.resume:
+        written = D.save_augmented(run.path / "augmented", data.train, data.classes, data.samples, loaders.train,
+                                   data.aug, cfg.augment, cfg.seed, epoch=1)
+        progress.line(f"saved {len(written)} augmented copies to {run.path / 'augmented'}")
+    trainer.train(snap)
+    if cfg.eval_retrieval:
+        record.finish(passes, final_val_acc(trainer.state, metric), progress)
+    progress.finish()
+    trainer.write_curves()  # with the final numbers
+    meta = save_model(cfg, run, network, data, trainer.state, record, metric, time.perf_counter() - t_start)
+    return result(cfg, run, data, loaders, trainer.state, record, meta, t_start)

@@ -57,7 +57,7 @@ def architecture_spec(base_spec: str) -> str:
 
 
 def load_finetuned(rest: str, spec: str, *, load_base: Callable[..., Model], **options: object) -> Model:
-    from deepfeat.finetune.heads import build_head, from_checkpoint, replace_head
+    from deepfeat.models.heads import build_head, from_checkpoint, replace_head
     from deepfeat.models.weights import fit_state_dict, read_state_dict
 
     if not rest:
