@@ -16,7 +16,7 @@ import numpy as np
 from deepfeat.errors import UsageError
 
 if TYPE_CHECKING:
-    from deepfeat.finetune.data import Sample
+    from deepfeat.finetune.samples import Sample
 
 #: which samples are augmented (``--augment``): the fill-up copies, all, none
 AUGMENT_MODES = ("fill", "all", "none")

@@ -28,6 +28,7 @@ from deepfeat.data.images import check_image, walk_images
 from deepfeat.errors import UsageError
 from deepfeat.finetune.augment import AUGMENT_MODES, AffineParams, Augmentation, aug_rng
 from deepfeat.finetune.loader import BatchLoader, cache_fits, save_augmented
+from deepfeat.finetune.samples import LabelledImage, Sample
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
 # Listing and checking
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelledImage:
-    """One usable training image: its path and its class index."""
-
-    path: str
-    label: int
 
 
 @dataclass
@@ -255,16 +248,6 @@ def read_split(path: str | os.PathLike, root: str, n_classes: int | None = None)
 # ---------------------------------------------------------------------------
 # Balance
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One entry of an epoch: train image *index*, its *label*, and *copy* (0 = the
-    image itself, k >= 1 = its k-th augmented fill-up copy)."""
-
-    index: int
-    label: int
-    copy: int = 0
 
 
 def balance(train: Sequence[LabelledImage], n_classes: int, per_class: int = 0) -> list[Sample]:

@@ -20,7 +20,7 @@ from deepfeat.errors import DeepfeatError, UsageError
 from deepfeat.finetune.augment import Augmentation, augmented_view
 
 if TYPE_CHECKING:
-    from deepfeat.finetune.data import LabelledImage, Sample
+    from deepfeat.finetune.samples import LabelledImage, Sample
 
 log = logging.getLogger(__name__)
 
