@@ -84,10 +84,10 @@ class StoreEvaluation:
     """The protocol on a store's :class:`SearchEngine`: rankings with *options*, verified with the
     store's local features (section *local*) when *verify* (``VerifyParams``) is given."""
 
-    def __init__(self, engine: SearchEngine, options: SearchOptions = SearchOptions(),
+    def __init__(self, engine: SearchEngine, options: SearchOptions | None = None,
                  ks: Sequence[int] = (1, 5, 10), verify: Any = None, local: str | None = None):
         self.engine = engine
-        self.options = options
+        self.options = options or SearchOptions()
         self.ks = tuple(ks)
         self.verify = verify
         self.local = local
@@ -155,11 +155,12 @@ class ArrayEvaluation:
             self._database[key] = database_side_augmentation(self.xb, dba, alpha)
         return self._database[key]
 
-    def rank(self, options: SearchOptions = SearchOptions()) -> tuple[np.ndarray, Any]:
+    def rank(self, options: SearchOptions | None = None) -> tuple[np.ndarray, Any]:
         """Full rankings with *options* (:func:`rank_arrays`), and the re-ranker used (or None)."""
         from deepfeat.evaluate import rank_by_similarity
         from deepfeat.rerank import get_reranker, rerank_ranks
 
+        options = options or SearchOptions()
         xb = self.database(options.dba, options.alpha)
         r = get_reranker(options.rerank) if options.rerank else None
         rows = self.query_rows if not options.dba else None
@@ -171,7 +172,7 @@ class ArrayEvaluation:
         ranks = self._exact[key]
         return (rerank_ranks(r, self.xq, xb, ranks, rows) if r is not None else ranks), r
 
-    def evaluate(self, options: SearchOptions = SearchOptions()) -> Evaluation:
+    def evaluate(self, options: SearchOptions | None = None) -> Evaluation:
         from deepfeat.evaluate import evaluate_ranks
 
         ranks, r = self.rank(options)
