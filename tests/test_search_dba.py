@@ -99,8 +99,8 @@ def test_saved_dba_is_recomputed_when_the_store_or_index_changes(store, collecti
     got = _hits(e, e.xb[[1, 2]], dba=3)
     assert len(calls) == 3 and np.load(store / "index" / "dba-n3-a0.npy").shape == (26, e.xb.shape[1])
     fresh = SearchEngine(store, use_index=False)
-    fresh._load_dba = lambda stem, want: None  # noqa: SLF001 -- recompute from scratch
-    fresh._save_dba = lambda stem, found, want: None  # noqa: SLF001
+    fresh.dba_cache._load = lambda stem, want: None  # recompute from scratch
+    fresh.dba_cache._save = lambda stem, found, want: None
     assert _hits(fresh, e.xb[[1, 2]], dba=3) == got and len(calls) == 4
     # a damaged file is not trusted: recomputed, with a warning naming it
     npy = store / "index" / "dba-n3-a0.npy"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from deepfeat.cli.common import print_json
 from deepfeat.cli.recipe_args import add_recipe_arg, apply_recipe
 from deepfeat.errors import UsageError
 from deepfeat.localfeat.verify import parse_verify_spec
-from deepfeat.search import SearchEngine, build_index, parse_bbox
+from deepfeat.search import SearchEngine, SearchOptions, build_index, parse_bbox
 
 RERANK_HELP = ("re-rank the shortlist: diffusion | kreciprocal | regional-diffusion, with optional parameters, "
                "e.g. diffusion:k=50,alpha=0.99,gamma=3,trunc=1000, kreciprocal:k1=20,k2=6,lambda=0.3 or "
@@ -42,18 +41,9 @@ def search_options(args, command: str) -> None:
                   f"--recipe {args.recipe}`)", file=sys.stderr)
 
 
-def query_regions(engine: SearchEngine, args, queries) -> tuple[list | None, float]:
-    """For a regional re-ranking, each query's regional descriptors: None for a whole stored image
-    (its cached regions are used), else those of its region or file (``SearchEngine.query_regions``).
-    *queries*: (image file or None, stored row or None, box or None) per query. Returns
-    (regions or None when the re-ranking needs none, seconds spent)."""
-    rr = engine.reranker(args.rerank, args.dba, args.alpha) if args.rerank else None
-    if not getattr(rr, "needs_regions", False):  # also checks, early, that the store has regions
-        return None, 0.0
-    t0 = time.perf_counter()
-    out = [None if (row is not None and bbox is None) or (image is None and row is None) else
-           engine.query_regions(image=image, row=row, bbox=bbox, name=rr.section) for image, row, bbox in queries]
-    return out, time.perf_counter() - t0
+def options_of(args) -> SearchOptions:
+    """The search options of the command line (after --recipe)."""
+    return SearchOptions(qe=args.qe, alpha=args.alpha, dba=args.dba, rerank=args.rerank)
 
 
 def _rerank_line(engine: SearchEngine) -> str:
@@ -134,70 +124,36 @@ def run_index(args) -> int:
     return 0
 
 
-def _verdicts(engine: SearchEngine, gt_spec: str | None, qrow, hits):
-    if not gt_spec:
-        return None
-    from deepfeat.evaluate import parse_gt_spec
-
-    gts = parse_gt_spec(gt_spec, engine.paths)
-    gt = gts[0]
-    q = next((q for q in gt.queries if q.index == qrow), None) if qrow is not None else None
-    if q is None:
-        return None
-    return ["relevant" if h.row in q.relevant else "junk" if h.row in q.junk else "irrelevant" for h in hits]
-
-
 def run_search(args) -> int:
+    from deepfeat.search.request import SearchRequest, answer, hit_verdicts, query_image
+
     search_options(args, "search")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device)
     bbox = parse_bbox(args.bbox)
     verify = parse_verify_spec(args.verify)
-    if verify and any(q.endswith(".npy") and Path(q).is_file() for q in args.queries):
-        raise UsageError("--verify needs query images or stored images; .npy vectors have no keypoints")
-    xq, labels, rows = engine.resolve_queries(args.queries, bbox)
-    k = max(args.top, verify.top) if verify else args.top
-    files = [q if row is None and not q.endswith(".npy") else None for q, row in zip(args.queries, rows)]
-    regions, t_regions = query_regions(engine, args, [(f, row, bbox) for f, row in zip(files, rows)])
-    results = engine.search(xq, k=k, qe=args.qe, alpha=args.alpha, dba=args.dba, exclude_rows=rows,
-                            rerank=args.rerank, query_regions=regions)
+    res = answer(engine, SearchRequest(args.queries, args.top, options_of(args), bbox, verify, args.local))
     if args.rerank:
         print(_rerank_line(engine), file=sys.stderr)
-    if regions is not None and any(f is not None for f in files):
-        print(f"query regions: {1000 * t_regions / len(files):.0f} ms per query", file=sys.stderr)
-    if verify:
-        spec = engine.local_cache(args.local).spec
-        if spec.startswith("cnn") and None in rows:
-            _ = engine.model  # loaded once, before the timings
-        t_local = t_verify = 0.0
-        for qi, (q, row) in enumerate(zip(args.queries, rows)):
-            t0 = time.perf_counter()
-            qlf = engine.query_local_features(image=None if row is not None else q, row=row, bbox=bbox,
-                                              name=args.local)
-            t1 = time.perf_counter()
-            results[qi] = engine.verify(results[qi], qlf, verify, name=args.local)[: args.top]
-            t_local, t_verify = t_local + t1 - t0, t_verify + time.perf_counter() - t1
-        n = len(results)
-        print(f"verified the top {verify.top} ({spec}): query local features {1000 * t_local / n:.0f} ms, "
-              f"matching + RANSAC {1000 * t_verify / n:.0f} ms per query", file=sys.stderr)
+    if res.regions_ms is not None:
+        print(f"query regions: {res.regions_ms:.0f} ms per query", file=sys.stderr)
+    if res.verify:
+        v = res.verify
+        print(f"verified the top {verify.top} ({v.spec}): query local features "
+              f"{v.local_ms:.0f} ms, matching + RANSAC {v.verify_ms:.0f} ms per query", file=sys.stderr)
     if args.grid:
-        if len(results) != 1:
+        if len(res.hits) != 1:
             raise UsageError("--grid draws one query; give a single QUERY")
-        q = args.queries[0]
-        if Path(q).is_file() and not q.endswith(".npy"):
-            query_img = q
-        else:
-            query_img = engine.store.resolve_path(engine.paths[rows[0]]) if rows[0] is not None else None
         from dataclasses import replace
 
         from deepfeat.viz.grid import search_grid
 
-        shown = [replace(h, path=engine.store.resolve_path(h.path)) for h in results[0]]
-        search_grid(query_img, labels[0], shown, args.grid, _verdicts(engine, args.gt, rows[0], results[0]),
-                    query_bbox=bbox)
+        shown = [replace(h, path=engine.store.resolve_path(h.path)) for h in res.hits[0]]
+        search_grid(query_image(engine, args.queries[0], res.rows[0]), res.labels[0], shown, args.grid,
+                    hit_verdicts(engine, args.gt, res.rows[0], res.hits[0]), query_bbox=bbox)
     if args.json:
-        print_json([{"query": lab, "hits": [h.to_dict() for h in hits]} for lab, hits in zip(labels, results)])
+        print_json([{"query": lab, "hits": [h.to_dict() for h in hits]} for lab, hits in zip(res.labels, res.hits)])
         return 0
-    for lab, hits in zip(labels, results):
+    for lab, hits in zip(res.labels, res.hits):
         print(f"query: {lab}")
         for h in hits:
             inl = "" if h.inliers is None else f"  {h.inliers:4d} inliers"
@@ -208,7 +164,8 @@ def run_search(args) -> int:
 
 
 def run_eval(args) -> int:
-    from deepfeat.evaluate import evaluate_ranks, parse_gt_spec
+    from deepfeat.evaluate import parse_gt_spec
+    from deepfeat.search.evaluation import StoreEvaluation
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -217,24 +174,15 @@ def run_eval(args) -> int:
     search_options(args, "eval")
     engine = SearchEngine(args.store, feature=args.feature, device=args.device, use_index=False)
     verify = parse_verify_spec(args.verify)
+    protocol = StoreEvaluation(engine, options_of(args), ks, verify, args.local)
     results = []
     for gt in parse_gt_spec(args.gt, engine.paths):
-        xq = query_vectors(engine, gt)
-        rows = [q.index if q.bbox is None else None for q in gt.queries]
-        regions, _ = query_regions(engine, args, [(_query_file(engine, q) if q.index is None else None, q.index, q.bbox)
-                                                  for q in gt.queries])
-        ranks = engine.rank_all(xq, qe=args.qe, alpha=args.alpha, dba=args.dba, rerank=args.rerank, query_rows=rows,
-                                query_regions=regions)
+        ev = protocol.evaluate(gt)
         if verify:
-            ranks, ms = verify_ranks(engine, gt, ranks, verify, args.local)
-            print(f"verified the top {verify.top} in {ms:.0f} ms/query ({engine.local_cache(args.local).spec})",
+            print(f"verified the top {verify.top} in {ev.verify_ms:.0f} ms/query ({engine.local_cache(args.local).spec})",
                   file=sys.stderr)
-        res = evaluate_ranks(ranks, gt, ks)
-        results.append(res)
-        if args.per_query:
-            print(res.table())
-        else:
-            print(res.summary())
+        results.append(ev.result)
+        print(ev.result.table() if args.per_query else ev.result.summary())
     if args.rerank:
         print(_rerank_line(engine))
     if args.json:
@@ -244,42 +192,3 @@ def run_eval(args) -> int:
             "rerank": engine.rerank_stats()[0] if args.rerank else None,
             "results": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
-
-
-def verify_ranks(engine: SearchEngine, gt, ranks, params, name: str | None = None):
-    """Rankings with each query's top N re-ordered by spatial verification; (ranks, ms/query).
-    A query's keypoints are the cached ones of its stored image (restricted to its region,
-    if it has one), or computed from its file."""
-    from deepfeat.localfeat.verify import verify_rankings
-
-    def query_features(qi: int):
-        q = gt.queries[qi]
-        if q.index is not None:
-            return engine.query_local_features(row=q.index, bbox=q.bbox, name=name)
-        if q.path is None:
-            raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
-        return engine.query_local_features(image=engine.store.resolve_path(q.path), bbox=q.bbox, name=name)
-
-    return verify_rankings(ranks, query_features, engine.local_cache(name).__getitem__, params)
-
-
-def _query_file(engine: SearchEngine, q) -> str:
-    if q.path is None:
-        raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
-    return engine.store.resolve_path(q.path)
-
-
-def query_vectors(engine: SearchEngine, gt):
-    """Query descriptors: the stored vector of whole-image queries, a fresh (cropped)
-    extraction for queries with a region, as the Oxford protocol requires."""
-    import numpy as np
-
-    out = []
-    for q in gt.queries:
-        if q.bbox is not None or q.index is None:
-            if q.path is None:
-                raise UsageError(f"query {q.name}: its image {q.image} is not in the store; extract it too")
-            out.append(engine.embed_images([engine.store.resolve_path(q.path)], [q.bbox]))
-        else:
-            out.append(engine.xb[q.index: q.index + 1])
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

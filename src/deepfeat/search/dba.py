@@ -1,5 +1,5 @@
-"""Database-side augmentation for a :class:`~deepfeat.search.engine.SearchEngine`: the augmented
-vectors and their index, computed once and saved beside the store's index
+"""Database-side augmentation for a search: :class:`DBACache`, the augmented vectors and their
+index, computed once and saved beside the store's index
 (``STORE/index/dba-n<n>-a<alpha>.{faiss,json,npy}``), recomputed when stale."""
 
 from __future__ import annotations
@@ -11,22 +11,35 @@ from typing import Any
 import numpy as np
 
 from deepfeat.errors import StoreError
-from deepfeat.search.store_index import INDEX_DIR, index_source_meta
+from deepfeat.search.store_index import INDEX_DIR, StoreIndex, index_source_meta
+from deepfeat.store import FeatureStore
 
-log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
+log = logging.getLogger(__name__)
 
 
-class DBAMixin:
-    """:class:`~deepfeat.search.engine.SearchEngine`'s DBA vectors, saved beside the index."""
+class DBACache:
+    """The DBA vectors of one store feature: saved beside the index (:meth:`get`), or exact
+    and in memory only (:meth:`exact`, for full rankings)."""
 
-    def _dba_base(self) -> dict[str, Any]:
+    def __init__(self, store: FeatureStore, feature: str, indexes: StoreIndex):
+        self.store = store
+        self.feature = feature
+        self.indexes = indexes
+        self._saved: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
+        self._exact: dict[tuple[int, float], np.ndarray] = {}
+
+    @property
+    def xb(self) -> np.ndarray:
+        return self.indexes.xb
+
+    def base(self) -> dict[str, Any]:
         """What the DBA neighbours came from: the saved index (kind, build time) or exact search."""
-        if self.index is None:
+        if self.indexes.saved is None:
             return {"kind": "flat", "saved": False}
-        m = self.index.meta
+        m = self.indexes.saved.meta
         return {"kind": m.get("kind"), "params": m.get("params"), "built_at": m.get("built_at"), "saved": True}
 
-    def dba(self, n: int, alpha: float = 0.0) -> tuple[Any, np.ndarray]:
+    def get(self, n: int, alpha: float = 0.0) -> tuple[Any, np.ndarray]:
         """(index, vectors) of the database augmented with *n* neighbours (alpha-weighted), computed
         once and saved as ``STORE/index/dba-n<n>-a<alpha>.{faiss,json,npy}``; recomputed (and saved
         again) when the store or its index changed since (the index's ``source_meta`` check, plus the
@@ -34,19 +47,31 @@ class DBAMixin:
         from deepfeat.index import dba_index
 
         key = (int(n), float(alpha))
-        if key in self._dba_cache:
-            return self._dba_cache[key]
+        if key in self._saved:
+            return self._saved[key]
         stem = self.store.path / INDEX_DIR / f"dba-n{int(n)}-a{float(alpha):g}"
-        want = {"source_meta": index_source_meta(self.store, self.feature), "base": self._dba_base(),
+        want = {"source_meta": index_source_meta(self.store, self.feature), "base": self.base(),
                 "augmentation": {"method": "dba", "n": int(n), "alpha": float(alpha)}}
-        found = self._load_dba(stem, want)
+        found = self._load(stem, want)
         if found is None:
-            found = dba_index(self.active_index, self.xb, n, alpha)
-            self._save_dba(stem, found, want)
-        self._dba_cache[key] = found
+            found = dba_index(self.indexes.active, self.xb, n, alpha)
+            self._save(stem, found, want)
+        self._saved[key] = found
         return found
 
-    def _load_dba(self, stem: Path, want: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
+    def exact(self, n: int, alpha: float = 0.0) -> np.ndarray:
+        """The database augmented with its *n* exact nearest neighbours: the saved vectors when the
+        index is flat (they are exact), else computed with the exact index, kept in memory."""
+        from deepfeat.index import database_side_augmentation
+
+        if self.indexes.active.kind == "flat":
+            return self.get(n, alpha)[1]
+        key = (int(n), float(alpha))
+        if key not in self._exact:
+            self._exact[key] = database_side_augmentation(self.xb, n, alpha, self.indexes.exact)
+        return self._exact[key]
+
+    def _load(self, stem: Path, want: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
         from deepfeat.index import Index
         from deepfeat.store.checksums import size_problem
 
@@ -54,7 +79,7 @@ class DBAMixin:
         if not meta_path.is_file():
             return None
         try:
-            index = Index.load(meta_path, threads=self.threads)
+            index = Index.load(meta_path, threads=self.indexes.threads)
             m = index.meta
             stale = [k for k in ("source_meta", "base") if m.get("dba", {}).get(k) != want[k]]
             stale += ["augmentation"] if m.get("augmentation") != want["augmentation"] else []
@@ -73,7 +98,7 @@ class DBAMixin:
             return None
         return index, np.ascontiguousarray(xb, dtype=np.float32)
 
-    def _save_dba(self, stem: Path, found: tuple[Any, np.ndarray], want: dict[str, Any]) -> None:
+    def _save(self, stem: Path, found: tuple[Any, np.ndarray], want: dict[str, Any]) -> None:
         from deepfeat.store import atomic_save_npy
         from deepfeat.store.checksums import file_digest
 

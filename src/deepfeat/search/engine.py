@@ -8,34 +8,38 @@ post-processing. Queries can be image files (optionally a region ``x1,y1,x2,y2``
 out first, as the Oxford protocol requires), rows/ids/paths already in the store, or
 vectors. Results carry the store's ids and paths.
 
-The engine is put together from one mixin per part: the queries
-(:mod:`deepfeat.search.queries`), spatial verification (:mod:`deepfeat.search.verification`),
-the query regions of regional diffusion (:mod:`deepfeat.search.regions`) and the DBA vectors
-saved beside the index (:mod:`deepfeat.search.dba`).
+The engine holds one collaborator per part and delegates to them: the indexes
+(:class:`~deepfeat.search.store_index.StoreIndex`), the query embedder
+(:class:`~deepfeat.search.queries.QueryEmbedder`), the store's local features
+(:class:`~deepfeat.search.local.LocalSections`), spatial verification
+(:class:`~deepfeat.search.verification.SpatialVerifier`), the query regions of regional
+diffusion (:class:`~deepfeat.search.regions.QueryRegions`) and the DBA vectors saved beside
+the index (:class:`~deepfeat.search.dba.DBACache`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from typing import Any, Sequence
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.search.dba import DBAMixin
+from deepfeat.search.dba import DBACache
 from deepfeat.search.hits import Hit
-from deepfeat.search.queries import QueriesMixin
-from deepfeat.search.ranking import _drop_rows, rank_arrays
-from deepfeat.search.regions import RegionsMixin
-from deepfeat.search.store_index import INDEX_DIR, index_source_meta
-from deepfeat.search.verification import VerificationMixin
+from deepfeat.search.local import LocalSections
+from deepfeat.search.options import SearchOptions
+from deepfeat.search.queries import QueryEmbedder
+from deepfeat.search.ranking import drop_rows, rank_arrays
+from deepfeat.search.regions import QueryRegions
+from deepfeat.search.store_index import StoreIndex, open_saved_index
+from deepfeat.search.verification import SpatialVerifier
 from deepfeat.store import FeatureStore
 
-log = logging.getLogger(__package__)  # "deepfeat.search", as before the package split
 
-
-class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
+class SearchEngine:
     """Search a feature store (see the module docstring)."""
 
     def __init__(self, store: str | os.PathLike | FeatureStore, feature: str | None = None, device: str = "cpu",
@@ -51,46 +55,136 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         self._path_rows = {p: i for i, p in enumerate(self.paths)}
         self.device = device
         self.threads = threads
-        self.index = self._open_index() if use_index else None
-        self._fnet = None
-        self._model = None
-        self._dba_cache: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
-        self._local: dict[str | None, Any] = {}  # local-feature caches and their query extractors
-        self._local_x: dict[str | None, Any] = {}
-        self._dba_exact: dict[tuple[int, float], np.ndarray] = {}
+        saved = open_saved_index(self.store, self.feature, threads) if use_index else None
+        self.indexes = StoreIndex(self.xb, saved, threads)
+        self.embedder = QueryEmbedder(self.store, self.feature, device)
+        self.local = LocalSections(self.store, self.embedder)
+        self.verifier = SpatialVerifier(self.local)
+        self.regions = QueryRegions(self.local, self.paths)
+        self.dba_cache = DBACache(self.store, self.feature, self.indexes)
         self._rerankers: dict[tuple[str, int, float], Any] = {}
 
-    # -- index ----------------------------------------------------------------
+    # -- indexes ----------------------------------------------------------------
 
-    def _open_index(self):
-        from deepfeat.index import Index
-
-        d = self.store.path / INDEX_DIR
-        if not (d / "index.json").is_file():
-            return None
-        index = Index.load(d, threads=self.threads)
-        want = index_source_meta(self.store, self.feature)
-        have = index.meta.get("source_meta") or {}
-        stale = [k for k in want if have.get(k) != want[k]]
-        if stale:
-            log.warning("index in %s is stale (%s differ); using exact search. Rebuild with `deepfeat index`.",
-                        d, ", ".join(stale))
-            return None
-        return index
+    @property
+    def index(self):
+        """The index saved in the store, None when there is none (or it is stale)."""
+        return self.indexes.saved
 
     @property
     def exact_index(self):
         """A flat (exact) index over the vectors, for when no saved index applies."""
-        from deepfeat.index import Index
-
-        if getattr(self, "_flat", None) is None:
-            self._flat = Index.build(self.xb, kind="flat", metric="ip",
-                                     ids=np.arange(len(self.xb), dtype=np.int64), threads=self.threads)
-        return self._flat
+        return self.indexes.exact
 
     @property
     def active_index(self):
-        return self.index if self.index is not None else self.exact_index
+        return self.indexes.active
+
+    def dba(self, n: int, alpha: float = 0.0) -> tuple[Any, np.ndarray]:
+        """(index, vectors) of the database augmented with *n* neighbours (:meth:`DBACache.get`)."""
+        return self.dba_cache.get(n, alpha)
+
+    # -- queries ------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self.embedder.model
+
+    @property
+    def feature_net(self):
+        return self.embedder.feature_net
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (post-processed) of decoded images of the store's size policy."""
+        return self.embedder.embed_pixels(pixels)
+
+    def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
+        return self.embedder.decode(image, bbox)
+
+    def embed_images(self, images: Sequence[str | os.PathLike | BinaryIO],
+                     bboxes: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+        """Descriptors of image files (or file objects), each optionally cropped to a box."""
+        return self.embedder.embed_images(images, bboxes)
+
+    def row(self, key: str | int) -> int:
+        """Feature row of a store id (int or digits) or a stored path."""
+        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
+            hit = np.nonzero(self.ids == int(key))[0]
+            if not len(hit):
+                raise UsageError(f"id {key} is not in the store (or failed to extract)")
+            return int(hit[0])
+        for cand in (key, os.path.normpath(key)):
+            if cand in self._path_rows:
+                return self._path_rows[cand]
+        raise UsageError(f"{key!r} is not a path or id in the store")
+
+    def resolve_queries(self, queries: Sequence[str], bbox: Sequence[float] | None = None
+                        ) -> tuple[np.ndarray, list[str], list[int | None]]:
+        """Turn CLI query strings into vectors: ``.npy`` files, stored paths/ids, or image files.
+
+        Returns (xq, labels, rows) where rows[i] is the store row of a stored query (or None)."""
+        vecs, labels, rows = [], [], []
+        for q in queries:
+            if q.endswith(".npy") and Path(q).is_file():
+                v = np.load(q, allow_pickle=False).astype(np.float32)
+                v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
+                if v.shape[1] != self.xb.shape[1]:
+                    raise UsageError(f"{q}: vectors of dim {v.shape[1]}, the store's are {self.xb.shape[1]}")
+                vecs.append(v)
+                labels.extend([f"{q}[{i}]" for i in range(len(v))])
+                rows.extend([None] * len(v))
+                continue
+            row = None
+            if bbox is None:
+                try:
+                    row = self.row(q)
+                except UsageError:
+                    row = None
+            if row is not None:
+                vecs.append(self.xb[row: row + 1])
+                labels.append(self.paths[row])
+                rows.append(row)
+                continue
+            if not Path(q).is_file():
+                raise UsageError(f"query {q!r} is not an image file, a .npy file, or a path/id in the store")
+            vecs.append(self.embed_images([q], [bbox]))
+            labels.append(q + (f" [{','.join(str(v) for v in bbox)}]" if bbox else ""))
+            rows.append(None)
+        return np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32), labels, rows
+
+    # -- local features: verification, regions ---------------------------------------
+
+    def local_cache(self, name: str | None = None, regions: bool = False):
+        """The store's cached local features (:meth:`LocalSections.cache`)."""
+        return self.local.cache(name, regions)
+
+    def query_local_features(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
+                             bbox: Sequence[float] | None = None, name: str | None = None):
+        """Local features of a query (:meth:`SpatialVerifier.query_features`)."""
+        return self.verifier.query_features(image, row, bbox, name)
+
+    def verify(self, hits: list[Hit], query_features, params, name: str | None = None) -> list[Hit]:
+        """*hits* re-ordered by spatial verification (:meth:`SpatialVerifier.verify`)."""
+        return self.verifier.verify(hits, query_features, params, name)
+
+    def query_regions(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
+                      bbox: Sequence[float] | None = None, name: str | None = None) -> np.ndarray:
+        """Regional descriptors (R x D) of a query, for regional diffusion (:meth:`QueryRegions.of`)."""
+        return self.regions.of(image, row, bbox, name)
+
+    def regions_for(self, options: SearchOptions, queries: Sequence[tuple[Any, int | None, Sequence[float] | None]]
+                    ) -> tuple[list[np.ndarray | None] | None, float]:
+        """For a regional re-ranking, each query's regional descriptors: None for a whole stored
+        image (its cached regions are used), else those of its region or file (:meth:`query_regions`).
+        *queries*: (image file or None, stored row or None, box or None) per query. Returns
+        (regions, or None when *options*' re-ranking needs none; seconds spent)."""
+        rr = self.reranker(options.rerank, options.dba, options.alpha) if options.rerank else None
+        if not getattr(rr, "needs_regions", False):  # also checks, early, that the store has regions
+            return None, 0.0
+        t0 = time.perf_counter()
+        out = [None if (row is not None and bbox is None) or (image is None and row is None) else
+               self.query_regions(image=image, row=row, bbox=bbox, name=rr.section) for image, row, bbox in queries]
+        return out, time.perf_counter() - t0
 
     # -- search -----------------------------------------------------------------
 
@@ -132,7 +226,7 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         if qe:
             _, I0 = index.search(xq, min(len(xb), qe + extra))
             if extra:
-                I0 = _drop_rows(I0, exclude_rows, qe)
+                I0 = drop_rows(I0, exclude_rows, qe)
             xq = alpha_query_expansion(xq, xb, I0, None, qe, alpha)
         if rr is not None:
             _, I = index.search(xq, min(len(xb), max(kk, rr.shortlist(len(xb)))))
@@ -161,17 +255,8 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         shortlist (:meth:`search`), the rest keeps the global order. *query_rows*: the store row of
         each query that is a stored item (None for others), which k-reciprocal re-ranking uses, and
         regional diffusion for the cached regions of a query without *query_regions*."""
-        from deepfeat.index import database_side_augmentation
-
         rr = self.reranker(rerank, dba, alpha) if rerank else None
-        xb = self.xb
-        if dba and self.active_index.kind == "flat":  # the saved DBA vectors are exact: reuse them
-            xb = self.dba(dba, alpha)[1]
-        elif dba:
-            key = (int(dba), float(alpha))
-            if key not in self._dba_exact:
-                self._dba_exact[key] = database_side_augmentation(xb, dba, alpha, self.exact_index)
-            xb = self._dba_exact[key]
+        xb = self.dba_cache.exact(dba, alpha) if dba else self.xb
         inputs = rr.query_inputs(query_regions, query_rows, len(xq)) if rr is not None else {}
         return rank_arrays(xq, xb, qe, alpha, rr, query_rows if not dba else None,
                            index=self.exact_index if not dba else None, **inputs)

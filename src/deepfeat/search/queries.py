@@ -1,24 +1,32 @@
-"""Queries for a :class:`~deepfeat.search.engine.SearchEngine`, embedded exactly as the store was made:
-the model and descriptor network described by the store's own ``meta.json`` (loaded only when an
-image query arrives), image files (optionally a region ``x1,y1,x2,y2`` cut out first, as the
-Oxford protocol requires), rows/ids/paths already in the store, or ``.npy`` vectors."""
+"""Query descriptors made exactly as the store's: :class:`QueryEmbedder` (the model and descriptor
+network described by the store's own ``meta.json``, loaded only when an image query arrives;
+image files, optionally a region ``x1,y1,x2,y2`` cut out first as the Oxford protocol requires),
+and :func:`parse_bbox`."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
+from deepfeat.store import FeatureStore
 
 
-class QueriesMixin:
-    """:class:`~deepfeat.search.engine.SearchEngine`'s queries: model, embedding, store rows."""
+class QueryEmbedder:
+    """Embeds query images as *store* embedded its own (feature *feature*), on *device*."""
+
+    def __init__(self, store: FeatureStore, feature: str, device: str = "cpu"):
+        self.store = store
+        self.feature = feature
+        self.device = device
+        self._model = None
+        self._fnet = None
 
     @property
     def model(self):
+        """The store's model, its weights checked against the store's hash (loaded on first use)."""
         if self._model is None:
             from deepfeat.models import load_model
 
@@ -33,6 +41,7 @@ class QueriesMixin:
 
     @property
     def feature_net(self):
+        """The descriptor network of the store's meta: layers, pooling (and codebook), scales."""
         if self._fnet is None:
             from deepfeat.backends.featurenet import FeatureNet
             from deepfeat.pooling import get_pooling, load_pooling
@@ -58,6 +67,7 @@ class QueriesMixin:
         return np.ascontiguousarray(self.store.post.apply(x), dtype=np.float32)
 
     def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
+        """Pixels of *image* (cut to *bbox* first) decoded as the store's were."""
         from deepfeat.data.images import decode_image
         from deepfeat.data.preprocess import parse_size_policy
 
@@ -71,54 +81,9 @@ class QueriesMixin:
         bboxes = bboxes or [None] * len(images)
         return self.embed_pixels([self.decode(im, bb) for im, bb in zip(images, bboxes)])
 
-    def row(self, key: str | int) -> int:
-        """Feature row of a store id (int or digits) or a stored path."""
-        if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
-            hit = np.nonzero(self.ids == int(key))[0]
-            if not len(hit):
-                raise UsageError(f"id {key} is not in the store (or failed to extract)")
-            return int(hit[0])
-        for cand in (key, os.path.normpath(key)):
-            if cand in self._path_rows:
-                return self._path_rows[cand]
-        raise UsageError(f"{key!r} is not a path or id in the store")
-
-    def resolve_queries(self, queries: Sequence[str], bbox: Sequence[float] | None = None
-                        ) -> tuple[np.ndarray, list[str], list[int | None]]:
-        """Turn CLI query strings into vectors: ``.npy`` files, stored paths/ids, or image files.
-
-        Returns (xq, labels, rows) where rows[i] is the store row of a stored query (or None)."""
-        vecs, labels, rows = [], [], []
-        for q in queries:
-            if q.endswith(".npy") and Path(q).is_file():
-                v = np.load(q, allow_pickle=False).astype(np.float32)
-                v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
-                if v.shape[1] != self.xb.shape[1]:
-                    raise UsageError(f"{q}: vectors of dim {v.shape[1]}, the store's are {self.xb.shape[1]}")
-                vecs.append(v)
-                labels.extend([f"{q}[{i}]" for i in range(len(v))])
-                rows.extend([None] * len(v))
-                continue
-            row = None
-            if bbox is None:
-                try:
-                    row = self.row(q)
-                except UsageError:
-                    row = None
-            if row is not None:
-                vecs.append(self.xb[row: row + 1])
-                labels.append(self.paths[row])
-                rows.append(row)
-                continue
-            if not Path(q).is_file():
-                raise UsageError(f"query {q!r} is not an image file, a .npy file, or a path/id in the store")
-            vecs.append(self.embed_images([q], [bbox]))
-            labels.append(q + (f" [{','.join(str(v) for v in bbox)}]" if bbox else ""))
-            rows.append(None)
-        return np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32), labels, rows
-
 
 def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    """``x1,y1,x2,y2`` (pixels) as a tuple; None for no text."""
     if not text:
         return None
     try:

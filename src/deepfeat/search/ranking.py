@@ -28,7 +28,8 @@ def rank_arrays(xq: np.ndarray, xb: np.ndarray, qe: int = 0, alpha: float = 0.0,
     return ranks
 
 
-def _drop_rows(I: np.ndarray, rows: Sequence[int | None], n: int) -> np.ndarray:
+def drop_rows(I: np.ndarray, rows: Sequence[int | None], n: int) -> np.ndarray:
+    """The first *n* neighbours of each query in *I* without the query's own row (*rows*), -1 padded."""
     out = np.full((I.shape[0], n), -1, dtype=I.dtype)
     for qi in range(I.shape[0]):
         keep = [i for i in I[qi] if i >= 0 and i != rows[qi]][:n]

@@ -1,5 +1,6 @@
 """A query's regional descriptors for regional diffusion (:mod:`deepfeat.rerank.regional`),
-read from or computed like the store's regions section (:mod:`deepfeat.localfeat.cache`)."""
+read from or computed like the store's regions section (:mod:`deepfeat.localfeat.cache`):
+:class:`QueryRegions`."""
 
 from __future__ import annotations
 
@@ -9,24 +10,29 @@ from typing import BinaryIO, Sequence
 import numpy as np
 
 from deepfeat.errors import UsageError
+from deepfeat.search.local import LocalSections
 
 
-class RegionsMixin:
-    """:class:`~deepfeat.search.engine.SearchEngine`'s query regions (uses the local-feature
-    caches and extractors of :class:`~deepfeat.search.verification.VerificationMixin`)."""
+class QueryRegions:
+    """Regional descriptors of queries, from the store's regions sections (*local*); *paths*:
+    the stored path of each feature row."""
 
-    def query_regions(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
-                      bbox: Sequence[float] | None = None, name: str | None = None) -> np.ndarray:
-        """Regional descriptors (R x D) of a query, for regional diffusion: cached for a stored
-        image (*row*; with *bbox*, its regions at least half inside the box, or, when none is,
-        the regions of the box cut out of its file), else computed from *image*, cut to *bbox*
-        first as the global query descriptor is."""
-        cache = self.local_cache(name, regions=True)
+    def __init__(self, local: LocalSections, paths: Sequence[str]):
+        self.local = local
+        self.paths = paths
+
+    def of(self, image: str | os.PathLike | BinaryIO | None = None, row: int | None = None,
+           bbox: Sequence[float] | None = None, name: str | None = None) -> np.ndarray:
+        """Regional descriptors (R x D) of a query: cached for a stored image (*row*; with *bbox*,
+        its regions at least half inside the box, or, when none is, the regions of the box cut
+        out of its file), else computed from *image*, cut to *bbox* first as the global query
+        descriptor is."""
+        cache = self.local.cache(name, regions=True)
         if row is not None:
             inside = cache[row].within(bbox)
             if len(inside) or bbox is None:
                 return inside.desc
-            image = self.store.resolve_path(self.paths[row])
+            image = self.local.store.resolve_path(self.paths[row])
         if image is None:
             raise UsageError("regional diffusion needs a query image or a stored query (vectors have no regions)")
-        return self._local_extractor(cache).extract(image, crop=bbox).desc
+        return self.local.extractor(cache).extract(image, crop=bbox).desc

@@ -72,9 +72,9 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
     """Sweep the candidates (module docstring), write the winner to *out* (JSON) and return it."""
     from deepfeat import __version__
     from deepfeat.data.images import discover
-    from deepfeat.evaluate import evaluate_ranks, parse_gt_spec
-    from deepfeat.rerank import get_reranker
-    from deepfeat.search import rank_arrays
+    from deepfeat.evaluate import parse_gt_spec
+    from deepfeat.search.evaluation import ArrayEvaluation
+    from deepfeat.search.options import SearchOptions
     from deepfeat.store import atomic_write_json
     from deepfeat.tune.sweep import parse_reranks, sweep
 
@@ -100,21 +100,19 @@ def make_recipe(dataset: Sequence[str], gt_spec: str, out: str | Path, model_spe
         raise UsageError("no candidate could be evaluated (every cell was n/a); see the sweep's reasons")
     # query expansion / DBA on the winning descriptor, with and without its re-ranking
     res = next(r for name, r in runs if name == best["name"])[0]
-    xb_raw, xq_raw, ok, query_rows = res.descriptors[(best["layer"], best["pooling"])]
+    xb_raw, xq_raw, ok, _rows = res.descriptors[(best["layer"], best["pooling"])]
     chain = res.chains[(best["layer"], best["pooling"], best["post"])]
     xb = np.ascontiguousarray(chain.apply(xb_raw), dtype=np.float32)
     xb[~ok] = 0.0
     xq = np.ascontiguousarray(chain.apply(xq_raw), dtype=np.float32)
     gt = parse_gt_spec(gt_spec, discover(dataset))[0]
-    from deepfeat.index import database_side_augmentation
-
+    protocol = ArrayEvaluation(xq, xb, gt)
     for qe, dba in expansions:
-        xb_e = database_side_augmentation(xb, dba) if dba else xb
         for rr in dict.fromkeys([best["rerank"], None]):
-            r = get_reranker(rr) if rr else None
-            ev = evaluate_ranks(rank_arrays(xq, xb_e, qe, 0.0, r, query_rows if not dba else None), gt)
-            cands.append({**best, "qe": qe, "dba": dba, "rerank": rr, "map": ev.map, "ns": ev.ns_score,
-                          "mp10": ev.mp_at_k.get(10), "rerank_ms_per_query": r.stats["ms_per_query"] if r else None,
+            ev = protocol.evaluate(SearchOptions(qe=qe, dba=dba, rerank=rr))
+            cands.append({**best, "qe": qe, "dba": dba, "rerank": rr, "map": ev.result.map, "ns": ev.result.ns_score,
+                          "mp10": ev.result.mp_at_k.get(10),
+                          "rerank_ms_per_query": ev.rerank["ms_per_query"] if ev.rerank else None,
                           "name": best["name"] + f" + qe {qe} dba {dba}"})
     best = _best(cands)
     post = best["post"]

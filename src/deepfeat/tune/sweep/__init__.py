@@ -10,26 +10,14 @@ post-processing, cells mAP, best marked.
 
 The package: the one-pass descriptors (:mod:`deepfeat.tune.sweep.descriptors`), the run and
 its scoring (:mod:`deepfeat.tune.sweep.runner`), the result table and its files
-(:mod:`deepfeat.tune.sweep.table`). Every name is importable from ``deepfeat.tune.sweep`` as before.
+(:mod:`deepfeat.tune.sweep.table`).
 """
 
 from __future__ import annotations
 
 from deepfeat.tune.sweep.descriptors import MultiPoolNet, compute_descriptors
-from deepfeat.tune.sweep.runner import (
-    _check_poolings,
-    _fit_descriptors,
-    _local_features,
-    _parse_posts,
-    _parse_verify,
-    _Run,
-    _score_gt,
-    _score_post,
-    log,
-    parse_reranks,
-    sweep,
-)
-from deepfeat.tune.sweep.table import SweepResult, _fmt, _scores, _verify_column, column_name, write_outputs
+from deepfeat.tune.sweep.runner import parse_reranks, sweep
+from deepfeat.tune.sweep.table import SweepResult, column_name, write_outputs
 
 __all__ = ["sweep", "SweepResult", "MultiPoolNet", "compute_descriptors", "write_outputs", "column_name",
            "parse_reranks"]

@@ -15,10 +15,12 @@ from deepfeat.data.images import discover
 from deepfeat.errors import UsageError
 from deepfeat.pooling import get_pooling
 from deepfeat.postprocess import PostChain, is_chain_file
+from deepfeat.search.evaluation import ArrayEvaluation, queries_to_embed, query_rows, stack_queries
+from deepfeat.search.options import SearchOptions
 from deepfeat.tune.sweep.descriptors import MultiPoolNet, compute_descriptors
 from deepfeat.tune.sweep.table import SweepResult, _scores, _verify_column, column_name
 
-log = logging.getLogger("deepfeat.tune.sweep")
+log = logging.getLogger(__name__)
 
 
 def parse_reranks(reranks: Sequence[str] | None) -> list[str]:
@@ -169,44 +171,31 @@ class _Run:
 def _score_gt(run: _Run, gt, **fields: Any) -> SweepResult:
     """Every cell of the table of one ground-truth protocol (*fields*: the rest of the :class:`SweepResult`)."""
     # query vectors: stored rows, or cropped regions extracted afresh (Oxford protocol)
-    needs_crop = [q for q in gt.queries if q.bbox is not None or q.index is None]
+    needs_crop = queries_to_embed(gt, missing="some query images of the ground truth are not in the dataset")
     crop_arrays = None
     if needs_crop:
-        qpaths = [q.path for q in needs_crop]
-        if any(p is None for p in qpaths):
-            raise UsageError("some query images of the ground truth are not in the dataset")
-        _, crop_arrays, _ = compute_descriptors(qpaths, run.net, run.model, run.size, device=run.device,
-                                                crop_boxes=[q.bbox for q in needs_crop])
+        _, crop_arrays, _ = compute_descriptors([q.path for q in needs_crop], run.net, run.model, run.size,
+                                                device=run.device, crop_boxes=[q.bbox for q in needs_crop])
     columns = [column_name(p, rr) for p in run.posts for rr in run.reranks]
     if run.verify_params:
         columns = [c for col in columns for c in (col, _verify_column(col, run.verify_params))]
     res = SweepResult(protocol=gt.protocol, posts=columns, **fields)
-    # a whole-image query that is a database image is its own row (k-reciprocal counts it once)
-    query_rows = [q.index if q.bbox is None else None for q in gt.queries]
+    rows = query_rows(gt)
     for j, (layer, pool) in enumerate(run.combos):
         xb_raw = run.arrays[j]
-        qrows, k_crop = [], 0
-        for q in gt.queries:
-            if q.bbox is not None or q.index is None:
-                qrows.append(crop_arrays[j][k_crop])
-                k_crop += 1
-            else:
-                qrows.append(xb_raw[q.index])
-        xq_raw = np.stack(qrows).astype(np.float32)
+        xq_raw = stack_queries(gt, xb_raw, crop_arrays[j] if crop_arrays is not None else xb_raw[:0])
         if run.keep_descriptors:
-            res.descriptors[(layer, pool)] = (xb_raw, xq_raw, run.ok, query_rows)
+            res.descriptors[(layer, pool)] = (xb_raw, xq_raw, run.ok, rows)
         for post in run.posts:
-            _score_post(run, gt, res, j, (layer, pool, post), xb_raw, xq_raw, query_rows)
+            _score_post(run, gt, res, j, (layer, pool, post), xb_raw, xq_raw)
     return res
 
 
 def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, str], xb_raw: np.ndarray,
-                xq_raw: np.ndarray, query_rows: list) -> None:
+                xq_raw: np.ndarray) -> None:
     """The cells of one (layer, pooling, post-processing): the chain fitted and applied, the
-    exact ranking, then every re-ranking (and its verified twin)."""
-    from deepfeat.evaluate import evaluate_ranks, rank_by_similarity
-    from deepfeat.rerank import get_reranker, rerank_ranks
-
+    exact ranking, then every re-ranking (and its verified twin), by the shared protocol
+    (:class:`deepfeat.search.evaluation.ArrayEvaluation`)."""
     layer, pool, post = key
     chain = run.files.get(post) or PostChain.parse(post)
     try:
@@ -221,25 +210,16 @@ def _score_post(run: _Run, gt, res: SweepResult, j: int, key: tuple[str, str, st
         return
     xb[~run.ok] = 0.0  # failed images have no descriptor: they rank last
     xb, xq = np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(xq, dtype=np.float32)
-    ranks = rank_by_similarity(xq, xb)
+    protocol = ArrayEvaluation(xq, xb, gt, run.ks, run.local_feats)
     for rr in run.reranks:
         col = column_name(post, rr)
         cell: dict[str, Any] = {"chain": post, "rerank": rr}
-        ranked = ranks
-        if rr != "none":
-            r = get_reranker(rr)
-            ranked = rerank_ranks(r, xq, xb, ranks, query_rows)
-            cell.update(rerank_spec=r.spec, rerank_ms=r.stats["ms_per_query"],
-                        rerank_offline_s=r.stats["offline_seconds"])
-        ev = evaluate_ranks(ranked, gt, run.ks)
-        res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev)}
+        ev = protocol.evaluate(SearchOptions(rerank=None if rr == "none" else rr))
+        if ev.rerank is not None:
+            cell.update(rerank_spec=ev.rerank["rerank"], rerank_ms=ev.rerank["ms_per_query"],
+                        rerank_offline_s=ev.rerank["offline_seconds"])
+        res.cells[(layer, pool, col)] = {**cell, "dim": int(xb.shape[1]), **_scores(ev.result)}
         if run.verify_params:
-            from deepfeat.localfeat.verify import verify_rankings
-
-            vranks, ms = verify_rankings(
-                ranked, lambda qi: run.local_feats[gt.queries[qi].index].within(gt.queries[qi].bbox),
-                run.local_feats.__getitem__, run.verify_params)
-            ev = evaluate_ranks(vranks, gt, run.ks)
+            vev = protocol.verified(ev, run.verify_params)
             res.cells[(layer, pool, _verify_column(col, run.verify_params))] = {
-                **cell, "dim": int(xb.shape[1]), **_scores(ev), "verify_ms_per_query": round(ms, 2)}
-
+                **cell, "dim": int(xb.shape[1]), **_scores(vev.result), "verify_ms_per_query": round(vev.verify_ms, 2)}
