@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "cmd_models",
     "cmd_layers",
     "cmd_classify",
+    "cmd_fit_classifier",
     "cmd_check_images",
     "cmd_extract",
     "cmd_export",
