@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "cmd_layers",
     "cmd_classify",
     "cmd_fit_classifier",
+    "cmd_clusters",
+    "cmd_outliers",
     "cmd_check_images",
     "cmd_extract",
     "cmd_export",
