@@ -103,7 +103,7 @@ def silhouette_k(X: np.ndarray, ks: Sequence[int], seed: int = 0) -> tuple[int, 
     S = l2_rows(S)
     scores = {}
     for k in ks:
-        lab, _ = assign(S, spherical_kmeans(S, k, seed))
+        lab, _ = assign(S, spherical_kmeans(S, k, seed, nredo=3))
         scores[k] = float(silhouette_score(S, lab, metric="cosine")) if len(set(lab.tolist())) > 1 else -1.0
     best = max(scores, key=lambda k: scores[k])
     return best, scores
