@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--foreign", help="a store of foreign photos to plant for the outlier measurement")
+    ap.add_argument("--gt", default="folders", help="where the classes come from: folders (default), ukbench...")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-o", "--output", default="bench-explore.json")
     args = ap.parse_args()
@@ -57,9 +58,9 @@ def main() -> None:
         extract(ExtractConfig(inputs=[args.data], output=args.store, pooling="gem", post="l2", progress="none"))
         print(f"extract: {time.perf_counter() - t:.1f}s")
     store = FeatureStore(args.store)
-    data = from_store_gt(store, "folders")
+    data = from_store_gt(store, args.gt)
     X, y, classes = data.X, data.y, data.classes
-    out: dict = {"data": args.data, "images": len(y), "classes": len(classes)}
+    out: dict = {"data": args.data, "gt": args.gt, "images": len(y), "classes": len(classes)}
 
     t = time.perf_counter()
     clf = fit_classifier(X, y, classes, {})
