@@ -14,10 +14,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 pytest.importorskip("sklearn")
 
-from deepfeat.cli import main  # noqa: E402
-from deepfeat.collection import Classifier  # noqa: E402
-from deepfeat.collection.fitting import fit_from  # noqa: E402
-from deepfeat.errors import FormatError, UsageError  # noqa: E402
+from deepfeat.cli import main
+from deepfeat.collection import Classifier
+from deepfeat.collection.fitting import fit_from
+from deepfeat.errors import FormatError, UsageError
 
 KNOWN = ("chelsea", "coffee", "astronaut", "rocket")  # the foreign class: hubble
 
@@ -98,7 +98,7 @@ def test_knn_and_a_store_with_gt(clf_dir, tmp_path):
                    figure=False)
     assert clf.method == "knn" and clf.threshold == 0.5 and clf.meta["threshold_rule"] == "given"
     store_X = __import__("deepfeat").FeatureStore(clf_dir / "train-store").vectors()
-    idx, prob = Classifier.load(tmp_path / "knn").predict(store_X)
+    idx, _ = Classifier.load(tmp_path / "knn").predict(store_X)
     assert (idx >= 0).all() and len(set(idx.tolist())) == 4
 
 

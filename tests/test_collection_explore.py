@@ -14,11 +14,11 @@ from PIL import Image, ImageEnhance, ImageOps
 pytest.importorskip("sklearn")
 pytest.importorskip("faiss")
 
-from deepfeat.cli import main  # noqa: E402
-from deepfeat.collection.clusters import agreement, cluster  # noqa: E402
-from deepfeat.collection.outliers import class_margins, knn_outlier_scores  # noqa: E402
-from deepfeat.pipeline import ExtractConfig, extract  # noqa: E402
-from deepfeat.store import FeatureStore  # noqa: E402
+from deepfeat.cli import main
+from deepfeat.collection.clusters import agreement, cluster
+from deepfeat.collection.outliers import class_margins, knn_outlier_scores
+from deepfeat.pipeline import ExtractConfig, extract
+from deepfeat.store import FeatureStore
 
 GROUPS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -99,7 +99,8 @@ def test_cli_clusters_outputs(store, tmp_path, capsys):
     for c in doc["clusters"]:
         assert set(c["representatives"]) <= set(c["members"]) <= set(st.paths)
         assert len({_group(p) for p in c["members"]}) == 1  # each group (and the foreign photo) alone
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     assert {r["path"] for r in rows} == set(st.paths)
     assert sorted(p.name for p in links.iterdir()) == [f"cluster_{i:03d}" for i in range(5)]
     linked = [q for d in links.iterdir() for q in d.iterdir()]

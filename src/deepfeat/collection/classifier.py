@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -283,7 +284,7 @@ def fit_classifier(X: np.ndarray, y: np.ndarray, classes: Sequence[str], descrip
             "params": {"k": int(p)} if m == "knn" else {"C": float(p)}, "temperature": temperature,
             "threshold": thr, "threshold_rule": rule, "classes": list(classes), "dim": int(X.shape[1]),
             "descriptor": descriptor,
-            "training": {"source": source, "images": int(len(y)),
+            "training": {"source": source, "images": len(y),
                          "per_class": np.bincount(y, minlength=len(classes)).tolist(), "seed": seed,
                          "seconds": round(time.perf_counter() - t0, 2)},
             "cv": report}

@@ -16,8 +16,9 @@ vectors, and every vector is assigned to its nearest centre in chunks."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -121,6 +122,6 @@ class Embedder:
                 errors.append(None)
             except DeepfeatError as e:
                 errors.append(str(e))
-            except Exception as e:  # any other decoder failure is this image's problem only
+            except Exception as e:  # noqa: BLE001 - any other decoder failure is this image's problem only
                 errors.append(f"{type(e).__name__}: {e}")
         return self.embed_pixels(pixels), errors

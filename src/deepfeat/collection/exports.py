@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deepfeat.collection.clusters import Clustering
 from deepfeat.collection.pages import Group, Tile, write_gallery

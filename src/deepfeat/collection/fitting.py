@@ -11,6 +11,7 @@ from typing import Any
 from deepfeat.collection.classifier import Classifier, fit_classifier
 from deepfeat.collection.embed import copy_recipe_files, descriptor_recipe
 from deepfeat.collection.labelled import is_store, labelled
+from deepfeat.errors import DeepfeatError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,6 @@ def fit_from(source: str | os.PathLike, output: str | os.PathLike, *, gt: str = 
             confusion_png(cv["confusion"], clf.classes, output / "confusion.png",
                           title=f"{clf.method} {clf.meta['params']}: {cv['folds']}-fold CV accuracy "
                                 f"{cv['accuracy']:.1%}")
-        except Exception as e:  # the picture is a convenience; the classifier is saved
+        except (DeepfeatError, OSError, ValueError) as e:  # the picture is a convenience; the classifier is saved
             log.warning("no confusion.png: %s", e)
     return clf

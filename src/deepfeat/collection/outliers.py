@@ -9,7 +9,7 @@ the images closer to another class than to their own.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,8 +9,8 @@ import html
 import io
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from deepfeat.errors import DeepfeatError
 
@@ -77,7 +77,7 @@ def _tile(t: Tile) -> str:
     uri = thumbnail_uri(t.path)
     esc = html.escape(t.path)
     pic = (f'<img src="{uri}" alt="{esc}" title="{esc}" loading="lazy">' if uri
-           else f'<div class="missing">cannot read</div>')
+           else '<div class="missing">cannot read</div>')
     cap = f"<b>{html.escape(t.caption)}</b> " if t.caption else ""
     return f"<figure>{pic}<figcaption>{cap}{html.escape(os.path.basename(t.path))}</figcaption></figure>"
 
