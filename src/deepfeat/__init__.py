@@ -42,6 +42,7 @@ _EXPORTS = {
     "SearchEngine": "search",
     "fully_convolutional": "surgery",
     "dense_map": "surgery",
+    "Classifier": "collection.classifier",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="decode threads (default 2)")
     p.add_argument("--json", action="store_true", help="one JSON document with every result")
+    p.add_argument("--classifier", metavar="CLF", help="your own classes: a folder made by `deepfeat fit-classifier` "
+                                                       "(its own model and descriptor; --model is ignored)")
     p.set_defaults(func=run)
 
 
@@ -37,30 +39,44 @@ def _expand(inputs: list[str]) -> list[str]:
     return out
 
 
+def _own_classifier(args, paths: list[str]):
+    """Results of a `deepfeat fit-classifier` folder, and a (model, device) line for the summary."""
+    from deepfeat.collection import Classifier
+
+    clf = Classifier.load(args.classifier)
+    return clf.classify_files(paths, k=args.top), f"{args.classifier} ({clf.method} on {clf.meta['descriptor']['model']['spec']})"
+
+
 def run(args) -> int:
-    model = load_model(args.model, device=args.device, labels=args.labels)
     paths = _expand(args.inputs)
     t0 = time.perf_counter()
+    if args.classifier:
+        found, model_name, device = *_own_classifier(args, paths), "cpu"
+    else:
+        model = load_model(args.model, device=args.device, labels=args.labels)
+        found = classify_iter(model, paths, k=args.top, batch_size=args.batch_size, workers=args.workers)
+        model_name, device = model.spec, model.device
     results, ok = [], 0
-    for r in classify_iter(model, paths, k=args.top, batch_size=args.batch_size, workers=args.workers):
+    for r in found:
         ok += r.ok
         if args.json:
             results.append(r.to_dict())
             continue
         if r.ok:
             preds = "  ".join(f"{p.prob:.3f} {p.label.split(',')[0]}" for p in r.predictions)
-            print(f"{r.path}: {preds}")
+            unknown = f"unknown (below {r.threshold:.3f})  " if getattr(r, "label", None) == "unknown" else ""
+            print(f"{r.path}: {unknown}{preds}")
         else:
             print(f"{r.path}: ERROR {r.error}")
         sys.stdout.flush()
     dt = time.perf_counter() - t0
     failed = len(paths) - ok
     summary = {"images": len(paths), "classified": ok, "failed": failed, "seconds": round(dt, 3),
-               "images_per_s": round(ok / dt, 2) if dt > 0 else None, "model": model.spec,
-               "device": str(model.device)}
+               "images_per_s": round(ok / dt, 2) if dt > 0 else None, "model": model_name,
+               "device": str(device)}
     if args.json:
         print_json({"results": results, "summary": summary})
     else:
         print(f"\n{ok}/{len(paths)} images classified ({failed} failed) in {dt:.2f}s, "
-              f"{summary['images_per_s']} images/s on {model.device}", file=sys.stderr)
+              f"{summary['images_per_s']} images/s on {device}", file=sys.stderr)
     return 0 if ok > 0 else 1

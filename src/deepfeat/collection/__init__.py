@@ -1,0 +1,8 @@
+"""What people do with a whole collection once it has features: label it with their own classifier
+(:mod:`.classifier`), group it (:mod:`.clusters`), find what does not belong (:mod:`.outliers`) and
+look at it (:mod:`.layout`, :mod:`.pages`). Inputs are feature stores and N x D float32 arrays;
+scikit-learn (the ``explore`` extra) is imported only where a function needs it."""
+
+from deepfeat.collection.classifier import Classifier, fit_classifier
+
+__all__ = ["Classifier", "fit_classifier"]

@@ -1,0 +1,127 @@
+"""Describe new images exactly as a store's were: the descriptor recipe of a store's ``meta.json``
+(model and weights, layer, pooling, scales, size policy, draft decoding) and its post-processing,
+carried by artefacts made from a store (a :class:`~deepfeat.collection.classifier.Classifier`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from deepfeat.errors import DeepfeatError, StoreError
+
+log = logging.getLogger(__name__)
+
+#: the keys of a store's meta.json that say how a descriptor is made
+RECIPE_KEYS = ("layers", "pooling", "post", "size", "scales", "scale_combine", "draft_decode")
+#: fitted parts of a recipe that live in files beside meta.json
+RECIPE_FILES = ("post.npz", "pooling.npz")
+
+
+def descriptor_recipe(store, feature: str) -> dict[str, Any]:
+    """The part of *store*'s meta that makes its *feature* descriptors, for an artefact to carry."""
+    meta = store.meta
+    recipe = {k: meta[k] for k in RECIPE_KEYS if k in meta}
+    recipe["model"] = {k: meta["model"][k] for k in ("spec", "weights_sha256") if k in meta["model"]}
+    recipe["feature"] = feature
+    recipe["dim"] = int(meta["features"][feature]["dim"]) if "features" in meta else None
+    return recipe
+
+
+def copy_recipe_files(store_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy the fitted post-processing and pooling files of a store (if any) into *out_dir*."""
+    copied = []
+    for name in RECIPE_FILES:
+        src = Path(store_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(out_dir) / name)
+            copied.append(name)
+    return copied
+
+
+class Embedder:
+    """Descriptors of image files made by a recipe (:func:`descriptor_recipe`) whose fitted files
+    (post.npz, pooling.npz) lie in *folder*. The model is loaded on first use."""
+
+    def __init__(self, recipe: dict[str, Any], folder: str | os.PathLike, device: str = "cpu"):
+        self.recipe = recipe
+        self.folder = Path(folder)
+        self.device = device
+        self._model = None
+        self._net = None
+        self._post = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from deepfeat.models import load_model
+
+            spec = self.recipe["model"]["spec"]
+            model = load_model(spec, device=self.device)
+            sha = self.recipe["model"].get("weights_sha256")
+            if sha and model.weights_sha256 and sha != model.weights_sha256:
+                raise StoreError(f"the weights of {spec} changed since the features were made "
+                                 f"(sha256 {model.weights_sha256[:12]} vs {sha[:12]})")
+            self._model = model
+        return self._model
+
+    @property
+    def net(self):
+        if self._net is None:
+            from deepfeat.backends.featurenet import FeatureNet
+            from deepfeat.pooling import get_pooling, load_pooling
+
+            codebook = self.folder / "pooling.npz"
+            pooling = load_pooling(codebook) if codebook.is_file() else get_pooling(self.recipe["pooling"])
+            self._net = FeatureNet(self.model, self.recipe["layers"], pooling,
+                                   tuple(self.recipe.get("scales", [1.0])),
+                                   self.recipe.get("scale_combine", "sum")).eval()
+        return self._net
+
+    @property
+    def post(self):
+        if self._post is None:
+            from deepfeat.postprocess import PostChain
+
+            fitted = self.folder / "post.npz"
+            self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(self.recipe.get("post", "none"))
+        return self._post
+
+    def decode(self, image: str | os.PathLike | BinaryIO) -> np.ndarray:
+        from deepfeat.data.images import decode_image
+        from deepfeat.data.preprocess import parse_size_policy
+
+        policy = parse_size_policy(self.recipe.get("size", "model"))
+        return decode_image(image, policy, self.model.data_config, draft=self.recipe.get("draft_decode", True)).pixels
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Post-processed descriptors (N x D float32) of decoded images, one forward pass each."""
+        import torch
+
+        layer_i = self.recipe["layers"].index(self.recipe["feature"])
+        out = []
+        for px in pixels:  # one at a time: images of aspect-preserving policies differ in size
+            with torch.inference_mode():
+                v = self.net(torch.from_numpy(px)[None].to(self.model.device))[layer_i]
+            out.append(v.float().cpu().numpy().reshape(1, -1))
+        x = np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.recipe.get("dim") or 0), np.float32)
+        return np.ascontiguousarray(self.post.apply(x), dtype=np.float32) if len(x) else x
+
+    def embed_files(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
+        """Descriptors of the files that decode, and per path an error message (None when it worked);
+        row i of the array is the i-th path without an error."""
+        pixels, errors = [], []
+        for p in paths:
+            try:
+                pixels.append(self.decode(p))
+                errors.append(None)
+            except DeepfeatError as e:
+                errors.append(str(e))
+            except Exception as e:  # noqa: BLE001 - any other decoder failure is this image's problem only
+                errors.append(f"{type(e).__name__}: {e}")
+        return self.embed_pixels(pixels), errors
