@@ -256,7 +256,7 @@ class SpecKind:
             return params, given
         names = ", ".join(p.name for p in params_)
         keyed = ", ".join(p.name + "=..." for p in params_)
-        fields = dict(kind=kind.name, raw=raw, params=names, keyed=keyed, syntax=self.syntax(kind))
+        fields = {"kind": kind.name, "raw": raw, "params": names, "keyed": keyed, "syntax": self.syntax(kind)}
         if not params_:
             raise self._msg("no_params", **fields)
         by_key: dict[str, Param] = {}

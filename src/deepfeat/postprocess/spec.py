@@ -16,6 +16,7 @@ import numpy as np
 from deepfeat.errors import UsageError
 from deepfeat.postprocess.transforms import PCA, Affine, l2n, power_law
 from deepfeat.specs import Param, SpecKind, register_spec_kind
+
 CHAIN_GRAMMAR = ("none | step[,step...] with step = l2 | power[:ALPHA] | sqrt | pca:DIM | "
                  "pca-whiten:DIM[:shrink=S] | lw:DIM (learned, from a saved chain file); or the path of a "
                  "saved chain file (.npz)")
