@@ -4,21 +4,21 @@ A store records which backend computed its descriptors and in which precision
 (``meta["inference"]``: ``torch`` with its device, ``onnx`` or ``openvino`` with the export kind;
 ``precision`` ``f32`` or ``bf16``). Appending (or ``--resume``) with a different one is checked
 first: a few of the store's own images are extracted again with the new backend and compared
-with their stored descriptors. Within the tolerance of :mod:`deepfeat.backends.onnx_runtime`
-(cosine >= 0.9999 and max abs diff <= 1e-4, or the float16 rounding of a float16 store), or,
-when either side is bf16, the bf16 tolerance of :mod:`deepfeat.backends.openvino_runtime` (cosine >= 0.99
-and max abs diff <= 0.5 x the descriptor's largest component), the run goes on and the store
-notes both backends; otherwise it is refused with the numbers, and nothing is written.
+with their stored descriptors. Within the tolerance of :mod:`deepfeat.backends.tolerance`
+(``F32``, ``F16_STORE`` for a float16 store, or ``BF16`` when either side is bf16), the run
+goes on and the store notes both backends; otherwise it is refused with the numbers, and
+nothing is written.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from deepfeat.backends.onnx_runtime import ATOL, COSINE_MIN, agreement
+from deepfeat.backends.tolerance import BF16, F16_STORE, F32, agreement
 from deepfeat.errors import DeepfeatError, StoreError
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,8 @@ def tolerance(recorded: dict[str, Any] | None, new: dict[str, Any], dtype: str) 
     """The agreement asked of an append: bf16's when either side ran in bf16, else float32's
     (float16's rounding for a float16 store)."""
     if "bf16" in ((recorded or {}).get("precision"), new.get("precision")):
-        from deepfeat.backends.openvino_runtime import BF16_COSINE_MIN, BF16_RTOL
-
-        return {"min_cosine": BF16_COSINE_MIN, "max_rel_diff": BF16_RTOL}
-    return {"min_cosine": COSINE_MIN, "max_abs_diff": ATOL if dtype == "float32" else 2e-3}  # float16: 11 bits
+        return BF16.as_dict()
+    return (F32 if dtype == "float32" else F16_STORE).as_dict()
 
 
 def check_append(store, runner: Callable[[np.ndarray], list[np.ndarray]], layers: list[str],

@@ -20,26 +20,11 @@ import torch
 from deepfeat.errors import UsageError
 from deepfeat.models.base import Model
 from deepfeat.models.taps import make_taps
+from deepfeat.specs import parse_scales  # noqa: F401  (the CLI reads --scales with it)
 
 log = logging.getLogger(__name__)
 
 SCALE_COMBINES = ("sum", "gem")
-
-
-def parse_scales(text: str | Sequence[float] | None) -> tuple[float, ...]:
-    """``"1,0.707,0.5"`` -> (1.0, 0.707, 0.5); also accepts ``1/sqrt(2)``-free decimals only."""
-    if text is None or text == "":
-        return (1.0,)
-    if isinstance(text, (list, tuple)):
-        vals = [float(v) for v in text]
-    else:
-        try:
-            vals = [float(v) for v in str(text).split(",") if v.strip()]
-        except ValueError:
-            raise UsageError(f"--scales {text!r}: give comma-separated numbers, e.g. 1,0.707,0.5") from None
-    if not vals or any(not (0 < v <= 4) for v in vals):
-        raise UsageError(f"--scales {text!r}: every scale must be in (0, 4]")
-    return tuple(vals)
 
 
 class FeatureNet(torch.nn.Module):

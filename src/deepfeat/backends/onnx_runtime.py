@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+# the tolerance is defined in deepfeat.backends.tolerance; ATOL and COSINE_MIN are read from here by tests
+from deepfeat.backends.tolerance import ATOL, COSINE_MIN, F32, agreement, agrees  # noqa: F401
 from deepfeat.errors import DeepfeatError
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,6 @@ MAX_STATIC_GRAPHS = 16
 #: shape-fixed sessions of the dynamic graph kept at once (each holds its plan and weights, about
 #: 70-200 MB for EfficientNet-Lite0 at 768 x 1024; activations are freed after each run)
 MAX_FIXED_SESSIONS = 4
-#: what "the same descriptor" means between backends (tests and the dynamic-graph check):
-#: cosine similarity at least this, and no component further apart than ATOL
-COSINE_MIN = 0.9999
-ATOL = 1e-4
 
 
 #: what a dynamic graph that fails its check does: export one graph per shape, or raise
@@ -203,24 +201,6 @@ def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return max(33, w // 2 + 1), max(33, h // 2 + 3), c
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(smallest row cosine, largest absolute difference) between two ``N x D`` arrays."""
-    a = np.asarray(a, np.float64).reshape(len(a), -1)
-    b = np.asarray(b, np.float64).reshape(len(b), -1)
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf (a broken graph) compare as False
-        cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
-    both_zero = (na == 0) & (nb == 0)
-    cos[both_zero] = 1.0
-    return float(cos.min()), float(np.abs(a - b).max())
-
-
-def agrees(a: np.ndarray, b: np.ndarray, cosine_min: float = COSINE_MIN, atol: float = ATOL) -> bool:
-    cos, diff = agreement(a, b)
-    return cos >= cosine_min and diff <= atol
-
-
 def dynamic_graph_agrees(sess, fnet, shape: tuple[int, int, int]) -> tuple[bool, str]:
     """Run the dynamic graph and eager PyTorch on random pixels at :func:`probe_shape` of *shape*."""
     import torch
@@ -236,9 +216,9 @@ def dynamic_graph_agrees(sess, fnet, shape: tuple[int, int, int]) -> tuple[bool,
     for g, w in zip(got, want):
         if g.shape != w.shape:
             return False, f"output shape {g.shape} at input {ps[:2]}, torch gives {w.shape}"
-        cos, diff = agreement(g, w)
-        if not (cos >= COSINE_MIN and diff <= ATOL):
-            return False, f"at input {ps[0]}x{ps[1]} cosine {cos:.6f}, max abs diff {diff:.2e} to torch"
+        ok, numbers = F32.check(g, w)
+        if not ok:
+            return False, f"at input {ps[0]}x{ps[1]} {numbers} to torch"
     return True, ""
 
 

@@ -6,9 +6,9 @@ CPU plugin, in one of two precisions (:data:`PRECISIONS`):
 
 * ``f32`` (the default): float32 throughout (``INFERENCE_PRECISION_HINT=f32``; OpenVINO would
   otherwise pick bf16 on a CPU with AMX). The same descriptors as eager PyTorch within
-  :data:`~deepfeat.backends.onnx_runtime.COSINE_MIN` / :data:`~deepfeat.backends.onnx_runtime.ATOL`.
+  :data:`~deepfeat.backends.tolerance.F32`.
 * ``bf16`` (opt-in, ``--precision bf16``): bfloat16 matrix products where the CPU has them (AMX
-  or AVX512_BF16); descriptors within :data:`BF16_COSINE_MIN` and :data:`BF16_RTOL` of float32.
+  or AVX512_BF16); descriptors within :data:`~deepfeat.backends.tolerance.BF16` of float32.
 
 Shapes (figures: docs/benchmarks.md, "OpenVINO and bf16"). ``dynamic`` (aspect-preserving policies,
 ``--scales``): one export with dynamic batch, height and width, read into OpenVINO once and compiled
@@ -49,11 +49,8 @@ from typing import Any
 import numpy as np
 
 from deepfeat.backends.onnx_runtime import (
-    ATOL,
-    COSINE_MIN,
     MAX_STATIC_GRAPHS,
     ON_MISMATCH,
-    agreement,
     dynamic_graph_agrees,
     dynamic_mismatch,
     dynamic_problem,
@@ -61,20 +58,13 @@ from deepfeat.backends.onnx_runtime import (
     run_in_batches_of,
     trace_shape,
 )
+from deepfeat.backends.tolerance import BF16_COSINE_MIN, BF16_RTOL, for_precision  # noqa: F401  (read by tests)
 from deepfeat.errors import DeepfeatError, UsageError
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("f32", "bf16")
 EXPORT_KINDS = ("static", "dynamic")
-#: what "the same descriptor" means between a bf16 run and float32 (eager PyTorch, ONNX Runtime,
-#: OpenVINO f32): row cosine at least this, and no component further apart than BF16_RTOL times
-#: the descriptor's largest component. Measured against eager PyTorch on Flowers 17 photos at
-#: long:512, bn2: GeM (136 photos) cosine min 0.9960, median 0.9993, relative diff max 0.15; MAC (68
-#: photos) cosine min 0.9942, median 0.9987, relative diff max 0.31 (a maximum moves with rounding);
-#: three scales, GeM: cosine min 0.9993 (docs/benchmarks.md, "OpenVINO").
-BF16_COSINE_MIN = 0.99
-BF16_RTOL = 0.5
 #: the first shape seen this many times gets its own compilation, which measures what one costs
 #: and how much faster it runs; later shapes by the rent-or-buy rule (CompiledGraphs._wants_compile)
 COMPILE_AT_SIGHT = 2
@@ -150,19 +140,14 @@ def require(precision: str = "f32") -> None:
 
 
 def compare(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool, str]:
-    """Whether *got* is *want* within *precision*'s tolerance, and the numbers."""
-    cos, diff = agreement(got, want)
-    if precision == "bf16":
-        rel = diff / max(float(np.abs(np.asarray(want, np.float64)).max()), 1e-30)
-        return cos >= BF16_COSINE_MIN and rel <= BF16_RTOL, f"cosine {cos:.6f}, max abs diff / max {rel:.3g}"
-    return cos >= COSINE_MIN and diff <= ATOL, f"cosine {cos:.6f}, max abs diff {diff:.2e}"
+    """Whether *got* is *want* within *precision*'s tolerance (:mod:`deepfeat.backends.tolerance`),
+    and the numbers."""
+    return for_precision(precision).check(got, want)
 
 
 def tolerance(precision: str) -> dict[str, float]:
     """The tolerance of *precision*, as recorded in a store's ``backend_check``."""
-    if precision == "bf16":
-        return {"min_cosine": BF16_COSINE_MIN, "max_rel_diff": BF16_RTOL}
-    return {"min_cosine": COSINE_MIN, "max_abs_diff": ATOL}
+    return for_precision(precision).as_dict()
 
 
 def compile_config(threads: int | None, precision: str) -> dict[str, Any]:

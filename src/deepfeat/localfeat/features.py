@@ -10,8 +10,8 @@ Four extractors, chosen by a spec ``NAME[:key=value,...]``:
   through the layer's stride: its centre ``((j + 0.5) * W_in / w, (i + 0.5) * H_in / h)``
   (the centre of the cell's receptive field for 'same'-padded convolutions), then to
   the original image's pixels. Options: ``layer`` (default: the last layer at stride
-  16, e.g. ``blocks.4`` of EfficientNet-Lite0), ``scales`` (image scales joined by
-  ``/``, e.g. ``1/0.707``, keypoints of all scales pooled), ``max`` (keypoints kept,
+  16, e.g. ``blocks.4`` of EfficientNet-Lite0), ``scales`` (image scales, a list of
+  :mod:`deepfeat.specs` joined by ``/``, e.g. ``1/0.707``, keypoints of all scales pooled), ``max`` (keypoints kept,
   default 500), ``size`` (the image's longer side in pixels before extraction,
   default 640).
 * ``sift``: OpenCV SIFT (Lowe 2004) with RootSIFT descriptors (Arandjelovic &
@@ -41,14 +41,14 @@ OpenCV comes with the ``[verify]`` extra (``pip install 'deepfeat[verify]'``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
-from deepfeat.errors import UsageError, suggest
+from deepfeat.errors import UsageError
+from deepfeat.specs import Param, SpecKind, format_float_g, register_spec_kind
 
 #: version of the extraction code; recorded in the store section so a change is detected
 LOCAL_FEATURES_VERSION = 1
@@ -56,14 +56,43 @@ LOCAL_FEATURES_VERSION = 1
 EXTRACTORS = ("cnn", "sift", "orb", "regions")
 #: localisation scale of a SIFT/ORB keypoint, in pixels of the extraction frame
 OPENCV_TOLERANCE = 4.0
-_DEFAULTS = {
-    "cnn": {"max": 500, "size": 640, "layer": None, "scales": (1.0,)},
-    "sift": {"max": 1000, "size": 640},
-    "orb": {"max": 1000, "size": 640},
-    "regions": {"layer": None, "l": 3, "pool": "mac", "size": 640, "scales": (1.0,)},
-}
 #: region poolings of the ``regions`` extractor
 REGION_POOLS = ("mac", "gem")
+
+
+@dataclass(frozen=True)
+class ExtractorKind:
+    """A local-feature extractor of the spec registry: its name and parameters."""
+
+    name: str
+    params: tuple[Param, ...]
+
+
+def _max(default: int) -> Param:
+    return Param("max", "int", default, "a positive integer", lambda v: v >= 1)
+
+
+_SIZE = Param("size", "int", 640, "an integer of at least 32", lambda v: v >= 32)
+_LAYER = Param("layer", "text", None, "a layer name", shown=False)
+_SCALES = Param("scales", "floats", (1.0,), "numbers in (0, 4] joined by '/', e.g. 1/0.707",
+                lambda v: len(v) >= 1 and all(0 < s <= 4 for s in v), shown=False)
+EXTRACTOR_KINDS: dict[str, ExtractorKind] = {k.name: k for k in (
+    ExtractorKind("cnn", (_LAYER, _max(500), _SIZE, _SCALES)),
+    ExtractorKind("sift", (_max(1000), _SIZE)),
+    ExtractorKind("orb", (_max(1000), _SIZE)),
+    ExtractorKind("regions", (_LAYER, Param("L", "int", 3, "an integer from 1 to 8", lambda v: 1 <= v <= 8,
+                                            aliases=("levels",)),
+                              Param("pool", "choice", "mac", " or ".join(REGION_POOLS), choices=REGION_POOLS),
+                              _SIZE, _SCALES)),
+)}
+_NOT_ONE_OF = "local-feature spec {raw!r}: {arg!r} is not one of {keyed}"
+#: local-feature specs: one extractor, key=value parameters
+LOCAL_SPECS = SpecKind("local-feature extractor", EXTRACTOR_KINDS, float_format=format_float_g, messages={
+    "empty": "empty local-feature spec; choose {names}",
+    "unknown_name": "unknown local-feature extractor {name!r}; choose {names}{hint}",
+    "unknown_param": _NOT_ONE_OF, "positional": _NOT_ONE_OF,
+    "bad_value": "local-feature spec {raw!r}: {key} must be {rule}, got {value!r}",
+})
 
 
 @dataclass(frozen=True)
@@ -94,19 +123,9 @@ class LocalSpec:
         return self.extractor in ("cnn", "regions")
 
     def __str__(self) -> str:
-        if self.regions:
-            args = ([f"layer={self.layer}"] if self.layer else []) + [f"L={self.levels}", f"pool={self.pool}",
-                                                                       f"size={self.size}"]
-            if self.scales != (1.0,):
-                args.append("scales=" + "/".join(f"{s:g}" for s in self.scales))
-            return "regions:" + ",".join(args)
-        args = [f"max={self.max_keypoints}", f"size={self.size}"]
-        if self.extractor == "cnn":
-            if self.layer:
-                args.insert(0, f"layer={self.layer}")
-            if self.scales != (1.0,):
-                args.append("scales=" + "/".join(f"{s:g}" for s in self.scales))
-        return f"{self.extractor}:" + ",".join(args)
+        return LOCAL_SPECS.canonical(EXTRACTOR_KINDS[self.extractor], {
+            "layer": self.layer, "max": self.max_keypoints, "size": self.size, "scales": tuple(self.scales),
+            "L": self.levels, "pool": self.pool})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,56 +138,16 @@ class LocalSpec:
 
 def parse_local_spec(text: str | LocalSpec | None) -> LocalSpec:
     """``cnn``, ``cnn:layer=blocks.4,max=300,scales=1/0.707``, ``sift:max=2000``, ``orb``,
-    ``regions:L=3,pool=gem``..."""
+    ``regions:L=3,pool=gem``... (the grammar of :mod:`deepfeat.specs`)."""
     if isinstance(text, LocalSpec):
         return text
-    raw = (text or "cnn").strip()
-    name, _, argstr = raw.partition(":")
-    name = name.strip().lower()
-    if name not in EXTRACTORS:
-        raise UsageError(f"unknown local-feature extractor {name!r}; choose {', '.join(EXTRACTORS)}"
-                         f"{suggest(name, EXTRACTORS)}")
-    vals: dict[str, Any] = dict(_DEFAULTS[name])
-    for arg in (a.strip() for a in argstr.split(",")) if argstr.strip() else ():
-        key, eq, v = arg.partition("=")
-        key = key.strip().lower()
-        key = "l" if key == "levels" else key
-        if not eq or key not in vals:
-            raise UsageError(f"local-feature spec {raw!r}: {arg!r} is not one of "
-                             f"{', '.join(('L' if k == 'l' else k) + '=...' for k in vals)}")
-        v = v.strip()
-        try:
-            if key == "l":
-                n = int(v)
-                if not 1 <= n <= 8:
-                    raise ValueError
-                vals[key] = n
-            elif key == "pool":
-                if v.lower() not in REGION_POOLS:
-                    raise ValueError
-                vals[key] = v.lower()
-            elif key in ("max", "size"):
-                n = int(v)
-                if n < 1 or (key == "size" and n < 32):
-                    raise ValueError
-                vals[key] = n
-            elif key == "scales":
-                scales = tuple(float(s) for s in v.split("/"))
-                if not scales or any(not (0 < s <= 4) or not math.isfinite(s) for s in scales):
-                    raise ValueError
-                vals[key] = scales
-            else:
-                if not v:
-                    raise ValueError
-                vals[key] = v
-        except ValueError:
-            rule = {"max": "a positive integer", "size": "an integer of at least 32",
-                    "scales": "numbers in (0, 4] joined by '/', e.g. 1/0.707", "layer": "a layer name",
-                    "l": "an integer from 1 to 8", "pool": " or ".join(REGION_POOLS)}[key]
-            raise UsageError(f"local-feature spec {raw!r}: {'L' if key == 'l' else key} must be {rule}, "
-                             f"got {v!r}") from None
-    return LocalSpec(name, vals.get("max", 0), vals["size"], vals.get("layer"), tuple(vals.get("scales", (1.0,))),
-                     vals.get("l", 3), vals.get("pool", "mac"))
+    part = LOCAL_SPECS.parse_part((text or "cnn").strip())
+    v = part.params
+    return LocalSpec(part.kind.name, v.get("max", 0), v["size"], v.get("layer"), tuple(v.get("scales", (1.0,))),
+                     v.get("L", 3), v.get("pool", "mac"))
+
+
+register_spec_kind("local", LOCAL_SPECS, lambda s: str(parse_local_spec(s)))
 
 
 @dataclass

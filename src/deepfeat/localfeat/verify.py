@@ -25,7 +25,8 @@ For a query and each of its top-N database images (:mod:`deepfeat.localfeat.feat
    top N keep their order after the verified block.
 
 :class:`VerifyParams` holds these settings; :func:`parse_verify_spec` reads
-``N[:key=value,...]`` (e.g. ``20``, ``20:weight=2,cap=30,model=homography``).
+``N[:key=value,...]`` (e.g. ``20``, ``20:weight=2,cap=30,model=homography``): the grammar
+of :mod:`deepfeat.specs` with the number of results in the place of a name.
 """
 
 from __future__ import annotations
@@ -38,8 +39,29 @@ import numpy as np
 
 from deepfeat.errors import UsageError
 from deepfeat.localfeat.features import LocalFeatures, require_cv2
+from deepfeat.specs import Param, SpecKind, format_float_g, register_spec_kind
 
 GEOMETRIES = ("similarity", "affine", "homography")
+
+
+@dataclass(frozen=True)
+class _VerifyKind:
+    name: str
+    params: tuple[Param, ...]
+
+
+#: the parameters after ``N:``; their ranges are checked by :class:`VerifyParams`
+VERIFY_KIND = _VerifyKind("verify", (
+    Param("weight", "float", 1.0, "a float"), Param("cap", "int", 30, "a int"),
+    Param("min_inliers", "int", 5, "a int"), Param("ransac", "float", 1.0, "a float"),
+    Param("ratio", "float", 0.0, "a float"),
+    Param("model", "choice", "similarity", "a geometry (choose " + ", ".join(GEOMETRIES) + ")",
+          choices=GEOMETRIES)))
+_NOT_ONE_OF = "--verify {raw!r}: {arg!r} is not one of {keyed}"
+VERIFY_SPECS = SpecKind("spatial verification", {"verify": VERIFY_KIND}, float_format=format_float_g, messages={
+    "unknown_param": _NOT_ONE_OF, "positional": _NOT_ONE_OF,
+    "bad_value": "--verify {raw!r}: {key} must be {rule}, got {value!r}",
+})
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,11 @@ class VerifyParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def spec(self) -> str:
+        """``N:weight=...,cap=...,...`` with every setting written out."""
+        return f"{self.top}:" + VERIFY_SPECS.canonical(VERIFY_KIND, asdict(self)).partition(":")[2]
+
 
 def parse_verify_spec(text: str | int | VerifyParams | None) -> VerifyParams | None:
     """``N`` or ``N:key=value,...`` (keys: weight, cap, min_inliers, ransac, ratio, model);
@@ -85,18 +112,11 @@ def parse_verify_spec(text: str | int | VerifyParams | None) -> VerifyParams | N
         raise UsageError(f"--verify {raw!r}: give N (results to verify), optionally N:key=value,...") from None
     if top == 0:
         return None
-    kw: dict = {}
-    types = {"weight": float, "cap": int, "min_inliers": int, "ransac": float, "ratio": float, "model": str}
-    for arg in (a.strip() for a in argstr.split(",")) if argstr.strip() else ():
-        k, eq, v = arg.partition("=")
-        k = k.strip().lower()
-        if not eq or k not in types:
-            raise UsageError(f"--verify {raw!r}: {arg!r} is not one of {', '.join(t + '=...' for t in types)}")
-        try:
-            kw[k] = types[k](v.strip())
-        except ValueError:
-            raise UsageError(f"--verify {raw!r}: {k} must be a {types[k].__name__}, got {v!r}") from None
-    return VerifyParams(top=top, **kw)
+    params, given = VERIFY_SPECS.parse_args(VERIFY_KIND, argstr, raw)
+    return VerifyParams(top=top, **{k: params[k] for k in given})
+
+
+register_spec_kind("verify", VERIFY_SPECS, lambda s: parse_verify_spec(s).spec)
 
 
 def mutual_matches(qd: np.ndarray, dd: np.ndarray, binary: bool = False, ratio: float = 0.0

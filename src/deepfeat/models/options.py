@@ -1,22 +1,15 @@
-"""Parsing of model-spec options (``SPEC?key=value&...``), shared by the sources that take them."""
+"""Model-spec options (``SPEC?key=value&...``), shared by the sources that take them: the
+query variant of the grammar of :mod:`deepfeat.specs`, with its number rule (fractions
+such as ``1/255`` allowed)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
-from urllib.parse import parse_qsl
 
 from deepfeat.errors import UsageError
+from deepfeat.specs import canonical_query, parse_number, parse_query, register_spec_kind
 
-
-def parse_query(query: str, spec: str) -> dict[str, str]:
-    """``a=1&b=x`` -> {"a": "1", "b": "x"}; a clear error for anything else."""
-    if not query:
-        return {}
-    try:
-        return dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
-    except ValueError:
-        raise UsageError(f"options after '?' in {spec!r} must be key=value pairs joined by '&'") from None
+__all__ = ["parse_number", "parse_query", "parse_size"]
 
 
 def parse_size(v: Any, what: str) -> tuple[int, int]:
@@ -37,18 +30,4 @@ def parse_size(v: Any, what: str) -> tuple[int, int]:
     return vals[0], vals[1]
 
 
-def parse_number(v: Any, what: str, positive: bool = False) -> float:
-    """A finite float from a number or a string, which may be a fraction ``a/b`` (``1/255``)."""
-    try:
-        if isinstance(v, str) and "/" in v:
-            num, den = v.split("/", 1)
-            f = float(num) / float(den)
-        else:
-            f = float(v)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise UsageError(f"{what} must be a number (or a fraction such as 1/255), not {v!r}") from None
-    if not math.isfinite(f):
-        raise UsageError(f"{what} must be finite, not {v!r}")
-    if positive and f <= 0:
-        raise UsageError(f"{what} must be positive, not {v!r}")
-    return f
+register_spec_kind("model-options", None, lambda s: canonical_query(parse_query(s, s)))

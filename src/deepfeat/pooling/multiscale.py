@@ -1,5 +1,5 @@
-"""Multi-scale: combine per-scale vectors, parse a scale list, rescale a batch, and
-pool a feature extractor's maps at several scales."""
+"""Multi-scale: combine per-scale vectors, rescale a batch, and pool a feature
+extractor's maps at several scales (scale lists: :func:`deepfeat.specs.parse_scales`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from deepfeat.errors import UsageError
 from deepfeat.pooling.common import EPS
+from deepfeat.specs import parse_scales  # noqa: F401  (public as deepfeat.pooling.parse_scales)
 
 if TYPE_CHECKING:
     from deepfeat.pooling.modules import Pooling
@@ -46,28 +47,6 @@ def combine_scales(vectors: Sequence[torch.Tensor], mode: str = "sum", p: float 
     for v in vectors[1:]:
         acc = acc + v.clamp(min=eps).pow(p)
     return (acc / len(vectors)).pow(1.0 / p)
-
-
-def parse_scales(text: str | Sequence[float]) -> tuple[float, ...]:
-    """``"1,0.707,0.5"`` (fractions like ``1/2`` allowed) -> ``(1.0, 0.707, 0.5)``."""
-    if not isinstance(text, str):
-        vals = tuple(float(s) for s in text)
-    else:
-        vals_list = []
-        for part in text.split(","):
-            part = part.strip()
-            try:
-                if "/" in part:
-                    num, den = part.split("/")
-                    vals_list.append(float(num) / float(den))
-                else:
-                    vals_list.append(float(part))
-            except (ValueError, ZeroDivisionError):
-                raise UsageError(f"scales {text!r}: {part!r} is not a number (use e.g. 1,0.707,0.5)") from None
-        vals = tuple(vals_list)
-    if not vals or any(not s > 0 for s in vals):
-        raise UsageError(f"scales must be positive numbers, got {text!r}")
-    return vals
 
 
 def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The pooling registry: :data:`POOLINGS` maps a name to a :class:`PoolingKind`
-(parameters, one-line summary, citation, the pure function), and the canonical
-form of a spec."""
+(parameters, one-line summary, citation, the pure function); :data:`POOLING_SPECS`
+reads and writes pooling specs with the one grammar of :mod:`deepfeat.specs`."""
 
 from __future__ import annotations
 
@@ -13,19 +13,7 @@ import torch
 from deepfeat.pooling.common import EPS
 from deepfeat.pooling.crow_weighting import crow
 from deepfeat.pooling.global_pool import avg_pool, gem, mac, no_pool, spoc, sum_pool
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a pooling spec."""
-
-    name: str
-    kind: str  # "float", "int", "bool", "ints" (slash-separated), or "choice"
-    default: Any
-    rule: str  # what valid values are, for error messages
-    check: Callable[[Any], bool] = lambda v: True
-    shown: bool = True  # always in the canonical spec (else only when not the default)
-    choices: tuple[str, ...] = ()
+from deepfeat.specs import Param, SpecKind
 
 
 @dataclass(frozen=True)
@@ -43,10 +31,7 @@ class PoolingKind:
 
     @property
     def syntax(self) -> str:
-        if not self.params:
-            return self.name
-        return self.name + ":" + ",".join(f"{p.name}={_fmt_value(p, p.default) if p.default is not None else '...'}"
-                                          for p in self.params if p.shown)
+        return POOLING_SPECS.syntax(self)
 
 
 def _pos(v: Any) -> bool:
@@ -108,7 +93,8 @@ POOLINGS: dict[str, PoolingKind] = {
     )
 }
 
-_ALIASES = {a: k.name for k in POOLINGS.values() for a in k.aliases}
+#: pooling specs: parts joined by '+', bare values in parameter order (``gem:3``)
+POOLING_SPECS = SpecKind("pooling", POOLINGS, joiner="+", positional=True)
 
 
 def list_poolings() -> list[str]:
@@ -116,27 +102,8 @@ def list_poolings() -> list[str]:
     return list(POOLINGS)
 
 
-def _fmt_value(p: Param, v: Any) -> str:
-    if p.kind == "bool":
-        return "1" if v else "0"
-    if p.kind == "ints":
-        return "/".join(str(int(w)) for w in v)
-    if p.kind == "float":
-        v = float(v)
-        return repr(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
-    return str(v)
-
-
-
 def _canonical(kind: PoolingKind, params: dict[str, Any]) -> str:
-    args = []
-    for p in kind.params:
-        v = params.get(p.name)
-        if v is None:
-            continue
-        if p.shown or v != p.default:
-            args.append(f"{p.name}={_fmt_value(p, v)}")
-    return kind.name + (":" + ",".join(args) if args else "")
+    return POOLING_SPECS.canonical(kind, params)
 
 
 def describe_poolings() -> list[dict[str, str]]:

@@ -1,7 +1,9 @@
 """The post-processing chain spec: its grammar, the parsed (and possibly fitted) step, and the parser.
 
 ``none | step[,step...]``, ``step := l2 | power[:ALPHA] | sqrt | pca:DIM |
-pca-whiten:DIM[:shrink=S] | lw:DIM`` (see :class:`~deepfeat.postprocess.PostChain`).
+pca-whiten:DIM[:shrink=S] | lw:DIM`` (see :class:`~deepfeat.postprocess.PostChain`):
+the chain variant of :mod:`deepfeat.specs` (steps joined by ``,``, a step's arguments
+by ``:``), read with the same typed parameters (:data:`STEP_SPECS`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,45 @@ from typing import Any
 
 import numpy as np
 
-from deepfeat.errors import UsageError, suggest
+from deepfeat.errors import UsageError
 from deepfeat.postprocess.transforms import PCA, Affine, l2n, power_law
+from deepfeat.specs import Param, SpecKind, register_spec_kind
 
-STEP_NAMES = ("l2", "power", "sqrt", "pca", "pca-whiten", "lw")
-_ALIASES = {"l2n": "l2", "pow": "power", "ssr": "sqrt", "pcaw": "pca-whiten", "pca_whiten": "pca-whiten",
-            "whiten": "pca-whiten"}
 CHAIN_GRAMMAR = ("none | step[,step...] with step = l2 | power[:ALPHA] | sqrt | pca:DIM | "
                  "pca-whiten:DIM[:shrink=S] | lw:DIM (learned, from a saved chain file); or the path of a "
                  "saved chain file (.npz)")
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """A post-processing step: its name, aliases and parameters."""
+
+    name: str
+    params: tuple[Param, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+_DIM = Param("dim", "int", None, "an integer >= 1", lambda v: v >= 1, bare=True, doc="a dimension")
+_SHRINK = Param("shrink", "float", 0.0, "a number in [0, 1]", lambda v: 0 <= v <= 1, shown=False,
+                aliases=("shrinkage",))
+STEPS: dict[str, StepKind] = {k.name: k for k in (
+    StepKind("l2", aliases=("l2n",)),
+    StepKind("power", (Param("alpha", "float", 0.5, "> 0", lambda v: v > 0, bare=True),), aliases=("pow",)),
+    StepKind("sqrt", aliases=("ssr",)),
+    StepKind("pca", (_DIM, _SHRINK)),
+    StepKind("pca-whiten", (_DIM, _SHRINK), aliases=("pcaw", "whiten")),
+    StepKind("lw", (_DIM,)),
+)}
+STEP_NAMES = tuple(STEPS)
+_NOT_UNDERSTOOD = "post-processing step {raw!r} not understood; use {kind}:DIM (or pca-whiten:DIM:shrink=S)"
+#: one step of a chain: arguments joined by ':', bare values in parameter order
+STEP_SPECS = SpecKind("post-processing step", STEPS, arg_sep=":", positional=True, messages={
+    "unknown_name": "unknown post-processing step {raw!r}; valid steps: {names} (grammar: " + CHAIN_GRAMMAR
+                    + ").{hint}",
+    "no_params": "post-processing step {kind!r} takes no arguments, got {raw!r}",
+    "unknown_param": _NOT_UNDERSTOOD, "positional": _NOT_UNDERSTOOD, "twice": _NOT_UNDERSTOOD,
+    "bad_value": "post-processing step {raw!r}: {key} must be {rule}, got {value!r}",
+})
 
 
 @dataclass
@@ -37,12 +69,11 @@ class _Step:
         if self.kind == "l2":
             return "l2"
         if self.kind == "power":
-            return f"power:{_fmt(self.alpha)}"
+            return STEP_SPECS.canonical(STEPS["power"], {"alpha": self.alpha})
         if self.kind == "lw":
-            return f"lw:{self.dim}"
-        name = "pca-whiten" if self.whiten else "pca"
-        shrink = f":shrink={_fmt(self.shrinkage)}" if self.shrinkage else ""
-        return f"{name}:{self.dim}{shrink}"
+            return STEP_SPECS.canonical(STEPS["lw"], {"dim": self.dim})
+        kind = STEPS["pca-whiten" if self.whiten else "pca"]
+        return STEP_SPECS.canonical(kind, {"dim": self.dim, "shrink": self.shrinkage})
 
     @property
     def needs_fit(self) -> bool:
@@ -83,72 +114,26 @@ class _Step:
         return d
 
 
-def _fmt(v: float) -> str:
-    return repr(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-def _number(step: str, what: str, text: str, cast: type) -> Any:
-    try:
-        return cast(text)
-    except ValueError:
-        kind = "an integer" if cast is int else "a number"
-        raise UsageError(f"post-processing step {step!r}: {what} must be {kind}, got {text!r}") from None
-
-
 def _parse_step(text: str) -> _Step:
-    raw = text.strip()
-    name, *args = [p.strip() for p in raw.split(":")]
-    name = _ALIASES.get(name.lower(), name.lower())
-    if name not in STEP_NAMES:
-        raise UsageError(
-            f"unknown post-processing step {raw!r}; valid steps: {', '.join(STEP_NAMES)} "
-            f"(grammar: {CHAIN_GRAMMAR}).{suggest(name, STEP_NAMES)}"
-        )
-    keyed: dict[str, str] = {}
-    positional: list[str] = []
-    for a in args:
-        if "=" in a:
-            k, _, v = a.partition("=")
-            keyed[k.strip().lower()] = v.strip()
-        elif a:
-            positional.append(a)
+    part = STEP_SPECS.parse_part(text)
+    name, params, raw = part.kind.name, part.params, part.text
     if name in ("l2", "sqrt"):
-        if positional or keyed:
-            raise UsageError(f"post-processing step {name!r} takes no arguments, got {raw!r}")
         return _Step("l2") if name == "l2" else _Step("power", alpha=0.5)
     if name == "power":
-        if len(positional) > 1 or set(keyed) - {"alpha"} or (positional and keyed):
-            raise UsageError(f"post-processing step {raw!r}: use power or power:ALPHA (e.g. power:0.5)")
-        alpha = _number(raw, "alpha", positional[0] if positional else keyed.get("alpha", "0.5"), float)
-        if not alpha > 0:
-            raise UsageError(f"post-processing step {raw!r}: alpha must be > 0")
-        return _Step("power", alpha=alpha)
-    if name == "lw":
-        if len(positional) != 1 or keyed:
+        return _Step("power", alpha=params["alpha"])
+    if params["dim"] is None:
+        if name == "lw":
             raise UsageError(f"post-processing step {raw!r}: use lw:DIM (a whitening learned by deepfeat finetune)")
-        dim = _number(raw, "the dimension", positional[0], int)
-        if dim < 1:
-            raise UsageError(f"post-processing step {raw!r}: the dimension must be >= 1")
-        return _Step("lw", dim=dim)
-    # pca / pca-whiten
-    if "shrinkage" in keyed:
-        keyed["shrink"] = keyed.pop("shrinkage")
-    unknown = set(keyed) - {"dim", "shrink"}
-    if unknown or len(positional) > 1 or (positional and "dim" in keyed):
-        raise UsageError(
-            f"post-processing step {raw!r} not understood; use {name}:DIM"
-            + (" or pca-whiten:DIM:shrink=S" if name == "pca-whiten" else "")
-        )
-    if not positional and "dim" not in keyed:
         raise UsageError(f"post-processing step {raw!r} needs a dimension, e.g. {name}:128")
-    dim = _number(raw, "the dimension", positional[0] if positional else keyed["dim"], int)
-    if dim < 1:
-        raise UsageError(f"post-processing step {raw!r}: the dimension must be >= 1")
-    shrink = 0.0
-    if "shrink" in keyed:
-        if name != "pca-whiten":
-            raise UsageError(f"post-processing step {raw!r}: shrink= applies to pca-whiten only")
-        shrink = _number(raw, "shrink", keyed["shrink"], float)
-        if not 0.0 <= shrink <= 1.0:
-            raise UsageError(f"post-processing step {raw!r}: shrink must be in [0, 1]")
-    return _Step("pca", dim=dim, whiten=name == "pca-whiten", shrinkage=shrink)
+    if name == "lw":
+        return _Step("lw", dim=params["dim"])
+    if "shrink" in part.given and name != "pca-whiten":
+        raise UsageError(f"post-processing step {raw!r}: shrink= applies to pca-whiten only")
+    return _Step("pca", dim=params["dim"], whiten=name == "pca-whiten", shrinkage=params["shrink"])
+
+
+def _canonical_chain(text: str) -> str:
+    return ",".join(_parse_step(t).spec for t in text.split(","))
+
+
+register_spec_kind("postprocess", STEP_SPECS, _canonical_chain)

@@ -40,7 +40,6 @@ from deepfeat.rerank.regional import RegionalDiffusion, gmp_weights, seed_vector
 from deepfeat.rerank.specs import (
                     RERANKERS,
                     RerankKind,
-                    RerankParam,
                     canonical_spec,
                     describe_rerankers,
                     get_reranker,
@@ -48,7 +47,7 @@ from deepfeat.rerank.specs import (
                     parse_rerank_spec,
 )
 
-__all__ = ["RERANKERS", "RerankKind", "RerankParam", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",
+__all__ = ["RERANKERS", "RerankKind", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",
            "get_reranker", "parse_rerank_spec", "canonical_spec", "list_rerankers", "describe_rerankers", "knn_graph",
            "system_matrix", "diffuse", "solve", "k_reciprocal_distances", "gmp_weights", "seed_vector",
            "complete_ranking", "rerank_ranks"]
