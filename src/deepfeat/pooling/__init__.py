@@ -37,7 +37,7 @@ The package keeps the pure functions apart from the registry (as cirtorch keeps
 ``crow_weighting`` (CroW), ``multiscale`` (scale combination), ``mop`` (MOP-CNN's
 windows, VLAD, k-means, levels); then ``registry`` (:data:`POOLINGS`), ``spec``
 (:func:`get_pooling`), ``modules`` (:class:`Pooling`, :class:`ConcatPooling`) and
-``mop_pooling`` (:class:`MOPPooling`, :func:`load_pooling`). Every name is
+``mop_pooling`` (:class:`MOPPooling`), ``spec`` (:func:`get_pooling`, :func:`load_pooling`, :func:`pool_multiscale`). Every name is
 importable from ``deepfeat.pooling``.
 """
 
@@ -45,21 +45,20 @@ from __future__ import annotations
 
 from deepfeat.pooling.common import EPS, l2_normalize  # noqa: F401  (EPS is public but not in __all__)
 from deepfeat.pooling.crow_weighting import crow
-from deepfeat.pooling.global_pool import GeM, avg_pool, gem, mac, no_pool, spoc, spoc_center_prior, sum_pool
-from deepfeat.pooling.modules import ConcatPooling, Pooling
+from deepfeat.pooling.global_pool import avg_pool, gem, mac, no_pool, spoc, spoc_center_prior, sum_pool
+from deepfeat.pooling.modules import ConcatPooling, GeM, Pooling
 from deepfeat.pooling.mop import VLADLevel, kmeans, layer_stride, mop_encode, mop_patch_grid, mop_windows, vlad
-from deepfeat.pooling.mop_pooling import MOP_FILE_KIND, MOP_FORMAT_VERSION, MOPPooling, load_pooling  # noqa: F401
+from deepfeat.pooling.mop_pooling import MOPPooling
 from deepfeat.pooling.multiscale import (
     COMBINE_MODES,
     DEFAULT_SCALES,
     combine_scales,
     parse_scales,
-    pool_multiscale,
     rescale,
 )
 from deepfeat.pooling.regional import regional_sum, regional_vectors, rgem, rmac, rmac_regions
 from deepfeat.pooling.registry import POOLINGS, Param, PoolingKind, describe_poolings, list_poolings
-from deepfeat.pooling.spec import get_pooling
+from deepfeat.pooling.spec import get_pooling, load_pooling, pool_multiscale
 
 __all__ = [
     "COMBINE_MODES", "DEFAULT_SCALES", "POOLINGS", "ConcatPooling", "GeM", "MOPPooling", "Param", "Pooling",

@@ -4,22 +4,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from deepfeat.errors import UsageError
 from deepfeat.pooling.common import EPS, _check_map
 
-if TYPE_CHECKING:
-    from deepfeat.pooling.modules import Pooling
-
 
 def no_pool(x: torch.Tensor) -> torch.Tensor:
     """``none``: an ``N x D`` (already pooled, e.g. an FC layer) passes through;
     an ``N x C x 1 x 1`` map is flattened; larger maps are refused."""
-    from deepfeat.pooling.registry import POOLINGS
-
     if isinstance(x, torch.Tensor) and x.dim() == 2:
         return x
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1:
@@ -27,7 +21,7 @@ def no_pool(x: torch.Tensor) -> torch.Tensor:
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
     raise UsageError(
         f"pooling 'none' needs an already pooled N x D layer (or N x C x 1 x 1), got {shape}; "
-        f"choose a spatial pooling: {', '.join(n for n in POOLINGS if n != 'none')}"
+        "choose a spatial pooling"
     )
 
 
@@ -98,30 +92,3 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = EPS) -> tor
     x = x.clamp(min=eps)
     m = x.amax(dim=(2, 3), keepdim=True)
     return m.flatten(1) * (x / m).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-
-
-class GeM(torch.nn.Module):
-    """GeM pooling with a (by default learnable) power *p*, cirtorch style:
-    a thin module around :func:`gem` returning ``N x C``."""
-
-    def __init__(self, p: float = 3.0, eps: float = EPS, learnable: bool = True):
-        super().__init__()
-        if not p > 0:
-            raise UsageError(f"GeM power p must be > 0, got {p}")
-        if learnable:
-            self.p = torch.nn.Parameter(torch.full((1,), float(p)))
-        else:
-            self.register_buffer("p", torch.full((1,), float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gem(x, p=self.p, eps=self.eps)
-
-    def to_pooling(self) -> Pooling:
-        """The registry :class:`Pooling` with the current (e.g. learned) p."""
-        from deepfeat.pooling.spec import get_pooling
-
-        return get_pooling(f"gem:p={float(self.p.detach().reshape(-1)[0]):.6g}")
-
-    def extra_repr(self) -> str:
-        return f"p={float(self.p.detach().reshape(-1)[0]):.4f}, eps={self.eps}"

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from deepfeat.errors import UsageError
-from deepfeat.pooling.common import _check_map, l2_normalize
+from deepfeat.pooling.common import EPS, _check_map, l2_normalize
+from deepfeat.pooling.global_pool import gem
 from deepfeat.pooling.multiscale import combine_scales
 from deepfeat.pooling.regional import regional_sum
-from deepfeat.pooling.registry import PoolingKind, _canonical
+from deepfeat.pooling.registry import POOLINGS, PoolingKind, _canonical
 
 
 class Pooling(torch.nn.Module):
@@ -147,3 +148,31 @@ class ConcatPooling(Pooling):
     def multiscale(self, maps: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0) -> torch.Tensor:
         parts = [m.multiscale(maps, mode, p) for m in self.members]
         return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+class GeM(torch.nn.Module):
+    """GeM pooling with a (by default learnable) power *p*, cirtorch style:
+    a thin module around :func:`gem` returning ``N x C``."""
+
+    def __init__(self, p: float = 3.0, eps: float = EPS, learnable: bool = True):
+        super().__init__()
+        if not p > 0:
+            raise UsageError(f"GeM power p must be > 0, got {p}")
+        if learnable:
+            self.p = torch.nn.Parameter(torch.full((1,), float(p)))
+        else:
+            self.register_buffer("p", torch.full((1,), float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gem(x, p=self.p, eps=self.eps)
+
+    def to_pooling(self) -> Pooling:
+        """The registry :class:`Pooling` with the current (e.g. learned) p."""
+        kind = POOLINGS["gem"]
+        params = {p.name: p.default for p in kind.params}
+        params["p"] = float(f"{float(self.p.detach().reshape(-1)[0]):.6g}")
+        return Pooling(kind, params)
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p.detach().reshape(-1)[0]):.4f}, eps={self.eps}"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfeat.errors import FormatError, UsageError
+from deepfeat.errors import UsageError
 from deepfeat.pooling.common import _check_map, l2_normalize
 from deepfeat.pooling.global_pool import avg_pool, mac
 from deepfeat.pooling.modules import Pooling
@@ -153,26 +153,3 @@ class MOPPooling(Pooling):
         }
         _write_npz(path, arrays, meta)
         self.path = os.fspath(path)
-
-
-def load_pooling(path: str | os.PathLike) -> MOPPooling:
-    """Load a fitted MOP pooling saved with :meth:`MOPPooling.save`."""
-    from deepfeat.pooling.spec import get_pooling
-    from deepfeat.postprocess.files import _read_npz
-
-    arrays, meta = _read_npz(path, MOP_FILE_KIND)
-    if int(meta.get("format_version", 0)) > MOP_FORMAT_VERSION:
-        raise FormatError(f"{path}: MOP codebook format {meta.get('format_version')} is newer than this deepfeat")
-    try:
-        pooling = get_pooling(meta["spec"])
-        level_meta = meta["levels"]
-        pooling.fit_info = dict(meta["fit"])
-    except KeyError as e:
-        raise FormatError(f"{path}: MOP codebook meta lacks {e.args[0]!r}") from None
-    if not isinstance(pooling, MOPPooling) or len(level_meta) != len(pooling.params["windows"]):
-        raise FormatError(f"{path}: MOP codebook meta does not match its spec {meta.get('spec')!r}")
-    pooling.levels = torch.nn.ModuleList(
-        VLADLevel.from_arrays(arrays, f"level{i + 2}.", m) for i, m in enumerate(level_meta)
-    )
-    pooling.path = os.fspath(path)
-    return pooling

@@ -3,8 +3,7 @@ extractor's maps at several scales (scale lists: :func:`deepfeat.specs.parse_sca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +11,6 @@ import torch.nn.functional as F
 from deepfeat.errors import UsageError
 from deepfeat.pooling.common import EPS
 from deepfeat.specs import parse_scales  # noqa: F401  (public as deepfeat.pooling.parse_scales)
-
-if TYPE_CHECKING:
-    from deepfeat.pooling.modules import Pooling
 
 DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
 COMBINE_MODES = ("sum", "gem")
@@ -54,14 +50,3 @@ def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1:
         return x
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-
-
-def pool_multiscale(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pooling: Pooling | str,
-                    scales: Sequence[float] = DEFAULT_SCALES, mode: str = "sum", p: float = 3.0) -> torch.Tensor:
-    """Run *features* (normalised batch -> activation map) on *x* rescaled by every
-    scale and combine with ``pooling.multiscale``; the result is L2-normalised."""
-    from deepfeat.pooling.spec import get_pooling
-
-    pooling = get_pooling(pooling)
-    maps = [features(rescale(x, float(s))) for s in scales]
-    return pooling.multiscale(maps, mode=mode, p=p)

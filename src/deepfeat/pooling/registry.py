@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from deepfeat.errors import UsageError
 from deepfeat.pooling.common import EPS
 from deepfeat.pooling.crow_weighting import crow
 from deepfeat.pooling.global_pool import avg_pool, gem, mac, no_pool, spoc, sum_pool
@@ -43,11 +44,19 @@ _P_EPS = Param("eps", "float", EPS, "a number > 0", _pos, shown=False)
 _P_L = Param("L", "int", 3, "an integer >= 1", lambda v: v >= 1)
 _P_OVR = Param("overlap", "float", 0.4, "a number in (0, 1)", lambda v: 0 < v < 1, shown=False)
 
+def _no_pool(x):
+    """``none``, with the spatial poolings named when a map is refused."""
+    try:
+        return no_pool(x)
+    except UsageError as e:
+        raise UsageError(f"{e}: {', '.join(n for n in POOLINGS if n != 'none')}") from None
+
+
 POOLINGS: dict[str, PoolingKind] = {
     k.name: k
     for k in (
         PoolingKind("none", "no pooling: an already pooled N x D layer (FC, global pool) passes through",
-                    "Razavian et al., CNN features off-the-shelf, CVPRW 2014", fn=lambda x: no_pool(x)),
+                    "Razavian et al., CNN features off-the-shelf, CVPRW 2014", fn=lambda x: _no_pool(x)),
         PoolingKind("sum", "sum over positions (SUM pooling)",
                     "Babenko & Lempitsky, Aggregating deep convolutional features for image retrieval, ICCV 2015",
                     fn=lambda x: sum_pool(x)),

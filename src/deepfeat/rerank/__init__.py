@@ -29,22 +29,22 @@ parses them and names the valid choices on a mistake. Everything here is numpy/s
 N x D float32 arrays whose inner products are cosine similarities (the store's
 post-processing normalises).
 
-One module per idea: the specs and their registry (:mod:`.specs`), the shared base
-(:mod:`.base`), :mod:`.diffusion`, :mod:`.kreciprocal`, :mod:`.regional`.
+One module per idea: the specs and their registry (:mod:`.specs`), spec -> re-ranker
+(:mod:`.build`), the shared base (:mod:`.base`), :mod:`.diffusion`, :mod:`.kreciprocal`, :mod:`.regional`.
 """
 
-from deepfeat.rerank.base import Reranker, _check_shortlist, _query_rows, complete_ranking, rerank_ranks
+from deepfeat.rerank.base import Reranker, complete_ranking, rerank_ranks
+from deepfeat.rerank.build import get_reranker
 from deepfeat.rerank.diffusion import Diffusion, diffuse, knn_graph, solve, system_matrix
-from deepfeat.rerank.kreciprocal import KReciprocal, _reciprocal, k_reciprocal_distances
+from deepfeat.rerank.kreciprocal import KReciprocal, k_reciprocal_distances
 from deepfeat.rerank.regional import RegionalDiffusion, gmp_weights, seed_vector
 from deepfeat.rerank.specs import (
-                    RERANKERS,
-                    RerankKind,
-                    canonical_spec,
-                    describe_rerankers,
-                    get_reranker,
-                    list_rerankers,
-                    parse_rerank_spec,
+    RERANKERS,
+    RerankKind,
+    canonical_spec,
+    describe_rerankers,
+    list_rerankers,
+    parse_rerank_spec,
 )
 
 __all__ = ["RERANKERS", "RerankKind", "Reranker", "Diffusion", "KReciprocal", "RegionalDiffusion",

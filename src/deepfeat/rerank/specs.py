@@ -1,16 +1,13 @@
 """Re-ranking specs and their registry: ``name[:key=value,...]`` (the grammar of
 :mod:`deepfeat.specs`) parsed against :data:`RERANKERS` (every kind, its parameters, their defaults and rules), with errors
-that name the valid choices; :func:`get_reranker` turns a spec into a re-ranker."""
+that name the valid choices; :func:`deepfeat.rerank.build.get_reranker` turns a spec into a re-ranker."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from deepfeat.specs import Param, SpecKind, format_float_g, register_spec_kind
-
-if TYPE_CHECKING:
-    from deepfeat.rerank.base import Reranker
+from deepfeat.specs import Param, SpecKind, format_float_g
 
 
 @dataclass(frozen=True)
@@ -96,28 +93,6 @@ def canonical_spec(kind: RerankKind, params: dict[str, Any]) -> str:
     return RERANK_SPECS.canonical(kind, params)
 
 
-def get_reranker(spec: str | Reranker) -> Reranker:
-    """Parse a spec into a :class:`Diffusion`, :class:`KReciprocal` or :class:`RegionalDiffusion`
-    (a reranker passes through)."""
-    from deepfeat.rerank.base import Reranker
-    from deepfeat.rerank.diffusion import Diffusion
-    from deepfeat.rerank.kreciprocal import KReciprocal
-    from deepfeat.rerank.regional import RegionalDiffusion
-
-    if isinstance(spec, Reranker):
-        return spec
-    kind, params = parse_rerank_spec(spec)
-    if kind.name == "diffusion":
-        return Diffusion(**params)
-    if kind.name == "regional-diffusion":
-        return RegionalDiffusion(**params)
-    return KReciprocal(k1=params["k1"], k2=params["k2"], lam=params["lambda"], trunc=params["trunc"])
-
-
 def describe_rerankers() -> list[dict[str, str]]:
     return [{"name": k.name, "syntax": k.syntax, "summary": k.summary, "citation": k.citation,
              "params": "; ".join(f"{p.name} ({p.default}): {p.doc}" for p in k.params)} for k in RERANKERS.values()]
-
-
-
-register_spec_kind("rerank", RERANK_SPECS, lambda s: get_reranker(s).spec)
