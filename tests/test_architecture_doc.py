@@ -1,6 +1,6 @@
-"""docs/architecture.md stays true: every module it names exists, every module of the
-package is named in it, and its worked examples (a new pooling, model source, index
-kind, ground-truth format) run."""
+"""docs/architecture.md stays true: every module it names exists, its module map is the one
+scripts/module_map.py makes from the code (so every module is in it), and its worked examples
+(a new pooling, model source, index kind, ground-truth format, spec kind) run."""
 
 from __future__ import annotations
 
@@ -60,29 +60,40 @@ def test_every_name_in_the_doc_exists():
                 obj = getattr(obj, attr)
 
 
+def test_the_module_map_is_current():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import module_map
+    finally:
+        sys.path.pop(0)
+    assert module_map.module_map() in TEXT, (
+        "the module map in docs/architecture.md is out of date: run python scripts/module_map.py --write")
+
+
 def test_every_module_is_in_the_doc():
     named = set(_named())
-    pkg = SRC / "deepfeat"
     missing = []
-    for p in sorted(pkg.iterdir()):
-        if p.name.startswith(("_", ".")) or p.name == "static":
-            continue
-        if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file()):
-            dotted = f"deepfeat.{p.stem if p.suffix == '.py' else p.name}"
-            if not any(n == dotted or n.startswith(dotted + ".") for n in named):
-                missing.append(dotted)
+    for p in sorted((SRC / "deepfeat").rglob("*.py")):
+        parts = p.relative_to(SRC).with_suffix("").parts
+        dotted = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if dotted != "deepfeat" and not any(part.startswith("_") for part in dotted.split(".")) and dotted not in named:
+            missing.append(dotted)
     assert not missing, f"docs/architecture.md does not say where these modules fit: {', '.join(missing)}"
 
 
-def test_the_doc_has_the_four_worked_examples():
-    for heading in ("## Adding a pooling", "## Adding a model source", "## Adding an index kind",
-                    "## Adding a ground-truth format"):
+HEADINGS = ("## Adding a pooling", "## Adding a model source", "## Adding an index kind",
+            "## Adding a ground-truth format", "## Adding a spec kind")
+
+
+def test_the_doc_has_the_worked_examples():
+    for heading in HEADINGS:
         assert heading in TEXT
-    assert len(_examples()) == 4
-    assert len(_printed()) == 4
+    assert len(_examples()) == len(HEADINGS)
+    assert len(_printed()) == len(HEADINGS)
 
 
-@pytest.mark.parametrize("i", range(4), ids=["pooling", "model-source", "index-kind", "ground-truth"])
+@pytest.mark.parametrize("i", range(len(HEADINGS)), ids=["pooling", "model-source", "index-kind", "ground-truth",
+                                                   "spec-kind"])
 def test_worked_example_runs(i, tmp_path):
     if i == 2:
         pytest.importorskip("faiss")
