@@ -22,8 +22,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from deepfeat.backends.embedder import Embedder
 from deepfeat.collection import linear
-from deepfeat.collection.embed import Embedder
 from deepfeat.errors import FormatError, UsageError
 from deepfeat.models.classify import ClassifyResult, Prediction
 
@@ -249,7 +249,7 @@ def fit_classifier(X: np.ndarray, y: np.ndarray, classes: Sequence[str], descrip
                    method: str = "auto", threshold: float | str = "auto", folds: int = 5, seed: int = 0,
                    source: str = "") -> Classifier:
     """Fit on N x D descriptors *X* with class indices *y* (into *classes*); *descriptor* is the
-    recipe of the store they came from (:func:`deepfeat.collection.embed.descriptor_recipe`)."""
+    recipe of the store they came from (:func:`deepfeat.backends.embedder.descriptor_recipe`)."""
     if method not in METHODS:
         raise UsageError(f"unknown classifier method {method!r}; choose from {', '.join(METHODS)}")
     X = np.ascontiguousarray(X, dtype=np.float32)

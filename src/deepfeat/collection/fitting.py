@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deepfeat.backends.embedder import copy_recipe_files, descriptor_recipe
 from deepfeat.collection.classifier import Classifier, fit_classifier
-from deepfeat.collection.embed import copy_recipe_files, descriptor_recipe
 from deepfeat.collection.labelled import is_store, labelled
 from deepfeat.errors import DeepfeatError
 
@@ -31,7 +31,7 @@ def fit_from(source: str | os.PathLike, output: str | os.PathLike, *, gt: str = 
     if store_dir is None and not is_store(source):
         store_dir = output / "train-store"
     data = labelled(source, gt=gt, store_dir=store_dir, extract_options=extract_options, feature=feature)
-    clf = fit_classifier(data.X, data.y, data.classes, descriptor_recipe(data.store, data.feature),
+    clf = fit_classifier(data.X, data.y, data.classes, descriptor_recipe(data.store.meta, data.feature),
                          method=method, threshold=threshold, folds=folds, seed=seed,
                          source=os.fspath(source))
     clf.meta["training"]["store"] = os.fspath(data.store.path)

@@ -1,10 +1,10 @@
-"""Describe new images exactly as a store's were: the descriptor recipe of a store's ``meta.json``
-(model and weights, layer, pooling, scales, size policy, draft decoding) and its post-processing,
-carried by artefacts made from a store (a :class:`~deepfeat.collection.classifier.Classifier`)."""
+"""New images described exactly as a store's were: the descriptor recipe of a store's ``meta.json``
+(model and weights hash, layers, pooling, scales, size policy, draft decoding, post-processing) and
+:class:`Embedder`, which makes descriptors by it. Search queries, a classifier's inputs and any
+other artefact made from a store use this one path."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -15,17 +15,14 @@ import numpy as np
 
 from deepfeat.errors import DeepfeatError, StoreError
 
-log = logging.getLogger(__name__)
-
 #: the keys of a store's meta.json that say how a descriptor is made
 RECIPE_KEYS = ("layers", "pooling", "post", "size", "scales", "scale_combine", "draft_decode")
 #: fitted parts of a recipe that live in files beside meta.json
 RECIPE_FILES = ("post.npz", "pooling.npz")
 
 
-def descriptor_recipe(store, feature: str) -> dict[str, Any]:
-    """The part of *store*'s meta that makes its *feature* descriptors, for an artefact to carry."""
-    meta = store.meta
+def descriptor_recipe(meta: dict[str, Any], feature: str) -> dict[str, Any]:
+    """The part of a store's *meta* that makes its *feature* descriptors, for an artefact to carry."""
     recipe = {k: meta[k] for k in RECIPE_KEYS if k in meta}
     recipe["model"] = {k: meta["model"][k] for k in ("spec", "weights_sha256") if k in meta["model"]}
     recipe["feature"] = feature
@@ -34,7 +31,8 @@ def descriptor_recipe(store, feature: str) -> dict[str, Any]:
 
 
 def copy_recipe_files(store_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
-    """Copy the fitted post-processing and pooling files of a store (if any) into *out_dir*."""
+    """Copy the fitted post-processing and pooling files of a store (if any) into *out_dir*, for an
+    artefact that carries the store's recipe."""
     copied = []
     for name in RECIPE_FILES:
         src = Path(store_dir) / name
@@ -45,8 +43,9 @@ def copy_recipe_files(store_dir: str | os.PathLike, out_dir: str | os.PathLike) 
 
 
 class Embedder:
-    """Descriptors of image files made by a recipe (:func:`descriptor_recipe`) whose fitted files
-    (post.npz, pooling.npz) lie in *folder*. The model is loaded on first use."""
+    """Descriptors of images made by a *recipe* (:func:`descriptor_recipe`, or a store's meta with a
+    ``feature`` key) whose fitted files (``post.npz``, ``pooling.npz``) lie in *folder*. The model is
+    loaded on first use, and its weights are checked against the recipe's hash."""
 
     def __init__(self, recipe: dict[str, Any], folder: str | os.PathLike, device: str = "cpu"):
         self.recipe = recipe
@@ -65,13 +64,14 @@ class Embedder:
             model = load_model(spec, device=self.device)
             sha = self.recipe["model"].get("weights_sha256")
             if sha and model.weights_sha256 and sha != model.weights_sha256:
-                raise StoreError(f"the weights of {spec} changed since the features were made "
+                raise StoreError(f"the weights of {spec} changed since the store was made "
                                  f"(sha256 {model.weights_sha256[:12]} vs {sha[:12]})")
             self._model = model
         return self._model
 
     @property
-    def net(self):
+    def feature_net(self):
+        """The descriptor network of the recipe: layers, pooling (and its codebook), scales."""
         if self._net is None:
             from deepfeat.backends.featurenet import FeatureNet
             from deepfeat.pooling import get_pooling, load_pooling
@@ -85,6 +85,7 @@ class Embedder:
 
     @property
     def post(self):
+        """The fitted post-processing chain (``post.npz``) or the recipe's unfitted one."""
         if self._post is None:
             from deepfeat.postprocess import PostChain
 
@@ -92,25 +93,36 @@ class Embedder:
             self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(self.recipe.get("post", "none"))
         return self._post
 
-    def decode(self, image: str | os.PathLike | BinaryIO) -> np.ndarray:
+    def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
+        """Pixels of *image* (cut to *bbox* first) decoded as the store's were."""
         from deepfeat.data.images import decode_image
         from deepfeat.data.preprocess import parse_size_policy
 
         policy = parse_size_policy(self.recipe.get("size", "model"))
-        return decode_image(image, policy, self.model.data_config, draft=self.recipe.get("draft_decode", True)).pixels
+        return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,
+                            draft=self.recipe.get("draft_decode", True)).pixels
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """Post-processed descriptors (N x D float32) of decoded images, one forward pass each."""
+        """Post-processed descriptors (N x D float32) of decoded images, one forward pass each
+        (images of aspect-preserving size policies differ in size)."""
         import torch
 
         layer_i = self.recipe["layers"].index(self.recipe["feature"])
         out = []
-        for px in pixels:  # one at a time: images of aspect-preserving policies differ in size
+        for px in pixels:
             with torch.inference_mode():
-                v = self.net(torch.from_numpy(px)[None].to(self.model.device))[layer_i]
+                v = self.feature_net(torch.from_numpy(px)[None].to(self.model.device))[layer_i]
             out.append(v.float().cpu().numpy().reshape(1, -1))
-        x = np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.recipe.get("dim") or 0), np.float32)
-        return np.ascontiguousarray(self.post.apply(x), dtype=np.float32) if len(x) else x
+        if not out:
+            return np.zeros((0, self.recipe.get("dim") or 0), np.float32)
+        x = np.concatenate(out).astype(np.float32)
+        return np.ascontiguousarray(self.post.apply(x), dtype=np.float32)
+
+    def embed_images(self, images: Sequence[str | os.PathLike | BinaryIO],
+                     bboxes: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+        """Descriptors of image files (or file objects), each optionally cropped to a box."""
+        bboxes = bboxes or [None] * len(images)
+        return self.embed_pixels([self.decode(im, bb) for im, bb in zip(images, bboxes)])
 
     def embed_files(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
         """Descriptors of the files that decode, and per path an error message (None when it worked);
