@@ -22,7 +22,7 @@ from .test_collection_explore import GROUPS, _group, store  # noqa: F401  (views
 
 
 def _page_data(html: str) -> dict:
-    m = re.search(r'<script type=application/json id=map-data>(.*?)</script>', html, re.S)
+    m = re.search(r'<script type=application/json id=map-data>(.*?)</script>', html, re.DOTALL)
     return json.loads(m.group(1))
 
 
