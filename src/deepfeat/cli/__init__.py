@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cmd_fit_classifier",
     "cmd_clusters",
     "cmd_outliers",
+    "cmd_map",
     "cmd_check_images",
     "cmd_extract",
     "cmd_export",

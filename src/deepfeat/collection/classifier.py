@@ -30,10 +30,12 @@ from deepfeat.models.classify import ClassifyResult, Prediction
 log = logging.getLogger(__name__)
 
 FORMAT = "deepfeat-classifier"
-FORMAT_VERSION = 1
+#: 2: logistic regression on L2-normalised rows; 1 (still read): standardisation folded into the weights
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 METHODS = ("auto", "logreg", "knn")
-#: candidates tried by cross-validation: inverse regularisation C (standardised features), k
-LOGREG_C = (0.01, 0.1, 1.0, 10.0)
+#: candidates tried by cross-validation: inverse regularisation C (L2-normalised rows), k
+LOGREG_C = (1.0, 10.0, 100.0, 1000.0)
 KNN_K = (1, 5, 10, 20)
 #: the automatic threshold keeps this share of the correct held-out answers
 KEEP_CORRECT = 0.95
@@ -90,7 +92,8 @@ class Classifier:
             raise UsageError(f"expected N x {self.meta['dim']} descriptors, got shape {X.shape}")
         if self.method == "knn":
             return linear.knn_logits(self.arrays, X, int(self.meta["params"]["k"]), len(self.classes))
-        return np.concatenate([linear.logreg_logits(self.arrays, X[s:s + linear.CHUNK])
+        rows = "l2" if self.meta["format_version"] >= 2 else "as-is"
+        return np.concatenate([linear.logreg_logits(self.arrays, X[s:s + linear.CHUNK], rows)
                                for s in range(0, len(X), linear.CHUNK)]) if len(X) else np.zeros((0, len(self.classes)))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -170,8 +173,8 @@ class Classifier:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{meta_path}: not a valid JSON file ({e})") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise FormatError(f"{meta_path}: not a {FORMAT} version {FORMAT_VERSION} file "
+        if meta.get("format") != FORMAT or meta.get("format_version") not in READ_VERSIONS:
+            raise FormatError(f"{meta_path}: not a {FORMAT} file of version {' or '.join(map(str, READ_VERSIONS))} "
                               f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
         try:
             with np.load(folder / "weights.npz", allow_pickle=False) as z:
@@ -225,8 +228,13 @@ def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, method: str = "
             for m, p in cands:
                 arrays = _fit(m, p, X[train], y[train], n_classes, seed)
                 oof[(m, p)][test] = _logits(m, p, arrays, X[test], n_classes)
-    rows = [{"method": m, "param": p, "accuracy": float((oof[(m, p)].argmax(1) == y).mean())} for m, p in cands]
-    best = max(rows, key=lambda r: r["accuracy"])  # ties: the first (the most regularised logreg)
+    rows = [{"method": m, "param": p, "accuracy": float((oof[(m, p)].argmax(1) == y).mean()),
+             "nll": round(linear.nll(oof[(m, p)], y), 4)} for m, p in cands]
+    # C by held-out log-loss (smooth; accuracy on folds of a few images per class is coarse and
+    # picked too strong a regularisation), k by accuracy; then the family with the better accuracy
+    finalists = [min((r for r in rows if r["method"] == "logreg"), key=lambda r: r["nll"], default=None),
+                 max((r for r in rows if r["method"] == "knn"), key=lambda r: r["accuracy"], default=None)]
+    best = max((r for r in finalists if r is not None), key=lambda r: r["accuracy"])  # ties: logreg
     return {"folds": n_splits, "candidates": rows, "best": (best["method"], best["param"]),
             "oof": oof[(best["method"], best["param"])]}
 

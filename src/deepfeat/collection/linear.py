@@ -29,16 +29,15 @@ def l2_rows(X: np.ndarray) -> np.ndarray:
 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standardise the features, fit an L2-regularised multinomial logistic regression (C = inverse
-    regularisation strength), and fold the standardisation into the weights: logits = X W^T + b."""
+    """Fit an L2-regularised multinomial logistic regression (C = inverse regularisation strength)
+    on the L2-normalised rows of *X*: logits = l2(X) W^T + b. No per-feature standardisation: it
+    gives near-constant channels the weight of informative ones and cost 2-3 points of few-shot
+    accuracy on Flowers 17 (docs/explore.md)."""
     require_sklearn()
     from sklearn.linear_model import LogisticRegression
 
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale < 1e-8] = 1.0
-    Z = (X - mean) / scale
-    lr = LogisticRegression(C=C, max_iter=500, tol=1e-3, random_state=seed)
+    Z = l2_rows(X)
+    lr = LogisticRegression(C=C, max_iter=2000, random_state=seed)  # default tol: 1e-3 stopped short at large C
     lr.fit(Z, y)
     W = np.zeros((n_classes, X.shape[1]), np.float64)
     b = np.zeros(n_classes, np.float64)
@@ -46,15 +45,24 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, C: float, seed: int
     if len(lr.classes_) == 2 and coef.shape[0] == 1:  # scikit-learn's binary form: one row for class 1
         coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
     for row, c in enumerate(lr.classes_):
-        W[c] = coef[row] / scale
-        b[c] = icpt[row] - W[c] @ mean
+        W[c] = coef[row]
+        b[c] = icpt[row]
     missing = np.setdiff1d(np.arange(n_classes), lr.classes_)
     b[missing] = -1e4  # a class absent from a training fold can never win
     return {"weight": W.astype(np.float32), "bias": b.astype(np.float32)}
 
 
-def logreg_logits(arrays: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-    return X @ arrays["weight"].T + arrays["bias"]
+def nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes under softmax(logits)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
+
+
+def logreg_logits(arrays: dict[str, np.ndarray], X: np.ndarray, rows: str = "l2") -> np.ndarray:
+    """*rows*: ``l2`` (the weights were fitted on L2-normalised rows, format 2) or ``as-is``
+    (format 1: standardisation folded into the weights)."""
+    Z = l2_rows(X) if rows == "l2" else X
+    return Z @ arrays["weight"].T + arrays["bias"]
 
 
 def knn_logits(arrays: dict[str, np.ndarray], X: np.ndarray, k: int, n_classes: int,
@@ -95,10 +103,5 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     predictions (a 1-D bounded search over log T)."""
     from scipy.optimize import minimize_scalar
 
-    def nll(log_t: float) -> float:
-        z = logits / np.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
-
-    res = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    res = minimize_scalar(lambda log_t: nll(logits / np.exp(log_t), y), bounds=(np.log(0.01), np.log(100.0)), method="bounded")
     return float(np.exp(res.x))
