@@ -132,7 +132,7 @@ class SupervisedPool(Executor):
     def _read(self, w: WorkerHandle) -> None:
         try:
             while w.conn.poll():
-                kind, tid, k, payload = w.conn.recv()
+                kind, tid, _, payload = w.conn.recv()
                 if kind == "ready":
                     self._recovery.worker_ready(w)
                     continue
