@@ -7,9 +7,10 @@ image whose file name contains NAME:
   (as the kernel's out-of-memory killer would);
 * ``decode-hang=NAME``: the decode worker hangs (sleeps for an hour) on it;
 * ``model-raise=NAME``: the network raises ``RuntimeError`` on any batch that holds it;
-* ``commit-hang=N`` (N a number, not a name): once the run has committed N shards, it says so
-  on stderr (``fault: N shard(s) committed, waiting for a signal``) and waits for a signal, so
-  that a test interrupts it at a known point (some shards committed, not all) on any machine.
+* ``commit-hang=N`` (N a number, not a name): before it commits a shard, once it has committed
+  N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
+  for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
+  store locked and planned, N shards committed) on any machine.
 
 Decode faults fire only in decode worker *processes* (``--decode-in processes``,
 ``--workers`` >= 1), never in the main process. The faults are fake; the recovery they
@@ -74,14 +75,14 @@ def model_fault(paths) -> None:
             raise RuntimeError(f"injected fault: the model raises on {os.path.basename(p)}")
 
 
-def shard_committed() -> None:
-    """Called after each shard the run commits (``commit-hang``: wait for a signal after the N-th)."""
+def before_commit() -> None:
+    """Called before each shard the run commits (``commit-hang``: wait for a signal once N are)."""
     global _committed
     spec = os.environ.get(ENV)
     if not spec:
         return
-    _committed += 1
     if any(k == "commit-hang" and int(n) == _committed for k, n in _rules(spec)):
         print(f"fault: {_committed} shard(s) committed, waiting for a signal", file=sys.stderr, flush=True)
         while True:
             signal.pause()  # returns after each handled signal; SIGINT and SIGTERM raise, SIGKILL ends it
+    _committed += 1

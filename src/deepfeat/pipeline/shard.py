@@ -146,6 +146,8 @@ class ShardProcessor:
 
     def commit(self, job: ShardJob) -> tuple[int, int]:
         """Write the shard (arrays, then the items file that marks it committed); returns (ok, failed)."""
+        if faults.enabled():
+            faults.before_commit()
         t0 = time.perf_counter()
         items_tab = ShardItems.empty()
         feats: list[list[np.ndarray]] = [[] for _ in self.layers]
@@ -171,8 +173,6 @@ class ShardProcessor:
             raise StoreError(f"cannot write shard {job.shard} to {self.store.path}: {e.strerror or e}. Committed "
                              "shards are kept; free space and run the same command again to continue.") from None
         self.stages["write"] += time.perf_counter() - t0
-        if faults.enabled():
-            faults.shard_committed()
         n_ok = sum(s == "ok" for s in items_tab.status)
         return n_ok, len(items_tab) - n_ok
 
