@@ -210,6 +210,7 @@ def _store_bytes(out: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupt_then_resume_is_identical(collection, tmp_path, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

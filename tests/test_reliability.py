@@ -148,6 +148,7 @@ def test_a_store_turned_read_only_is_refused_before_work_and_resumes(photos12, r
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
+@pytest.mark.slow
 def test_two_extracts_on_one_store_a_second_writer_is_refused_and_kill_9_leaves_no_stale_lock(photos12, tmp_path, capsys):
     out = tmp_path / "s"
     # the first run waits (holding the lock, its plan written) before it commits its first shard
