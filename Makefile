@@ -1,4 +1,5 @@
-# deepfeat: `make demo` and `make test` each set up the virtual environment and run.
+# deepfeat: `make demo`, `make test` (the fast tier: tests not marked slow) and `make test-all`
+# (every test) each set up the virtual environment and run.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.deepfeat-installed
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test bench clean lint
+.PHONY: all venv demo test test-all bench clean lint
 
 all: test
 
@@ -26,6 +27,9 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -1,13 +1,24 @@
 """Tiny tasks for tests of deepfeat.data.workers, in their own module so that spawned
-workers import only this (no torch): each item is a file name in a scratch folder."""
+workers import only this (no torch): each item is a file name in a scratch folder.
+
+An item named ``hang*`` blocks forever; it first counts itself in the shared counter that
+:func:`count_hangs_in` gave the worker, so a test's clock knows a hang has begun."""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
+import threading
 
 from deepfeat.data.workers import PerItem
+
+_hangs = None  # a multiprocessing.Value: hang items begun (set in the worker by count_hangs_in)
+
+
+def count_hangs_in(counter) -> None:
+    """Worker initializer: count the hang items begun in *counter* (a shared ``Value("i")``)."""
+    global _hangs
+    _hangs = counter
 
 
 def _one(item: str) -> str:
@@ -18,7 +29,10 @@ def _one(item: str) -> str:
     if name.startswith("kill-always"):
         os.kill(os.getpid(), signal.SIGKILL)
     if name.startswith("hang"):
-        time.sleep(3600)
+        if _hangs is not None:
+            with _hangs.get_lock():
+                _hangs.value += 1
+        threading.Event().wait()  # forever: only the pool's timeout ends it
     return f"ok:{name}"
 
 

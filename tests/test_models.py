@@ -12,6 +12,7 @@ import deepfeat
 from deepfeat.data.images import decode_image
 from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import ModelError, UsageError
+from deepfeat.models import registry
 from deepfeat.models.embedded import map_state_dict
 
 from .conftest import CAT_CLASSES, ESPRESSO
@@ -192,3 +193,14 @@ def test_meta_is_json_serialisable(lite0):
 
     json.dumps(lite0.meta())
     assert np.isfinite(lite0.meta()["data_config"]["crop_pct"])
+
+
+# every registered source, parametrised from the registry: a new source is tested the day it is added
+@pytest.mark.parametrize("src", registry.sources(), ids=lambda s: s.name)
+def test_every_model_source_is_described_routed_and_lists_ready_models_offline(src):
+    assert src.name and src.description and src.example
+    assert registry.split_spec(src.example)[0] is src  # its example spec reaches it
+    if src.prefix:
+        assert registry.split_spec(f"{src.prefix}:anything")[0] is src
+    ready = src.ready()  # offline: what this machine can load now
+    assert isinstance(ready, list) and all(isinstance(n, str) for n in ready)

@@ -394,9 +394,12 @@ def test_registry_lists_every_method_with_citation():
     for row in P.describe_poolings():
         assert row["summary"] and row["citation"] and row["syntax"].startswith(row["name"])
     assert [n for n, k in P.POOLINGS.items() if k.needs_fit] == ["mop"]
-    for n in P.POOLINGS:
-        assert P.get_pooling(n).needs_fit == (n == "mop")
     assert P.get_pooling(P.get_pooling("gem")) is not None
+
+
+@pytest.mark.parametrize("n", list(P.POOLINGS))
+def test_registry_entry_builds_a_pooling(n):
+    assert P.get_pooling(n).needs_fit == (n == "mop")
 
 
 def test_output_dim():
@@ -419,28 +422,34 @@ def fitted_mop():
     return P.get_pooling("mop:k=5,local=4,dim=6").fit(batches)
 
 
-def all_poolings(mop):
-    return [P.get_pooling(n) for n in P.POOLINGS if n not in ("none", "mop")] + [
-        P.get_pooling("spoc:center_prior=1"), P.get_pooling("rmac+mac"), mop]
+#: every registered pooling on feature maps (``none`` takes pooled vectors) and a few combinations,
+#: parametrised from the registry so that a new pooling is tested the day it is added
+MAP_POOLINGS = [n for n in P.POOLINGS if n != "none"] + ["spoc:center_prior=1", "rmac+mac"]
 
 
-def test_batches_equal_single_images(fitted_mop):
+def map_pooling(spec: str, mop):
+    return mop if spec == "mop" else P.get_pooling(spec)
+
+
+@pytest.mark.parametrize("spec", MAP_POOLINGS)
+def test_batches_equal_single_images(fitted_mop, spec):
     x = rand_map((3, 6, 9, 9), seed=21)
-    for pl in all_poolings(fitted_mop):
-        batch = pl(x)
-        single = torch.cat([pl(x[i : i + 1]) for i in range(3)])
-        close(batch, single.numpy(), rtol=1e-5, atol=1e-6)
+    pl = map_pooling(spec, fitted_mop)
+    batch = pl(x)
+    single = torch.cat([pl(x[i : i + 1]) for i in range(3)])
+    close(batch, single.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec", MAP_POOLINGS)
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (9, 9), (16, 11), (4, 30)])
-def test_any_spatial_size(fitted_mop, hw):
+def test_any_spatial_size(fitted_mop, hw, spec):
     x = rand_map((2, 6, *hw), seed=hw[0] * 31 + hw[1])
-    for pl in all_poolings(fitted_mop):
-        y = pl(x)
-        assert y.shape == (2, pl.output_dim(6)), pl.spec
-        assert torch.isfinite(y).all(), pl.spec
-        if pl.l2_normalized:
-            close(y.norm(dim=1), np.ones(2))
+    pl = map_pooling(spec, fitted_mop)
+    y = pl(x)
+    assert y.shape == (2, pl.output_dim(6)), pl.spec
+    assert torch.isfinite(y).all(), pl.spec
+    if pl.l2_normalized:
+        close(y.norm(dim=1), np.ones(2))
 
 
 def test_two_dimensional_inputs():
@@ -741,20 +750,24 @@ def real_maps(tmp_path_factory):
     return capture(model, x, ["bn2", "global_pool"])
 
 
-def test_every_pooling_on_a_real_layer(real_maps):
+@pytest.mark.parametrize("name", list(P.POOLINGS))
+def test_every_pooling_on_a_real_layer(real_maps, name):
     fmap, vec = real_maps["bn2"], real_maps["global_pool"]
     assert fmap.shape == (3, 1280, 7, 7) and vec.shape == (3, 1280)
-    for name in P.POOLINGS:
-        pl = P.get_pooling("mop:k=8,local=16,dim=0" if name == "mop" else name)
-        if pl.needs_fit:
-            pl.fit([fmap[i : i + 1] for i in range(3)])
-        y = pl(vec if name == "none" else fmap)
-        assert y.shape == (3, pl.output_dim(1280)), name
-        assert torch.isfinite(y).all(), name
-        if pl.l2_normalized:
-            close(y.norm(dim=1), np.ones(3))
-        if name in ("sum", "avg", "mac", "gem", "crow", "spoc"):
-            assert (y >= 0).all() and (y.norm(dim=1) > 0).all(), name  # ReLU6 output: non-negative
+    pl = P.get_pooling("mop:k=8,local=16,dim=0" if name == "mop" else name)
+    if pl.needs_fit:
+        pl.fit([fmap[i : i + 1] for i in range(3)])
+    y = pl(vec if name == "none" else fmap)
+    assert y.shape == (3, pl.output_dim(1280)), name
+    assert torch.isfinite(y).all(), name
+    if pl.l2_normalized:
+        close(y.norm(dim=1), np.ones(3))
+    if name in ("sum", "avg", "mac", "gem", "crow", "spoc"):
+        assert (y >= 0).all() and (y.norm(dim=1) > 0).all(), name  # ReLU6 output: non-negative
+
+
+def test_poolings_agree_with_the_network_on_a_real_layer(real_maps):
+    fmap, vec = real_maps["bn2"], real_maps["global_pool"]
     # the network's own global pool is average pooling of bn2
     close(P.get_pooling("avg")(fmap), vec.numpy(), rtol=1e-5, atol=1e-5)
     close(P.get_pooling("none")(vec), vec.numpy())

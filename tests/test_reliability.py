@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,18 +148,22 @@ def test_a_store_turned_read_only_is_refused_before_work_and_resumes(photos12, r
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
+@pytest.mark.slow
 def test_two_extracts_on_one_store_a_second_writer_is_refused_and_kill_9_leaves_no_stale_lock(photos12, tmp_path, capsys):
     out = tmp_path / "s"
-    env = {**os.environ, FAULTS: "decode-hang=hangme", "PYTHONUNBUFFERED": "1"}
+    # the first run waits (holding the lock, its plan written) before it commits its first shard
+    env = {**os.environ, FAULTS: "commit-hang=0", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "deepfeat.cli", "extract", str(photos12), "-o", str(out), "--shard-size", "5",
            "--batch-size", "4", "--workers", "1", "--pool", "mac", "--post", "none", "--progress", "none",
            "--decode-timeout", "0"]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (out / "plan.parquet").is_file():  # it holds the lock, then plans
-            assert first.poll() is None, first.communicate()
-            time.sleep(0.1)
+        said = []
+        for line in first.stderr:  # until it says it waits (or ends without saying so)
+            said.append(line)
+            if line.startswith(b"fault: 0 shard(s) committed"):
+                break
+        assert first.poll() is None, b"".join(said)
         # a second writer is refused with the holder's pid, whether a library call or the CLI
         with pytest.raises(StoreError, match=f"being written by another `deepfeat extract` \\(pid {first.pid} "):
             extract(_cfg([photos12], out, shard_size=5))
@@ -170,7 +173,7 @@ def test_two_extracts_on_one_store_a_second_writer_is_refused_and_kill_9_leaves_
         assert main(["postprocess", str(out), "--post", "l2"]) == 1
         assert f"pid {first.pid}" in capsys.readouterr().err
     finally:
-        first.send_signal(signal.SIGKILL)  # it hangs on hangme.jpg, holding the lock
+        first.send_signal(signal.SIGKILL)  # it waits before its first shard, holding the lock
         first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
     rep = extract(_cfg([photos12], out, shard_size=5))  # the dead holder's lock is gone with it

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -135,11 +134,27 @@ def _gate_model(app):
     return svc, entered, release
 
 
-def _wait_for(cond, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+class _Submits:
+    """Counts the images the upload route has handed to the model's queue (or had refused)."""
+
+    def __init__(self, svc):
+        self.count = 0
+        self._cond = threading.Condition()
+        real = svc.batcher.submit
+
+        async def submit(pixels, _ticket=None):
+            task = asyncio.ensure_future(real(pixels, _ticket))
+            await asyncio.sleep(0)  # one turn of the loop: *real* runs up to its wait for the model
+            with self._cond:
+                self.count += 1
+                self._cond.notify_all()
+            return await task
+
+        svc.batcher.submit = submit
+
+    def wait_for(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.count >= n, 60), f"{self.count} of {n} images submitted"
 
 
 def _post_in_thread(c, data, results, **params):
@@ -155,11 +170,13 @@ def test_too_many_requests_in_progress_get_json_503_with_retry_after(store, imag
     app = create_app(store, image_root=str(image_root), limit_concurrency=2, max_batch=1, self_check=False)
     with TestClient(app) as c:
         svc, entered, release = _gate_model(app)
+        submits = _Submits(svc)
         results: list = []
         threads = [_post_in_thread(c, _jpeg(photos), results)]
-        _wait_for(entered.is_set)  # request 1 is in the model
+        assert entered.wait(60)  # request 1 is in the model
         threads.append(_post_in_thread(c, _jpeg(photos, "coffee"), results))
-        _wait_for(lambda: svc.batcher.queued == 1)  # request 2 waits for it: 2 in progress
+        submits.wait_for(2)
+        assert svc.batcher.queued == 1  # request 2 waits for it: 2 in progress
         for url in ("/api/health", "/api/search/item/0"):
             r = c.get(url)
             body = assert_json_error(r, 503, "busy: 2 requests")
@@ -175,11 +192,13 @@ def test_full_model_queue_gets_json_503_with_retry_after(store, image_root, phot
     app = create_app(store, image_root=str(image_root), max_queue=1, max_batch=1, self_check=False)
     with TestClient(app) as c:
         svc, entered, release = _gate_model(app)
+        submits = _Submits(svc)
         results: list = []
         threads = [_post_in_thread(c, _jpeg(photos), results)]
-        _wait_for(entered.is_set)
+        assert entered.wait(60)
         threads.append(_post_in_thread(c, _jpeg(photos, "coffee"), results))
-        _wait_for(lambda: svc.batcher.queued == 1)
+        submits.wait_for(2)
+        assert svc.batcher.queued == 1
         r = c.post("/api/search/upload", files={"file": ("q.jpg", _jpeg(photos, "astronaut"), "image/jpeg")})
         body = assert_json_error(r, 503, "images are already waiting for the model")
         assert r.headers["retry-after"] == "1" and body["detail"] == {"queue": 1}
@@ -273,7 +292,7 @@ def _raw(port: int, data: bytes) -> tuple[int, dict, bytes]:
 
 @pytest.mark.slow
 def test_a_real_server_with_a_key_answers_json_to_broken_http(store, image_root):
-    with server_process(store, image_root, "--api-key", KEY, seconds=90,
+    with server_process(store, image_root, "--api-key", KEY,
                         env={**os.environ, "DEEPFEAT_API_KEY": ""}) as url:
         port = int(url.rstrip("/").rsplit(":", 1)[1])
         for label, req in [("garbage", b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n"),

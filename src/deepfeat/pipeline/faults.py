@@ -6,7 +6,11 @@ image whose file name contains NAME:
 * ``decode-kill=NAME``: the decode worker process decoding it kills itself with SIGKILL
   (as the kernel's out-of-memory killer would);
 * ``decode-hang=NAME``: the decode worker hangs (sleeps for an hour) on it;
-* ``model-raise=NAME``: the network raises ``RuntimeError`` on any batch that holds it.
+* ``model-raise=NAME``: the network raises ``RuntimeError`` on any batch that holds it;
+* ``commit-hang=N`` (N a number, not a name): before it commits a shard, once it has committed
+  N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
+  for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
+  store locked and planned, N shards committed) on any machine.
 
 Decode faults fire only in decode worker *processes* (``--decode-in processes``,
 ``--workers`` >= 1), never in the main process. The faults are fake; the recovery they
@@ -18,11 +22,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from functools import lru_cache
 
 ENV = "DEEPFEAT_FAULTS"
-KINDS = ("decode-kill", "decode-hang", "model-raise")
+KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang")
+
+_committed = 0  # shards committed by this process (for commit-hang)
 
 
 @lru_cache(maxsize=None)
@@ -34,6 +41,8 @@ def _rules(spec: str) -> tuple[tuple[str, str], ...]:
         kind, _, name = part.strip().partition("=")
         if kind not in KINDS or not name:
             raise ValueError(f"{ENV}: bad rule {part!r}; use KIND=NAME with KIND one of {', '.join(KINDS)}")
+        if kind == "commit-hang" and not name.isdigit():
+            raise ValueError(f"{ENV}: bad rule {part!r}; commit-hang takes a number of shards")
         out.append((kind, name))
     return tuple(out)
 
@@ -64,3 +73,16 @@ def model_fault(paths) -> None:
     for p in paths:
         if fires("model-raise", p):
             raise RuntimeError(f"injected fault: the model raises on {os.path.basename(p)}")
+
+
+def before_commit() -> None:
+    """Called before each shard the run commits (``commit-hang``: wait for a signal once N are)."""
+    global _committed
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    if any(k == "commit-hang" and int(n) == _committed for k, n in _rules(spec)):
+        print(f"fault: {_committed} shard(s) committed, waiting for a signal", file=sys.stderr, flush=True)
+        while True:
+            signal.pause()  # returns after each handled signal; SIGINT and SIGTERM raise, SIGKILL ends it
+    _committed += 1

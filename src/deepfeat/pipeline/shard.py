@@ -146,6 +146,8 @@ class ShardProcessor:
 
     def commit(self, job: ShardJob) -> tuple[int, int]:
         """Write the shard (arrays, then the items file that marks it committed); returns (ok, failed)."""
+        if faults.enabled():
+            faults.before_commit()
         t0 = time.perf_counter()
         items_tab = ShardItems.empty()
         feats: list[list[np.ndarray]] = [[] for _ in self.layers]

@@ -22,14 +22,17 @@ same as that of a run without the fault (apart from the reported items). Other t
 that calls the library without ``if __name__ == "__main__":``) make every future raise
 :class:`WorkerStartError` instead of restarting forever.
 
-The package: the worker process (:mod:`deepfeat.data.workers.worker`), the pool and its
-supervisor thread (:mod:`deepfeat.data.workers.pool`), what the supervisor does when a worker
-hangs or dies (:mod:`deepfeat.data.workers.recovery`).
-Every name is importable from ``deepfeat.data.workers`` as before.
+The package: the worker process, its messages and the errors a pool raises
+(:mod:`deepfeat.data.workers.worker`); the parent's record of tasks and their queue
+(:mod:`deepfeat.data.workers.tasks`) and of the worker processes
+(:mod:`deepfeat.data.workers.processes`); :class:`~deepfeat.data.workers.recovery.WorkerRecovery`,
+what the pool does when a worker hangs or dies (:mod:`deepfeat.data.workers.recovery`); and the
+pool with its supervisor thread (:mod:`deepfeat.data.workers.pool`).
 """
 
 from __future__ import annotations
 
-from deepfeat.data.workers.pool import PREFETCH, SupervisedPool, _Task, _Worker
-from deepfeat.data.workers.recovery import MAX_START_FAILURES
-from deepfeat.data.workers.worker import PerItem, WorkerLost, WorkerStartError, _how_it_died, _worker_main
+from deepfeat.data.workers.pool import SupervisedPool
+from deepfeat.data.workers.worker import PerItem, WorkerLost, WorkerStartError
+
+__all__ = ["PerItem", "SupervisedPool", "WorkerLost", "WorkerStartError"]

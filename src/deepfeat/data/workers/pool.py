@@ -6,78 +6,44 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Any, Callable
+from typing import Callable
 
-from deepfeat.data.workers.recovery import RecoveryMixin
-from deepfeat.data.workers.worker import PerItem, WorkerStartError, _how_it_died, _worker_main
-
-
-@dataclass
-class _Task:
-    id: int
-    fn: Callable
-    args: tuple
-    future: Future
-    per_item: PerItem | None = None
-    results: list = field(default_factory=list)  # per-item results so far
-    alone: bool = False  # the next item is being retried alone after its worker died
-    sent: int = 0  # items in the chunk now dispatched
+from deepfeat.data.workers.processes import WorkerHandle, WorkerSet
+from deepfeat.data.workers.recovery import WorkerRecovery
+from deepfeat.data.workers.tasks import Task, TaskQueue
+from deepfeat.data.workers.worker import WorkerStartError, how_it_died
 
 
-@dataclass
-class _Worker:
-    proc: Any
-    conn: Any
-    ready: bool = False
-    #: tasks sent, in the order the worker runs them: the first is running, the next waits in
-    #: its pipe (so the worker never idles for a round trip between two batches)
-    tasks: deque = field(default_factory=deque)
-    last: float = 0.0  # when the current item started (dispatch or the previous item's result)
-
-    @property
-    def task(self) -> _Task | None:
-        return self.tasks[0] if self.tasks else None
-
-
-#: tasks in flight per worker: the one it runs and one queued behind it
-PREFETCH = 2
-
-
-class SupervisedPool(Executor, RecoveryMixin):
+class SupervisedPool(Executor):
     """*workers* decode processes with per-item timeouts and replacement (see the module docstring).
 
-    *timeout*: seconds one item of a batch function may take (None: no limit).
+    *timeout*: seconds one item of a batch function may take (None: no limit), measured with
+    *clock* (monotonic seconds; tests pass a clock they control).
     """
 
     def __init__(self, workers: int, initializer: Callable | None = None, initargs: tuple = (),
-                 timeout: float | None = None, mp_context=None):
+                 timeout: float | None = None, mp_context=None, clock: Callable[[], float] = time.monotonic):
         import multiprocessing as mp
 
         if workers < 1:
             raise ValueError("a SupervisedPool needs at least one worker")
-        self._ctx = mp_context or mp.get_context("spawn")
-        self._n = workers
-        self._init, self._initargs = initializer, initargs
-        self.timeout = timeout if timeout and timeout > 0 else None
-        self._queue: deque[_Task] = deque()
-        self._lock = threading.Lock()
+        ctx = mp_context or mp.get_context("spawn")
         self._ids = itertools.count()
-        self._workers: list[_Worker] = []
-        self._start_failures = 0
-        self._broken: str | None = None
-        self._stop = False
-        self._drain = False  # stop once the queued and running tasks are done
-        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._queue = TaskQueue()
+        self._workers = WorkerSet(workers, ctx, initializer, initargs)
+        self._recovery = WorkerRecovery(self._workers, self._queue, timeout if timeout and timeout > 0 else None,
+                                        clock)
         #: what happened, for reports and tests: worker restarts, timed-out and lost items
-        self.stats = {"restarts": 0, "timeouts": 0, "deaths": 0}
-        for _ in range(workers):
-            self._workers.append(self._spawn())
+        self.stats = self._recovery.stats
+        self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._loop, name="deepfeat-pool", daemon=True)
         self._thread.start()
+
+    @property
+    def timeout(self) -> float | None:
+        return self._recovery.timeout
 
     # -- the Executor interface (called from the user's thread) --------------
 
@@ -90,35 +56,24 @@ class SupervisedPool(Executor, RecoveryMixin):
             if len(args) != 1:
                 raise TypeError(f"{fn.__name__} takes one list of items")
             args = (list(args[0]),)
-        task = _Task(next(self._ids), fn, args, fut, per_item)
-        with self._lock:
-            if self._stop or self._drain:
-                raise RuntimeError("cannot submit to a pool that is shutting down")
-            if self._broken:
-                fut.set_exception(WorkerStartError(self._broken))
-                return fut
-            self._queue.append(task)
+        task = Task(next(self._ids), fn, args, fut, per_item)
+        if not self._queue.put(task):
+            fut.set_exception(WorkerStartError(self._queue.broken))
+            return fut
         self._wake()
         return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            if cancel_futures:
-                while self._queue:
-                    self._queue.popleft().future.cancel()
-            if wait:
-                self._drain = True
-            else:
-                self._stop = True
+        self._queue.close(drain=wait, cancel=cancel_futures)
         self._wake()
         if wait or self._thread.is_alive():
             self._thread.join(timeout=None if wait else 10)
-        self._kill_all()
+        self._workers.stop_all()
 
     @property
     def pids(self) -> list[int]:
         """The current workers' process ids (for tests and diagnostics)."""
-        return [w.proc.pid for w in self._workers if w.proc.pid is not None]
+        return self._workers.pids
 
     # -- the supervisor thread -------------------------------------------------
 
@@ -128,107 +83,82 @@ class SupervisedPool(Executor, RecoveryMixin):
         except OSError:
             pass
 
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._init, self._initargs), daemon=True,
-                                 name="deepfeat-decode")
-        proc.start()
-        child.close()
-        return _Worker(proc, parent)
-
     def _loop(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    if self._stop:
-                        return
-                    if self._drain and not self._queue and not any(w.task for w in self._workers):
-                        return
+            while not self._finished():
                 self._dispatch()
-                waitables = [self._wake_r] + [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers]
-                ready = set(wait(waitables, timeout=self._next_deadline()))
+                handles = self._workers.handles
+                waitables = [self._wake_r] + [w.conn for w in handles] + [w.proc.sentinel for w in handles]
+                ready = set(wait(waitables, timeout=self._recovery.seconds_to_next_check()))
                 if self._wake_r in ready:
                     while self._wake_r.poll():
                         self._wake_r.recv_bytes()
-                for w in list(self._workers):
+                for w in self._workers:
                     if w.conn in ready or w.proc.sentinel in ready:
                         self._read(w)
-                self._check_timeouts()
+                self._recovery.check_timeouts()
+        except WorkerStartError as e:
+            self._fail_all(str(e))
         except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
             self._fail_all(f"the decode pool's supervisor failed: {type(e).__name__}: {e}")
 
-    def _next_deadline(self) -> float:
-        if self.timeout is None:
-            return 1.0
-        now = time.monotonic()
-        left = [w.last + self.timeout - now for w in self._workers if w.task and w.task.per_item]
-        return max(0.01, min([1.0] + left))
+    def _finished(self) -> bool:
+        if self._queue.stopped:
+            return True
+        return self._queue.draining and not self._queue and not self._workers.busy()
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            while w.ready and len(w.tasks) < PREFETCH and w.proc.is_alive():
-                with self._lock:
-                    if not self._queue:
-                        return
-                    task = self._queue.popleft()
+            while w.has_room:
+                task = self._queue.pop()
+                if task is None:
+                    return
                 if not self._send(w, task):
                     break
 
-    def _send(self, w: _Worker, task: _Task) -> bool:
-        if task.per_item:
-            items = task.args[0][len(task.results):]
-            if task.alone:
-                items = items[:1]
-            task.sent = len(items)
-            msg = (task.id, task.per_item.one, items, True)
-        else:
-            msg = (task.id, task.fn, task.args, False)
+    def _send(self, w: WorkerHandle, task: Task) -> bool:
+        msg = task.message()
         if not w.tasks:
-            w.last = time.monotonic()
+            self._recovery.item_started(w)
         w.tasks.append(task)
         try:
             w.conn.send(msg)
         except (OSError, EOFError):
             w.proc.join(timeout=10)
-            self._lost(w, _how_it_died(w.proc.exitcode))
+            self._recovery.lost(w, how_it_died(w.proc.exitcode))
             return False
         return True
 
-    def _read(self, w: _Worker) -> None:
+    def _read(self, w: WorkerHandle) -> None:
         try:
             while w.conn.poll():
-                kind, tid, k, payload = w.conn.recv()
+                kind, tid, _, payload = w.conn.recv()
                 if kind == "ready":
-                    w.ready = True
-                    self._start_failures = 0
+                    self._recovery.worker_ready(w)
                     continue
                 task = w.task
                 if task is None or task.id != tid:
                     continue
                 if kind == "item":
                     task.results.append(payload)
-                    w.last = time.monotonic()
+                    self._recovery.item_started(w)
                     continue
                 w.tasks.popleft()
-                w.last = time.monotonic()  # the next task, if any, starts now
+                self._recovery.item_started(w)  # the next task, if any, starts now
                 if kind == "done":
-                    self._chunk_done(task, payload)
+                    self._recovery.chunk_ended(task, payload)
                 else:  # "error": the task itself raised
-                    task.future.set_exception(payload)
+                    task.fail(payload)
         except (EOFError, OSError):
             pass
         if not w.proc.is_alive():
             w.proc.join()
-            self._lost(w, _how_it_died(w.proc.exitcode))
+            self._recovery.lost(w, how_it_died(w.proc.exitcode))
 
-    def _chunk_done(self, task: _Task, result: Any) -> None:
-        if not task.per_item:
-            task.future.set_result(result)
-            return
-        task.alone = False
-        if len(task.results) < len(task.args[0]):
-            with self._lock:
-                self._queue.appendleft(task)  # the rest of a batch whose item was retried alone
-        else:
-            task.future.set_result(task.per_item.merge(task.results))
-
+    def _fail_all(self, message: str) -> None:
+        tasks = self._queue.break_(message)
+        for w in self._workers:
+            tasks += list(w.tasks)
+            w.tasks.clear()
+        for t in tasks:
+            t.fail(WorkerStartError(message))

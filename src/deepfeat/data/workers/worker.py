@@ -31,7 +31,7 @@ class WorkerStartError(DeepfeatError):
     """Worker processes die before they are ready."""
 
 
-def _worker_main(conn, initializer: Callable | None, initargs: tuple) -> None:
+def worker_main(conn, initializer: Callable | None, initargs: tuple) -> None:
     # the parent stops its workers itself (after a clean stop it kills them); a SIGINT or
     # SIGTERM sent to the whole process group must not kill them under a running batch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -61,7 +61,7 @@ def _worker_main(conn, initializer: Callable | None, initargs: tuple) -> None:
                 conn.send(("error", tid, None, RuntimeError(f"{type(e).__name__}: {e}")))
 
 
-def _how_it_died(exitcode: int | None) -> str:
+def how_it_died(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
