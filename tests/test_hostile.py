@@ -1,3 +1,4 @@
+import pytest
 """A corpus of hostile files (scripts/make_hostile_corpus.py): extract and check-images
 report every one (or decode it, where that is the right answer), none crashes, none hangs."""
 
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_every_hostile_file_is_reported_or_decoded_and_nothing_hangs(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_hostile_corpus.py"), str(tmp_path / "h")],
                    check=True, timeout=120)

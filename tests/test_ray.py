@@ -135,6 +135,7 @@ def _shard_worker_pids() -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_ray_equals_local_after_interrupt_and_resume(ray_local, image_list, local_store, tmp_path):
     out = tmp_path / "ray"
     seen: list[int] = []
@@ -161,6 +162,7 @@ def test_ray_equals_local_after_interrupt_and_resume(ray_local, image_list, loca
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds actor processes in /proc")
+@pytest.mark.slow
 def test_killed_actor_is_restarted_and_its_shard_written_once(ray_local, image_list, local_store, tmp_path):
     out = tmp_path / "ray"
     deadline = time.monotonic() + 60  # Ray stops the actors of a finished run a few seconds after it

@@ -199,6 +199,7 @@ def test_regions_extractor_on_a_real_photo(lite0, photos):
 # --------------------------------------------------------------------------- the section in the store, resumable
 
 
+@pytest.mark.slow
 def test_regions_section_survives_kill_and_resume_identically(collection, tmp_path):
     n_before, res, got, want = kill_and_resume(collection, tmp_path, "regions:size=256", "regions")
     assert 0 < n_before < 8

@@ -1,3 +1,4 @@
+import pytest
 """The soak script at CI scale: 300 images (real photos from the shared data where present,
 a few percent broken), interrupted twice (SIGKILL, then SIGINT), resumed each time; the
 store must equal an uninterrupted run byte for byte and list every broken file.
@@ -16,6 +17,7 @@ from tests.conftest import SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_soak_small_interrupted_twice_equals_uninterrupted(tmp_path):
     env = {**os.environ, "DEEPFEAT_SHARED_DATA": str(SHARED_DATA)}
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "soak_extract.py"), "--images", "300",

@@ -206,6 +206,7 @@ def test_extract_with_local_features_and_oxford_eval_with_verify(vstore, edited,
     assert "verified the top 5" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_features_survive_kill_and_resume_identically(collection, tmp_path):
     n_before, res, got, want = kill_and_resume(collection, tmp_path, "cnn", "cnn")
     assert 0 < n_before < 8
