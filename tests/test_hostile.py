@@ -1,4 +1,3 @@
-import pytest
 """A corpus of hostile files (scripts/make_hostile_corpus.py): extract and check-images
 report every one (or decode it, where that is the right answer), none crashes, none hangs."""
 
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

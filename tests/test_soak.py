@@ -1,4 +1,3 @@
-import pytest
 """The soak script at CI scale: 300 images (real photos from the shared data where present,
 a few percent broken), interrupted twice (SIGKILL, then SIGINT), resumed each time; the
 store must equal an uninterrupted run byte for byte and list every broken file.
@@ -11,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import SHARED_DATA
 
