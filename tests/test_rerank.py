@@ -9,6 +9,7 @@ import pytest
 
 from deepfeat.errors import UsageError
 from deepfeat.rerank import (
+    RERANKERS,
     Diffusion,
     KReciprocal,
     complete_ranking,
@@ -16,6 +17,7 @@ from deepfeat.rerank import (
     k_reciprocal_distances,
     knn_graph,
     parse_rerank_spec,
+    rerank_ranks,
 )
 
 
@@ -32,6 +34,23 @@ def _two_moons_on_sphere(n_per: int = 150, noise: float = 0.03, seed: int = 0):
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     labels = np.repeat([0, 1], n_per)
     return np.ascontiguousarray(X, dtype=np.float32), labels
+
+
+@pytest.mark.parametrize("name", sorted(RERANKERS))
+def test_every_reranker_gives_full_rankings_from_its_spec(name):
+    """Each registry entry, at its defaults: parsed from its name, its spec parses back to itself,
+    and it turns a global ranking into a complete one whose head stays on the query's own moon."""
+    if name == "regional-diffusion":
+        pytest.skip("needs a store's regional descriptors: tests/test_regional.py")
+    X, labels = _two_moons_on_sphere()
+    rows = [40, 75, 225]  # the middle of the moons, away from the tips that face the other moon
+    xq = np.ascontiguousarray(X[rows])
+    ranks = np.argsort(-(xq @ X.T), axis=1, kind="stable")
+    reranker = get_reranker(name)
+    assert get_reranker(reranker.spec).spec == reranker.spec
+    out = rerank_ranks(reranker, xq, X, ranks, query_rows=rows)
+    assert out.shape == ranks.shape and (np.sort(out, axis=1) == np.arange(len(X))).all()
+    assert all((labels[o[:10]] == labels[r]).all() for o, r in zip(out, rows))
 
 
 def test_diffusion_ranks_along_the_manifold_where_knn_does_not():
