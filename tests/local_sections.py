@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from deepfeat.pipeline import ExtractConfig, extract
@@ -19,8 +18,8 @@ def section_bytes(store: Path, section: str) -> dict[str, bytes]:
 
 def kill_and_resume(collection: Path, tmp_path: Path, extractor: str, section: str):
     """Two equal stores of *collection* (8 shards of 3 images); `deepfeat local-features --extractor
-    EXTRACTOR` runs whole on the first, and on the second is killed (SIGKILL) once some but not all of
-    its shards are written, then run again. Returns (shards written before the kill, the second run's
+    EXTRACTOR` runs whole on the first, and on the second is killed (SIGKILL) once two of its eight
+    shards are written (the fault hook ``commit-hang=2`` holds it there), then run again. Returns (shards written before the kill, the second run's
     CompletedProcess, the section's files after it, the uninterrupted run's files)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stores = []
@@ -32,13 +31,12 @@ def kill_and_resume(collection: Path, tmp_path: Path, extractor: str, section: s
     ref, out = stores
     cmd = [sys.executable, "-m", "deepfeat.cli", "local-features", "--extractor", extractor]
     subprocess.run([*cmd, str(ref)], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen([*cmd, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 600  # generous: a loaded machine takes long to load the model
+    proc = subprocess.Popen([*cmd, str(out)], env={**env, "DEEPFEAT_FAULTS": "commit-hang=2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = out / "local" / section
-    while time.time() < deadline:  # wait until some, but not all, shards are written
-        if (folder.is_dir() and len(list(folder.glob("*.npz"))) >= 2) or proc.poll() is not None:
+    for line in proc.stderr:  # the hook says when two shards are written, then waits
+        if line.startswith("fault: 2 shard(s) committed"):
             break
-        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run finished before it could be killed"

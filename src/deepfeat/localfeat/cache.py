@@ -33,6 +33,7 @@ import numpy as np
 
 from deepfeat.errors import ImageError, StoreError, UsageError
 from deepfeat.localfeat.features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
+from deepfeat.pipeline import faults
 from deepfeat.store import FeatureStore, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
         if extractor.spec.regions:
             arrays["boxes"] = (np.concatenate([f.boxes for f in feats]).astype(np.float32) if feats
                                else np.zeros((0, 4), np.float32))
+        faults.before_commit()
         atomic_write_bytes(out, _npz_bytes(**arrays))
         report["shards_done"] += 1
         report["images"] += len(ok)

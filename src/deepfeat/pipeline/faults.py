@@ -7,7 +7,8 @@ image whose file name contains NAME:
   (as the kernel's out-of-memory killer would);
 * ``decode-hang=NAME``: the decode worker hangs (sleeps for an hour) on it;
 * ``model-raise=NAME``: the network raises ``RuntimeError`` on any batch that holds it;
-* ``commit-hang=N`` (N a number, not a name): before it commits a shard, once it has committed
+* ``commit-hang=N`` (N a number, not a name): before it commits a shard (of a store, or of a
+  store's local-feature section), once it has committed
   N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
   for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
   store locked and planned, N shards committed) on any machine.
