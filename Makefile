@@ -34,6 +34,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
