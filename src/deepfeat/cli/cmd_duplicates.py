@@ -44,6 +44,13 @@ def register(sub) -> None:
     o = p.add_argument_group("review")
     o.add_argument("--json", action="store_true", help="print the groups as JSON")
     o.add_argument("--csv", metavar="FILE", help="write one row per group member to FILE ('-' for stdout)")
+    a = p.add_argument_group("acting (nothing is touched without --move-to or --delete)")
+    a.add_argument("--move-to", metavar="DIR", help="move every duplicate but the keeper under DIR (folders kept)")
+    a.add_argument("--delete", action="store_true", help="delete every duplicate but the keeper (cannot be undone)")
+    a.add_argument("--dry-run", action="store_true", help="print what --move-to/--delete would do; touch nothing")
+    a.add_argument("--manifest", metavar="FILE",
+                   help="where the manifest goes (default DIR/duplicates-TIME.manifest.json, or in the store)")
+    a.add_argument("--undo", metavar="MANIFEST", help="put back the files a --move-to run moved")
     p.set_defaults(func=run)
 
 
@@ -96,9 +103,45 @@ def print_groups(rep) -> None:
           f"{', verified' if rep.settings.verify else ''}) in {s['seconds']['total']:.1f}s")
 
 
+def _print_outcome(o) -> None:
+    print(f"{o.state:12s} {o.file}" + (f"  ({o.reason})" if o.reason and o.state != "moved" else "")
+          + (f" -> {o.reason}" if o.state in ("moved", "would-move") else ""))
+
+
+def _act(args, rep) -> int:
+    from deepfeat.collection.actions import apply
+
+    manifest, outcomes = apply(rep, move_to=args.move_to, delete=args.delete, dry_run=args.dry_run,
+                               manifest=args.manifest, on_outcome=_print_outcome)
+    states = {}
+    for o in outcomes:
+        states[o.state] = states.get(o.state, 0) + 1
+    print(", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "nothing to do")
+    if manifest is not None:
+        print(f"manifest: {manifest} (undo: deepfeat duplicates --undo {manifest})")
+    return 0
+
+
+def _undo(args) -> int:
+    from deepfeat.collection.actions import undo
+
+    outcomes = undo(args.undo, on_outcome=_print_outcome)
+    bad = [o for o in outcomes if o.state in ("lost", "not-restored")]
+    print(f"{sum(o.state == 'restored' for o in outcomes)} restored, "
+          f"{sum(o.state == 'in-place' for o in outcomes)} already in place, {len(bad)} not restored")
+    return 1 if bad else 0
+
+
 def run(args) -> int:
     from deepfeat.collection.duplicates import find_duplicates
+    from deepfeat.errors import UsageError
 
+    if args.undo:
+        return _undo(args)
+    if args.move_to and args.delete:
+        raise UsageError("give one of --move-to DIR and --delete, not both")
+    if args.dry_run and not (args.move_to or args.delete):
+        raise UsageError("--dry-run shows what --move-to DIR or --delete would do: give one of them")
     store = _open_store(args)
     rep = find_duplicates(store, _settings(args), device=args.device)
     if args.csv:
@@ -112,4 +155,6 @@ def run(args) -> int:
         print_json(rep.to_dict())
     elif args.csv != "-":
         print_groups(rep)
+    if args.move_to or args.delete:
+        return _act(args, rep)
     return 0

@@ -91,6 +91,7 @@ class MemberFile:
     bytes: int
     mtime_ns: int
     sha256: str
+    extracted_ns: int  # when the row's store shard was written (a later mtime: stale features)
 
 
 @dataclass
@@ -167,7 +168,9 @@ def store_index(store: FeatureStore, xb: np.ndarray, kind: str = "auto"):
 def _file_facts(store: FeatureStore, rows: list[int], hashes: dict[int, str]) -> dict[int, MemberFile]:
     items = store.ok_items()
     widths, heights = items.column("width").to_pylist(), items.column("height").to_pylist()
-    paths = items.column("path").to_pylist()
+    paths, shards = items.column("path").to_pylist(), items.column("shard").to_pylist()
+    feature = store.feature_name()
+    written = {s: store.shard_feature_path(s, feature).stat().st_mtime_ns for s in {shards[r] for r in rows}}
     out = {}
     for r in rows:
         f = store.resolve_path(paths[r])
@@ -175,7 +178,7 @@ def _file_facts(store: FeatureStore, rows: list[int], hashes: dict[int, str]) ->
         if r not in hashes:
             hashes[r] = file_sha256(f)
         out[r] = MemberFile(r, paths[r], f, int(widths[r] or 0), int(heights[r] or 0), st.st_size, st.st_mtime_ns,
-                            hashes[r])
+                            hashes[r], written[shards[r]])
     return out
 
 
