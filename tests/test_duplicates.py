@@ -163,3 +163,31 @@ def test_bad_settings():
         DuplicateSettings(threshold=1.5)
     with pytest.raises(UsageError, match="min-inliers"):
         DuplicateSettings(min_inliers=1)
+
+
+def test_gallery_html_is_self_contained_and_png(dup_store, tmp_path):
+    from deepfeat.collection.gallery import gallery_html, gallery_png
+
+    store, _ = dup_store
+    rep = find_duplicates(store)
+    page = Path(gallery_html(rep, tmp_path / "dups.html")).read_text()
+    srcs = [s.split('"')[0] for s in page.split(' src="')[1:]]
+    assert len(srcs) == sum(len(g.rows) for g in rep.groups)
+    assert all(s.startswith("data:image/jpeg;base64,") for s in srcs)  # nothing outside the page
+    assert page.count("class=keep") == len(rep.groups)
+    png = Image.open(gallery_png(rep, tmp_path / "dups.png"))
+    assert png.width >= 128 * max(len(g.rows) for g in rep.groups) and png.height >= 128 * len(rep.groups)
+
+
+def test_query_new_images_against_the_collection(dup_store, tmp_path, photos):
+    from deepfeat.collection.query import query_duplicates
+
+    store, files = dup_store
+    cat = Image.open(photos["chelsea"]).convert("RGB")
+    new_copy = tmp_path / "cat_new.jpg"
+    cat.resize((cat.width * 2 // 3, cat.height * 2 // 3)).save(new_copy, quality=70)
+    exact = tmp_path / "rocket_again.jpg"
+    shutil.copyfile(files["rocket.jpg"], exact)
+    res = {Path(r.query).name: r for r in query_duplicates(store, [str(new_copy), str(exact)])}
+    assert {Path(m.path).name for m in res["cat_new.jpg"].matches} >= {"cat.jpg", "cat_png.png"}
+    assert any(m.kind == "bytes" and Path(m.path).name == "rocket.jpg" for m in res["rocket_again.jpg"].matches)

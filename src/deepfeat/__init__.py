@@ -42,6 +42,7 @@ _EXPORTS = {
     "SearchEngine": "search",
     "fully_convolutional": "surgery",
     "dense_map": "surgery",
+    "find_duplicates": "collection.duplicates",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

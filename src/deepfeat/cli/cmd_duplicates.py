@@ -41,9 +41,13 @@ def register(sub) -> None:
     g.add_argument("--index-kind", default="auto", metavar="KIND",
                    help="index built in memory when the store has no current saved index (default auto)")
     g.add_argument("--device", default="cpu", help="device for local features computed here (default cpu)")
+    g.add_argument("--query", nargs="+", metavar="NEW",
+                   help="check these new images against the store (is this already in my collection?) instead")
     o = p.add_argument_group("review")
     o.add_argument("--json", action="store_true", help="print the groups as JSON")
     o.add_argument("--csv", metavar="FILE", help="write one row per group member to FILE ('-' for stdout)")
+    o.add_argument("--gallery", metavar="FILE.html|FILE.png", action="append", default=[],
+                   help="write the groups as a self-contained HTML page or a PNG (repeatable)")
     a = p.add_argument_group("acting (nothing is touched without --move-to or --delete)")
     a.add_argument("--move-to", metavar="DIR", help="move every duplicate but the keeper under DIR (folders kept)")
     a.add_argument("--delete", action="store_true", help="delete every duplicate but the keeper (cannot be undone)")
@@ -132,6 +136,22 @@ def _undo(args) -> int:
     return 1 if bad else 0
 
 
+def _query(args, store: str) -> int:
+    from deepfeat.collection.query import query_duplicates
+
+    results = query_duplicates(store, args.query, _settings(args), device=args.device)
+    if args.json:
+        print_json([r.to_dict() for r in results])
+        return 0
+    for r in results:
+        if not r.matches:
+            print(f"{r.query}: new (no duplicate in {store})")
+        for m in r.matches:
+            print(f"{r.query}: duplicate of {m.path}  {m.kind}  cos {m.score:.3f}"
+                  + (f"  {m.inliers} inliers" if m.inliers is not None else ""))
+    return 0
+
+
 def run(args) -> int:
     from deepfeat.collection.duplicates import find_duplicates
     from deepfeat.errors import UsageError
@@ -143,6 +163,8 @@ def run(args) -> int:
     if args.dry_run and not (args.move_to or args.delete):
         raise UsageError("--dry-run shows what --move-to DIR or --delete would do: give one of them")
     store = _open_store(args)
+    if args.query:
+        return _query(args, store)
     rep = find_duplicates(store, _settings(args), device=args.device)
     if args.csv:
         out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="")
@@ -151,6 +173,11 @@ def run(args) -> int:
         finally:
             if out is not sys.stdout:
                 out.close()
+    for g in args.gallery:
+        from deepfeat.collection.gallery import gallery_html, gallery_png
+
+        (gallery_png if g.lower().endswith(".png") else gallery_html)(rep, g)
+        print(f"gallery: {g}", file=sys.stderr)
     if args.json:
         print_json(rep.to_dict())
     elif args.csv != "-":

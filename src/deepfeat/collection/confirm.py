@@ -4,9 +4,9 @@ has many local features that one similarity transform maps onto the other.
 
 For each candidate pair the RANSAC inliers of a similarity transform between their
 mutual-nearest-neighbour keypoint matches are counted (:func:`deepfeat.localfeat.verify.count_inliers`),
-once as they are and once with the first image's keypoints mirrored (x -> W - x), so a
-mirrored copy is confirmed too (its CNN descriptors change little under a flip, since the
-network was trained with flips). A pair is confirmed with at least ``min_inliers`` inliers.
+once as they are and once with the first image's keypoints mirrored (x -> W - x; SIFT
+descriptors permuted to describe the mirrored patch, CNN ones kept since the network was
+trained with flips), so a mirrored copy is confirmed too. A pair is confirmed with at least ``min_inliers`` inliers.
 
 The local features come from the store's cached section of the same spec when it has
 one (``deepfeat local-features STORE --extractor SPEC``), otherwise they are computed
@@ -29,19 +29,38 @@ from deepfeat.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
-def mirrored(f: LocalFeatures) -> LocalFeatures:
-    """The same keypoints and descriptors with x mirrored across the image's width."""
+def _sift_mirror_order() -> np.ndarray:
+    """The permutation of a SIFT descriptor's 4 x 4 x 8 bins that describes the mirrored patch:
+    rows of the keypoint's frame flip and orientations negate (bin o -> (8 - o) mod 8)."""
+    idx = np.zeros(128, np.int64)
+    for r in range(4):
+        for c in range(4):
+            for o in range(8):
+                idx[((3 - r) * 4 + c) * 8 + (8 - o) % 8] = (r * 4 + c) * 8 + o
+    return idx
+
+
+_SIFT_MIRROR = _sift_mirror_order()
+
+
+def mirrored(f: LocalFeatures, sift: bool = False) -> LocalFeatures:
+    """The keypoints of the mirrored image: x mirrored across the image's width; SIFT
+    descriptors permuted to describe the mirrored patches (CNN ones kept: the network
+    was trained with flips, its activations change little)."""
     xy = np.array(f.xy, dtype=np.float32, copy=True)
     if len(xy):
         xy[:, 0] = f.image_size[0] - xy[:, 0]
-    return replace(f, xy=xy)
+    desc = np.ascontiguousarray(f.desc[:, _SIFT_MIRROR]) if sift and f.desc.shape[1] == 128 else f.desc
+    return replace(f, xy=xy, desc=desc)
 
 
-def pair_inliers(a: LocalFeatures, b: LocalFeatures, params: VerifyParams, mirror: bool = True) -> int:
-    """Inliers between *a* and *b*: the better of as-is and *a* mirrored."""
+def pair_inliers(a: LocalFeatures, b: LocalFeatures, params: VerifyParams, mirror: bool = True,
+                 sift: bool = False, enough: int | None = None) -> int:
+    """Inliers between *a* and *b*: the better of as-is and *a* mirrored (tried only when
+    as-is gives fewer than *enough*, default ``params.min_inliers``)."""
     n = count_inliers(a, b, params)
-    if mirror and n < params.min_inliers:
-        n = max(n, count_inliers(mirrored(a), b, params))
+    if mirror and n < (params.min_inliers if enough is None else enough):
+        n = max(n, count_inliers(mirrored(a, sift), b, params))
     return n
 
 
@@ -92,11 +111,13 @@ def feature_source(store: FeatureStore, spec: str, device: str = "cpu") -> Calla
 
 
 def confirm_pairs(a: np.ndarray, b: np.ndarray, features: Callable[[int], LocalFeatures], params: VerifyParams,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Inliers of each candidate pair (a[i], b[i]) (int64 array)."""
+                  progress: Callable[[int, int], None] | None = None, spec: str = "cnn",
+                  enough: int | None = None) -> np.ndarray:
+    """Inliers of each candidate pair (a[i], b[i]) (int64 array); *spec* names the extractor."""
     out = np.zeros(len(a), np.int64)
+    sift = parse_local_spec(spec).extractor == "sift"
     for i, (x, y) in enumerate(zip(np.asarray(a).tolist(), np.asarray(b).tolist())):
-        out[i] = pair_inliers(features(x), features(y), params)
+        out[i] = pair_inliers(features(x), features(y), params, sift=sift, enough=enough)
         if progress is not None:
             progress(i + 1, len(a))
     return out

@@ -272,7 +272,7 @@ def _confirm(store: FeatureStore, files: list[str], cand: PairArrays, settings: 
     params = VerifyParams(top=1, min_inliers=settings.min_inliers)
     feats = feature_source(store, settings.extractor, device)
     inl = confirm_pairs(cand.a, cand.b, feats, params,
-                        None if progress is None else (lambda i, n: progress("verify", i, n)))
+                        None if progress is None else (lambda i, n: progress("verify", i, n)), spec=settings.extractor)
     ok = inl >= settings.min_inliers
     stats["verified"] = len(cand)
     out += [DuplicatePair(int(a), int(b), "verified", float(s), int(n))
