@@ -37,6 +37,19 @@ from deepfeat.localfeat.verify import VerifyParams
 from deepfeat.store import FeatureStore
 
 
+def imagededup_cnn():
+    """imagededup's CNN method without its constructor, which downloads MobileNet weights: its
+    duplicate search over given encodings needs only a logger and ``verbose``."""
+    import logging
+
+    from imagededup.methods import CNN
+
+    cnn = CNN.__new__(CNN)
+    cnn.verbose = False
+    cnn.logger = logging.getLogger("imagededup")
+    return cnn
+
+
 def truth_pairs(set_dir: Path, paths: list[str]) -> set[tuple[str, str]]:
     groups: dict[str, list[str]] = {}
     with open(set_dir / "groups.csv") as f:
@@ -107,7 +120,7 @@ def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thre
 
 def imagededup_rows(set_dir: Path, store: FeatureStore, names: list[str], truth, cnn_thresholds) -> list[dict]:
     try:
-        from imagededup.methods import CNN, PHash
+        from imagededup.methods import PHash
     except ImportError:
         print("imagededup is not installed: its rows are left out (pip install imagededup)")
         return []
@@ -120,7 +133,7 @@ def imagededup_rows(set_dir: Path, store: FeatureStore, names: list[str], truth,
                  **scores(pred, truth), "seconds": round(time.perf_counter() - t0, 1)})
     xb = store.vectors()
     enc = {names[i]: xb[i] for i in range(len(names))}
-    cnn = CNN(verbose=False)
+    cnn = imagededup_cnn()
     for t in cnn_thresholds:
         t0 = time.perf_counter()
         dups = cnn.find_duplicates(encoding_map=enc, min_similarity_threshold=t, num_sim_workers=0)

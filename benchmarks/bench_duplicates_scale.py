@@ -24,6 +24,19 @@ import time
 import numpy as np
 
 
+def imagededup_cnn():
+    """imagededup's CNN method without its constructor, which downloads MobileNet weights: its
+    duplicate search over given encodings needs only a logger and ``verbose``."""
+    import logging
+
+    from imagededup.methods import CNN
+
+    cnn = CNN.__new__(CNN)
+    cnn.verbose = False
+    cnn.logger = logging.getLogger("imagededup")
+    return cnn
+
+
 def make_vectors(store: str, n: int, dim: int, planted: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(N x dim unit float32 vectors, P x 2 planted pairs)."""
     from deepfeat.store import FeatureStore
@@ -59,10 +72,8 @@ def run_one(method: str, store: str, n: int, dim: int, planted: float, threshold
         found = set(zip(pairs.a.tolist(), pairs.b.tolist()))
         n_groups = len(groups)
     else:
-        from imagededup.methods import CNN
-
         enc = {str(i): x[i] for i in range(n)}
-        dups = CNN(verbose=False).find_duplicates(encoding_map=enc, min_similarity_threshold=threshold,
+        dups = imagededup_cnn().find_duplicates(encoding_map=enc, min_similarity_threshold=threshold,
                                                   num_sim_workers=0)
         found = {tuple(sorted((int(a), int(b)))) for a, bs in dups.items() for b in bs}
         n_groups = None

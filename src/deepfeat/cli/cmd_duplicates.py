@@ -28,9 +28,9 @@ def register(sub) -> None:
     g.add_argument("--verify", action="store_true", default=True, help="confirm candidates geometrically (default)")
     g.add_argument("--no-verify", dest="verify", action="store_false",
                    help="take every candidate above --threshold (faster, mistakes same-class photos for copies)")
-    g.add_argument("--extractor", default="cnn", metavar="cnn|sift|orb[:ARGS]",
-                   help="local features for verification (default cnn; a cached section of the same spec is used)")
-    g.add_argument("--min-inliers", type=int, default=12, metavar="N", help="inliers that confirm a pair (default 12)")
+    g.add_argument("--extractor", default="sift", metavar="sift|cnn|orb[:ARGS]",
+                   help="local features for verification (default sift; a cached section of the same spec is used)")
+    g.add_argument("--min-inliers", type=int, default=16, metavar="N", help="inliers that confirm a pair (default 16)")
     g.add_argument("-k", "--neighbours", type=int, default=10, metavar="K",
                    help="neighbours searched per image (default 10)")
     g.add_argument("--no-exact", dest="exact", action="store_false",
@@ -61,8 +61,7 @@ def register(sub) -> None:
 def _settings(args):
     from deepfeat.collection.duplicates import DuplicateSettings
 
-    threshold = args.threshold if args.threshold is not None else (0.5 if args.verify else 0.9)
-    return DuplicateSettings(threshold=threshold, verify=args.verify, extractor=args.extractor,
+    return DuplicateSettings(threshold=args.threshold, verify=args.verify, extractor=args.extractor,
                              min_inliers=args.min_inliers, k=args.neighbours, keep=args.keep, exact=args.exact,
                              index_kind=args.index_kind)
 

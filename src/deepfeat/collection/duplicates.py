@@ -38,16 +38,19 @@ log = logging.getLogger(__name__)
 
 #: pair kinds, strongest evidence first
 PAIR_KINDS = ("bytes", "pixels", "verified", "similar")
+#: the default candidate cosine with verification, and without it (docs/duplicates.md: measured)
+VERIFY_THRESHOLD = 0.5
+PLAIN_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
 class DuplicateSettings:
     """How duplicates are found (module docstring); every field is a CLI option."""
 
-    threshold: float = 0.5  # cosine of the global descriptors for a candidate pair
+    threshold: float | None = None  # candidate cosine; None: VERIFY_THRESHOLD, or PLAIN_THRESHOLD without verify
     verify: bool = True  # confirm candidates by geometric verification of local features
-    extractor: str = "cnn"  # local-feature spec used to verify
-    min_inliers: int = 12  # inliers that confirm a pair
+    extractor: str = "sift"  # local-feature spec used to verify
+    min_inliers: int = 16  # inliers that confirm a pair
     k: int = 10  # neighbours searched per image
     keep: str = DEFAULT_KEEP
     exact: bool = True  # pair files with the same bytes / the same decoded pixels
@@ -56,6 +59,8 @@ class DuplicateSettings:
     block: int = 4096  # queries per k-NN block
 
     def __post_init__(self) -> None:
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", VERIFY_THRESHOLD if self.verify else PLAIN_THRESHOLD)
         if not -1.0 <= self.threshold <= 1.0:
             raise UsageError(f"--threshold must be a cosine in [-1, 1], not {self.threshold}")
         if self.k < 1 or self.block < 1:
@@ -217,11 +222,11 @@ def find_duplicates(store: FeatureStore | str | os.PathLike, settings: Duplicate
     """Groups of duplicate images in *store* (module docstring). *settings* (or keyword
     *overrides* of its fields) say how; *index* replaces the store's index (ids = rows)."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    settings = settings or DuplicateSettings()
     if overrides:
         from dataclasses import replace
 
-        settings = replace(settings, **overrides)
+        settings = replace(settings, **overrides) if settings else DuplicateSettings(**overrides)
+    settings = settings or DuplicateSettings()
     paths = store.paths
     if not paths:
         raise StoreError(f"{store.path} has no images to compare")
