@@ -191,3 +191,23 @@ def test_query_new_images_against_the_collection(dup_store, tmp_path, photos):
     res = {Path(r.query).name: r for r in query_duplicates(store, [str(new_copy), str(exact)])}
     assert {Path(m.path).name for m in res["cat_new.jpg"].matches} >= {"cat.jpg", "cat_png.png"}
     assert any(m.kind == "bytes" and Path(m.path).name == "rocket.jpg" for m in res["rocket_again.jpg"].matches)
+
+
+def test_serve_duplicates_view(dup_store):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from deepfeat.serve import create_app
+
+    store, _ = dup_store
+    with TestClient(create_app(store)) as client:
+        page = client.get("/duplicates")
+        assert page.status_code == 200 and "/static/duplicates.js" in page.text
+        assert client.get("/static/duplicates.js").status_code == 200
+        doc = client.get("/api/duplicates").json()
+        cat = next(g for g in doc["groups"] if any(m.endswith("/cat.jpg") for m in g["members"]))
+        assert {Path(m).name for m in cat["members"]} == {"cat.jpg", "cat_exact.jpg", "cat_png.png", "cat_croprot.jpg"}
+        assert len(cat["ids"]) == len(cat["members"]) and cat["keeper_id"] in cat["ids"]
+        assert client.get(f"/api/items/{cat['keeper_id']}/thumbnail").status_code == 200
+        plain = client.get("/api/duplicates", params={"verify": "false", "threshold": 0.5}).json()
+        assert any("hubble_right.jpg" in " ".join(g["members"]) for g in plain["groups"])
