@@ -199,7 +199,7 @@ def test_serve_duplicates_view(dup_store):
 
     from deepfeat.serve import create_app
 
-    store, _ = dup_store
+    store, files = dup_store
     with TestClient(create_app(store)) as client:
         page = client.get("/duplicates")
         assert page.status_code == 200 and "/static/duplicates.js" in page.text
@@ -209,5 +209,9 @@ def test_serve_duplicates_view(dup_store):
         assert {Path(m).name for m in cat["members"]} == {"cat.jpg", "cat_exact.jpg", "cat_png.png", "cat_croprot.jpg"}
         assert len(cat["ids"]) == len(cat["members"]) and cat["keeper_id"] in cat["ids"]
         assert client.get(f"/api/items/{cat['keeper_id']}/thumbnail").status_code == 200
+        with open(files["cat.jpg"], "rb") as f:
+            up = client.post("/api/duplicates/query", files={"file": ("mine.jpg", f.read(), "image/jpeg")})
+        assert up.status_code == 200, up.text
+        assert up.json()["duplicate"] and {m["kind"] for m in up.json()["matches"]} >= {"bytes"}
         plain = client.get("/api/duplicates", params={"verify": "false", "threshold": 0.5}).json()
         assert any("hubble_right.jpg" in " ".join(g["members"]) for g in plain["groups"])

@@ -41,14 +41,16 @@ class QueryResult:
 
 
 def query_duplicates(store: FeatureStore | str | os.PathLike, images: Sequence[str],
-                     settings: DuplicateSettings | None = None, device: str = "cpu") -> list[QueryResult]:
-    """For each image file in *images*, the stored images it duplicates (best evidence first)."""
-    from deepfeat.search import SearchEngine
-
+                     settings: DuplicateSettings | None = None, device: str = "cpu",
+                     xq: np.ndarray | None = None) -> list[QueryResult]:
+    """For each image file in *images*, the stored images it duplicates (best evidence first).
+    *xq*: the images' descriptors when the caller has them (the server embeds uploads itself)."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     settings = settings or DuplicateSettings()
-    engine = SearchEngine(store, device=device)
-    xq, _, _ = engine.resolve_queries(list(images))
+    if xq is None:
+        from deepfeat.search import SearchEngine
+
+        xq, _, _ = SearchEngine(store, device=device).resolve_queries(list(images))
     xq = xq if is_unit(xq) else l2_normalised(xq)
     xb = store.vectors()
     index = store_index(store, xb if is_unit(xb) else l2_normalised(xb), settings.index_kind)
