@@ -43,7 +43,7 @@ def make_vectors(store: str, n: int, dim: int, planted: float, seed: int = 0) ->
 
     real = FeatureStore(store).vectors().astype(np.float64)
     mean = real.mean(0)
-    _, s, vt = np.linalg.svd(real - mean, full_matrices=False)
+    vt = np.linalg.svd(real - mean, full_matrices=False)[2]
     basis = vt[:dim]
     proj = (real - mean) @ basis.T
     rng = np.random.default_rng(seed)

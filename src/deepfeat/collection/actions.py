@@ -30,9 +30,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deepfeat.collection.duplicates import DuplicateReport
 from deepfeat.collection.hashing import file_sha256

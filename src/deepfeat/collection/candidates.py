@@ -30,7 +30,7 @@ class PairArrays:
         return len(self.a)
 
     @classmethod
-    def empty(cls) -> "PairArrays":
+    def empty(cls) -> PairArrays:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 

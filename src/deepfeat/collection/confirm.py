@@ -16,8 +16,8 @@ for the candidate images only, kept in memory for this run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 

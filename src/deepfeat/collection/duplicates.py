@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -297,5 +298,14 @@ def group_vectors(xb: np.ndarray, threshold: float, k: int = 10, index=None, kin
     return connected_components(len(xb), pairs.a, pairs.b), pairs
 
 
-__all__ = ["DuplicateSettings", "DuplicatePair", "DuplicateGroup", "DuplicateReport", "MemberFile", "PAIR_KINDS",
-           "find_duplicates", "group_vectors", "unique_pairs"]
+__all__ = [
+    "PAIR_KINDS",
+    "DuplicateGroup",
+    "DuplicatePair",
+    "DuplicateReport",
+    "DuplicateSettings",
+    "MemberFile",
+    "find_duplicates",
+    "group_vectors",
+    "unique_pairs",
+]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from deepfeat.data.images import decode_image
 from deepfeat.errors import ImageError
@@ -82,7 +82,7 @@ def same_bytes(files: Sequence[str], hashes: dict[int, str] | None = None) -> tu
 def same_pixels(files: Sequence[str], rows: Iterable[int]) -> list[tuple[int, int]]:
     """Pairs among *rows* of *files* whose decoded pixels are identical."""
     keys = {}
-    for row in sorted(set(int(r) for r in rows)):
+    for row in sorted({int(r) for r in rows}):
         try:
             keys[row] = pixel_sha256(files[row])
         except (ImageError, OSError) as e:

@@ -8,8 +8,8 @@ Queries are embedded exactly as the store was made (:class:`deepfeat.search.Sear
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
