@@ -43,6 +43,7 @@ _EXPORTS = {
     "fully_convolutional": "surgery",
     "dense_map": "surgery",
     "Classifier": "collection.classifier",
+    "find_duplicates": "collection.duplicates",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

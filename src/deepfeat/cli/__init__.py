@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "cmd_compute_ap",
     "cmd_search",
     "cmd_local_features",
+    "cmd_duplicates",
     "cmd_sweep",
     "cmd_recipe",
     "cmd_densemap",

@@ -43,6 +43,7 @@ from fastapi import FastAPI
 from deepfeat import __version__
 from deepfeat.errors import UsageError
 from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from deepfeat.serve.duplicates_routes import add_duplicate_routes
 from deepfeat.serve.routes import (  # noqa: F401  (STATIC_DIR: importable from here, as before)
     STATIC_DIR,
     UPLOAD_PATH,
@@ -134,6 +135,7 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
     add_page_routes(app, svc)
     add_item_routes(app, svc)
     add_search_routes(app, svc)
+    add_duplicate_routes(app, svc)
     return app
 
 

@@ -1,0 +1,118 @@
+"""Acting on duplicates safely: dry run, --move-to with a manifest written first, --undo
+restoring byte-identical files, a changed file skipped, and kill -9 in the middle of a
+move (a deterministic fault hook, not timing) losing nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from deepfeat.cli import main
+from deepfeat.collection.actions import FAULT_ENV, apply, undo
+from deepfeat.collection.duplicates import find_duplicates
+from deepfeat.errors import UsageError
+from deepfeat.pipeline import ExtractConfig, extract
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under *root*: relative path -> sha256 of its bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def collection(tmp_path, photos):
+    """Photos with an exact copy, a PNG re-save and a half-size copy, extracted into a store."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    shutil.copyfile(photos["chelsea"], images / "cat.jpg")
+    shutil.copyfile(photos["chelsea"], images / "sub" / "cat.jpg")  # same name, other folder
+    coffee = Image.open(photos["coffee"]).convert("RGB")
+    coffee.save(images / "coffee.jpg", quality=92)
+    Image.open(images / "coffee.jpg").save(images / "coffee_copy.png")
+    rocket = Image.open(photos["rocket"]).convert("RGB")
+    rocket.save(images / "rocket.jpg", quality=92)
+    rocket.resize((rocket.width * 3 // 4, rocket.height * 3 // 4)).save(images / "rocket_small.jpg", quality=85)
+    store = tmp_path / "store"
+    extract(ExtractConfig(inputs=[str(images)], output=str(store), pooling="gem", workers=0, progress="none"))
+    return images, store
+
+
+def report(store):
+    return find_duplicates(store, verify=False, threshold=0.9)
+
+
+def test_dry_run_move_and_undo_byte_identical(collection, tmp_path):
+    images, store = collection
+    before = snapshot(images)
+    rep = report(store)
+    assert len(rep.groups) == 3
+    keepers = {rep.files[g.keeper].file for g in rep.groups}
+    manifest, outcomes = apply(rep, move_to=str(tmp_path / "moved"), dry_run=True)
+    assert manifest is None and {o.state for o in outcomes} == {"would-move"} and snapshot(images) == before
+    manifest, outcomes = apply(rep, move_to=str(tmp_path / "moved"))
+    assert [o.state for o in outcomes] == ["moved"] * 3
+    assert all(os.path.exists(k) for k in keepers)  # keepers are never moved
+    moved = snapshot(tmp_path / "moved")
+    assert len(snapshot(images)) == len(before) - 3
+    assert {"sub/cat.jpg", "coffee.jpg", "rocket_small.jpg"} <= set(moved) or \
+        {"cat.jpg", "coffee.jpg", "rocket_small.jpg"} <= set(moved)  # folders below the common one kept
+    doc = json.loads(manifest.read_text())
+    assert len(doc["entries"]) == 3 and not {e["file"] for e in doc["entries"]} & keepers
+    restored = undo(manifest)
+    assert [o.state for o in restored] == ["restored"] * 3
+    assert snapshot(images) == before
+    assert all(os.stat(e["file"]).st_mtime_ns == e["mtime_ns"] for e in doc["entries"])
+
+
+def test_changed_file_is_skipped(collection, tmp_path):
+    images, store = collection
+    rep = report(store)
+    victim = next(rep.files[r].file for g in rep.groups for r in g.removable)
+    with open(victim, "ab") as f:
+        f.write(b"edited")
+    _, outcomes = apply(rep, move_to=str(tmp_path / "moved"))
+    by_file = {o.file: o for o in outcomes}
+    assert by_file[os.path.abspath(victim)].state == "skipped"
+    assert "changed" in by_file[os.path.abspath(victim)].reason
+    assert os.path.exists(victim) and sum(o.state == "moved" for o in outcomes) == 2
+
+
+def test_delete_needs_explicit_flag(collection):
+    _, store = collection
+    with pytest.raises(UsageError, match="exactly one"):
+        apply(report(store))
+    assert main(["duplicates", str(store), "--no-verify", "--dry-run"]) == 2
+
+
+def test_kill_during_move_then_undo_loses_nothing(collection, tmp_path):
+    images, store = collection
+    before = snapshot(images)
+    manifest = tmp_path / "m.json"
+    dest = tmp_path / "moved"
+    args = [sys.executable, "-m", "deepfeat", "duplicates", str(store), "--no-verify", "--threshold", "0.9",
+            "--move-to", str(dest), "--manifest", str(manifest)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), FAULT_ENV: "coffee.jpg:moved"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    entries = json.loads(manifest.read_text())["entries"]
+    moved = [e for e in entries if not os.path.exists(e["file"])]
+    assert moved and all(os.path.exists(e["dest"]) for e in moved)  # every file in place or moved
+    assert len(moved) < len(entries)  # killed in the middle
+    journal = manifest.with_name(manifest.name + ".log").read_text().splitlines()
+    assert len(journal) == len(moved) - 1  # the killed file moved but not yet journalled
+    env.pop(FAULT_ENV)
+    proc = subprocess.run([sys.executable, "-m", "deepfeat", "duplicates", "--undo", str(manifest)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert snapshot(images) == before
