@@ -271,7 +271,7 @@ def test_serve_rerank_api_page_and_recipe(store, views, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     from deepfeat.serve import create_app
-    from deepfeat.serve.app import STATIC_DIR
+    from deepfeat.serve.routes import STATIC_DIR
 
     with TestClient(create_app(store, rerank=SMALL[0], image_root="/")) as client:
         info = client.get("/api/info").json()["search_options"]

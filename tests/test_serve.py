@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.serve import create_app
-from deepfeat.serve.app import STATIC_DIR
+from deepfeat.serve.routes import STATIC_DIR
 from deepfeat.serve.microbatch import MicroBatcher, group_by_shape
 from deepfeat.serve.uploads import ApiError
 

@@ -42,26 +42,22 @@ from fastapi import FastAPI
 
 from deepfeat import __version__
 from deepfeat.errors import UsageError
-from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
 from deepfeat.serve.duplicates_routes import add_duplicate_routes
-from deepfeat.serve.routes import (  # noqa: F401  (STATIC_DIR: importable from here, as before)
-    STATIC_DIR,
+from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from deepfeat.serve.routes import (
     UPLOAD_PATH,
     add_error_handlers,
     add_item_routes,
     add_page_routes,
     add_search_routes,
 )
-from deepfeat.serve.service import (  # noqa: F401  (importable from here, as before the split)
-    DEFAULT_K,
+from deepfeat.serve.service import (
     DEFAULT_MAX_JSON_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_TOP_K_MAX,
-    MiB,
     SearchService,
     ServeConfig,
-    resolve_rerank,
 )
 from deepfeat.serve.uploads import MULTIPART_SLACK, BodyLimitMiddleware
 

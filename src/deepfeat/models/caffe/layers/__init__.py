@@ -35,8 +35,8 @@ One module per family, each holding its layer classes and their builders:
 * :mod:`.registry`: :func:`build_layer` / :func:`supported_types` (and the
   training-only types, which are refused).
 
-Everything is re-exported here: ``from deepfeat.models.caffe.layers import X``
-works as before the split.
+The layer classes and the registry's functions are the package's API:
+``from deepfeat.models.caffe.layers import Convolution``.
 """
 
 from __future__ import annotations
