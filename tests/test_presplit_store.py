@@ -1,7 +1,9 @@
 """A store written before the module split (issue 18) is read after it: the store in
 tests/data/presplit-store/ was written by deepfeat at commit 3d8c61f (see its README.md).
 The current code verifies its checksums, reads its vectors, paths and meta, searches it with
-its saved index, appends to it, and extracts the same photos into the same vectors."""
+its saved index, appends to it, and extracts the same photos into the same vectors. A recipe and a
+fine-tuning run written before the structure by stage (issue 25; tests/data/pre-issue25, commit
+7d7abd5) give the same vectors with the current code."""
 
 from __future__ import annotations
 
@@ -111,3 +113,37 @@ def test_appending_to_the_old_store(here):
     assert engine.index is not None
     hits = engine.search(engine.xb[3:4], k=1, exclude_rows=[3])[0]
     assert hits[0].id == 1  # the mirrored cat finds the cat
+
+
+# --------------------------------------------------------------------------- before issue 25
+# tests/data/pre-issue25: a recipe and a fine-tuning run written at commit 7d7abd5 (see its README.md)
+
+PRE25 = Path(__file__).resolve().parent / "data" / "pre-issue25"
+
+
+@pytest.fixture()
+def pre25(tmp_path, monkeypatch) -> Path:
+    shutil.copytree(PRE25, tmp_path / "pre25")
+    monkeypatch.chdir(tmp_path / "pre25")
+    return tmp_path / "pre25"
+
+
+def test_an_old_recipe_extracts_the_same_vectors(pre25, capsys):
+    assert cli.main(["extract", "data", "-o", "st", "--recipe", "recipe.json", "--backend", "torch",
+                     "--workers", "0", "--progress", "none"]) == 0
+    store = FeatureStore(pre25 / "st")
+    assert store.meta["pooling"] == "gem:p=3" and store.meta["layers"] == ["bn2"] and store.meta["post"] == "l2"
+    np.testing.assert_allclose(store.vectors(), np.load(pre25 / "recipe_vectors.npy"), rtol=0, atol=ATOL)
+    assert cli.main(["eval", "st", "--gt", "folders", "--recipe", "recipe.json"]) == 0
+    assert "mAP 100.00" in capsys.readouterr().out
+
+
+def test_an_old_finetuning_run_is_a_model_with_the_same_descriptors(pre25, capsys):
+    assert cli.main(["extract", "data", "-o", "st", "--model", "finetuned:run", "--backend", "torch",
+                     "--workers", "0", "--progress", "none"]) == 0
+    store = FeatureStore(pre25 / "st")
+    assert store.meta["layers"] == ["layer4"] and store.meta["pooling"] == "avg"
+    np.testing.assert_allclose(store.vectors(), np.load(pre25 / "finetuned_vectors.npy"), rtol=0, atol=ATOL)
+    assert cli.main(["classify", "data/chelsea/a.jpg", "--model", "finetuned:run", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("astronaut", "chelsea", "coffee"))  # the run's own three classes
