@@ -359,7 +359,7 @@ def test_specs_are_canonical_and_round_trip(spec, canonical):
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("gme", "valid poolings: none, sum, avg, spoc, mac, gem, rmac, rgem, crow, mop"),
+        ("gme", "valid poolings: none, sum, avg, spoc, mac, gem, rmac, rgem, crow, cls, reg, mop"),
         ("gme", "Did you mean: gem"),
         ("gem:q=3", "its parameters are: p, eps"),
         ("gem:abc", "p must be a number > 0"),
@@ -390,7 +390,7 @@ def test_bad_specs_raise_usage_errors(spec, fragment):
 
 
 def test_registry_lists_every_method_with_citation():
-    assert P.list_poolings() == ["none", "sum", "avg", "spoc", "mac", "gem", "rmac", "rgem", "crow", "mop"]
+    assert P.list_poolings() == ["none", "sum", "avg", "spoc", "mac", "gem", "rmac", "rgem", "crow", "cls", "reg", "mop"]
     for row in P.describe_poolings():
         assert row["summary"] and row["citation"] and row["syntax"].startswith(row["name"])
     assert [n for n, k in P.POOLINGS.items() if k.needs_fit] == ["mop"]
@@ -420,7 +420,7 @@ def fitted_mop():
 
 
 def all_poolings(mop):
-    return [P.get_pooling(n) for n in P.POOLINGS if n not in ("none", "mop")] + [
+    return [P.get_pooling(n) for n in P.POOLINGS if n not in ("none", "mop") and not P.POOLINGS[n].token_fn] + [
         P.get_pooling("spoc:center_prior=1"), P.get_pooling("rmac+mac"), mop]
 
 
@@ -454,7 +454,7 @@ def test_two_dimensional_inputs():
         P.get_pooling("rmac+mac")(v)
     with pytest.raises(UsageError, match="choose a spatial pooling"):
         P.get_pooling("none")(torch.zeros(1, 3, 2, 2))
-    with pytest.raises(UsageError, match="add the batch dimension"):
+    with pytest.raises(UsageError, match="token sequence or an N x H x W x C map"):
         P.mac(torch.zeros(3, 4, 4))
 
 
@@ -745,6 +745,8 @@ def test_every_pooling_on_a_real_layer(real_maps):
     fmap, vec = real_maps["bn2"], real_maps["global_pool"]
     assert fmap.shape == (3, 1280, 7, 7) and vec.shape == (3, 1280)
     for name in P.POOLINGS:
+        if P.POOLINGS[name].token_fn:  # cls, reg: read prefix tokens (tests/test_layouts.py)
+            continue
         pl = P.get_pooling("mop:k=8,local=16,dim=0" if name == "mop" else name)
         if pl.needs_fit:
             pl.fit([fmap[i : i + 1] for i in range(3)])
