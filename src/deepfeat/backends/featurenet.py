@@ -42,6 +42,8 @@ class FeatureNet(torch.nn.Module):
             raise UsageError(f"scale combination {scale_combine!r} unknown; choose {', '.join(SCALE_COMBINES)}")
         self.normalize = model.normalize
         self.net = model.net
+        #: scaled inputs are rounded to this (a transformer's patch stride: data_config.size_multiple)
+        self.size_multiple = int(getattr(model.data_config, "size_multiple", 1) or 1)
         self.layers = list(layers)
         #: reads each tap by its layout (tokens, channels-last maps): maps of the spatial part + prefix tokens
         self.taps = LayoutTaps(model, self.layers)
@@ -65,7 +67,7 @@ class FeatureNet(torch.nn.Module):
         maps: list[list[torch.Tensor]] = [[] for _ in self.layers]
         tokens: list[list[dict | None]] = [[] for _ in self.layers]
         for s in self.scales:
-            acts = self.taps(x if s == 1.0 else rescale(x, s))
+            acts = self.taps(x if s == 1.0 else rescale(x, s, self.size_multiple))
             for i, name in enumerate(self.layers):
                 maps[i].append(acts[name][0])
                 tokens[i].append(acts[name][1])
