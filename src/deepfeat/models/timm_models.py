@@ -43,6 +43,13 @@ def _size_multiple(net: torch.nn.Module) -> int:
     return max(reductions) if reductions else 1
 
 
+def _feature_layer(net: torch.nn.Module) -> str | None:
+    """The module of timm's last ``feature_info`` entry (where ``forward_features`` ends, or nearly)."""
+    info = getattr(net, "feature_info", None) or []
+    last = info[-1] if info and isinstance(info[-1], dict) else {}
+    return last.get("module")
+
+
 def _create(arch: str, **kw) -> torch.nn.Module:
     """``timm.create_model`` with position embeddings interpolated to any input size
     (``dynamic_img_size=True``) where the architecture has the option (ViT, DeiT, EVA, Swin)."""
@@ -83,7 +90,8 @@ def load_timm(rest: str, spec: str, **_: object) -> Model:
         weights_sha256=sha,
         classifier=classifier if isinstance(classifier, str) else None,
         extra_meta={"num_classes": n_out, "random_init": weights == "random",
-                    "dynamic_img_size": bool(getattr(net, "dynamic_img_size", False))},
+                    "dynamic_img_size": bool(getattr(net, "dynamic_img_size", False)),
+                    "feature_layer": _feature_layer(net)},
         layer_aliases=pre_logits_alias(net),
     )
 
