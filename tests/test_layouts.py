@@ -103,3 +103,19 @@ def test_token_description():
     vit = load_model("timm:vit_small_patch16_224@random")
     layout = tap_layout(vit.net, "norm")
     assert layout.describe([197, 384], (224, 224)) == "197 tokens (1 cls + 14x14 patches) x 384"
+
+
+def test_onnx_runtime_agrees_with_torch_on_tokens_at_the_model_size():
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from deepfeat.backends import tolerance
+    from deepfeat.backends.featurenet import OnnxRunner, TorchRunner
+
+    torch.manual_seed(0)
+    model = load_model("timm:vit_tiny_patch16_224@random")
+    fnet = FeatureNet(model, ["norm"], get_pooling("cls+gem")).eval()
+    px = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    a = TorchRunner(fnet, torch.device("cpu"))(px)[0]
+    b = OnnxRunner(fnet, export="static")(px)[0]
+    assert a.shape == (2, 384) and tolerance.agrees(a, b)

@@ -48,7 +48,7 @@ def test_family_layers_and_default_tap(family, arch, pooling):
     if dc.fixed_input_size:
         sizes = [dc.input_size]
     else:  # two aspect ratios, rounded to the patch stride
-        m = max(dc.size_multiple, 32)
+        m = dc.size_multiple * -(-32 // dc.size_multiple)
         sizes = [(2 * m, 3 * m), (3 * m, 2 * m)]
     fnet = FeatureNet(model, [layer], get_pooling(pooling))
     for h, w in sizes:
