@@ -11,11 +11,11 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from deepfeat.backends.featurenet import FeatureNet  # noqa: E402
-from deepfeat.errors import LayerError, UsageError  # noqa: E402
-from deepfeat.models import load_model  # noqa: E402
-from deepfeat.models.layouts import LayoutTaps, tap_layout  # noqa: E402
-from deepfeat.pooling import gem, get_pooling  # noqa: E402
+from deepfeat.backends.featurenet import FeatureNet
+from deepfeat.errors import LayerError, UsageError
+from deepfeat.models import load_model
+from deepfeat.models.layouts import LayoutTaps, tap_layout
+from deepfeat.pooling import gem, get_pooling
 
 
 def _saved(tmp_path, arch: str, **kw):
@@ -66,7 +66,7 @@ def test_registers_excluded_from_the_patch_grid_and_reg_pooling(tmp_path):
 
 def test_patch_map_is_timm_forward_intermediates(tmp_path):
     ref, model = _saved(tmp_path, "vit_tiny_patch16_224", dynamic_img_size=True)
-    px, x = _pixels(model, 48, 80)
+    _, x = _pixels(model, 48, 80)
     with torch.inference_mode():
         want = ref.forward_intermediates(x, indices=[5], output_fmt="NCHW", intermediates_only=True)[0]
         fmap, tokens = LayoutTaps(model, ["blocks.5"])(x)["blocks.5"]

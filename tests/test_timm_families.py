@@ -8,11 +8,11 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from deepfeat.backends.featurenet import FeatureNet  # noqa: E402
-from deepfeat.models import load_model  # noqa: E402
-from deepfeat.models.taps import model_layer_table  # noqa: E402
-from deepfeat.pipeline.network import default_layer  # noqa: E402
-from deepfeat.pooling import get_pooling  # noqa: E402
+from deepfeat.backends.featurenet import FeatureNet
+from deepfeat.models import load_model
+from deepfeat.models.taps import model_layer_table
+from deepfeat.pipeline.network import default_layer
+from deepfeat.pooling import get_pooling
 
 slow = pytest.mark.slow
 #: (family, tiny timm architecture, pooling)

@@ -131,7 +131,7 @@ def _under(name: str, roots: tuple[str, ...]) -> bool:
 
 def _is_token_model(net: torch.nn.Module) -> bool:
     return isinstance(getattr(net, "num_prefix_tokens", None), int) and hasattr(net, "patch_embed") \
-        and hasattr(getattr(net, "patch_embed"), "patch_size")
+        and hasattr(net.patch_embed, "patch_size")
 
 
 def _channels_last_module(modules: dict[str, torch.nn.Module], name: str) -> bool:
