@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ class TorchRunner:
         with torch.inference_mode():
             try:
                 out = self._fn(x)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the run
                 if not self.compiled:
                     raise
                 log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__,
