@@ -359,7 +359,7 @@ def test_specs_are_canonical_and_round_trip(spec, canonical):
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("gme", "valid poolings: none, sum, avg, spoc, mac, gem, rmac, rgem, crow, mop"),
+        ("gme", "valid poolings: none, sum, avg, spoc, mac, gem, rmac, rgem, crow, cls, reg, mop"),
         ("gme", "Did you mean: gem"),
         ("gem:q=3", "its parameters are: p, eps"),
         ("gem:abc", "p must be a number > 0"),
@@ -390,7 +390,7 @@ def test_bad_specs_raise_usage_errors(spec, fragment):
 
 
 def test_registry_lists_every_method_with_citation():
-    assert P.list_poolings() == ["none", "sum", "avg", "spoc", "mac", "gem", "rmac", "rgem", "crow", "mop"]
+    assert P.list_poolings() == ["none", "sum", "avg", "spoc", "mac", "gem", "rmac", "rgem", "crow", "cls", "reg", "mop"]
     for row in P.describe_poolings():
         assert row["summary"] and row["citation"] and row["syntax"].startswith(row["name"])
     assert [n for n, k in P.POOLINGS.items() if k.needs_fit] == ["mop"]
@@ -424,7 +424,8 @@ def fitted_mop():
 
 #: every registered pooling on feature maps (``none`` takes pooled vectors) and a few combinations,
 #: parametrised from the registry so that a new pooling is tested the day it is added
-MAP_POOLINGS = [n for n in P.POOLINGS if n != "none"] + ["spoc:center_prior=1", "rmac+mac"]
+MAP_POOLINGS = [n for n in P.POOLINGS if n != "none" and not P.POOLINGS[n].token_fn] + [
+    "spoc:center_prior=1", "rmac+mac"]
 
 
 def map_pooling(spec: str, mop):
@@ -463,7 +464,7 @@ def test_two_dimensional_inputs():
         P.get_pooling("rmac+mac")(v)
     with pytest.raises(UsageError, match="choose a spatial pooling"):
         P.get_pooling("none")(torch.zeros(1, 3, 2, 2))
-    with pytest.raises(UsageError, match="add the batch dimension"):
+    with pytest.raises(UsageError, match="token sequence or an N x H x W x C map"):
         P.mac(torch.zeros(3, 4, 4))
 
 
@@ -752,6 +753,8 @@ def real_maps(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(P.POOLINGS))
 def test_every_pooling_on_a_real_layer(real_maps, name):
+    if P.POOLINGS[name].token_fn:
+        pytest.skip("cls and reg read a transformer's prefix tokens: tests/test_layouts.py")
     fmap, vec = real_maps["bn2"], real_maps["global_pool"]
     assert fmap.shape == (3, 1280, 7, 7) and vec.shape == (3, 1280)
     pl = P.get_pooling("mop:k=8,local=16,dim=0" if name == "mop" else name)

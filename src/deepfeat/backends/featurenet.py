@@ -19,7 +19,7 @@ import torch
 
 from deepfeat.errors import UsageError
 from deepfeat.models.base import Model
-from deepfeat.models.taps import make_taps
+from deepfeat.models.layouts import LayoutTaps
 from deepfeat.specs import parse_scales  # noqa: F401  (the CLI reads --scales with it)
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class FeatureNet(torch.nn.Module):
             raise UsageError(f"scale combination {scale_combine!r} unknown; choose {', '.join(SCALE_COMBINES)}")
         self.normalize = model.normalize
         self.net = model.net
+        #: scaled inputs are rounded to this (a transformer's patch stride: data_config.size_multiple)
+        self.size_multiple = int(getattr(model.data_config, "size_multiple", 1) or 1)
         self.layers = list(layers)
-        self.taps = make_taps(model, self.layers)
+        #: reads each tap by its layout (tokens, channels-last maps): maps of the spatial part + prefix tokens
+        self.taps = LayoutTaps(model, self.layers)
         self.exportable = getattr(model, "exportable", True)
         #: why a dynamic-shape export of this network does not give its descriptors at other input
         #: sizes (set by the first check, :func:`deepfeat.backends.onnx_runtime.dynamic_graph_agrees`), so that
@@ -60,14 +63,17 @@ class FeatureNet(torch.nn.Module):
         x = self.normalize(pixels)
         if len(self.scales) == 1 and self.scales[0] == 1.0:
             acts = self.taps(x)
-            return tuple(self.pooling(acts[name]) for name in self.layers)
+            return tuple(self.pooling(*acts[name]) for name in self.layers)
         maps: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        tokens: list[list[dict | None]] = [[] for _ in self.layers]
         for s in self.scales:
-            acts = self.taps(x if s == 1.0 else rescale(x, s))
+            acts = self.taps(x if s == 1.0 else rescale(x, s, self.size_multiple))
             for i, name in enumerate(self.layers):
-                maps[i].append(acts[name])
+                maps[i].append(acts[name][0])
+                tokens[i].append(acts[name][1])
         # the pooling knows how its kind combines across scales (regional sums before the final L2)
-        return tuple(self.pooling.multiscale(m, mode=self.scale_combine, p=self.scale_p) for m in maps)
+        return tuple(self.pooling.multiscale(m, mode=self.scale_combine, p=self.scale_p, tokens=t)
+                     for m, t in zip(maps, tokens))
 
 
 class TorchRunner:

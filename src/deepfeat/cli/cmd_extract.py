@@ -135,6 +135,7 @@ def run(args) -> int:
               f"{rep.ok} ok, {rep.failed} failed; {rep.skipped_shards} shard(s) were already done")
         print(f"stages: {st}" + (f"; backend {rep.backend}" if rep.backend else ""))
         print(f"store: {rep.store} ({rep.planned} items planned)")
+        _say_rounding(args.output)
         if rep.failures_report:
             print(f"failures: {rep.failures_report}")
     if args.local_features and (rep.ok or rep.skipped_shards):
@@ -151,3 +152,12 @@ def run(args) -> int:
         else:
             print_report(lrep, args.output)
     return 0 if rep.ok or rep.skipped_shards else 1
+
+
+def _say_rounding(store: str) -> None:
+    """Transformers: say that aspect-preserving sizes were rounded to the patch stride."""
+    from deepfeat.store import FeatureStore
+
+    dc = FeatureStore(store).meta.get("model", {}).get("data_config", {})
+    if int(dc.get("size_multiple", 1) or 1) > 1:
+        print(f"sizes: rounded to multiples of {dc['size_multiple']} pixels (the network's patch stride)")

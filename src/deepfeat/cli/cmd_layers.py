@@ -26,6 +26,19 @@ def _shape(s) -> str:
     return "x".join(str(v) for v in s) if s else "scalar"
 
 
+def _described(model, row, input_hw) -> str:
+    """The output cell: tokens and channels-last maps as what they are (``197 tokens (1 cls + 14x14
+    patches) x 384``), from the tap's layout; the plain shape where the layout is not known."""
+    from deepfeat.errors import DeepfeatError
+    from deepfeat.models.layouts import tap_layout
+
+    target = model.layer_aliases.get(row.name, row.name)
+    try:
+        return tap_layout(model.net, target).describe(row.shape, input_hw)
+    except DeepfeatError:
+        return _shape(row.shape)
+
+
 def run(args) -> int:
     model = load_model(args.model, device="cpu")
     h, w = args.size if args.size else model.data_config.input_size
@@ -43,9 +56,9 @@ def run(args) -> int:
         return 0
     print(f"model {model.spec} ({model.arch}), input {model.data_config.channels}x{h}x{w}\n")
     layers = [l for l in table.layers if args.depth is None or l.depth <= args.depth]
-    rows = [["  " * l.depth + l.name, l.type, _shape(l.shape), f"{l.params:,}" if l.params else "", l.note]
-            for l in layers]
-    print(format_table(rows, ["layer", "type", "output (CxHxW)", "params", "note"], "lllrl"))
+    rows = [["  " * l.depth + l.name, l.type, _described(model, l, (h, w)), f"{l.params:,}" if l.params else "",
+             l.note] for l in layers]
+    print(format_table(rows, ["layer", "type", "output (CxHxW, tokens)", "params", "note"], "lllrl"))
     if args.params:
         print()
         prow = [[p.name, _shape(p.shape), p.kind, p.dtype] for p in table.params]

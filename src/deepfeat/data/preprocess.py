@@ -64,6 +64,8 @@ class DataConfig:
     crop_pct: float = 0.875
     resize_mode: str = "shorter"
     fixed_input_size: bool = False
+    #: aspect-preserving sizes are rounded to a multiple of this (a transformer's patch size), 1: not rounded
+    size_multiple: int = 1
     mean_image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -197,7 +199,8 @@ def target_size(width: int, height: int, policy: SizePolicy, cfg: DataConfig) ->
     s = int(policy.size)  # type: ignore[arg-type]
     ref = min(width, height) if policy.kind == "short" else max(width, height)
     f = s / ref
-    return max(1, round(width * f)), max(1, round(height * f))
+    m = max(1, int(cfg.size_multiple))
+    return max(m, round(width * f / m) * m), max(m, round(height * f / m) * m)
 
 
 def draft_request(width: int, height: int, policy: SizePolicy, cfg: DataConfig) -> tuple[int, int] | None:

@@ -204,9 +204,8 @@ def layer_table(net: torch.nn.Module, input_shape: Sequence[int], aliases: dict[
     for alias, target in (aliases or {}).items():
         if alias not in modules:
             row = next((l for l in table.layers if l.name == target), None)
-            table.layers.append(
-                LayerInfo(alias, "(alias of " + target + ")", row.shape if row else None, 0, 0, note="alias")
-            )
+            shape = row.shape if row else in_shapes.get(target.removesuffix(INPUT_SUFFIX))
+            table.layers.append(LayerInfo(alias, "(alias of " + target + ")", shape, 0, 0, note="alias"))
     for name, p in net.named_parameters():
         table.params.append(ParamInfo(name, list(p.shape), "param", str(p.dtype).replace("torch.", "")))
     for name, b in net.named_buffers():
@@ -228,6 +227,9 @@ def resolve_layers(net: torch.nn.Module, layers: Iterable[str], aliases: dict[st
         name = raw.strip()
         base = name[: -len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
         base = aliases.get(base, base)
+        if base.endswith(INPUT_SUFFIX) and base[: -len(INPUT_SUFFIX)] in modules:  # an alias of an input
+            out.append(base)
+            continue
         if name == OUTPUT or (base in modules and base != ""):
             out.append(base + INPUT_SUFFIX if name.endswith(INPUT_SUFFIX) else base)
             continue

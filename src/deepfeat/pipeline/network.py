@@ -39,6 +39,8 @@ def default_layer(model) -> str:
             if cand == "conv_head" and "bn2" in names:
                 return "bn2"  # timm EfficientNet: conv_head -> bn2 (+act) is the final feature map
             return cand
+    if model.extra_meta.get("feature_layer") in names:  # timm: the last module of feature_info (RegNet's s4)
+        return model.extra_meta["feature_layer"]
     from deepfeat.errors import LayerError
 
     raise LayerError(f"no default layer known for {model.spec}; pass --layer (see `deepfeat layers`)")

@@ -22,7 +22,8 @@ def _check_map(x: torch.Tensor, name: str) -> None:
         )
     raise UsageError(
         f"pooling {name!r} needs an N x C x H x W activation map, got shape {tuple(x.shape)}"
-        + (" (add the batch dimension: x[None])" if x.dim() == 3 else "")
+        + (" (an N x T x C token sequence or an N x H x W x C map is turned into one by its tap layout: "
+           "deepfeat.models.layouts.tap_layout(net, layer).split(x, input_hw))" if x.dim() == 3 else "")
     )
 
 

@@ -88,12 +88,16 @@ class Pooling(torch.nn.Module):
         region_pool = self.kind.region_pool(**kw)  # type: ignore[misc]
         return regional_sum(x, region_pool, kw["L"], kw["overlap"], kw["eps"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: dict | None = None) -> torch.Tensor:
+        """Pool the map *x*; *tokens* are a transformer tap's prefix tokens (:mod:`deepfeat.pooling.tokens`)."""
+        if self.kind.token_fn is not None:
+            return self.kind.token_fn(tokens, self.name)
         if self.regional:
             return l2_normalize(self._regional_sum(x), self.params["eps"])
         return self.kind.fn(x, **self._fn_params())  # type: ignore[misc]
 
-    def multiscale(self, maps: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0) -> torch.Tensor:
+    def multiscale(self, maps: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0,
+                   tokens: Sequence[dict | None] | None = None) -> torch.Tensor:
         """One L2-normalised descriptor from the maps of several input scales.
 
         Global poolings: each scale's vector is L2-normalised, then combined
@@ -105,10 +109,11 @@ class Pooling(torch.nn.Module):
         """
         if not maps:
             raise UsageError("multiscale pooling needs at least one map")
+        tokens = list(tokens) if tokens is not None else [None] * len(maps)
         if self.regional:
             vs = [self._regional_sum(m) for m in maps]
         else:
-            vs = [l2_normalize(self(m)) for m in maps]
+            vs = [l2_normalize(self(m, t)) for m, t in zip(maps, tokens)]
         return l2_normalize(combine_scales(vs, mode, p))
 
 
@@ -141,12 +146,13 @@ class ConcatPooling(Pooling):
                 "needs_fit": False, "fitted": True, "l2_normalized": True,
                 "citation": "; ".join(dict.fromkeys(m.kind.citation for m in self.members))}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [l2_normalize(m(x)) for m in self.members]
+    def forward(self, x: torch.Tensor, tokens: dict | None = None) -> torch.Tensor:
+        parts = [l2_normalize(m(x, tokens)) for m in self.members]
         return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
-    def multiscale(self, maps: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0) -> torch.Tensor:
-        parts = [m.multiscale(maps, mode, p) for m in self.members]
+    def multiscale(self, maps: Sequence[torch.Tensor], mode: str = "sum", p: float = 3.0,
+                   tokens: Sequence[dict | None] | None = None) -> torch.Tensor:
+        parts = [m.multiscale(maps, mode, p, tokens) for m in self.members]
         return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
 

@@ -113,7 +113,7 @@ class MOPPooling(Pooling):
         self.path = None
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: dict | None = None) -> torch.Tensor:
         _check_map(x, "mop")
         if not self.fitted:
             raise UsageError(

@@ -45,8 +45,12 @@ def combine_scales(vectors: Sequence[torch.Tensor], mode: str = "sum", p: float 
     return (acc / len(vectors)).pow(1.0 / p)
 
 
-def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Resize a normalised ``N x C x H x W`` batch by *scale* (bilinear, as cirtorch)."""
+def rescale(x: torch.Tensor, scale: float, multiple: int = 1) -> torch.Tensor:
+    """Resize a normalised ``N x C x H x W`` batch by *scale* (bilinear, as cirtorch); with *multiple*
+    > 1 (a transformer's patch stride) each side is rounded to a multiple of it."""
     if scale == 1:
         return x
+    if multiple > 1:
+        h, w = (max(multiple, round(d * scale / multiple) * multiple) for d in x.shape[-2:])
+        return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)

@@ -14,6 +14,7 @@ from deepfeat.errors import UsageError
 from deepfeat.pooling.common import EPS
 from deepfeat.pooling.crow_weighting import crow
 from deepfeat.pooling.global_pool import avg_pool, gem, mac, no_pool, spoc, sum_pool
+from deepfeat.pooling.tokens import cls_token, reg_mean
 from deepfeat.specs import Param, SpecKind
 
 
@@ -28,6 +29,7 @@ class PoolingKind:
     fn: Callable[..., torch.Tensor] | None = None
     region_pool: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None  # regional kinds
     needs_fit: bool = False
+    token_fn: Callable[..., torch.Tensor] | None = None  # reads the prefix tokens, not the map
     aliases: tuple[str, ...] = field(default=())
 
     @property
@@ -84,6 +86,12 @@ POOLINGS: dict[str, PoolingKind] = {
                     "convolutional features, ECCVW 2016",
                     (Param("a", "float", 2.0, "a number > 0", _pos), Param("b", "float", 2.0, "a number > 0", _pos)),
                     fn=lambda x, a, b: crow(x, a, b)),
+        PoolingKind("cls", "the class token of a transformer tap (ViT, DeiT, DINOv2, EVA, CLIP towers)",
+                    "Caron et al., Emerging properties in self-supervised vision transformers (DINO), ICCV 2021",
+                    token_fn=cls_token),
+        PoolingKind("reg", "the mean of a transformer's register tokens (models with registers)",
+                    "Darcet, Oquab, Mairal & Bojanowski, Vision transformers need registers, ICLR 2024",
+                    token_fn=reg_mean),
         PoolingKind("mop", "global + VLAD of windows at two scales, PCA per level, concatenated (MOP); needs fit",
                     "Gong, Wang, Guo & Lazebnik, Multi-scale orderless pooling of deep convolutional activation "
                     "features, ECCV 2014",

@@ -12,7 +12,7 @@ import torch
 
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import DeepfeatError
-from deepfeat.models.taps import make_taps
+from deepfeat.models.layouts import LayoutTaps
 from deepfeat.pipeline.decode import decode_batch, default_workers, make_executor, probe_sizes
 from deepfeat.pipeline import shard_batches
 
@@ -25,7 +25,7 @@ class MultiPoolNet(torch.nn.Module):
     def __init__(self, model, layers: Sequence[str], poolings: Sequence, scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.normalize = model.normalize
-        self.taps = make_taps(model, list(layers))
+        self.taps = LayoutTaps(model, list(layers))
         self.layers = list(layers)
         self.poolings = torch.nn.ModuleList(poolings)
         self.scales = tuple(float(s) for s in scales)
@@ -36,9 +36,10 @@ class MultiPoolNet(torch.nn.Module):
         x = self.normalize(pixels)
         if self.scales == (1.0,):
             acts = self.taps(x)
-            return [p(acts[layer]) for layer in self.layers for p in self.poolings]
+            return [p(*acts[layer]) for layer in self.layers for p in self.poolings]
         per_scale = [self.taps(rescale(x, s)) for s in self.scales]
-        return [p.multiscale([a[layer] for a in per_scale]) for layer in self.layers for p in self.poolings]
+        return [p.multiscale([a[layer][0] for a in per_scale], tokens=[a[layer][1] for a in per_scale])
+                for layer in self.layers for p in self.poolings]
 
 
 def compute_descriptors(paths: Sequence[str], net: MultiPoolNet, model, size: str = "model", batch_size: int = 32,
