@@ -157,7 +157,7 @@ def store_index(store: FeatureStore, xb: np.ndarray, kind: str = "auto"):
     """The store's saved index when it is current and over unit vectors, else one built
     in memory over *xb* (unit rows)."""
     from deepfeat.index import Index
-    from deepfeat.search import INDEX_DIR, index_source_meta
+    from deepfeat.search.store_index import INDEX_DIR, index_source_meta
 
     d = store.path / INDEX_DIR
     if (d / "index.json").is_file():
