@@ -56,6 +56,12 @@ def register(sub) -> None:
     p.add_argument("--qe", type=int, default=0, metavar="N", help="query expansion of every search")
     p.add_argument("--alpha", type=float, default=0.0, metavar="A", help="alpha-QE/DBA weight power")
     p.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation")
+    p.add_argument("--classifier", metavar="CLF", help="label uploads with your classifier (a folder made by "
+                                                       "`deepfeat fit-classifier`): POST /api/classify/upload, and a "
+                                                       "line under the page's query")
+    p.add_argument("--map-method", default="auto", choices=["auto", "pca", "tsne", "umap"],
+                   help="the layout of the Map view (/map; made on its first visit): auto = UMAP where installed, "
+                        "else t-SNE (default); pca is the fastest")
     add_recipe_arg(p, RECIPE_FLAGS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -106,7 +112,7 @@ def run(args) -> int:
                      search_threads=args.search_threads, torch_threads=args.torch_threads, api_key=api_key,
                      limit_concurrency=args.limit_concurrency, max_queue=args.max_queue,
                      body_timeout_s=args.body_timeout, rerank=args.rerank, qe=args.qe, alpha=args.alpha,
-                     dba=args.dba)
+                     dba=args.dba, classifier=args.classifier, map_method=args.map_method)
     svc = app.state.service
     if not is_loopback(args.host):
         bar = "!" * 78

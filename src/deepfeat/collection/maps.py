@@ -136,7 +136,7 @@ def map_data(m: CollectionMap, thumbs: Sequence[str | None]) -> dict[str, Any]:
             "colourings": {name: c.to_dict() for name, c in m.colourings.items()}}
 
 
-def _json_for_script(obj: Any) -> str:
+def json_for_script(obj: Any) -> str:
     """JSON that cannot close its <script> element early."""
     return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
 
@@ -155,7 +155,7 @@ def map_html(m: CollectionMap, thumbs: Sequence[str | None]) -> str:
         "<button id=zoom-in title='zoom in'>+</button><button id=zoom-out title='zoom out'>&minus;</button>",
         "<button id=zoom-reset title='whole map'>reset</button></div>",
         "<div id=legend></div><div id=tip hidden></div><div id=picked hidden></div></div>",
-        f"<script type=application/json id=map-data>{_json_for_script(map_data(m, thumbs))}</script>",
+        f"<script type=application/json id=map-data>{json_for_script(map_data(m, thumbs))}</script>",
         f"<script>{MAP_JS}</script></body></html>\n"])
 
 

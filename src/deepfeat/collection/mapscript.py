@@ -78,24 +78,26 @@ MAP_JS = r"""
     }
     return v < 0 || v >= PALETTE.length ? OTHER : PALETTE[v];
   }
+  function legendRow(colour, text, isRamp) {
+    // built with the DOM (element.style), not markup: a page under a strict Content-Security-Policy
+    // (the served Map view: style-src 'self') drops inline style attributes parsed from HTML
+    const row = document.createElement('div'), swatch = document.createElement(isRamp ? 'span' : 'i');
+    if (isRamp) { swatch.className = 'ramp'; swatch.style.background = colour; } else { swatch.style.background = colour; }
+    if (isRamp) row.append(text[0] + ' ', swatch, ' ' + text[1]); else row.append(swatch, text);
+    legend.append(row);
+  }
   function setColouring(name) {
     colouring = data.colourings[name] || null;
-    legend.innerHTML = '';
+    legend.replaceChildren();
     if (!colouring) return draw();
     if (colouring.kind === 'score') {
       colouring.lo = Math.min(...colouring.values); colouring.hi = Math.max(...colouring.values);
       const stops = [0, 0.25, 0.5, 0.75, 1].map(ramp).join(',');
-      legend.innerHTML = '<div>' + colouring.lo.toFixed(3) + ' <span class="ramp" style="background:linear-gradient(90deg,'
-        + stops + ')"></span> ' + colouring.hi.toFixed(3) + '</div>';
+      legendRow('linear-gradient(90deg,' + stops + ')', [colouring.lo.toFixed(3), colouring.hi.toFixed(3)], true);
     } else {
-      colouring.names.forEach((label, k) => {
-        if (k < PALETTE.length) {
-          legend.insertAdjacentHTML('beforeend', '<div><i style="background:' + PALETTE[k] + '"></i>' + escapeHtml(label) + '</div>');
-        }
-      });
+      colouring.names.forEach((label, k) => { if (k < PALETTE.length) legendRow(PALETTE[k], label, false); });
       if (colouring.names.length > PALETTE.length) {
-        legend.insertAdjacentHTML('beforeend', '<div><i style="background:' + OTHER + '"></i>' +
-          (colouring.names.length - PALETTE.length) + ' more</div>');
+        legendRow(OTHER, (colouring.names.length - PALETTE.length) + ' more', false);
       }
     }
     draw();

@@ -42,6 +42,7 @@ from fastapi import FastAPI
 
 from deepfeat import __version__
 from deepfeat.errors import UsageError
+from deepfeat.serve.collection_routes import CLASSIFY_UPLOAD_PATH, add_collection_routes
 from deepfeat.serve.duplicates_routes import add_duplicate_routes
 from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
 from deepfeat.serve.routes import (
@@ -90,11 +91,13 @@ class SecurityHeadersMiddleware:
 
 
 def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, top_k_max: int = DEFAULT_TOP_K_MAX, **options: Any):
+               max_pixels: int = DEFAULT_MAX_PIXELS, top_k_max: int = DEFAULT_TOP_K_MAX,
+               classifier: str | os.PathLike | None = None, map_method: str = "auto", **options: Any):
     """A FastAPI app serving *store_path* (see the module docstring).
 
     *options* are the other :class:`ServeConfig` fields (``worker_threads``, ``max_batch``,
-    ``batch_window_ms``, ``image_root``, ...). The store and its vectors are opened
+    ``batch_window_ms``, ``image_root``, ...); *classifier* (a ``deepfeat fit-classifier`` folder) and
+    *map_method* configure the collection views (:mod:`.collection_routes`). The store and its vectors are opened
     here (a bad store fails now); the model is loaded when the app starts (lifespan)."""
     unknown = set(options) - set(ServeConfig.__dataclass_fields__)
     if unknown:
@@ -120,7 +123,8 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
 
     json_limit = max(DEFAULT_MAX_JSON_BYTES, svc.dim * 32)
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: (
-        (cfg.max_upload_bytes + MULTIPART_SLACK, cfg.max_upload_bytes, "upload") if path == UPLOAD_PATH
+        (cfg.max_upload_bytes + MULTIPART_SLACK, cfg.max_upload_bytes, "upload") if path in (UPLOAD_PATH,
+                                                                                           CLASSIFY_UPLOAD_PATH)
         else (json_limit, json_limit, "request body")))
     if cfg.api_key:
         app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
@@ -132,6 +136,7 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
     add_item_routes(app, svc)
     add_search_routes(app, svc)
     add_duplicate_routes(app, svc)
+    add_collection_routes(app, svc, classifier, map_method)
     return app
 
 

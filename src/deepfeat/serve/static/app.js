@@ -176,6 +176,7 @@
     if (location.hash) history.replaceState(null, "", location.pathname);
     const form = new FormData();
     form.append("file", file, file.name || "pasted.png");
+    document.dispatchEvent(new CustomEvent("deepfeat:query", { detail: { file } }));  // collection.js labels it
     const result = await run(`searching with ${file.name || "the pasted image"}…`,
       () => api(`/api/search/upload?k=${k()}${searchParams()}`, { method: "POST", body: form }));
     if (result) {
@@ -188,6 +189,7 @@
   async function searchItem(id) {
     if (location.hash !== `#item=${id}`) history.pushState(null, "", `#item=${id}`);
     showQuery(`/api/items/${id}/thumbnail?size=512`, `item ${id}`);
+    document.dispatchEvent(new CustomEvent("deepfeat:query", { detail: { id } }));
     const result = await run(`searching with item ${id}…`, () => api(`/api/search/item/${id}?k=${k()}${searchParams()}`));
     if (result) els.qcap.textContent = `${result.query.path} · ${result.query.width}×${result.query.height}`;
     window.scrollTo({ top: 0, behavior: "smooth" });
