@@ -19,7 +19,7 @@ from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
-from deepfeat.store.checksums import file_digest
+from deepfeat.store.checksums import file_digest, sample_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -74,7 +74,13 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     size = index_path.stat().st_size
     if "index_bytes" in meta and size != meta["index_bytes"]:
         raise StoreError(
-            f"{index_path} has {size} bytes but its meta says {meta['index_bytes']}: truncated or replaced; rebuild"
+            f"{index_path} has {size} bytes but its meta says {meta['index_bytes']}: truncated or replaced; rebuild "
+            "the index (`deepfeat index STORE`)"
+        )
+    if meta.get("index_sample") and sample_digest(index_path) != meta["index_sample"]:
+        raise StoreError(
+            f"{index_path} is not the index its meta {meta_path} was written with (same size, other content: "
+            "copied from elsewhere, or edited); rebuild the index (`deepfeat index STORE`)"
         )
     try:
         index = faiss.read_index(str(index_path))
@@ -106,6 +112,7 @@ def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[
     digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.store.checksums)
     meta["index_bytes"] = digest["bytes"]
     meta["index_sha256"] = digest["sha256"]
+    meta["index_sample"] = sample_digest(index_path)  # checked on every load (a 64 KiB read)
     meta["saved_at"] = _now()
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(meta_path, text.encode("utf-8"))

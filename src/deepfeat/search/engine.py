@@ -71,7 +71,8 @@ class SearchEngine(QueriesMixin, VerificationMixin, RegionsMixin, DBAMixin):
         index = Index.load(d, threads=self.threads)
         want = index_source_meta(self.store, self.feature)
         have = index.meta.get("source_meta") or {}
-        stale = [k for k in want if have.get(k) != want[k]]
+        # an index saved before fingerprints were recorded is judged by the rest
+        stale = [k for k in want if have.get(k) != want[k] and (k != "store_fingerprint" or k in have)]
         if stale:
             log.warning("index in %s is stale (%s differ); using exact search. Rebuild with `deepfeat index`.",
                         d, ", ".join(stale))

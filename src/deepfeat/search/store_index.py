@@ -9,6 +9,7 @@ import numpy as np
 
 from deepfeat.errors import StoreError
 from deepfeat.store import FeatureStore
+from deepfeat.store.checksums import store_fingerprint
 
 INDEX_DIR = "index"
 
@@ -24,6 +25,8 @@ def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
         "post": store.meta.get("post"),
         "post_fitted_rows": store.meta.get("post_fitted_rows"),
         "rows": len(store),
+        # what the vectors are: an index built from other vectors (another store's) has another one
+        "store_fingerprint": store_fingerprint((store.meta.get("checksums") or {}).get("files") or {}),
     }
 
 
