@@ -61,7 +61,7 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     files = meta["checksums"]["files"]
     shards = sorted(p.name for p in (store / "shards").iterdir())
     assert len(shards) == 6  # 3 shards x (items + bn2 features)
-    assert {f"shards/{n}" for n in shards} | {"items.parquet", "post.npz"} == set(files)
+    assert {f"shards/{n}" for n in shards} | {"items.parquet", "post.npz", "plan.parquet"} == set(files)
     for rel, rec in files.items():
         assert rec["bytes"] == (store / rel).stat().st_size and len(rec["sha256"]) == 64
     # each shard's commit marker carries its arrays' checksums (committed with the shard)
@@ -69,10 +69,10 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     assert own == {"000001.bn2.npy": files["shards/000001.bn2.npy"]}
     assert "index_sha256" in json.loads((store / "index/index.json").read_text())
     rc, report = _verify(store, capsys)
-    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 10, "bad": 0, "unchecked": 0}
+    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 11, "bad": 0, "unchecked": 0}
     assert {c["file"] for c in report["checks"]} >= {"index/index.faiss", "post.npz", "items.parquet", "meta.json"}
     assert cli.main(["info", str(store), "--verify"]) == 0
-    assert "10 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
+    assert "11 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
 
 
 def test_a_truncated_shard_is_refused_on_open_naming_the_file(store, capsys):
@@ -152,12 +152,12 @@ def test_stores_without_checksums_still_open_and_verify_as_unchecked(store, caps
     for f in (store / "shards").glob("*.items.parquet"):
         pq.write_table(pq.read_table(f).replace_schema_metadata(None), f)
     im = json.loads((store / "index/index.json").read_text())
-    del im["index_sha256"], im["index_sample"]
+    del im["index_sha256"], im["index_sample"], im["meta_sha256"]
     (store / "index/index.json").write_text(json.dumps(im))
     s = FeatureStore(store)
     assert len(s.vectors()) == 24 and s.post.fitted
     rc, report = _verify(store, capsys)
-    assert rc == 0 and report["counts"]["bad"] == 0 and report["counts"]["unchecked"] == 10
+    assert rc == 0 and report["counts"]["bad"] == 0 and report["counts"]["unchecked"] == 11
     assert all("before deepfeat recorded checksums" in c["detail"] for c in report["checks"])
 
 

@@ -19,7 +19,7 @@ from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
-from deepfeat.store.checksums import file_digest, sample_digest
+from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, sample_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -63,7 +63,10 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
         raise StoreError(f"unreadable index meta {meta_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise StoreError(f"{meta_path} is not a deepfeat index meta (format != {META_FORMAT!r})")
-    if int(meta.get("format_version", 0)) > META_VERSION:
+    if meta.get(META_DIGEST_KEY) and meta_digest(meta) != meta[META_DIGEST_KEY]:
+        raise StoreError(f"{meta_path} was edited after deepfeat wrote it (its recorded sha256 no longer matches); "
+                         "rebuild the index (`deepfeat index STORE`)")
+    if not isinstance(meta.get("format_version", 0), int) or int(meta.get("format_version", 0)) > META_VERSION:
         raise StoreError(
             f"{meta_path} has index format version {meta['format_version']}; this deepfeat "
             f"({__version__}) reads up to {META_VERSION}: upgrade deepfeat"
@@ -114,6 +117,7 @@ def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[
     meta["index_sha256"] = digest["sha256"]
     meta["index_sample"] = sample_digest(index_path)  # checked on every load (a 64 KiB read)
     meta["saved_at"] = _now()
+    meta[META_DIGEST_KEY] = meta_digest(meta)  # the meta's own record, checked on every load
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(meta_path, text.encode("utf-8"))
     return meta_path

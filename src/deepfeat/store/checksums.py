@@ -253,7 +253,7 @@ def verify_store(store) -> VerifyReport:
                 report.add(items_rel, "bad", f"unreadable: {type(e).__name__}: {e}")
             else:
                 _verify_consolidated(report, root, n, committed)
-    for rel in SIDE_FILES:
+    for rel in (*SIDE_FILES, "plan.parquet"):
         _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
     for index_meta in sorted(root.glob("index/*.json")):
         _verify_index(report, root, index_meta)

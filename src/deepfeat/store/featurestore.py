@@ -25,14 +25,13 @@ from deepfeat.errors import StoreError, UsageError
 from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
 from deepfeat.store.checksums import (ALGORITHM, META_DIGEST_KEY, SHARD_KEY, SIDE_FILES, file_digest, meta_digest,
                                       quick_problem, shard_records, size_problem)
+from deepfeat.store.compat import IDENTITY_KEYS, check_compatible
 from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure,
                                       nonfinite_problem, verify_hint)
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger(__name__)
 
-#: meta keys that must agree for two extractions to share a store
-IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine", "dtype", "features")
 
 
 def check_store_dir(p: Path) -> None:
@@ -103,19 +102,7 @@ class FeatureStore:
 
     def check_compatible(self, meta: dict[str, Any]) -> None:
         """Refuse to mix features made differently in one store, naming what differs."""
-        diffs = []
-        for k in IDENTITY_KEYS:
-            a, b = self.meta.get(k), meta.get(k)
-            if k == "model":
-                a = {x: (a or {}).get(x) for x in ("spec", "weights_sha256")}
-                b = {x: (b or {}).get(x) for x in ("spec", "weights_sha256")}
-            if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-                diffs.append(f"{k}: store has {a!r}, this run has {b!r}")
-        if diffs:
-            raise StoreError(
-                f"{self.path} holds features made differently; refusing to mix them:\n  " + "\n  ".join(diffs)
-                + "\nUse a new output directory, or the store's own settings."
-            )
+        check_compatible(self.path, self.meta, meta)
 
     def update_meta(self, **kw: Any) -> None:
         """Update and write ``meta.json``; the checksums of the side files (post.npz, pooling.npz),
@@ -161,6 +148,9 @@ class FeatureStore:
         t = pa.table({"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()),
                       "shard": pa.array(shards, pa.int32())}, schema=PLAN_SCHEMA)
         atomic_write_parquet(self.path / "plan.parquet", t)
+        # recorded for `info --verify` (readers never use the plan; a resumed run re-reads it)
+        self.update_meta(checksums={"algorithm": ALGORITHM,
+                                    "files": {**self._recorded(), "plan.parquet": file_digest(self.path / "plan.parquet")}})
 
     # -- shards -------------------------------------------------------------
 
@@ -217,11 +207,12 @@ class FeatureStore:
         """Checksums into meta.json: each shard's arrays (copied from its commit marker), each shard
         items file (hashed once: a committed shard is never rewritten), ``items.parquet`` (hashed)."""
         old = self._recorded()
-        files = {k: v for k, v in old.items() if k in SIDE_FILES}
+        files = {k: v for k, v in old.items() if k in (*SIDE_FILES, "plan.parquet")}
         for s in self.committed_shards():
             items_file = self._shard_items_path(s)
             rel = f"shards/{items_file.name}"
-            files[rel] = old.get(rel) or file_digest(items_file)
+            kept = old.get(rel) is not None and quick_problem(items_file, old[rel]) is None
+            files[rel] = old[rel] if kept else file_digest(items_file)  # a shard extracted again is hashed again
             for name, rec in (shard_records(items_file) or {}).items():
                 files[f"shards/{name}"] = rec
         files["items.parquet"] = file_digest(self.path / "items.parquet")

@@ -86,7 +86,7 @@ def check_structure(store_path: Path, recorded: dict[str, dict[str, Any]], commi
                 f"would be left out and every later row's path shifted. Run `deepfeat extract --resume -o "
                 f"{store_path}` to extract shard {shard} again; {verify_hint(store_path)}")
         msg = size_problem(path, record)
-        if msg and rel != "items.parquet":  # items.parquet is a cache of the shards: read them instead
+        if msg and rel not in ("items.parquet", "plan.parquet"):  # a cache read around; the writer's plan  # items.parquet is a cache of the shards: read them instead
             raise StoreError(f"{msg}; {_repair(store_path, rel)}")
     if consolidated_shards is not None and not consolidated_shards <= set(committed):
         lost = sorted(consolidated_shards - set(committed))
