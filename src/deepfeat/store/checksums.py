@@ -297,6 +297,10 @@ def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
         return
     if not isinstance(meta, dict) or "index_file" not in meta:
         return  # not an index meta (another artefact's JSON)
+    if meta.get(META_DIGEST_KEY) is not None:
+        edited = meta_digest(meta) != meta[META_DIGEST_KEY]
+        report.add(rel_meta, "bad" if edited else "ok", f"{meta_path} was edited after deepfeat wrote it; rebuild "
+                   "the index (`deepfeat index`)" if edited else f"sha256 {meta[META_DIGEST_KEY][:12]}")
     rel = str((meta_path.parent / meta["index_file"]).relative_to(root))
     record = None
     if "index_bytes" in meta:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,8 +24,8 @@ import pyarrow.parquet as pq
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
-from deepfeat.store.checksums import (ALGORITHM, META_DIGEST_KEY, SHARD_KEY, SIDE_FILES, file_digest, meta_digest,
-                                      quick_problem, shard_records, size_problem)
+from deepfeat.store.checksums import (ALGORITHM, META_DIGEST_KEY, SHARD_KEY, SIDE_FILES, content_problem,
+                                      file_digest, meta_digest, quick_problem, shard_records, size_problem)
 from deepfeat.store.compat import IDENTITY_KEYS, check_compatible
 from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure,
                                       nonfinite_problem, verify_hint)
@@ -124,11 +125,12 @@ class FeatureStore:
     def _recorded(self) -> dict[str, dict[str, Any]]:
         return (self.meta.get("checksums") or {}).get("files") or {}
 
-    def _check_file(self, path: Path, record: dict[str, Any] | None = None) -> None:
+    def _check_file(self, path: Path, record: dict[str, Any] | None = None, full: bool = False) -> None:
         """Refuse a file whose size or sampled content differs from what was written
-        (:func:`~deepfeat.store.checksums.quick_problem`: a ``stat`` and 64 KiB read)."""
+        (:func:`~deepfeat.store.checksums.quick_problem`: a ``stat`` and 64 KiB read), or with
+        *full*, whose sha256 differs (for small files read whole anyway)."""
         record = record or self._recorded().get(path.relative_to(self.path).as_posix())
-        msg = quick_problem(path, record)
+        msg = content_problem(path, record) if full and record and record.get("sha256") else quick_problem(path, record)
         if msg:
             raise StoreError(f"{msg}; {verify_hint(self.path)}")
 
@@ -223,6 +225,8 @@ class FeatureStore:
         shards = self.committed_shards()
         if not shards:
             return ITEM_SCHEMA.empty_table()
+        for s in shards:  # when they answer (no usable items.parquet), each as it was written
+            self._check_file(self._shard_items_path(s))
         t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
         return t.replace_schema_metadata(None)  # the per-shard checksums stay in the shard files
 
@@ -342,8 +346,14 @@ class FeatureStore:
 
             fitted = self.path / "post.npz"
             if fitted.is_file():
-                self._check_file(fitted)
-            self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(spec)
+                self._check_file(fitted, full=True)  # small, and read whole: every byte checked
+                try:
+                    self._post = PostChain.load(fitted)
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    raise StoreError(f"{fitted} is damaged ({type(e).__name__}: {e}); fit it again with "
+                                     f"`deepfeat postprocess {self.path} ...`") from None
+            else:
+                self._post = PostChain.parse(spec)
         return self._post
 
     def vectors(self, name: str | None = None, post: bool = True) -> np.ndarray:
