@@ -317,6 +317,10 @@ class FeatureStore:
             rec = (shard_records(self._shard_items_path(shard)) or {}).get(f.name)
         return rec
 
+    def _shard_ok_paths(self, shard: int) -> list[str]:
+        ok = self.ok_items()
+        return ok.filter(pc.equal(ok.column("shard"), shard)).sort_by("offset").column("path").to_pylist()
+
     def _ok_per_shard(self) -> dict[int, int]:
         ok = self.ok_items().column("shard").to_numpy()
         shards, counts = np.unique(ok, return_counts=True)
@@ -326,9 +330,8 @@ class FeatureStore:
         """All stored features of *name* as one N x D float32 array (row = feature row)."""
         parts = []
         for s, a in self.features(name):
-            ok = self.ok_items()
-            problem = nonfinite_problem(self.shard_feature_path(s, self.feature_name(name)), a, lambda: ok.filter(
-                pc.equal(ok.column("shard"), s)).sort_by("offset").column("path").to_pylist())
+            problem = nonfinite_problem(self.shard_feature_path(s, self.feature_name(name)), a,
+                                        lambda: self._shard_ok_paths(s))  # the paths only when they are needed
             if problem:
                 raise StoreError(f"{problem}. Extract the shard again: delete {self._shard_items_path(s)} and run "
                                  f"`deepfeat extract --resume -o {self.path}`")
