@@ -71,7 +71,11 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
             f"{meta_path} has index format version {meta['format_version']}; this deepfeat "
             f"({__version__}) reads up to {META_VERSION}: upgrade deepfeat"
         )
-    index_path = meta_path.with_name(meta.get("index_file", index_path.name))
+    name = meta.get("index_file", index_path.name)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise StoreError(f"{meta_path}: index_file must be the name of a file beside it, not {name!r}; "
+                         "rebuild the index (`deepfeat index STORE`)")
+    index_path = meta_path.with_name(name)
     if not index_path.is_file():
         raise StoreError(f"index file {index_path} is missing (its meta {meta_path} exists)")
     size = index_path.stat().st_size

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 from deepfeat.errors import UsageError
+from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
-from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.plan import default_batch, plan_work
 from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
 from deepfeat.pipeline.progress import Progress

@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
-from deepfeat.store.checksums import (ALGORITHM, META_DIGEST_KEY, SHARD_KEY, SIDE_FILES, content_problem,
-                                      file_digest, meta_digest, quick_problem, shard_records, size_problem)
-from deepfeat.store.compat import IDENTITY_KEYS, check_compatible
-from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure,
-                                      nonfinite_problem, verify_hint)
+from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_parquet
+from deepfeat.store.checksums import (ALGORITHM, SHARD_KEY, SIDE_FILES, content_problem, file_digest, quick_problem,
+                                      shard_records, size_problem)
+from deepfeat.store.compat import check_compatible
+from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure, nonfinite_problem,
+                                      ok_per_shard, shard_paths, verify_hint, write_meta)
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class FeatureStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **meta,
         }
-        _write_meta(p / "meta.json", full)
+        write_meta(p / "meta.json", full)
         _fsync_dir(p)
         return cls(p)
 
@@ -118,7 +118,7 @@ class FeatureStore:
                 files.pop(rel, None)
         if files or "checksums" in self.meta:
             self.meta["checksums"] = {"algorithm": ALGORITHM, "files": files}
-        _write_meta(self.path / "meta.json", self.meta)
+        write_meta(self.path / "meta.json", self.meta)
 
     # -- checksums (deepfeat.store.checksums) ------------------------------------------------
 
@@ -296,7 +296,7 @@ class FeatureStore:
         """(shard, array) pairs of the stored (pooled, not post-processed) features."""
         name = self.feature_name(name)
         dim = int(self.meta["features"][name]["dim"])
-        n_ok = self._ok_per_shard()
+        n_ok = ok_per_shard(self.ok_items())
         for s in self.committed_shards():
             f = self.shard_feature_path(s, name)
             if not f.is_file():
@@ -317,21 +317,14 @@ class FeatureStore:
             rec = (shard_records(self._shard_items_path(shard)) or {}).get(f.name)
         return rec
 
-    def _shard_ok_paths(self, shard: int) -> list[str]:
-        ok = self.ok_items()
-        return ok.filter(pc.equal(ok.column("shard"), shard)).sort_by("offset").column("path").to_pylist()
 
-    def _ok_per_shard(self) -> dict[int, int]:
-        ok = self.ok_items().column("shard").to_numpy()
-        shards, counts = np.unique(ok, return_counts=True)
-        return {int(s): int(c) for s, c in zip(shards, counts)}
 
     def raw(self, name: str | None = None) -> np.ndarray:
         """All stored features of *name* as one N x D float32 array (row = feature row)."""
         parts = []
         for s, a in self.features(name):
             problem = nonfinite_problem(self.shard_feature_path(s, self.feature_name(name)), a,
-                                        lambda: self._shard_ok_paths(s))  # the paths only when they are needed
+                                        lambda s=s: shard_paths(self.ok_items(), s))  # paths when needed
             if problem:
                 raise StoreError(f"{problem}. Extract the shard again: delete {self._shard_items_path(s)} and run "
                                  f"`deepfeat extract --resume -o {self.path}`")
@@ -422,8 +415,3 @@ class FeatureStore:
             "dims": {k: v["dim"] for k, v in self.meta.get("features", {}).items()},
         }
 
-
-def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Write a store meta with its own record (:data:`~deepfeat.store.checksums.META_DIGEST_KEY`)."""
-    meta[META_DIGEST_KEY] = meta_digest(meta)
-    atomic_write_json(path, meta)

@@ -23,7 +23,8 @@ import numpy as np
 
 from deepfeat import __version__
 from deepfeat.errors import StoreError
-from deepfeat.store.checksums import meta_problem, size_problem
+from deepfeat.store.atomic import atomic_write_json
+from deepfeat.store.checksums import META_DIGEST_KEY, meta_digest, meta_problem, size_problem
 
 #: the store format this deepfeat writes and reads (meta.json's ``format_version``)
 STORE_VERSION = 1
@@ -116,13 +117,35 @@ def check_shard_rows(store_path: Path, f: Path, shard: int, arr: np.ndarray, n_o
 def nonfinite_problem(f: Path, arr: np.ndarray, paths: Callable[[], list[str]]) -> str | None:
     """Why *arr* (the rows of file *f*, whose items' paths *paths()* returns) cannot be searched: its
     first row holding NaN or infinity, named with its image; None if every value is finite."""
-    if np.isfinite(arr.sum(axis=1, dtype=np.float64)).all():  # NaN and inf survive a row sum (one pass)
+    if arr.dtype == np.float32 and arr.ndim == 2:  # NaN and inf survive a product with ones (BLAS, one pass)
+        if np.isfinite(arr @ np.ones(arr.shape[1], np.float32)).all():
+            return None
+    elif np.isfinite(arr).all():
         return None
     bad = np.nonzero(~np.isfinite(np.asarray(arr, np.float64)).all(axis=1))[0]
-    if not len(bad):  # finite values whose sum overflows float64: not possible for float32 rows
+    if not len(bad):  # finite rows whose sum overflowed float32
         return None
     r = int(bad[0])
     names = paths()
     who = names[r] if r < len(names) else "?"
     return (f"{f} row {r} ({who}) holds NaN or infinity ({len(bad)} such row(s) in this file): such a vector "
             "matches nothing and breaks the search")
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Write a store meta with its own record (:data:`~deepfeat.store.checksums.META_DIGEST_KEY`)."""
+    meta[META_DIGEST_KEY] = meta_digest(meta)
+    atomic_write_json(path, meta)
+
+
+def ok_per_shard(ok_items) -> dict[int, int]:
+    """Ok items per shard, from the items table of the ok items (a pyarrow table)."""
+    shards, counts = np.unique(ok_items.column("shard").to_numpy(), return_counts=True)
+    return {int(s): int(c) for s, c in zip(shards, counts)}
+
+
+def shard_paths(ok_items, shard: int) -> list[str]:
+    """The paths of a shard's ok items in the order of its array's rows."""
+    import pyarrow.compute as pc
+
+    return ok_items.filter(pc.equal(ok_items.column("shard"), shard)).sort_by("offset").column("path").to_pylist()
