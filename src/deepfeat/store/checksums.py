@@ -274,7 +274,12 @@ def _verify_consolidated(report: VerifyReport, root: Path, n: int, committed: li
     """items.parquet (n rows) against the committed shards' own items files."""
     import pyarrow.parquet as pq
 
-    n_shards = sum(pq.read_metadata(root / f"shards/{s:06d}.items.parquet").num_rows for s in committed)
+    n_shards = 0
+    for s in committed:
+        try:
+            n_shards += pq.read_metadata(root / f"shards/{s:06d}.items.parquet").num_rows
+        except Exception:  # noqa: BLE001 -- a damaged marker, reported bad above
+            return
     if n == n_shards:
         return
     covered = set(pq.ParquetFile(root / "items.parquet").read(columns=["shard"]).column("shard").to_pylist())
