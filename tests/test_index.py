@@ -304,6 +304,10 @@ def test_load_refuses_missing_truncated_or_mismatched_files(tmp_path, data):
     faiss_file.write_bytes(blob)
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "d": DIM + 1}))
+    with pytest.raises(StoreError, match="index.json was edited after deepfeat wrote it"):
+        Index.load(tmp_path / "a")
+    meta.pop("meta_sha256")  # as an index saved before metas recorded their own sha256: the fields are checked
+    meta_file.write_text(json.dumps({**meta, "d": DIM + 1}))
     with pytest.raises(StoreError, match="does not match its meta"):
         Index.load(tmp_path / "a")
     meta_file.write_text(json.dumps({**meta, "format": "something-else"}))

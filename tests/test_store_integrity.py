@@ -44,6 +44,14 @@ def _verify(path: Path, capsys) -> tuple[int, dict]:
     return rc, json.loads(capsys.readouterr().out)
 
 
+def _write_meta_as_deepfeat(store: Path, meta: dict) -> None:
+    """Write *meta* with its own record recomputed, as deepfeat would (a forgery that passes the meta check)."""
+    from deepfeat.store.checksums import META_DIGEST_KEY, meta_digest
+
+    meta[META_DIGEST_KEY] = meta_digest(meta)
+    (store / "meta.json").write_text(json.dumps(meta))
+
+
 def _bad(report: dict) -> dict[str, str]:
     return {c["file"]: c["detail"] for c in report["checks"] if c["status"] == "bad"}
 
@@ -53,7 +61,7 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     files = meta["checksums"]["files"]
     shards = sorted(p.name for p in (store / "shards").iterdir())
     assert len(shards) == 6  # 3 shards x (items + bn2 features)
-    assert {f"shards/{n}" for n in shards} | {"items.parquet", "post.npz"} == set(files)
+    assert {f"shards/{n}" for n in shards} | {"items.parquet", "post.npz", "plan.parquet"} == set(files)
     for rel, rec in files.items():
         assert rec["bytes"] == (store / rel).stat().st_size and len(rec["sha256"]) == 64
     # each shard's commit marker carries its arrays' checksums (committed with the shard)
@@ -61,10 +69,10 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     assert own == {"000001.bn2.npy": files["shards/000001.bn2.npy"]}
     assert "index_sha256" in json.loads((store / "index/index.json").read_text())
     rc, report = _verify(store, capsys)
-    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 9, "bad": 0, "unchecked": 0}
-    assert {c["file"] for c in report["checks"]} >= {"index/index.faiss", "post.npz", "items.parquet"}
+    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 12, "bad": 0, "unchecked": 0}
+    assert {c["file"] for c in report["checks"]} >= {"index/index.faiss", "post.npz", "items.parquet", "meta.json"}
     assert cli.main(["info", str(store), "--verify"]) == 0
-    assert "9 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
+    assert "12 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
 
 
 def test_a_truncated_shard_is_refused_on_open_naming_the_file(store, capsys):
@@ -83,7 +91,10 @@ def test_an_edited_shard_passes_the_size_check_and_fails_verify(store, capsys):
     data = bytearray(f.read_bytes())
     data[-7] ^= 0x40  # one bit of one float: same size, another vector
     f.write_bytes(bytes(data))
-    FeatureStore(store).vectors()  # opening checks sizes only (cheap); the hash is verify's job
+    # opening checks sizes and a sampled digest (16 blocks of 4 KiB): this 40 KiB file is covered whole;
+    # in a large file a bit between the blocks is verify's job (tests/test_trust_store.py)
+    with pytest.raises(StoreError, match=r"000002\.bn2\.npy has the size it was written with but other content"):
+        FeatureStore(store).vectors()
     rc, report = _verify(store, capsys)
     assert rc == 1 and "was edited: its sha256" in _bad(report)["shards/000002.bn2.npy"]
 
@@ -123,30 +134,30 @@ def test_a_missing_shard_array_and_a_wrong_shape(store, capsys):
     meta = json.loads((store / "meta.json").read_text())
     meta["checksums"]["files"].update({"shards/000001.bn2.npy": rec, "shards/000001.items.parquet":
                                        file_digest(marker)})
-    (store / "meta.json").write_text(json.dumps(meta))
+    _write_meta_as_deepfeat(store, meta)
     rc, report = _verify(store, capsys)
     bad = _bad(report)
     assert rc == 1 and set(bad) == {"shards/000000.bn2.npy", "shards/000001.bn2.npy"}
     assert "missing" in bad["shards/000000.bn2.npy"]
     assert bad["shards/000001.bn2.npy"] == "shape (3, 1280), but the shard has 8 ok items of 1280 dims"
-    with pytest.raises(StoreError, match=r"000000\.bn2\.npy are missing"):
+    with pytest.raises(StoreError, match=r"000000\.bn2\.npy is missing"):
         FeatureStore(store).vectors()
 
 
 def test_stores_without_checksums_still_open_and_verify_as_unchecked(store, capsys):
     """A store written before checksums existed: no meta record, no shard footer record, no index sha256."""
     meta = json.loads((store / "meta.json").read_text())
-    del meta["checksums"]
+    del meta["checksums"], meta["meta_sha256"]
     (store / "meta.json").write_text(json.dumps(meta))
     for f in (store / "shards").glob("*.items.parquet"):
         pq.write_table(pq.read_table(f).replace_schema_metadata(None), f)
     im = json.loads((store / "index/index.json").read_text())
-    del im["index_sha256"]
+    del im["index_sha256"], im["index_sample"], im["meta_sha256"]
     (store / "index/index.json").write_text(json.dumps(im))
     s = FeatureStore(store)
     assert len(s.vectors()) == 24 and s.post.fitted
     rc, report = _verify(store, capsys)
-    assert rc == 0 and report["counts"]["bad"] == 0 and report["counts"]["unchecked"] == 9
+    assert rc == 0 and report["counts"]["bad"] == 0 and report["counts"]["unchecked"] == 11
     assert all("before deepfeat recorded checksums" in c["detail"] for c in report["checks"])
 
 

@@ -1,9 +1,11 @@
 """The ``deepfeat`` command: parse arguments, call the library, print.
 
 Each command lives in its own ``cmd_*`` module with ``register(subparsers)``; this
-module only assembles them and maps errors to exit codes:
-0 success, 1 failure (nothing could be done / a file was bad), 2 usage error,
-130 interrupted, 143 terminated (SIGTERM; `extract` stops as cleanly as on Ctrl-C).
+module only assembles them and maps errors to exit codes (:func:`dispatch`, the one boundary):
+0 success, 1 failure (nothing could be done / a file was bad: a :class:`DeepfeatError`, an
+``OSError`` from the file system, a ``MemoryError``), 2 usage error, 130 interrupted,
+143 terminated (SIGTERM; `extract` stops as cleanly as on Ctrl-C). Anything else is a bug
+in deepfeat and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -70,13 +72,36 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except DeepfeatError as e:
-        print(f"deepfeat {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _one_line(args.command, str(e), e.exit_code)
     except KeyboardInterrupt:
         print(f"deepfeat {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `deepfeat ... | head`
         return 0
+    except OSError as e:  # the file system said no: full disk, read-only, missing, a folder for a file...
+        return _one_line(args.command, os_error_line(e), 1)
+    except MemoryError as e:
+        return _one_line(args.command, f"out of memory{': ' + str(e) if str(e) else ''} (a smaller input, "
+                                       "batch or index, or a machine with more memory)", 1)
+
+
+def os_error_line(e: OSError) -> str:
+    """``cannot write /x/meta.json: No space left on device``: the file and the system's reason."""
+    name = str(e.filename or "")
+    if "/." in name and ".tmp-" in name:  # an atomic write's temporary name: say the real file's
+        head, _, tail = name.rpartition("/.")
+        name = f"{head}/{tail.split('.tmp-')[0]}"
+    what = f" {name}" if name else ""
+    if e.filename2:
+        what += f" -> {e.filename2}"
+    return f"cannot use{what}: {e.strerror or e}" if what else f"{e.strerror or e}"
+
+
+def _one_line(command: str, message: str, code: int) -> int:
+    """The error on stderr as ``deepfeat COMMAND: error: MESSAGE`` (one line; a message that lists
+    several differences, like a refused append, continues on indented lines)."""
+    print(f"deepfeat {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 def run() -> None:

@@ -44,7 +44,7 @@ def run_export(args) -> int:
 
 
 def run_info(args) -> int:
-    store = FeatureStore(args.store)
+    store = FeatureStore(args.store, check_meta_digest=not args.verify)  # --verify reports an edited meta
     if args.verify:
         return _run_verify(store, args.json)
     s = store.summary()

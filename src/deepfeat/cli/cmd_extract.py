@@ -89,6 +89,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+#: extract's flags (dests) that set a store setting -> the ExtractConfig field (deepfeat.pipeline.append)
+SETTING_FLAGS = {"model": "model", "layer": "layers", "pool": "pooling", "post": "post", "size": "size",
+                 "scales": "scales", "scale_combine": "scale_combine", "dtype": "dtype", "draft": "draft"}
+
+
+def _given_settings(args) -> frozenset[str]:
+    """The store settings given on the command line (or by --recipe): a flag with a marked default
+    counts when it is not that default; the others when they differ from the parser's default."""
+    parser_defaults = {"scale_combine": "sum", "dtype": "float32", "draft": True}
+    out = set()
+    for dest, field in SETTING_FLAGS.items():
+        v = getattr(args, dest, None)
+        if dest in parser_defaults:
+            if v != parser_defaults[dest]:
+                out.add(field)
+        elif given(v):
+            out.add(field)
+    return frozenset(out)
+
+
 def run(args) -> int:
     from deepfeat.errors import UsageError
 
@@ -116,7 +136,7 @@ def run(args) -> int:
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
         pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples, engine=args.engine,
         ray_address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, given=_given_settings(args),
     )
     try:
         with sigterm_interrupts():

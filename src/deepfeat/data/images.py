@@ -24,7 +24,8 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deepfeat.data.preprocess import DataConfig, SizePolicy, draft_request, resize_image, target_size
+from deepfeat.data.preprocess import (PIL_MAX_PIXELS, DataConfig, SizePolicy, draft_request, resize_image,
+                                      target_size)
 from deepfeat.errors import ImageError, UsageError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -32,7 +33,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 #: Refuse images with more pixels than this (decompression bombs); PIL's default is 89M.
-DEFAULT_MAX_PIXELS = 178_956_970
+DEFAULT_MAX_PIXELS = PIL_MAX_PIXELS
 
 
 def is_image_name(path: str | os.PathLike) -> bool:
@@ -85,7 +86,12 @@ def discover(inputs: Iterable[str | os.PathLike], *, all_files: bool = False) ->
             if not listing.is_file():
                 raise UsageError(f"list file not found: {listing}")
             base = listing.parent
-            for line in listing.read_text(encoding="utf-8").splitlines():
+            try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first path
+                text = listing.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError:
+                raise UsageError(f"{listing} is not a text file (a list has one image path per line, UTF-8); "
+                                 f"to use an image, give it without the @") from None
+            for line in text.splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue

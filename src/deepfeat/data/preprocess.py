@@ -143,6 +143,10 @@ class SizePolicy:
         return self.kind in ("model", "warp")
 
 
+#: PIL's decompression-bomb limit; a size policy whose smallest output is larger can resize no image
+PIL_MAX_PIXELS = 178_956_970
+
+
 def parse_size_policy(text: str | SizePolicy | None) -> SizePolicy:
     """Parse ``model``, ``native``, ``short:S``, ``long:S``, ``warp:S`` or ``warp:HxW``."""
     if isinstance(text, SizePolicy):
@@ -169,6 +173,11 @@ def parse_size_policy(text: str | SizePolicy | None) -> SizePolicy:
                 raise ValueError
     except ValueError:
         raise UsageError(f"size policy {text!r}: the size must be a positive integer (or HxW for warp)") from None
+    least = size[0] * size[1] if isinstance(size, tuple) else size * size  # long:S and short:S: at least S x S
+    if least > PIL_MAX_PIXELS:
+        raise UsageError(f"size policy {text!r} resizes every image to at least {least:,} pixels, over the "
+                         f"{PIL_MAX_PIXELS:,} an image may have: every image would fail (at most "
+                         f"{kind}:{math.isqrt(PIL_MAX_PIXELS)})")
     return SizePolicy(kind, size)
 
 

@@ -24,7 +24,7 @@ def _natural_key(s: str) -> list[Any]:
 
 def _parse_oxford_query(path: Path) -> tuple[str, tuple[float, float, float, float]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the image name
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]

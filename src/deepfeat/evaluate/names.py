@@ -88,10 +88,12 @@ def _split_path(p: str) -> list[str]:
 def read_name_list(path: str | os.PathLike, what: str = "list file") -> list[str]:
     """Non-blank lines of a text file of names, surrounding whitespace (and CR) removed."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give the text file")
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -103,6 +105,9 @@ def read_gt_lists(prefix: str | os.PathLike) -> tuple[set[str], set[str]]:
     """Positives (good + ok) and junk names of one Oxford/Paris query, given its prefix
     (``gt_files_170407/all_souls_1`` reads ``all_souls_1_good.txt``, ``_ok.txt``, ``_junk.txt``)."""
     prefix = os.fspath(prefix)
+    if os.path.isdir(prefix):
+        raise UsageError(f"GT_PREFIX {prefix} is a folder; it names one query's files, e.g. "
+                         f"{os.path.join(prefix, 'all_souls_1')} (read as all_souls_1_good.txt, _ok.txt, _junk.txt)")
     lists = {}
     for kind in ("good", "ok", "junk"):
         path = Path(prefix + f"_{kind}.txt")

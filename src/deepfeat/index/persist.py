@@ -19,7 +19,7 @@ from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
-from deepfeat.store.checksums import file_digest
+from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, sample_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -63,18 +63,31 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
         raise StoreError(f"unreadable index meta {meta_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise StoreError(f"{meta_path} is not a deepfeat index meta (format != {META_FORMAT!r})")
-    if int(meta.get("format_version", 0)) > META_VERSION:
+    if meta.get(META_DIGEST_KEY) and meta_digest(meta) != meta[META_DIGEST_KEY]:
+        raise StoreError(f"{meta_path} was edited after deepfeat wrote it (its recorded sha256 no longer matches); "
+                         "rebuild the index (`deepfeat index STORE`)")
+    if not isinstance(meta.get("format_version", 0), int) or int(meta.get("format_version", 0)) > META_VERSION:
         raise StoreError(
             f"{meta_path} has index format version {meta['format_version']}; this deepfeat "
             f"({__version__}) reads up to {META_VERSION}: upgrade deepfeat"
         )
-    index_path = meta_path.with_name(meta.get("index_file", index_path.name))
+    name = meta.get("index_file", index_path.name)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise StoreError(f"{meta_path}: index_file must be the name of a file beside it, not {name!r}; "
+                         "rebuild the index (`deepfeat index STORE`)")
+    index_path = meta_path.with_name(name)
     if not index_path.is_file():
         raise StoreError(f"index file {index_path} is missing (its meta {meta_path} exists)")
     size = index_path.stat().st_size
     if "index_bytes" in meta and size != meta["index_bytes"]:
         raise StoreError(
-            f"{index_path} has {size} bytes but its meta says {meta['index_bytes']}: truncated or replaced; rebuild"
+            f"{index_path} has {size} bytes but its meta says {meta['index_bytes']}: truncated or replaced; rebuild "
+            "the index (`deepfeat index STORE`)"
+        )
+    if meta.get("index_sample") and sample_digest(index_path) != meta["index_sample"]:
+        raise StoreError(
+            f"{index_path} is not the index its meta {meta_path} was written with (same size, other content: "
+            "copied from elsewhere, or edited); rebuild the index (`deepfeat index STORE`)"
         )
     try:
         index = faiss.read_index(str(index_path))
@@ -106,7 +119,9 @@ def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[
     digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.store.checksums)
     meta["index_bytes"] = digest["bytes"]
     meta["index_sha256"] = digest["sha256"]
+    meta["index_sample"] = sample_digest(index_path)  # checked on every load (a 64 KiB read)
     meta["saved_at"] = _now()
+    meta[META_DIGEST_KEY] = meta_digest(meta)  # the meta's own record, checked on every load
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(meta_path, text.encode("utf-8"))
     return meta_path

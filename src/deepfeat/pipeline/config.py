@@ -67,6 +67,10 @@ class ExtractConfig:
     num_actors: int | None = None  # None: as many as the cluster's CPUs (GPUs) allow
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
+    #: the store settings (model, layers, pooling, size, scales, scale_combine, dtype, post, draft) the
+    #: caller chose; the others are the store's when it exists (deepfeat.pipeline.append). None: those
+    #: that differ from these defaults
+    given: frozenset[str] | None = None
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:

@@ -2,8 +2,8 @@
 
 :func:`plan_work` merges the inputs into the store's ``plan.parquet`` (known paths keep
 their id and shard, new ones go into new shards) and returns the uncommitted shards,
-so a resumed run redoes exactly the shards that are not committed; with ``--resume``
-the settings come from the store (:func:`_adopt_meta`). :func:`shard_batches` forms a
+so a resumed run redoes exactly the shards that are not committed (the settings of a run
+into an existing store: :mod:`deepfeat.pipeline.append`). :func:`shard_batches` forms a
 shard's batches deterministically: consecutive items for fixed-size policies, grouped
 by exact (or bucketed, ``--pad-to``) output shape for aspect-preserving ones.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any
 
 from deepfeat.data.images import discover, printable_path
 from deepfeat.data.preprocess import SizePolicy, parse_size_policy
@@ -34,8 +33,8 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
     # one file, one item: relative and absolute spellings of the same file are the same input
     root = store.meta.get("root") or os.getcwd()
 
-    def key(p: str) -> str:
-        return os.path.normpath(os.path.join(root, p))
+    def key(p: str) -> str:  # the real file: a symlinked folder names the same files
+        return os.path.realpath(os.path.join(root, p))
 
     known = {key(p) for p in ppaths}
     new = []
@@ -94,21 +93,6 @@ def eager_cpu(cfg: ExtractConfig, device) -> bool:
     the case for :data:`CPU_BATCH_PIXELS` (eager torch and ONNX Runtime alike)."""
     on_cpu = device.type == "cpu" and (cfg.engine == "local" or not cfg.gpus_per_actor)
     return on_cpu and not parse_size_policy(cfg.size).fixed
-
-
-def _adopt_meta(cfg: ExtractConfig, meta: dict[str, Any]) -> None:
-    """--resume: take the settings from the store, so flags need not be repeated."""
-    cfg.model = meta["model"]["spec"]
-    cfg.layers = list(meta["layers"])
-    cfg.pooling = meta["pooling"]
-    cfg.size = meta["size"]
-    cfg.scales = tuple(meta.get("scales", [1.0]))
-    cfg.scale_combine = meta.get("scale_combine", "sum")
-    cfg.dtype = meta.get("dtype", "float32")
-    cfg.post = meta.get("post", cfg.post)
-    cfg.draft = meta.get("draft_decode", cfg.draft)
-    if cfg.backend in ("auto", "openvino"):  # the store's precision; other backends run f32 (checked on append)
-        cfg.precision = (meta.get("inference") or {}).get("precision", "f32")
 
 
 def plan_work(cfg: ExtractConfig, store: FeatureStore

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 from deepfeat.errors import UsageError
+from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
-from deepfeat.pipeline.plan import _adopt_meta, default_batch, plan_work
+from deepfeat.pipeline.plan import default_batch, plan_work
 from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
 from deepfeat.pipeline.progress import Progress
 from deepfeat.store import FeatureStore, check_store_dir
@@ -28,9 +29,34 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     before the model is loaded. The run itself is :func:`_extract`.
     """
     cfg.validate()
-    check_store_dir(Path(cfg.output))
+    out = Path(cfg.output)
+    check_store_dir(out)
     with StoreLock(cfg.output, create=not cfg.resume):
-        return _extract(cfg, on_shard)
+        new = not (out / "meta.json").is_file()
+        try:
+            return _extract(cfg, on_shard)
+        except BaseException:
+            if new:  # a run that stores nothing leaves nothing behind (the lock removes a folder it made)
+                _remove_if_nothing_stored(out)
+            raise
+
+
+#: what a new store holds before its first shard is committed (removed when the run stores nothing)
+_SETUP_FILES = ("meta.json", "plan.parquet", "items.parquet", "pooling.npz", "post.npz", "failures.csv")
+
+
+def _remove_if_nothing_stored(out: Path) -> None:
+    """Remove a new store's setup files after a run that committed no shard (e.g. "no images
+    found"), so that the folder takes a correct run with any settings."""
+    shards = out / "shards"
+    if shards.is_dir() and any(shards.glob("*.items.parquet")):
+        return
+    for name in _SETUP_FILES:
+        (out / name).unlink(missing_ok=True)
+    if shards.is_dir():
+        for f in shards.iterdir():  # arrays of a shard that was never committed
+            f.unlink(missing_ok=True)
+        shards.rmdir()
 
 
 def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
@@ -94,8 +120,8 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     existing = FeatureStore(out) if (out / "meta.json").is_file() else None
     if cfg.resume and existing is None:
         raise UsageError(f"--resume: {out} is not an existing feature store")
-    if existing is not None and cfg.resume:
-        _adopt_meta(cfg, existing.meta)
+    if existing is not None:  # the append contract: the store's settings unless asked (pipeline.append)
+        adopt_store_settings(cfg, existing.meta, out)
 
     # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
     device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")

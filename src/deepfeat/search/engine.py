@@ -126,7 +126,10 @@ class SearchEngine:
         vecs, labels, rows = [], [], []
         for q in queries:
             if q.endswith(".npy") and Path(q).is_file():
-                v = np.load(q, allow_pickle=False).astype(np.float32)
+                try:
+                    v = np.load(q, allow_pickle=False).astype(np.float32)
+                except ValueError as e:  # objects (pickles refused), strings, a damaged header
+                    raise UsageError(f"{q} does not hold numeric vectors: {e}") from None
                 v = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1)
                 if v.shape[1] != self.xb.shape[1]:
                     raise UsageError(f"{q}: vectors of dim {v.shape[1]}, the store's are {self.xb.shape[1]}")

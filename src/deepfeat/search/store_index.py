@@ -11,6 +11,7 @@ import numpy as np
 
 from deepfeat.errors import StoreError
 from deepfeat.store import FeatureStore
+from deepfeat.store.checksums import store_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
         "post": store.meta.get("post"),
         "post_fitted_rows": store.meta.get("post_fitted_rows"),
         "rows": len(store),
+        # what the vectors are: an index built from other vectors (another store's) has another one
+        "store_fingerprint": store_fingerprint((store.meta.get("checksums") or {}).get("files") or {}),
     }
 
 
@@ -57,7 +60,8 @@ def open_saved_index(store: FeatureStore, feature: str, threads: int | None = No
     index = Index.load(d, threads=threads)
     want = index_source_meta(store, feature)
     have = index.meta.get("source_meta") or {}
-    stale = [k for k in want if have.get(k) != want[k]]
+    # an index saved before fingerprints were recorded is judged by the rest
+    stale = [k for k in want if have.get(k) != want[k] and (k != "store_fingerprint" or k in have)]
     if stale:
         log.warning("index in %s is stale (%s differ); using exact search. Rebuild with `deepfeat index`.",
                     d, ", ".join(stale))

@@ -117,7 +117,7 @@ def add_item_routes(app: FastAPI, svc: SearchService) -> None:
         fmt = await svc.in_pool(_image_format, path)
         if fmt is None:
             raise ApiError(404, f"the image of item {item_id} is missing or not an image any more", {"id": item_id})
-        return FileResponse(path, media_type=MEDIA_TYPES[fmt], filename=os.path.basename(path),
+        return JsonRangeFileResponse(path, media_type=MEDIA_TYPES[fmt], filename=os.path.basename(path),
                             content_disposition_type="inline", headers={"Cache-Control": "private, max-age=600"})
 
 
@@ -249,12 +249,33 @@ def _add_vector_route(app: FastAPI, svc: SearchService) -> None:
                        {"search": ms, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
 
+class JsonRangeFileResponse(FileResponse):
+    """A FileResponse whose Range errors (400 malformed, 416 outside the file) are JSON like every other
+    error of the API (Starlette answers them in plain text)."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except RangeNotSatisfiable:
+            raise ApiError(416, f"the range {http_range[:100]!r} starts outside the file ({file_size} bytes)",
+                           {"size": file_size}, {"Content-Range": f"bytes */{file_size}"}) from None
+        except MalformedRangeHeader as e:
+            raise ApiError(400, f"malformed Range header {http_range[:100]!r}: {e.content}") from None
+
+
 def _image_format(path: str) -> str | None:
     """The format of a stored image file if it is one we serve, else None (missing, unreadable, not an image)."""
     from PIL import Image
 
+    from deepfeat.data.images import file_problem
+
+    if file_problem(path):  # the check every file route makes first: a FIFO would block a worker forever
+        return None
     try:
         with Image.open(path, formats=list(MEDIA_TYPES)) as img:
             return img.format if img.format in MEDIA_TYPES else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # missing, unreadable, not an image
+    except (OSError, SyntaxError, ValueError, KeyError, Image.DecompressionBombError):  # unreadable, not an image
         return None

@@ -29,8 +29,9 @@ directory), :mod:`deepfeat.store.items` (the items and plan tables, :class:`Shar
 from __future__ import annotations
 
 from deepfeat.store.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from deepfeat.store.compat import IDENTITY_KEYS
 from deepfeat.store.export import EXPORT_FORMATS, export_store
-from deepfeat.store.featurestore import IDENTITY_KEYS, FeatureStore, check_store_dir
+from deepfeat.store.featurestore import FeatureStore, check_store_dir
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 __all__ = [

@@ -33,14 +33,71 @@ SHARD_KEY = b"deepfeat.checksums"  # a file-format key (the module was deepfeat.
 #: small files beside the shards whose records live in meta.json, refreshed by update_meta
 SIDE_FILES = ("post.npz", "pooling.npz")
 ALGORITHM = "sha256"
+#: meta.json's own record: the sha256 of the rest of the meta (canonical JSON), written with it
+META_DIGEST_KEY = "meta_sha256"
+#: how many blocks of SAMPLE_BLOCK bytes a sampled digest reads, evenly spaced, first and last included
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK = 4096
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"bytes": size, "sha256": hex}`` of a file, read in 1 MiB blocks."""
+    """``{"bytes": size, "sha256": hex, "sample": hex}`` of a file (``sample``: :func:`sample_digest`,
+    checked on every read; ``sha256``: the whole file, checked by ``deepfeat info --verify``)."""
     with open(path, "rb") as f:
         h = hashlib.file_digest(f, "sha256") if hasattr(hashlib, "file_digest") else _digest_blocks(f)
         size = f.tell()
-    return {"bytes": size, "sha256": h.hexdigest()}
+    return {"bytes": size, "sha256": h.hexdigest(), "sample": sample_digest(path)}
+
+
+def sample_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's size and of :data:`SAMPLE_BLOCKS` blocks of it, evenly spaced (first and
+    last included): a constant cost at any size (64 KiB read), cheap enough for every open.
+
+    It tells apart two files of the same size but different content (a shard or an index copied
+    from another store) in practice; a single flipped bit outside the blocks needs the full sha256
+    (``deepfeat info --verify``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        last = max(0, size - SAMPLE_BLOCK)
+        starts = sorted({last * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)})
+        for start in starts:
+            h.update(os.pread(f.fileno(), SAMPLE_BLOCK, start))
+    return h.hexdigest()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a store meta without its own record (canonical JSON: sorted keys, no spaces), as
+    written by :func:`json.dumps` with ``default=str`` (what :func:`atomic_write_json` writes)."""
+    rest = {k: v for k, v in meta.items() if k != META_DIGEST_KEY}
+    canonical = json.loads(json.dumps(rest, default=str))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def meta_problem(meta: dict[str, Any], path: Path) -> str | None:
+    """Why *meta* (read from *path*) is not the meta deepfeat wrote, or None (also None for a meta
+    written before deepfeat recorded its digest)."""
+    want = meta.get(META_DIGEST_KEY)
+    if want is None:
+        return None
+    got = meta_digest(meta)
+    if got != want:
+        return (f"{path} was edited after deepfeat wrote it (its content's sha256 is {got[:16]}..., it was written "
+                f"as {str(want)[:16]}...): the settings it describes may no longer be the ones the stored vectors "
+                "were made with")
+    return None
+
+
+def store_fingerprint(recorded: dict[str, dict[str, Any]]) -> str | None:
+    """A fingerprint of a store's content from its recorded checksums (the feature arrays and the
+    fitted post-processing: what the vectors are), or None for a store without records. An index
+    records it when built; an index whose fingerprint differs was built from other vectors."""
+    parts = sorted((rel, rec.get("sha256")) for rel, rec in recorded.items()
+                   if rel.endswith(".npy") or rel in SIDE_FILES)
+    if not parts:
+        return None
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def _digest_blocks(f):  # Python < 3.11
@@ -60,6 +117,18 @@ def size_problem(path: Path, record: dict[str, Any] | None) -> str | None:
         return f"{path} is missing (it was written with {record['bytes']} bytes)"
     if size != record["bytes"]:
         return f"{path} has {size} bytes but was written with {record['bytes']}: truncated or edited"
+    return None
+
+
+def quick_problem(path: Path, record: dict[str, Any] | None) -> str | None:
+    """Why *path* cannot be the file of *record*, judged by its size and its sampled digest (a
+    ``stat`` and 64 KiB read; records written before sampled digests are judged by size alone)."""
+    msg = size_problem(path, record)
+    if msg or record is None or not record.get("sample"):
+        return msg
+    if sample_digest(path) != record["sample"]:
+        return (f"{path} has the size it was written with but other content (a file of the same size from "
+                "elsewhere, or edited)")
     return None
 
 
@@ -140,11 +209,19 @@ def verify_store(store) -> VerifyReport:
 
     root = store.path
     report = VerifyReport(str(root))
+    _verify_meta(report, store)
     recorded = dict((store.meta.get("checksums") or {}).get("files") or {})
     features = store.feature_names
     dims = {name: int(store.meta["features"][name]["dim"]) for name in features}
     total_ok = 0
-    for shard in store.committed_shards():
+    committed = store.committed_shards()
+    for rel in sorted(recorded):
+        if rel.startswith("shards/") and rel.endswith(".items.parquet") and not (root / rel).is_file():
+            shard = int(Path(rel).name.split(".")[0])
+            report.add(rel, "bad", f"{root / rel} is missing: the commit marker of shard {shard} (its items and "
+                                   f"arrays are left out of every search); `deepfeat extract --resume -o {root}` "
+                                   "extracts the shard again")
+    for shard in committed:
         items_rel = f"shards/{shard:06d}.items.parquet"
         _check_record(report, root, items_rel, recorded.get(items_rel))
         try:
@@ -175,16 +252,45 @@ def verify_store(store) -> VerifyReport:
             except Exception as e:  # noqa: BLE001
                 report.add(items_rel, "bad", f"unreadable: {type(e).__name__}: {e}")
             else:
-                n_shards = sum(pq.read_metadata(root / f"shards/{s:06d}.items.parquet").num_rows
-                               for s in store.committed_shards() if (root / f"shards/{s:06d}.items.parquet").is_file())
-                if n != n_shards:
-                    report.add(items_rel, "unchecked", f"{n} items, the shards hold {n_shards}: stale (the store "
-                                                       "reads the shards instead; the next run rewrites it)")
-    for rel in SIDE_FILES:
+                _verify_consolidated(report, root, n, committed)
+    for rel in (*SIDE_FILES, "plan.parquet"):
         _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
     for index_meta in sorted(root.glob("index/*.json")):
         _verify_index(report, root, index_meta)
     return report
+
+
+def _verify_meta(report: VerifyReport, store) -> None:
+    """meta.json against its own record (the store was opened without that check, to report it here)."""
+    path = store.path / "meta.json"
+    if store.meta.get(META_DIGEST_KEY) is None:
+        report.add("meta.json", "unchecked", "no checksum recorded (written before deepfeat recorded checksums)")
+        return
+    problem = meta_problem(store.meta, path)
+    report.add("meta.json", "bad" if problem else "ok", problem or f"sha256 {store.meta[META_DIGEST_KEY][:12]}")
+
+
+def _verify_consolidated(report: VerifyReport, root: Path, n: int, committed: list[int]) -> None:
+    """items.parquet (n rows) against the committed shards' own items files."""
+    import pyarrow.parquet as pq
+
+    n_shards = 0
+    for s in committed:
+        try:
+            n_shards += pq.read_metadata(root / f"shards/{s:06d}.items.parquet").num_rows
+        except Exception:  # noqa: BLE001 -- a damaged marker, reported bad above
+            return
+    if n == n_shards:
+        return
+    covered = set(pq.ParquetFile(root / "items.parquet").read(columns=["shard"]).column("shard").to_pylist())
+    lost = sorted(covered - set(committed))
+    if lost:
+        report.add("items.parquet", "bad", f"lists shard(s) {lost}, whose commit marker is missing: every command "
+                                           "refuses the store until `deepfeat extract --resume` extracts them again")
+    else:
+        report.add("items.parquet", "unchecked", f"{n} items, the shards hold {n_shards}: shards were committed "
+                                                 "after it was written (the store reads the shards' own items "
+                                                 "instead; the next run rewrites it)")
 
 
 def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
@@ -196,6 +302,10 @@ def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
         return
     if not isinstance(meta, dict) or "index_file" not in meta:
         return  # not an index meta (another artefact's JSON)
+    if meta.get(META_DIGEST_KEY) is not None:
+        edited = meta_digest(meta) != meta[META_DIGEST_KEY]
+        report.add(rel_meta, "bad" if edited else "ok", f"{meta_path} was edited after deepfeat wrote it; rebuild "
+                   "the index (`deepfeat index`)" if edited else f"sha256 {meta[META_DIGEST_KEY][:12]}")
     rel = str((meta_path.parent / meta["index_file"]).relative_to(root))
     record = None
     if "index_bytes" in meta:
@@ -210,5 +320,6 @@ def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
         _check_record(report, root, str((meta_path.parent / extra).relative_to(root)), rec)
 
 
-__all__ = ["ALGORITHM", "SHARD_KEY", "SIDE_FILES", "Check", "VerifyReport", "content_problem", "file_digest",
-           "shard_records", "size_problem", "verify_store"]
+__all__ = ["ALGORITHM", "META_DIGEST_KEY", "SHARD_KEY", "SIDE_FILES", "Check", "VerifyReport", "content_problem",
+           "file_digest", "meta_digest", "meta_problem", "quick_problem", "sample_digest", "shard_records", "size_problem",
+           "store_fingerprint", "verify_store"]

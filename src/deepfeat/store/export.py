@@ -28,6 +28,10 @@ def export_store(store: FeatureStore, fmt: str, out: str | os.PathLike, feature:
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"export format {fmt!r} unknown; choose {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
+    if not out.parent.is_dir():  # before reading anything; else the error names a temporary file
+        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist (create it first)")
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a folder; give a file name (e.g. {out / 'features.npz'})")
     X = store.vectors(feature, post=post)
     ids = store.ids
     paths = store.paths

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -22,14 +23,16 @@ import pyarrow.parquet as pq
 
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
-from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_json, atomic_write_parquet
-from deepfeat.store.checksums import ALGORITHM, SHARD_KEY, SIDE_FILES, file_digest, shard_records, size_problem
+from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_parquet
+from deepfeat.store.checksums import (ALGORITHM, SHARD_KEY, SIDE_FILES, content_problem, file_digest, quick_problem,
+                                      shard_records, size_problem)
+from deepfeat.store.compat import check_compatible
+from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure, nonfinite_problem,
+                                      ok_per_shard, shard_paths, verify_hint, write_meta)
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger(__name__)
 
-#: meta keys that must agree for two extractions to share a store
-IDENTITY_KEYS = ("model", "layers", "pooling", "size", "scales", "scale_combine", "dtype", "features")
 
 
 def check_store_dir(p: Path) -> None:
@@ -57,17 +60,20 @@ class FeatureStore:
     >>> store.row_of_path("photos/cat.jpg") # feature row of an image
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, check_meta_digest: bool = True):
+        """*check_meta_digest* False: open a meta.json edited after deepfeat wrote it (for
+        ``deepfeat info --verify``, which reports it; nothing else should)."""
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise StoreError(f"{self.path} is not a feature store (no meta.json); create one with `deepfeat extract`")
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StoreError(f"{meta_path} is unreadable: {e}") from None
-        if self.meta.get("format") != "deepfeat-store":
-            raise StoreError(f"{meta_path} is not a deepfeat store meta (format={self.meta.get('format')!r})")
+        check_meta(meta, meta_path, check_meta_digest)  # an object, this format or older, unedited, fields of the right types
+        self.meta: dict[str, Any] = meta
+        self._checked = False  # the structure check (deepfeat.store.integrity) runs on the first read
         self._items: pa.Table | None = None
         self._ok_rows: np.ndarray | None = None
         self._post = None
@@ -86,30 +92,18 @@ class FeatureStore:
         (p / "shards").mkdir(parents=True, exist_ok=True)
         full = {
             "format": "deepfeat-store",
-            "format_version": 1,
+            "format_version": STORE_VERSION,
             "deepfeat_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **meta,
         }
-        atomic_write_json(p / "meta.json", full)
+        write_meta(p / "meta.json", full)
         _fsync_dir(p)
         return cls(p)
 
     def check_compatible(self, meta: dict[str, Any]) -> None:
         """Refuse to mix features made differently in one store, naming what differs."""
-        diffs = []
-        for k in IDENTITY_KEYS:
-            a, b = self.meta.get(k), meta.get(k)
-            if k == "model":
-                a = {x: (a or {}).get(x) for x in ("spec", "weights_sha256")}
-                b = {x: (b or {}).get(x) for x in ("spec", "weights_sha256")}
-            if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-                diffs.append(f"{k}: store has {a!r}, this run has {b!r}")
-        if diffs:
-            raise StoreError(
-                f"{self.path} holds features made differently; refusing to mix them:\n  " + "\n  ".join(diffs)
-                + "\nUse a new output directory, or the store's own settings."
-            )
+        check_compatible(self.path, self.meta, meta)
 
     def update_meta(self, **kw: Any) -> None:
         """Update and write ``meta.json``; the checksums of the side files (post.npz, pooling.npz),
@@ -124,18 +118,21 @@ class FeatureStore:
                 files.pop(rel, None)
         if files or "checksums" in self.meta:
             self.meta["checksums"] = {"algorithm": ALGORITHM, "files": files}
-        atomic_write_json(self.path / "meta.json", self.meta)
+        write_meta(self.path / "meta.json", self.meta)
 
     # -- checksums (deepfeat.store.checksums) ------------------------------------------------
 
     def _recorded(self) -> dict[str, dict[str, Any]]:
         return (self.meta.get("checksums") or {}).get("files") or {}
 
-    def _check_size(self, path: Path) -> None:
-        """Refuse a file whose size differs from the one it was written with (a ``stat``; no hashing)."""
-        msg = size_problem(path, self._recorded().get(path.relative_to(self.path).as_posix()))
+    def _check_file(self, path: Path, record: dict[str, Any] | None = None, full: bool = False) -> None:
+        """Refuse a file whose size or sampled content differs from what was written
+        (:func:`~deepfeat.store.checksums.quick_problem`: a ``stat`` and 64 KiB read), or with
+        *full*, whose sha256 differs (for small files read whole anyway)."""
+        record = record or self._recorded().get(path.relative_to(self.path).as_posix())
+        msg = content_problem(path, record) if full and record and record.get("sha256") else quick_problem(path, record)
         if msg:
-            raise StoreError(f"{msg}; `deepfeat info {self.path} --verify` checks every file of the store")
+            raise StoreError(f"{msg}; {verify_hint(self.path)}")
 
     def verify(self):
         """Hash and check every file (:func:`deepfeat.store.checksums.verify_store`); a :class:`VerifyReport`."""
@@ -153,6 +150,9 @@ class FeatureStore:
         t = pa.table({"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()),
                       "shard": pa.array(shards, pa.int32())}, schema=PLAN_SCHEMA)
         atomic_write_parquet(self.path / "plan.parquet", t)
+        # recorded for `info --verify` (readers never use the plan; a resumed run re-reads it)
+        self.update_meta(checksums={"algorithm": ALGORITHM,
+                                    "files": {**self._recorded(), "plan.parquet": file_digest(self.path / "plan.parquet")}})
 
     # -- shards -------------------------------------------------------------
 
@@ -209,11 +209,12 @@ class FeatureStore:
         """Checksums into meta.json: each shard's arrays (copied from its commit marker), each shard
         items file (hashed once: a committed shard is never rewritten), ``items.parquet`` (hashed)."""
         old = self._recorded()
-        files = {k: v for k, v in old.items() if k in SIDE_FILES}
+        files = {k: v for k, v in old.items() if k in (*SIDE_FILES, "plan.parquet")}
         for s in self.committed_shards():
             items_file = self._shard_items_path(s)
             rel = f"shards/{items_file.name}"
-            files[rel] = old.get(rel) or file_digest(items_file)
+            kept = old.get(rel) is not None and quick_problem(items_file, old[rel]) is None
+            files[rel] = old[rel] if kept else file_digest(items_file)  # a shard extracted again is hashed again
             for name, rec in (shard_records(items_file) or {}).items():
                 files[f"shards/{name}"] = rec
         files["items.parquet"] = file_digest(self.path / "items.parquet")
@@ -224,6 +225,8 @@ class FeatureStore:
         shards = self.committed_shards()
         if not shards:
             return ITEM_SCHEMA.empty_table()
+        for s in shards:  # when they answer (no usable items.parquet), each as it was written
+            self._check_file(self._shard_items_path(s))
         t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
         return t.replace_schema_metadata(None)  # the per-shard checksums stay in the shard files
 
@@ -257,10 +260,18 @@ class FeatureStore:
             if stale and consolidated.is_file():  # a cache of the shards' items: read them instead
                 log.warning("%s; reading the items from the shards instead", stale)
             if consolidated.is_file() and not stale:
+                stale = quick_problem(consolidated, self._recorded().get("items.parquet"))
+                if stale:
+                    log.warning("%s; reading the items from the shards instead", stale)
+            covered = None
+            if consolidated.is_file() and not stale:
                 t = pq.read_table(consolidated)
                 covered = set(t.column("shard").to_pylist()) if t.num_rows else set()
                 if not set(shards) <= covered and shards:
                     t = None  # stale: shards were committed after the last consolidation
+            if not self._checked:
+                check_structure(self.path, self._recorded(), shards, covered)
+                self._checked = True
             self._items = t if t is not None else self._read_shard_items()
         return self._items
 
@@ -284,21 +295,40 @@ class FeatureStore:
     def features(self, name: str | None = None, mmap: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """(shard, array) pairs of the stored (pooled, not post-processed) features."""
         name = self.feature_name(name)
+        dim = int(self.meta["features"][name]["dim"])
+        n_ok = ok_per_shard(self.ok_items())
         for s in self.committed_shards():
             f = self.shard_feature_path(s, name)
             if not f.is_file():
-                raise StoreError(f"shard {s} is committed but its features {f.name} are missing")
-            self._check_size(f)
+                raise StoreError(f"shard {s} is committed but its features {f.name} are missing; "
+                                 f"{verify_hint(self.path)}")
+            self._check_file(f, self._array_record(s, f))
             try:
                 arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
             except ValueError as e:  # a damaged header, or fewer bytes than it declares
-                raise StoreError(f"{f} is damaged ({e}); `deepfeat info {self.path} --verify` checks every file") \
-                    from None
+                raise StoreError(f"{f} is damaged ({e}); {verify_hint(self.path)}") from None
+            check_shard_rows(self.path, f, s, arr, n_ok.get(s, 0), dim)
             yield s, arr
+
+    def _array_record(self, shard: int, f: Path) -> dict[str, Any] | None:
+        """A shard array's record: in meta.json after consolidation, else in its commit marker."""
+        rec = self._recorded().get(f"shards/{f.name}")
+        if rec is None and self.is_committed(shard):
+            rec = (shard_records(self._shard_items_path(shard)) or {}).get(f.name)
+        return rec
+
+
 
     def raw(self, name: str | None = None) -> np.ndarray:
         """All stored features of *name* as one N x D float32 array (row = feature row)."""
-        parts = [a for _, a in self.features(name)]
+        parts = []
+        for s, a in self.features(name):
+            problem = nonfinite_problem(self.shard_feature_path(s, self.feature_name(name)), a,
+                                        lambda s=s: shard_paths(self.ok_items(), s))  # paths when needed
+            if problem:
+                raise StoreError(f"{problem}. Extract the shard again: delete {self._shard_items_path(s)} and run "
+                                 f"`deepfeat extract --resume -o {self.path}`")
+            parts.append(a)
         if not parts:
             return np.zeros((0, self.meta["features"][self.feature_name(name)]["dim"]), np.float32)
         return np.ascontiguousarray(np.concatenate(parts).astype(np.float32, copy=False))
@@ -312,8 +342,14 @@ class FeatureStore:
 
             fitted = self.path / "post.npz"
             if fitted.is_file():
-                self._check_size(fitted)
-            self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(spec)
+                self._check_file(fitted, full=True)  # small, and read whole: every byte checked
+                try:
+                    self._post = PostChain.load(fitted)
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    raise StoreError(f"{fitted} is damaged ({type(e).__name__}: {e}); fit it again with "
+                                     f"`deepfeat postprocess {self.path} ...`") from None
+            else:
+                self._post = PostChain.parse(spec)
         return self._post
 
     def vectors(self, name: str | None = None, post: bool = True) -> np.ndarray:
@@ -378,3 +414,4 @@ class FeatureStore:
             "size": self.meta.get("size"),
             "dims": {k: v["dim"] for k, v in self.meta.get("features", {}).items()},
         }
+
