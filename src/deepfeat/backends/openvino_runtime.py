@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -57,10 +56,9 @@ from deepfeat.backends.onnx_runtime import (
     dynamic_graph_agrees,
     dynamic_mismatch,
     dynamic_problem,
-    export,
+    export,  # noqa: F401 - the name tests patch to count exports (export_for calls it)
     export_for,
     run_in_batches_of,
-    trace_shape,
 )
 from deepfeat.errors import DeepfeatError, UsageError
 
@@ -194,20 +192,18 @@ class Compiled:
 
 
 def _read(fnet, shape: tuple[int, int, int], kind: str, batch_size: int | None, disk_cache=None, counter=None):
-    """Export *fnet* to ONNX (a temporary file, or the on-disk graph cache *disk_cache*, where a graph
-    exported before is taken as it is) and read it into an OpenVINO model."""
-    if disk_cache is not None:
-        from deepfeat.backends.export_cache import cached_graph
+    """*fnet*'s ONNX graph read into an OpenVINO model: from the on-disk graph cache *disk_cache*, exported
+    on a miss, or exported into a temporary folder without one; *counter* counts exports and cache hits."""
+    from deepfeat.backends.export_cache import ExportCache, cached_graph
 
-        write = functools.partial(export_for, fnet, shape, kind=kind, batch_size=batch_size)
-        return cached_graph(disk_cache, fnet, kind, shape, batch_size, write, core().read_model, counter)[1]
-    tmp = tempfile.mkdtemp(prefix="deepfeat-openvino-")
+    tmp = None if disk_cache is not None else tempfile.mkdtemp(prefix="deepfeat-openvino-")
     try:
-        path = os.path.join(tmp, "features.onnx")
-        export(fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
-        return core().read_model(path)
+        write = functools.partial(export_for, fnet, shape, kind=kind, batch_size=batch_size)
+        return cached_graph(disk_cache or ExportCache(tmp, max_bytes=0), fnet, kind, shape, batch_size, write,
+                            core().read_model, counter)[1]
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CompiledGraphs:
@@ -262,11 +258,7 @@ class CompiledGraphs:
 
     def _export(self, shape: tuple[int, int, int], kind: str, batch_size: int | None):
         t0 = time.perf_counter()
-        if self.disk_cache is not None:  # counts exports and cache hits itself
-            model = _read(self.fnet, shape, kind, batch_size, self.disk_cache, self)
-        else:
-            model = _read(self.fnet, shape, kind, batch_size)
-            self.exports += 1
+        model = _read(self.fnet, shape, kind, batch_size, self.disk_cache, self)  # counts exports, cache hits
         dt = time.perf_counter() - t0
         self.export_seconds += dt
         log.info("exported a %s graph at input %s for OpenVINO in %.1fs", kind, shape, dt)
@@ -448,7 +440,7 @@ class OpenVinoRunner:
     name = "openvino"
 
     def __init__(self, feature_net, threads: int | None = None, batch_size: int | None = None,
-                 export: str = "dynamic", precision: str = "f32", on_mismatch: str = "static", disk_cache=None):
+                 export: str = "dynamic", precision: str = "f32", on_mismatch: str = "static", disk_cache=None):  # noqa: F811
         require(precision)
         if not getattr(feature_net, "exportable", True):
             raise UsageError("--backend openvino exports a PyTorch model to ONNX; an onnx: model runs in ONNX "
