@@ -41,6 +41,9 @@ LISTS_FILE = "lists.ivfdata"
 META_FILE = "index.json"
 TRAINED_FILE = "trained.faiss"
 ONDISK_KINDS = ("ivf", "ivfpq")
+#: threads FAISS starts to read a query's lists ahead (OnDiskInvertedLists.prefetch_nthread, FAISS's
+#: default 32); 0: the search threads read the pages as they scan them (docs/scaling.md)
+PREFETCH_THREADS = 0
 #: rows added to a shard at a time (a chunk of float32 vectors in memory: 64 MB at d=256)
 CHUNK_ROWS = 65_536
 
@@ -105,14 +108,17 @@ def shard_bounds(n: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + shard_rows)) for s in range(0, n, shard_rows)]
 
 
-def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int, chunk_rows: int = CHUNK_ROWS) -> int:
-    """Rows per shard so that *workers* shards being filled at once stay within *max_memory* bytes:
-    each holds a chunk of float32 rows and its shard's codes and ids (``code_bytes + 8`` per row)."""
-    per_worker = max_memory / max(1, workers) - chunk_rows * d * 4
-    if per_worker <= 0:
-        raise UsageError(f"--max-memory {max_memory / 2**20:.0f} MB cannot hold {workers} worker(s) reading chunks of "
-                         f"{chunk_rows} x {d} float32 rows; give more memory or fewer workers")
-    return max(1, int(per_worker // (code_bytes + 8)))
+def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int,
+                    chunk_rows: int = CHUNK_ROWS) -> tuple[int, int]:
+    """(rows per shard, rows per chunk) so that *workers* shards being filled at once stay within
+    *max_memory* bytes: each worker holds one chunk of float32 rows (at most a quarter of its share,
+    at most *chunk_rows*) and its shard's codes and ids (``code_bytes + 8`` bytes per row)."""
+    per_worker = max_memory / max(1, workers)
+    chunk = min(int(chunk_rows), int(per_worker / 4 // (d * 4)))
+    if chunk < 1:
+        raise UsageError(f"--max-memory {max_memory / 2**20:.1f} MB is too small for {workers} worker(s) at "
+                         f"{d} dimensions; give more memory or fewer workers")
+    return max(1, int((per_worker - chunk * d * 4) // (code_bytes + 8))), chunk
 
 
 def _fill_shard(args: tuple[Any, str, int, int, str, int, int]) -> str:
@@ -161,9 +167,10 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     faiss.write_index(index, str(trained))
     train_seconds = time.perf_counter() - t0
     code_bytes = faiss.extract_index_ivf(index).code_size
-    if shard_rows is None:
-        shard_rows = rows_for_memory(max_memory, source.d, code_bytes, workers, chunk_rows) if max_memory \
-            else 1_000_000
+    if max_memory:
+        fit_rows, chunk_rows = rows_for_memory(max_memory, source.d, code_bytes, workers, chunk_rows)
+        shard_rows = min(shard_rows or fit_rows, fit_rows)
+    shard_rows = shard_rows or 1_000_000
     bounds = shard_bounds(source.n, shard_rows)
     jobs = [(source, str(trained), lo, hi, str(folder / f"shard{i:05d}.faiss"), chunk_rows,
              1 if workers > 1 else None) for i, (lo, hi) in enumerate(bounds)]
@@ -237,7 +244,7 @@ def is_ondisk(folder: str | os.PathLike) -> bool:
     return (Path(folder) / LISTS_FILE).is_file() and (Path(folder) / META_FILE).is_file()
 
 
-def open_ondisk(folder: str | os.PathLike, threads: int | None = None):
+def open_ondisk(folder: str | os.PathLike, threads: int | None = None, prefetch_threads: int = PREFETCH_THREADS):
     """The on-disk index in *folder* as an :class:`~deepfeat.index.faiss_index.Index`, its lists memory-mapped."""
     from deepfeat.index.faiss_index import Index
 
@@ -248,6 +255,8 @@ def open_ondisk(folder: str | os.PathLike, threads: int | None = None):
                          "deepfeat.index.ondisk.build_ondisk")
     faiss = _faiss()
     index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    lists.prefetch_nthread = int(prefetch_threads)
     meta = json.loads((folder / META_FILE).read_text())
     if int(meta["ntotal"]) != int(index.ntotal):
         raise StoreError(f"{folder}: {META_FILE} says {meta['ntotal']} vectors, {INDEX_FILE} holds {index.ntotal}")

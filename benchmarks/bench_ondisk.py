@@ -1,0 +1,173 @@
+"""On-disk IVF (deepfeat.index.ondisk) against the in-memory index of the same kind, in one run.
+
+Synthetic clustered N x D float32 vectors, generated block by block from a seed (any slice can be
+re-made, so no process ever holds all of them unless it builds the in-memory index). Builds the
+on-disk index under ``--max-memory`` (default: a quarter of the raw vectors) with ``--workers``
+processes, then, in a separate process, the in-memory index of the same kind and parameters; prints
+each build's peak RSS (this process and its workers, ``ru_maxrss``) against the raw size, recall@10
+against exact search (chunked brute force over every vector) and the search latency per query.
+
+    python benchmarks/bench_ondisk.py --n 1000000 --d 128 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 65_536
+
+
+class SyntheticSource:
+    """Clustered unit vectors, block *b* generated from seed ``(seed, b)``: reproducible slices."""
+
+    def __init__(self, n: int, d: int, seed: int = 0, clusters: int = 1000):
+        self.n, self.d, self.seed = n, d, seed
+        self.centres = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
+
+    def _block(self, b: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, b))
+        m = min(BLOCK, self.n - b * BLOCK)
+        x = self.centres[rng.integers(0, len(self.centres), m)] + 0.5 * rng.normal(size=(m, self.d)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        for b in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+            x = self._block(b)
+            lo, hi = max(start, b * BLOCK) - b * BLOCK, min(stop, (b + 1) * BLOCK) - b * BLOCK
+            parts.append(x[lo:hi])
+        return np.arange(start, stop, dtype=np.int64), np.ascontiguousarray(np.concatenate(parts))
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """(this process, its largest child) peak RSS in MB (Linux ru_maxrss is in KB)."""
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def exact_top(src: SyntheticSource, xq: np.ndarray, k: int) -> np.ndarray:
+    best_d = np.full((len(xq), k), -np.inf, np.float32)
+    best_i = np.full((len(xq), k), -1, np.int64)
+    for lo in range(0, src.n, BLOCK):
+        ids, xb = src.rows(lo, min(src.n, lo + BLOCK))
+        s = xq @ xb.T
+        d = np.concatenate([best_d, s], 1)
+        i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], 1)
+        o = np.argsort(-d, 1)[:, :k]
+        best_d, best_i = np.take_along_axis(d, o, 1), np.take_along_axis(i, o, 1)
+    return best_i
+
+
+def timed_search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    index.search(xq[:5], k)  # warm-up
+    t0 = time.perf_counter()
+    I = np.concatenate([index.search(xq[i:i + 1], k)[1] for i in range(len(xq))])  # one query at a time
+    return I, (time.perf_counter() - t0) / len(xq) * 1000
+
+
+def recall(I: np.ndarray, gt: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(I.tolist(), gt.tolist())]))
+
+
+def child(args) -> int:
+    """--in-memory: build the in-memory index of the same kind in this (fresh) process and search it."""
+    from deepfeat.index import Index
+
+    src = SyntheticSource(args.n, args.d)
+    xb = src.rows(0, args.n)[1]
+    t0 = time.perf_counter()
+    index = Index.build(xb, kind=args.kind, seed=0, **json.loads(args.params))
+    build = time.perf_counter() - t0
+    del xb
+    xq = np.load(args.queries_file)
+    I, ms = timed_search(index, xq, 10)
+    np.save(args.result, I)
+    print(json.dumps({"build_s": build, "ms_per_query": ms, "peak_rss_mb": peak_rss_mb()[0]}))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--kind", default="ivf", choices=["ivf", "ivfpq"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-memory-mb", type=float, default=None, help="default: a quarter of the raw vectors")
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--nprobe", type=int, default=None)
+    ap.add_argument("--out", default="bench-out/ondisk.json")
+    ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--params", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--queries-file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.in_memory:
+        return child(args)
+
+    from deepfeat.index.ondisk import build_ondisk
+    from deepfeat.index.plan import plan_index
+
+    raw_mb = args.n * args.d * 4 / 2**20
+    max_mb = args.max_memory_mb or raw_mb / 4
+    plan = plan_index(args.n, args.d, args.kind)
+    params = {k: v for k, v in plan.params.items()}
+    if args.nprobe:
+        params["nprobe"] = args.nprobe
+    work = Path(tempfile.mkdtemp(prefix="deepfeat-ondisk-"))
+    try:
+        src = SyntheticSource(args.n, args.d)
+        xq = SyntheticSource(args.queries, args.d, seed=99).rows(0, args.queries)[1]
+        np.save(work / "xq.npy", xq)
+        base = peak_rss_mb()[0]
+        t0 = time.perf_counter()
+        disk = build_ondisk(src, work / "idx", kind=args.kind, max_memory=int(max_mb * 2**20), workers=args.workers,
+                            seed=0, **params)
+        build = time.perf_counter() - t0
+        main_rss, worker_rss = peak_rss_mb()
+        I_disk, ms_disk = timed_search(disk, xq, 10)
+        gt = exact_top(src, xq, 10)
+        mem = subprocess.run([sys.executable, __file__, "--in-memory", "--n", str(args.n), "--d", str(args.d),
+                              "--kind", args.kind, "--params", json.dumps(params), "--queries-file", str(work / "xq.npy"),
+                              "--result", str(work / "mem.npy")], capture_output=True, text=True, check=True)
+        m = json.loads(mem.stdout.strip().splitlines()[-1])
+        I_mem = np.load(work / "mem.npy")
+        res = {
+            "n": args.n, "d": args.d, "kind": args.kind, "params": params, "raw_mb": raw_mb, "max_memory_mb": max_mb,
+            "shards": disk.meta["storage"]["shards"], "workers": args.workers,
+            "ondisk": {"build_s": build, "peak_rss_main_mb": main_rss, "peak_rss_worker_mb": worker_rss,
+                       "rss_before_build_mb": base, "ms_per_query": ms_disk, "recall@10": recall(I_disk, gt)},
+            "in_memory": {"build_s": m["build_s"], "peak_rss_mb": m["peak_rss_mb"], "ms_per_query": m["ms_per_query"],
+                          "recall@10": recall(I_mem, gt)},
+            "same_results_fraction": float(np.mean(I_disk == I_mem)),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    o, i = res["ondisk"], res["in_memory"]
+    print(f"{args.n} x {args.d} float32 = {raw_mb:.0f} MB raw; {args.kind} {params}; on-disk in {res['shards']} shards, "
+          f"{args.workers} workers, --max-memory {max_mb:.0f} MB (load average {os.getloadavg()[0]:.1f})")
+    print(f"{'':<10} {'build s':>8} {'peak RSS MB':>12} {'RSS/raw':>8} {'ms/query':>9} {'recall@10':>10}")
+    peak = max(o["peak_rss_main_mb"], o["peak_rss_worker_mb"])
+    print(f"{'on-disk':<10} {o['build_s']:8.1f} {peak:12.0f} {peak / raw_mb:8.2f} {o['ms_per_query']:9.2f} "
+          f"{o['recall@10']:10.3f}   (main {o['peak_rss_main_mb']:.0f} MB, largest worker {o['peak_rss_worker_mb']:.0f})")
+    print(f"{'in-memory':<10} {i['build_s']:8.1f} {i['peak_rss_mb']:12.0f} {i['peak_rss_mb'] / raw_mb:8.2f} "
+          f"{i['ms_per_query']:9.2f} {i['recall@10']:10.3f}")
+    print(f"on-disk / in-memory latency {o['ms_per_query'] / i['ms_per_query']:.2f}x; identical top-10 ids: "
+          f"{res['same_results_fraction']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
