@@ -84,3 +84,26 @@ def test_errors_name_what_is_wrong(tmp_path):
         build_ondisk(ArraySource(_clustered(100, 8)), tmp_path / "x", kind="hnsw")
     with pytest.raises(StoreError, match="not an on-disk index"):
         open_ondisk(tmp_path)
+
+
+def test_index_max_memory_builds_an_ondisk_index_that_search_opens(photos, tmp_path, capsys):
+    """`deepfeat index STORE --max-memory`: lists on disk, found by search as the store's index (not
+    stale), with exact search's results (one list, probed: exact), also after the store is moved."""
+    from deepfeat.cli import main
+    from deepfeat.pipeline import ExtractConfig, extract
+    from deepfeat.search.store_index import open_saved_index
+    from deepfeat.store import FeatureStore
+
+    folder = str(next(iter(photos.values())).rsplit("/", 1)[0])
+    extract(ExtractConfig(inputs=[folder], output=str(tmp_path / "s"), backend="torch", workers=0, progress="none"))
+    assert main(["index", str(tmp_path / "s"), "--kind", "ivf", "--max-memory", "64M"]) == 0
+    out = capsys.readouterr().out
+    assert "on disk: ivf" in out and "with on-disk lists" in out
+    shutil.move(str(tmp_path / "s"), str(tmp_path / "moved"))
+    store = FeatureStore(tmp_path / "moved")
+    index = open_saved_index(store, store.feature_name(None))
+    assert index is not None and index.meta["storage"]["lists"] == "lists.ivfdata"
+    xb = store.vectors()
+    want = np.argsort(-(xb @ xb.T), axis=1, kind="stable")[:, :3]
+    assert index.search(xb, 3)[1].tolist() == want.tolist()
+    assert main(["search", str(tmp_path / "moved"), store.paths[0], "-k", "3", "--json"]) == 0

@@ -19,7 +19,6 @@ The rows come from a :class:`VectorSource` (rows ``[start, stop)`` as float32 wi
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
+from deepfeat.index.persist import read_index
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     from faiss.contrib.ondisk import merge_ondisk
 
     from deepfeat.index.faiss_index import _train
+    from deepfeat.index.persist import write_index
     from deepfeat.index.plan import plan_index
 
     if kind not in ONDISK_KINDS:
@@ -187,11 +188,10 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     if lists.exists():
         lists.unlink()  # a rebuild: OnDiskInvertedLists would append to the old file
     merge_ondisk(index, shards, str(lists))
-    faiss.write_index(index, str(folder / INDEX_FILE))
     for f in [*shards, str(trained)]:
         os.remove(f)
     meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    write_index(index, meta, folder)  # index.faiss (quantizer + the lists' table) and index.json, atomically
     return open_ondisk(folder)
 
 
@@ -254,10 +254,34 @@ def open_ondisk(folder: str | os.PathLike, threads: int | None = None, prefetch_
         raise StoreError(f"{folder} is not an on-disk index (missing {', '.join(missing)}); build one with "
                          "deepfeat.index.ondisk.build_ondisk")
     faiss = _faiss()
-    index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    index, meta = read_index(folder)  # the same checks as any saved index; lists opened beside it
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     lists.prefetch_nthread = int(prefetch_threads)
-    meta = json.loads((folder / META_FILE).read_text())
-    if int(meta["ntotal"]) != int(index.ntotal):
-        raise StoreError(f"{folder}: {META_FILE} says {meta['ntotal']} vectors, {INDEX_FILE} holds {index.ntotal}")
     return Index(index, meta, threads=threads)
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5G"``, ``"800000000"`` -> bytes (K, M, G, T: powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise UsageError(f"--max-memory {text!r}: give a size such as 512M, 2G or a number of bytes") from None
+    if value <= 0:
+        raise UsageError(f"--max-memory {text!r}: must be positive")
+    return int(value * scale)
+
+
+def ondisk_memory(plan, max_memory: int | None = None) -> dict[str, int]:
+    """What an on-disk build of *plan* (an ivf/ivfpq :class:`~deepfeat.index.plan.IndexPlan`) costs:
+    ``disk_bytes`` (the lists: codes + 8-byte ids), ``resident_bytes`` (what stays in memory when
+    searching: centroids, the lists' table, PQ tables; the lists' pages come and go with the page
+    cache) and ``build_bytes`` (the bound the shards are sized for, else one 1M-row shard)."""
+    n, d, p = plan.n, plan.d, plan.params
+    code = d * 4 if plan.kind == "ivf" else int(p["M"]) * int(p["nbits"]) // 8
+    resident = int(p["nlist"]) * d * 4 + int(p["nlist"]) * 24
+    if plan.kind == "ivfpq":
+        resident += int(p["M"]) * (2 ** int(p["nbits"])) * (d // int(p["M"])) * 4
+    build = max_memory or min(n, 1_000_000) * (code + 8) + CHUNK_ROWS * d * 4
+    return {"disk_bytes": n * (code + 8), "resident_bytes": resident, "build_bytes": int(build)}
