@@ -56,6 +56,43 @@ def peak_rss_mb() -> tuple[float, float]:
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
+class AnonPeak:
+    """Peak anonymous (RssAnon) and file-backed (RssFile) resident memory of this process, sampled from
+    /proc/self/status every 20 ms while running: mmap'ed file pages (the merge reads the shards and writes
+    the lists through mmap) count in ru_maxrss but are page cache the kernel can drop."""
+
+    def __init__(self):
+        import threading
+
+        self.anon = self.file = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    mb = int(line.split()[1]) / 1024
+                    if line.startswith("RssAnon:"):
+                        self.anon = max(self.anon, mb)
+                    else:
+                        self.file = max(self.file, mb)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def exact_top(src: SyntheticSource, xq: np.ndarray, k: int) -> np.ndarray:
     best_d = np.full((len(xq), k), -np.inf, np.float32)
     best_i = np.full((len(xq), k), -1, np.int64)
@@ -129,10 +166,13 @@ def main() -> int:
         src = SyntheticSource(args.n, args.d)
         xq = SyntheticSource(args.queries, args.d, seed=99).rows(0, args.queries)[1]
         np.save(work / "xq.npy", xq)
+        subprocess.run([sys.executable, "-c", "import numpy, faiss, deepfeat.index.ondisk"], check=True)
+        idle_child = peak_rss_mb()[1]  # what a worker process holds before any vector: Python, numpy, FAISS
         base = peak_rss_mb()[0]
         t0 = time.perf_counter()
-        disk = build_ondisk(src, work / "idx", kind=args.kind, max_memory=int(max_mb * 2**20), workers=args.workers,
-                            seed=0, **params)
+        with AnonPeak() as sampled:
+            disk = build_ondisk(src, work / "idx", kind=args.kind, max_memory=int(max_mb * 2**20),
+                                workers=args.workers, seed=0, **params)
         build = time.perf_counter() - t0
         main_rss, worker_rss = peak_rss_mb()
         I_disk, ms_disk = timed_search(disk, xq, 10)
@@ -146,7 +186,8 @@ def main() -> int:
             "n": args.n, "d": args.d, "kind": args.kind, "params": params, "raw_mb": raw_mb, "max_memory_mb": max_mb,
             "shards": disk.meta["storage"]["shards"], "workers": args.workers,
             "ondisk": {"build_s": build, "peak_rss_main_mb": main_rss, "peak_rss_worker_mb": worker_rss,
-                       "rss_before_build_mb": base, "ms_per_query": ms_disk, "recall@10": recall(I_disk, gt)},
+                       "rss_before_build_mb": base, "idle_worker_rss_mb": idle_child,
+                       "main_anon_peak_mb": sampled.anon, "main_file_peak_mb": sampled.file, "ms_per_query": ms_disk, "recall@10": recall(I_disk, gt)},
             "in_memory": {"build_s": m["build_s"], "peak_rss_mb": m["peak_rss_mb"], "ms_per_query": m["ms_per_query"],
                           "recall@10": recall(I_mem, gt)},
             "same_results_fraction": float(np.mean(I_disk == I_mem)),
@@ -162,6 +203,9 @@ def main() -> int:
           f"{o['recall@10']:10.3f}   (main {o['peak_rss_main_mb']:.0f} MB, largest worker {o['peak_rss_worker_mb']:.0f})")
     print(f"{'in-memory':<10} {i['build_s']:8.1f} {i['peak_rss_mb']:12.0f} {i['peak_rss_mb'] / raw_mb:8.2f} "
           f"{i['ms_per_query']:9.2f} {i['recall@10']:10.3f}")
+    print(f"on-disk build, main process: anonymous memory peak {o['main_anon_peak_mb']:.0f} MB (before the build "
+          f"{o['rss_before_build_mb']:.0f} MB), file-backed (mmap) peak {o['main_file_peak_mb']:.0f} MB; a worker "
+          f"process holds {o['idle_worker_rss_mb']:.0f} MB before any vector")
     print(f"on-disk / in-memory latency {o['ms_per_query'] / i['ms_per_query']:.2f}x; identical top-10 ids: "
           f"{res['same_results_fraction']:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -248,12 +249,20 @@ def _touch(folder: Path) -> None:
         pass
 
 
-def cached_graph(cache: ExportCache, fnet, kind: str, shape: tuple[int, int, int], batch_size: int | None,
+def cached_graph(cache: ExportCache | None, fnet, kind: str, shape: tuple[int, int, int], batch_size: int | None,
                  write: Callable[[str], None], load: Callable[[str], Any], counter=None, opset: int = 17
                  ) -> tuple[str, Any]:
     """(path, ``load(path)``) of *fnet*'s graph of *kind* for inputs of *shape*, from *cache*, written by
     ``write(path)`` on a miss; a cached graph that does not load (damaged, removed meanwhile) is dropped
-    and written again, once. *counter* (the runner's graph set) gets ``exports`` or ``cache_hits`` added."""
+    and written again, once. *counter* (the runner's graph set) gets ``exports`` or ``cache_hits`` added.
+    *cache* None (no cache): exported into a temporary folder, removed once the graph is loaded."""
+    if cache is None:
+        tmp = tempfile.mkdtemp(prefix="deepfeat-export-")
+        try:
+            return cached_graph(ExportCache(tmp, max_bytes=0), fnet, kind, shape, batch_size, write, load, counter,
+                                opset)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     key = graph_key(fnet, kind, shape, batch_size, opset)
     exported: list[float] = []
 

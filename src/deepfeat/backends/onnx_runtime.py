@@ -32,8 +32,6 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -275,21 +273,19 @@ class GraphCache:
     def _build(self, kind: str, shape: tuple[int, int, int], batch_size: int | None):
         """The session of *kind* for inputs of *shape*: its graph from the on-disk cache, or exported
         (into the cache, or a temporary folder without one)."""
-        from deepfeat.backends.export_cache import ExportCache, cached_graph
+        from deepfeat.backends.export_cache import cached_graph
 
         t0 = time.perf_counter()
-        tmpdir = None if self.disk_cache is not None else tempfile.mkdtemp(prefix="deepfeat-onnx-")
-        cache = self.disk_cache if tmpdir is None else ExportCache(tmpdir, max_bytes=0)
-        try:
-            write = functools.partial(export_for, self.fnet, shape, kind=kind, batch_size=batch_size)
-            path, sess = cached_graph(cache, self.fnet, kind, shape, batch_size, write,
-                                      lambda p: load_session(p, self.threads, arena=kind != "dynamic"), self)
+
+        def load(path: str):
+            sess = load_session(path, self.threads, arena=kind != "dynamic")
             if kind == "dynamic":
                 with open(path, "rb") as f:
                     self._dynamic_model = f.read()
-        finally:
-            if tmpdir:
-                shutil.rmtree(tmpdir, ignore_errors=True)
+            return sess
+
+        write = functools.partial(export_for, self.fnet, shape, kind=kind, batch_size=batch_size)
+        sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write, load, self)[1]
         self.export_seconds += time.perf_counter() - t0
         return sess
 

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from typing import Any
@@ -193,17 +191,11 @@ class Compiled:
 
 def _read(fnet, shape: tuple[int, int, int], kind: str, batch_size: int | None, disk_cache=None, counter=None):
     """*fnet*'s ONNX graph read into an OpenVINO model: from the on-disk graph cache *disk_cache*, exported
-    on a miss, or exported into a temporary folder without one; *counter* counts exports and cache hits."""
-    from deepfeat.backends.export_cache import ExportCache, cached_graph
+    on a miss (or, without a cache, into a temporary folder); *counter* counts exports and cache hits."""
+    from deepfeat.backends.export_cache import cached_graph
 
-    tmp = None if disk_cache is not None else tempfile.mkdtemp(prefix="deepfeat-openvino-")
-    try:
-        write = functools.partial(export_for, fnet, shape, kind=kind, batch_size=batch_size)
-        return cached_graph(disk_cache or ExportCache(tmp, max_bytes=0), fnet, kind, shape, batch_size, write,
-                            core().read_model, counter)[1]
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    write = functools.partial(export_for, fnet, shape, kind=kind, batch_size=batch_size)
+    return cached_graph(disk_cache, fnet, kind, shape, batch_size, write, core().read_model, counter)[1]
 
 
 class CompiledGraphs:
