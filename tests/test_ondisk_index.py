@@ -71,10 +71,11 @@ def test_a_npy_file_is_read_memory_mapped_in_chunks(tmp_path):
 def test_memory_bound_sets_the_shard_size():
     assert shard_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # 64 MB for 2 workers reading 1024-row chunks of d=128, IVF-Flat codes (512 bytes + 8 for the id)
-    assert rows_for_memory(64 * 2**20, 128, 512, 2, chunk_rows=1024) == ((32 * 2**20 - 1024 * 128 * 4) // 520, 1024)
-    # a small budget: chunks of at most a quarter of each worker's share
+    # (share - 3 chunks) / (2 x (codes + id)): lists counted twice (they grow by doubling)
+    assert rows_for_memory(64 * 2**20, 128, 512, 2, chunk_rows=1024) == ((32 * 2**20 - 3 * 1024 * 512) // 1040, 1024)
+    # a small budget: chunks of at most an eighth of each worker's share
     shard, chunk = rows_for_memory(4 * 2**20, 128, 512, 2, chunk_rows=65536)
-    assert chunk == (2 * 2**20 // 4) // 512 and shard == (2 * 2**20 - chunk * 512) // 520
+    assert chunk == (2 * 2**20 // 8) // 512 and shard == (2 * 2**20 - 3 * chunk * 512) // 1040
     with pytest.raises(UsageError, match="max-memory"):
         rows_for_memory(1000, 128, 512, 4)
 

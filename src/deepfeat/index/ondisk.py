@@ -111,14 +111,18 @@ def shard_bounds(n: int, shard_rows: int) -> list[tuple[int, int]]:
 def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int,
                     chunk_rows: int = CHUNK_ROWS) -> tuple[int, int]:
     """(rows per shard, rows per chunk) so that *workers* shards being filled at once stay within
-    *max_memory* bytes: each worker holds one chunk of float32 rows (at most a quarter of its share,
-    at most *chunk_rows*) and its shard's codes and ids (``code_bytes + 8`` bytes per row)."""
+    *max_memory* bytes (the data: not the interpreter, numpy and FAISS, about 140 MB per process).
+    Each worker holds a chunk of float32 rows three times over (as read, post-processed, encoded;
+    the chunk at most an eighth of its share, at most *chunk_rows*) and its shard's codes and ids
+    (``code_bytes + 8`` bytes per row) counted twice: FAISS's in-memory lists grow by doubling, so
+    up to half their capacity is unused. Measured at 2M x 128 (docs/benchmarks.md, "Indexes beyond
+    memory"): with one chunk and the lists counted once a worker's data took 2.4x its share."""
     per_worker = max_memory / max(1, workers)
-    chunk = min(int(chunk_rows), int(per_worker / 4 // (d * 4)))
+    chunk = min(int(chunk_rows), int(per_worker / 8 // (d * 4)))
     if chunk < 1:
         raise UsageError(f"--max-memory {max_memory / 2**20:.1f} MB is too small for {workers} worker(s) at "
                          f"{d} dimensions; give more memory or fewer workers")
-    return max(1, int((per_worker - chunk * d * 4) // (code_bytes + 8))), chunk
+    return max(1, int((per_worker - 3 * chunk * d * 4) // (2 * (code_bytes + 8)))), chunk
 
 
 def _fill_shard(args: tuple[Any, str, int, int, str, int, int]) -> str:
