@@ -131,13 +131,14 @@ class OnnxRunner:
     aspect-preserving and multi-scale policies; checked against PyTorch at a second shape
     after the export, and replaced by static graphs if it does not agree (*on_mismatch*
     ``static``) or refused with :class:`~deepfeat.backends.onnx_runtime.DynamicGraphError` (``raise``:
-    ``--backend auto``, which then runs eager PyTorch).
+    ``--backend auto``, which then runs eager PyTorch). *disk_cache*: an
+    :class:`~deepfeat.backends.export_cache.ExportCache` that keeps exported graphs between runs (None: off).
     """
 
     name = "onnx"
 
-    def __init__(self, feature_net: FeatureNet, threads: int | None = None, cache_dir: str | None = None,
-                 batch_size: int | None = None, export: str = "static", on_mismatch: str = "static"):
+    def __init__(self, feature_net: FeatureNet, threads: int | None = None, batch_size: int | None = None,
+                 export: str = "static", on_mismatch: str = "static", disk_cache=None):
         try:
             import onnxruntime as ort  # noqa: F401
         except ImportError:
@@ -146,8 +147,8 @@ class OnnxRunner:
 
         self.fnet = feature_net.eval().cpu()
         self.threads = threads
-        self.graphs = GraphCache(self.fnet, export, threads=threads, batch_size=batch_size, cache_dir=cache_dir,
-                                 on_mismatch=on_mismatch)
+        self.graphs = GraphCache(self.fnet, export, threads=threads, batch_size=batch_size,
+                                 on_mismatch=on_mismatch, disk_cache=disk_cache)
         # a network that already runs in ONNX Runtime (an onnx: model) is not re-exported
         self._eager = None if feature_net.exportable else TorchRunner(feature_net, torch.device("cpu"))
 

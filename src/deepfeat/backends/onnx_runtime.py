@@ -29,10 +29,9 @@ intra-op threads and the decode workers; ``--threads`` overrides them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -115,15 +114,6 @@ def load_session(path_or_bytes, threads: int | None, fixed: dict[str, int] | Non
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def graph_file(cache_dir: str, kind: str, batch_size: int | None, shape: tuple[int, int, int]) -> str:
-    """The on-disk name of an exported graph: keyed on the export kind, so a cache written by one
-    kind is never read as the other (a dynamic graph has no shape in its name)."""
-    b = batch_size or "dyn"
-    if kind == "dynamic":
-        return os.path.join(cache_dir, f"features_dynhw_b{b}_c{shape[2]}.onnx")
-    return os.path.join(cache_dir, f"features_static_b{b}_{shape[0]}x{shape[1]}x{shape[2]}.onnx")
-
-
 def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: int | None = None,
            opset: int = 17) -> None:
     """Export *fnet* for uint8 ``N x H x W x C`` inputs traced at *shape* (H, W, C).
@@ -146,6 +136,11 @@ def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: 
         warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected (and checked)
         torch.onnx.export(fnet, (dummy,), path, input_names=["pixels"], output_names=names, dynamic_axes=axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def export_for(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: int | None) -> None:
+    """:func:`export` for inputs of *shape*: traced at :func:`trace_shape` for a dynamic graph."""
+    export(fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
 
 
 #: the longest side a dynamic graph is traced at: its H and W are free, so the trace shape only
@@ -226,12 +221,12 @@ class GraphCache:
     """ONNX Runtime sessions for one FeatureNet: one dynamic graph, or static graphs per shape (LRU)."""
 
     def __init__(self, fnet, kind: str = "static", threads: int | None = None, batch_size: int | None = None,
-                 cache_dir: str | None = None, max_static: int = MAX_STATIC_GRAPHS, on_mismatch: str = "static"):
+                 disk_cache=None, max_static: int = MAX_STATIC_GRAPHS, on_mismatch: str = "static"):
         if kind not in EXPORT_KINDS:
             raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
         if on_mismatch not in ON_MISMATCH:
             raise ValueError(f"on_mismatch {on_mismatch!r}; choose {', '.join(ON_MISMATCH)}")
-        self.fnet, self.kind, self.threads, self.cache_dir = fnet, kind, threads, cache_dir
+        self.fnet, self.kind, self.threads = fnet, kind, threads
         self.on_mismatch = on_mismatch
         self.batch_size = batch_size if kind == "static" else None
         self.max_static = max(1, int(max_static))
@@ -245,36 +240,33 @@ class GraphCache:
         self.fixed_problem: str | None = None  # why shape-fixed sessions were turned off
         self.export_seconds = 0.0
         self.exports = 0
+        self.cache_hits = 0  # graphs taken from the on-disk cache instead of exported
         self.evictions = 0
         self.fallback_reason: str | None = None  # why a dynamic graph was given up for static ones
+        #: exported graphs kept between runs (:class:`deepfeat.backends.export_cache.ExportCache`); None: off
+        self.disk_cache = disk_cache
 
     @property
     def graphs(self) -> int:
         return len(self._static) + (self._dynamic is not None)
 
     def _build(self, kind: str, shape: tuple[int, int, int], batch_size: int | None):
+        """The session of *kind* for inputs of *shape*: its graph from the on-disk cache, or exported
+        (into the cache, or a temporary folder without one)."""
+        from deepfeat.backends.export_cache import cached_graph
+
         t0 = time.perf_counter()
-        tmpdir = None
-        if self.cache_dir:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            path = graph_file(self.cache_dir, kind, batch_size, shape)
-        else:
-            tmpdir = tempfile.mkdtemp(prefix="deepfeat-onnx-")
-            path = os.path.join(tmpdir, "features.onnx")
-        try:
-            if not (self.cache_dir and os.path.isfile(path)):
-                export(self.fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
+
+        def load(path: str):
             sess = load_session(path, self.threads, arena=kind != "dynamic")
             if kind == "dynamic":
                 with open(path, "rb") as f:
                     self._dynamic_model = f.read()
-        finally:
-            if tmpdir:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-        self.exports += 1
-        dt = time.perf_counter() - t0
-        self.export_seconds += dt
-        log.info("exported a %s ONNX graph at input %s in %.1fs", kind, shape, dt)
+            return sess
+
+        write = functools.partial(export_for, self.fnet, shape, kind=kind, batch_size=batch_size)
+        sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write, load, self)[1]
+        self.export_seconds += time.perf_counter() - t0
         return sess
 
     def session(self, shape: tuple[int, int, int]) -> tuple[Any, int | None]:

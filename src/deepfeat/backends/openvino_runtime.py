@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from typing import Any
@@ -54,9 +51,9 @@ from deepfeat.backends.onnx_runtime import (
     dynamic_graph_agrees,
     dynamic_mismatch,
     dynamic_problem,
-    export,
+    export,  # noqa: F401 - the name tests patch to count exports (export_for calls it)
+    export_for,
     run_in_batches_of,
-    trace_shape,
 )
 from deepfeat.backends.tolerance import BF16_COSINE_MIN, BF16_RTOL, for_precision  # noqa: F401  (read by tests)
 from deepfeat.errors import DeepfeatError, UsageError
@@ -177,15 +174,13 @@ class Compiled:
         return self(feed["pixels"])
 
 
-def _read(fnet, shape: tuple[int, int, int], kind: str, batch_size: int | None):
-    """Export *fnet* to ONNX (a temporary file) and read it into an OpenVINO model."""
-    tmp = tempfile.mkdtemp(prefix="deepfeat-openvino-")
-    try:
-        path = os.path.join(tmp, "features.onnx")
-        export(fnet, trace_shape(shape) if kind == "dynamic" else shape, path, kind, batch_size)
-        return core().read_model(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _read(fnet, shape: tuple[int, int, int], kind: str, batch_size: int | None, disk_cache=None, counter=None):
+    """*fnet*'s ONNX graph read into an OpenVINO model: from the on-disk graph cache *disk_cache*, exported
+    on a miss (or, without a cache, into a temporary folder); *counter* counts exports and cache hits."""
+    from deepfeat.backends.export_cache import cached_graph
+
+    write = functools.partial(export_for, fnet, shape, kind=kind, batch_size=batch_size)
+    return cached_graph(disk_cache, fnet, kind, shape, batch_size, write, core().read_model, counter)[1]
 
 
 class CompiledGraphs:
@@ -194,7 +189,7 @@ class CompiledGraphs:
     def __init__(self, fnet, kind: str = "dynamic", threads: int | None = None, precision: str = "f32",
                  batch_size: int | None = None, compile_at: int = COMPILE_AT_SIGHT,
                  max_shapes: int = MAX_COMPILED_SHAPES, on_mismatch: str = "static",
-                 max_pixels: int = MAX_COMPILED_PIXELS):
+                 max_pixels: int = MAX_COMPILED_PIXELS, disk_cache=None):
         if kind not in EXPORT_KINDS:
             raise ValueError(f"export kind {kind!r}; choose {', '.join(EXPORT_KINDS)}")
         if on_mismatch not in ON_MISMATCH:
@@ -222,6 +217,8 @@ class CompiledGraphs:
         self.dynamic_precision: str | None = None  # the dynamic compilation's (f32 where bf16 failed its check)
         self.dynamic_problem: str | None = None  # why a bf16 dynamic compilation was given up
         self.exports = self.compiles = self.evictions = 0
+        self.cache_hits = 0  # graphs taken from the on-disk cache (deepfeat.backends.export_cache)
+        self.disk_cache = disk_cache
         self.export_seconds = self.compile_seconds = 0.0
 
     @property
@@ -238,9 +235,8 @@ class CompiledGraphs:
 
     def _export(self, shape: tuple[int, int, int], kind: str, batch_size: int | None):
         t0 = time.perf_counter()
-        model = _read(self.fnet, shape, kind, batch_size)
+        model = _read(self.fnet, shape, kind, batch_size, self.disk_cache, self)  # counts exports, cache hits
         dt = time.perf_counter() - t0
-        self.exports += 1
         self.export_seconds += dt
         log.info("exported a %s graph at input %s for OpenVINO in %.1fs", kind, shape, dt)
         return model
@@ -421,7 +417,7 @@ class OpenVinoRunner:
     name = "openvino"
 
     def __init__(self, feature_net, threads: int | None = None, batch_size: int | None = None,
-                 export: str = "dynamic", precision: str = "f32", on_mismatch: str = "static"):
+                 export: str = "dynamic", precision: str = "f32", on_mismatch: str = "static", disk_cache=None):  # noqa: F811
         require(precision)
         if not getattr(feature_net, "exportable", True):
             raise UsageError("--backend openvino exports a PyTorch model to ONNX; an onnx: model runs in ONNX "
@@ -429,7 +425,7 @@ class OpenVinoRunner:
         self.fnet = feature_net.eval().cpu()
         self.threads, self.precision = threads, precision
         self.graphs = CompiledGraphs(self.fnet, export, threads=threads, precision=precision, batch_size=batch_size,
-                                     on_mismatch=on_mismatch)
+                                     on_mismatch=on_mismatch, disk_cache=disk_cache)
 
     @property
     def export(self) -> str:

@@ -49,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="inference threads (ONNX Runtime intra-op, or torch); default: from the core count, "
                         "see docs/benchmarks.md")
+    p.add_argument("--no-cache", dest="graph_cache", action="store_false",
+                   help="export the ONNX/OpenVINO graph afresh instead of taking it from the graph cache "
+                        "($DEEPFEAT_CACHE, else ~/.cache/deepfeat; docs/startup.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch backend: torch.compile the feature network (for GPUs; falls back to eager if it fails)")
     p.add_argument("--pad-to", type=int, default=None, metavar="M",
@@ -132,7 +135,7 @@ def run(args) -> int:
         workers=args.workers,
         decode_in=args.decode_in, decode_timeout=args.decode_timeout or None, resume=args.resume, limit=args.limit,
         dtype=args.dtype,
-        threads=args.threads, compile=args.compile, pad_to=args.pad_to,
+        threads=args.threads, compile=args.compile, graph_cache=args.graph_cache, pad_to=args.pad_to,
         shard_size=args.shard_size, draft=args.draft, fit_on=args.fit_on, progress=args.progress,
         pool_fit=args.pool_fit, pool_fit_samples=args.pool_fit_samples, engine=args.engine,
         ray_address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor,

@@ -61,6 +61,10 @@ def register(sub) -> None:
     p.add_argument("--metric", default="ip", choices=["ip", "l2"])
     p.add_argument("--feature", metavar="LAYER")
     p.add_argument("--threads", type=int, metavar="N")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="build an ivf/ivfpq index with its inverted lists on disk, memory-mapped at search time, "
+                        "in shards that fit SIZE (e.g. 2G) with --workers processes (docs/scaling.md)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="with --max-memory: shards built at once")
     p.set_defaults(func=run_index)
 
     s = sub.add_parser("search", help="search a store by image, stored path/id, or vector",
@@ -110,6 +114,27 @@ def _add_verify_args(p) -> None:
     p.add_argument("--local", metavar="NAME", help="which cached local features to verify with (default: the first)")
 
 
+def _run_index_ondisk(args, store, plan) -> int:
+    from deepfeat.index.ondisk import StoreSource, build_ondisk, ondisk_memory, parse_bytes
+    from deepfeat.index.plan import plan_index
+    from deepfeat.search.store_index import INDEX_DIR, index_source_meta
+
+    max_memory = parse_bytes(args.max_memory)
+    if plan.kind not in ("ivf", "ivfpq"):
+        plan = plan_index(plan.n, plan.d, "ivf" if args.kind == "auto" else args.kind, args.metric)
+    mem = ondisk_memory(plan, max_memory)
+    print(f"on disk: {plan.kind}, lists {mem['disk_bytes'] / 2**20:.1f} MB on disk, "
+          f"{mem['resident_bytes'] / 2**20:.1f} MB resident when searching, building within "
+          f"{mem['build_bytes'] / 2**20:.0f} MB per {args.workers} worker(s)")
+    feature = store.feature_name(args.feature)
+    index = build_ondisk(StoreSource(store.path, feature), store.path / INDEX_DIR, kind=plan.kind, metric=args.metric,
+                         max_memory=max_memory, workers=args.workers, source_meta=index_source_meta(store, feature))
+    m = index.meta
+    print(f"built {m['kind']} index with on-disk lists in {m['build_seconds']:.2f}s ({m['storage']['shards']} "
+          f"shard(s)) -> {store.path / INDEX_DIR}")
+    return 0
+
+
 def run_index(args) -> int:
     from deepfeat.index import plan_index
     from deepfeat.store import FeatureStore
@@ -118,6 +143,8 @@ def run_index(args) -> int:
     n, d = len(store), store.post.output_dim(store.dim)
     plan = plan_index(n, d, args.kind, args.metric)
     print(f"{n} vectors x {d} dims: {plan}")
+    if args.max_memory:
+        return _run_index_ondisk(args, store, plan)
     index = build_index(store, kind=args.kind, metric=args.metric, feature=args.feature, threads=args.threads)
     m = index.meta
     print(f"built {m.get('kind')} index in {m.get('build_seconds', 0):.2f}s -> {store.path / 'index'}")

@@ -90,7 +90,8 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
             "copied from elsewhere, or edited); rebuild the index (`deepfeat index STORE`)"
         )
     try:
-        index = faiss.read_index(str(index_path))
+        # an on-disk IVF index (deepfeat.index.ondisk) opens its lists file beside it, wherever the folder moved
+        index = faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:
         raise StoreError(f"cannot read FAISS index {index_path}: {str(e).strip().splitlines()[-1]}") from None
     metric = "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"

@@ -41,6 +41,10 @@ class ExtractConfig:
     threads: int | None = None  # inference intra-op threads; None: onnx_runtime.default_threads()
     channels_last: bool = True  # torch on CUDA: channels-last memory format (no effect on the CPU)
     compile: bool = False  # torch: torch.compile the feature network (--compile)
+    #: ONNX Runtime / OpenVINO: take exported graphs from the on-disk cache and keep new ones there
+    #: (deepfeat.backends.export_cache, $DEEPFEAT_CACHE). Off unless asked for in the library, so a
+    #: program's runs stay independent; the CLI asks for it (--no-cache: not)
+    graph_cache: bool = False
     #: aspect-preserving policies, torch: pad images to shapes rounded up to this multiple and batch
     #: them together, pooling with a mask (deepfeat.backends.padding); None: batch by exact shape only
     pad_to: int | None = None

@@ -108,6 +108,10 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
     # graph per input shape (an export every few images; docs/benchmarks.md, "auto and R-MAC")
     mismatch = "raise" if cfg.backend == "auto" else "static"
     kw = {"threads": threads, "batch_size": batch, "export": export, "on_mismatch": mismatch}
+    if cfg.backend in ("auto", "onnx", "openvino") and fnet.exportable:
+        from deepfeat.backends.export_cache import open_cache
+
+        kw["disk_cache"] = open_cache(cfg.graph_cache)
     if cfg.backend == "openvino" or (cfg.backend == "auto" and auto_prefers_openvino(cfg, fnet, device)):
         from deepfeat.backends.openvino_runtime import OpenVinoRunner
 

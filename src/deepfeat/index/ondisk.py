@@ -1,0 +1,291 @@
+"""IVF and IVF-PQ indexes whose inverted lists live on disk, memory-mapped at search time.
+
+For collections whose vectors do not fit in memory (FAISS's "indexing 1G vectors" recipe,
+``faiss.contrib.ondisk``): the coarse quantizer (and PQ) are trained on a sample; the rows are
+added shard by shard, each shard an ordinary IVF index over a slice of the rows, filled chunk by
+chunk and written to disk, so a worker holds one chunk of vectors and one shard's codes at a time;
+shards are built by parallel worker processes; then their inverted lists are merged into one
+``lists.ivfdata`` file (FAISS ``OnDiskInvertedLists``), which searches read through ``mmap``: the
+pages a query touches are read from disk, and the kernel may drop them again.
+
+A folder holds ``index.faiss`` (the trained quantizer and the lists' table of contents),
+``lists.ivfdata`` (codes and ids) and ``index.json`` (self-describing meta, as
+:class:`~deepfeat.index.faiss_index.Index` writes). Moving the folder is fine: the lists file is
+opened relative to the index (``IO_FLAG_ONDISK_SAME_DIR``).
+
+The rows come from a :class:`VectorSource` (rows ``[start, stop)`` as float32 with their ids):
+:class:`StoreSource` reads a feature store's shards (memory-mapped) with its post-processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from deepfeat.errors import StoreError, UsageError
+from deepfeat.index.checks import _faiss
+from deepfeat.index.persist import read_index
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"
+META_FILE = "index.json"
+TRAINED_FILE = "trained.faiss"
+ONDISK_KINDS = ("ivf", "ivfpq")
+#: threads FAISS starts to read a query's lists ahead (OnDiskInvertedLists.prefetch_nthread, FAISS's
+#: default 32); 0: the search threads read the pages as they scan them (docs/scaling.md)
+PREFETCH_THREADS = 0
+#: rows added to a shard at a time (a chunk of float32 vectors in memory: 64 MB at d=256)
+CHUNK_ROWS = 65_536
+
+
+class VectorSource(Protocol):
+    """Rows of an N x D float32 collection, read a slice at a time (picklable: worker processes read it)."""
+
+    n: int
+    d: int
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, vectors float32 ``(stop - start) x d``) of rows ``[start, stop)``."""
+        ...
+
+
+class ArraySource:
+    """Rows of an array in memory or a ``.npy`` file (memory-mapped); ids are row numbers."""
+
+    def __init__(self, xb: np.ndarray | str | os.PathLike):
+        self.path = None if isinstance(xb, np.ndarray) else str(xb)
+        self._xb = xb if isinstance(xb, np.ndarray) else None
+        self.n, self.d = self._array().shape
+
+    def _array(self) -> np.ndarray:
+        return self._xb if self._xb is not None else np.load(self.path, mmap_mode="r")
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(start, stop, dtype=np.int64), np.ascontiguousarray(self._array()[start:stop], np.float32)
+
+
+class StoreSource:
+    """A feature store's rows with its post-processing applied, one store shard (memory-mapped) at a time;
+    ids are store row numbers, as :class:`~deepfeat.index.faiss_index.Index` built from the store has."""
+
+    def __init__(self, path: str | os.PathLike, feature: str | None = None):
+        from deepfeat.store import FeatureStore
+
+        self.path, self.feature = str(path), feature
+        store = FeatureStore(self.path)
+        self.n, self.d = len(store), int(store.post.output_dim(store.dim))
+        if not store.post.fitted:
+            raise StoreError(f"{path}: post-processing {store.post.spec!r} is not fitted yet; run `deepfeat postprocess`")
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        from deepfeat.store import FeatureStore
+
+        store = FeatureStore(self.path)
+        parts, offset = [], 0
+        for _, arr in store.features(self.feature, mmap=True):
+            lo, hi = max(start, offset), min(stop, offset + len(arr))
+            if lo < hi:
+                parts.append(np.asarray(arr[lo - offset: hi - offset], np.float32))
+            offset += len(arr)
+            if offset >= stop:
+                break
+        x = np.concatenate(parts) if parts else np.zeros((0, self.d), np.float32)
+        return np.arange(start, stop, dtype=np.int64), np.ascontiguousarray(store.post.apply(x), np.float32)
+
+
+def shard_bounds(n: int, shard_rows: int) -> list[tuple[int, int]]:
+    shard_rows = max(1, int(shard_rows))
+    return [(s, min(n, s + shard_rows)) for s in range(0, n, shard_rows)]
+
+
+def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int,
+                    chunk_rows: int = CHUNK_ROWS) -> tuple[int, int]:
+    """(rows per shard, rows per chunk) so that *workers* shards being filled at once stay within
+    *max_memory* bytes (the data: not the interpreter, numpy and FAISS, about 140 MB per process).
+    Each worker holds a chunk of float32 rows three times over (as read, post-processed, encoded;
+    the chunk at most an eighth of its share, at most *chunk_rows*) and its shard's codes and ids
+    (``code_bytes + 8`` bytes per row) counted twice: FAISS's in-memory lists grow by doubling, so
+    up to half their capacity is unused. Measured at 2M x 128 (docs/benchmarks.md, "Indexes beyond
+    memory"): with one chunk and the lists counted once a worker's data took 2.4x its share."""
+    per_worker = max_memory / max(1, workers)
+    chunk = min(int(chunk_rows), int(per_worker / 8 // (d * 4)))
+    if chunk < 1:
+        raise UsageError(f"--max-memory {max_memory / 2**20:.1f} MB is too small for {workers} worker(s) at "
+                         f"{d} dimensions; give more memory or fewer workers")
+    return max(1, int((per_worker - 3 * chunk * d * 4) // (2 * (code_bytes + 8)))), chunk
+
+
+def _fill_shard(args: tuple[Any, str, int, int, str, int, int]) -> str:
+    """Worker: add rows ``[start, stop)`` of the source to a copy of the trained index, chunk by chunk,
+    and write it (to a temporary name, renamed: a shard file exists only complete)."""
+    source, trained, start, stop, out, chunk_rows, threads = args
+    faiss = _faiss()
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    index = faiss.read_index(trained)
+    for lo in range(start, stop, chunk_rows):
+        ids, xb = source.rows(lo, min(stop, lo + chunk_rows))
+        index.add_with_ids(xb, ids)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "ivf", metric: str = "ip",
+                 max_memory: int | None = None, workers: int = 1, seed: int = 0, shard_rows: int | None = None,
+                 chunk_rows: int = CHUNK_ROWS, source_meta: dict[str, Any] | None = None, **params: Any):
+    """Build an on-disk *kind* (``ivf`` or ``ivfpq``) index of *source* in *folder* and return it opened
+    (:func:`open_ondisk`). Shards of *shard_rows* rows (default: what *max_memory* bytes allow for
+    *workers* processes at once, :func:`rows_for_memory`; else 1,000,000) are filled by *workers*
+    processes and merged. *params*: the kind's parameters (``nlist``, ``nprobe``, ``M``, ``nbits``,
+    ``train_size``), defaults as for the in-memory kind (:func:`deepfeat.index.plan.plan_index`)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from deepfeat.index.faiss_index import _train
+    from deepfeat.index.persist import write_index
+    from deepfeat.index.plan import plan_index
+
+    if kind not in ONDISK_KINDS:
+        raise UsageError(f"on-disk index kind {kind!r}: choose {', '.join(ONDISK_KINDS)}")
+    faiss = _faiss()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = plan_index(source.n, source.d, kind, metric, **params)
+    t0 = time.perf_counter()
+    metric_type = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(source.d, plan.factory, metric_type)
+    sample = _training_sample(source, plan.params["train_size"], seed)
+    _train(faiss, index, sample, plan, seed)
+    del sample
+    trained = folder / TRAINED_FILE
+    faiss.write_index(index, str(trained))
+    train_seconds = time.perf_counter() - t0
+    code_bytes = faiss.extract_index_ivf(index).code_size
+    if max_memory:
+        fit_rows, chunk_rows = rows_for_memory(max_memory, source.d, code_bytes, workers, chunk_rows)
+        shard_rows = min(shard_rows or fit_rows, fit_rows)
+    shard_rows = shard_rows or 1_000_000
+    bounds = shard_bounds(source.n, shard_rows)
+    jobs = [(source, str(trained), lo, hi, str(folder / f"shard{i:05d}.faiss"), chunk_rows,
+             1 if workers > 1 else None) for i, (lo, hi) in enumerate(bounds)]
+    t1 = time.perf_counter()
+    if workers > 1 and len(jobs) > 1:
+        # spawned, not forked: a fork after FAISS's OpenMP threads ran (training) can hang the child
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            shards = list(pool.map(_fill_shard, jobs))
+    else:
+        shards = [_fill_shard(j) for j in jobs]
+    add_seconds = time.perf_counter() - t1
+    lists = folder / LISTS_FILE
+    if lists.exists():
+        lists.unlink()  # a rebuild: OnDiskInvertedLists would append to the old file
+    merge_ondisk(index, shards, str(lists))
+    for f in [*shards, str(trained)]:
+        os.remove(f)
+    meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
+    write_index(index, meta, folder)  # index.faiss (quantizer + the lists' table) and index.json, atomically
+    return open_ondisk(folder)
+
+
+def _training_sample(source: VectorSource, train_size: int, seed: int) -> np.ndarray:
+    """*train_size* rows drawn with *seed* (all rows if fewer), read in sorted order."""
+    n = source.n
+    if train_size >= n:
+        return source.rows(0, n)[1]
+    pick = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
+    out = np.empty((train_size, source.d), np.float32)
+    done = 0
+    for lo, hi in shard_bounds(n, CHUNK_ROWS):  # one chunk in memory at a time
+        sel = pick[(pick >= lo) & (pick < hi)]
+        if sel.size:
+            out[done: done + sel.size] = source.rows(lo, hi)[1][sel - lo]
+            done += sel.size
+    return out
+
+
+def _meta(plan, metric: str, index, seed: int, source_meta, t0: float, train_seconds: float, add_seconds: float,
+          shards: int, shard_rows: int) -> dict[str, Any]:
+    from deepfeat import __version__
+    from deepfeat.index.persist import META_FORMAT, META_VERSION
+
+    faiss = _faiss()
+    return {
+        "format": META_FORMAT, "format_version": META_VERSION, "kind": plan.kind, "requested_kind": plan.kind,
+        "metric": metric, "d": plan.d, "ntotal": int(index.ntotal), "params": dict(plan.params),
+        "factory": plan.factory, "seed": int(seed), "train_size": int(plan.params["train_size"]),
+        "next_id": int(index.ntotal), "memory_bytes": plan.memory_bytes,
+        "storage": {"lists": LISTS_FILE, "shards": shards, "shard_rows": int(shard_rows),
+                    "lists_bytes": int(os.path.getsize(Path(faiss_lists_path(index)))) if faiss_lists_path(index)
+                    else None},
+        "build_seconds": round(time.perf_counter() - t0, 3), "train_seconds": round(train_seconds, 3),
+        "add_seconds": round(add_seconds, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "deepfeat_version": __version__, "faiss_version": faiss.__version__,
+        "source_meta": dict(source_meta or {}), "augmentation": None,
+    }
+
+
+def faiss_lists_path(index) -> str | None:
+    """The file an on-disk IVF index's lists are in (None for lists in memory)."""
+    faiss = _faiss()
+    invlists = faiss.extract_index_ivf(index).invlists
+    ondisk = faiss.downcast_InvertedLists(invlists)
+    return getattr(ondisk, "filename", None)
+
+
+def is_ondisk(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / LISTS_FILE).is_file() and (Path(folder) / META_FILE).is_file()
+
+
+def open_ondisk(folder: str | os.PathLike, threads: int | None = None, prefetch_threads: int = PREFETCH_THREADS):
+    """The on-disk index in *folder* as an :class:`~deepfeat.index.faiss_index.Index`, its lists memory-mapped."""
+    from deepfeat.index.faiss_index import Index
+
+    folder = Path(folder)
+    missing: Sequence[str] = [f for f in (INDEX_FILE, LISTS_FILE, META_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise StoreError(f"{folder} is not an on-disk index (missing {', '.join(missing)}); build one with "
+                         "deepfeat.index.ondisk.build_ondisk")
+    faiss = _faiss()
+    index, meta = read_index(folder)  # the same checks as any saved index; lists opened beside it
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    lists.prefetch_nthread = int(prefetch_threads)
+    return Index(index, meta, threads=threads)
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5G"``, ``"800000000"`` -> bytes (K, M, G, T: powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise UsageError(f"--max-memory {text!r}: give a size such as 512M, 2G or a number of bytes") from None
+    if value <= 0:
+        raise UsageError(f"--max-memory {text!r}: must be positive")
+    return int(value * scale)
+
+
+def ondisk_memory(plan, max_memory: int | None = None) -> dict[str, int]:
+    """What an on-disk build of *plan* (an ivf/ivfpq :class:`~deepfeat.index.plan.IndexPlan`) costs:
+    ``disk_bytes`` (the lists: codes + 8-byte ids), ``resident_bytes`` (what stays in memory when
+    searching: centroids, the lists' table, PQ tables; the lists' pages come and go with the page
+    cache) and ``build_bytes`` (the bound the shards are sized for, else one 1M-row shard)."""
+    n, d, p = plan.n, plan.d, plan.params
+    code = d * 4 if plan.kind == "ivf" else int(p["M"]) * int(p["nbits"]) // 8
+    resident = int(p["nlist"]) * d * 4 + int(p["nlist"]) * 24
+    if plan.kind == "ivfpq":
+        resident += int(p["M"]) * (2 ** int(p["nbits"])) * (d // int(p["M"])) * 4
+    build = max_memory or min(n, 1_000_000) * (code + 8) + CHUNK_ROWS * d * 4
+    return {"disk_bytes": n * (code + 8), "resident_bytes": resident, "build_bytes": int(build)}
