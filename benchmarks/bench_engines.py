@@ -41,8 +41,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/engines.json")
     args = ap.parse_args()
 
-    from deepfeat.backends.featurenet import parse_scales
     from deepfeat.data.images import discover
+    from deepfeat.specs import parse_scales
 
     paths = discover([args.images])[: args.n]
     scales = parse_scales(args.scales)

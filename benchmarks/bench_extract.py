@@ -253,10 +253,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/extract.json")
     args = ap.parse_args()
 
-    from deepfeat.backends.featurenet import parse_scales
     from deepfeat.backends.onnx_runtime import default_threads, work_pixels
-    from deepfeat.backends.openvino_runtime import available
+    from deepfeat.backends.openvino_setup import available
     from deepfeat.data.images import discover
+    from deepfeat.specs import parse_scales
 
     if not Path(args.images).is_dir():
         print(f"image folder not found: {args.images}", file=sys.stderr)

@@ -21,6 +21,15 @@ CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, E
 ESPRESSO = 967
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory) -> Path:
+    """The exported-graph cache of every test (and of the processes they start) in a folder of this
+    run, not the user's ~/.cache/deepfeat."""
+    folder = tmp_path_factory.mktemp("graph-cache")
+    os.environ["DEEPFEAT_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def lite0():
     import deepfeat

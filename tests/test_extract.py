@@ -396,12 +396,12 @@ def test_onnx_static_batch_pads_and_splits(lite0):
 
 
 def test_auto_backend_choice_and_fallback(collection, tmp_path, lite0, caplog):
-    from deepfeat.backends import openvino_runtime
+    from deepfeat.backends import openvino_setup
 
     rep = extract(_cfg([collection], tmp_path / "a", limit=4, pooling="mac"))
     assert rep.backend == "onnx"  # one shape on the CPU: ONNX Runtime
     rep = extract(_cfg([collection], tmp_path / "b", limit=4, pooling="mac", size="long:128"))
-    many = "openvino" if openvino_runtime.available() else "onnx"  # many shapes on the CPU: a dynamic-shape graph
+    many = "openvino" if openvino_setup.available() else "onnx"  # many shapes on the CPU: a dynamic-shape graph
     assert rep.backend == many
     assert FeatureStore(tmp_path / "b").meta["inference"] == {"backend": many, "precision": "f32", "export": "dynamic"}
     rep = extract(_cfg([collection], tmp_path / "c", limit=4, pooling="mac", size="long:128", device="cpu",

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from deepfeat.backends.featurenet import FeatureNet, OnnxRunner, TorchRunner
-from deepfeat.backends.onnx_runtime import ATOL, COSINE_MIN, agreement
 from deepfeat.backends.padding import (
     PaddedTorchRunner,
     bucket_shape,
@@ -17,6 +16,7 @@ from deepfeat.backends.padding import (
     valid_map_size,
     valid_mask,
 )
+from deepfeat.backends.tolerance import ATOL, COSINE_MIN, agreement
 from deepfeat.data.images import decode_image, discover
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import StoreError, UsageError
@@ -267,7 +267,7 @@ def test_append_with_another_backend_only_when_they_agree(collection, tmp_path):
 
 def test_threads_flag_and_defaults(collection, tmp_path, capsys):
     from deepfeat.backends.onnx_runtime import default_threads, work_pixels
-    from deepfeat.backends.openvino_runtime import available
+    from deepfeat.backends.openvino_setup import available
     from deepfeat.cli import main
 
     assert default_threads(2) == (2, 2) and default_threads(1) == (1, 1)  # measured best on 2 cores at 224

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.backends import openvino_runtime
+from deepfeat.backends import openvino_runtime, openvino_setup, tolerance
 from deepfeat.backends.featurenet import FeatureNet, TorchRunner
-from deepfeat.backends.onnx_runtime import ATOL, COSINE_MIN, agreement
+from deepfeat.backends.tolerance import ATOL, COSINE_MIN, agreement
 from deepfeat.data.images import decode_image, discover
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import UsageError
@@ -31,7 +31,7 @@ def ov():
 
 @pytest.fixture(scope="module")
 def bf16(ov):
-    if not openvino_runtime.bf16_supported():
+    if not openvino_setup.bf16_supported():
         pytest.skip("this CPU has no bf16 support OpenVINO can use (AMX or AVX512_BF16)")
 
 
@@ -109,9 +109,9 @@ def test_per_shape_compilations_and_kernel_cache_are_bounded_by_input_size(ov, l
         _assert_same(graphs.run(im[None])[0], ref(im[None])[0])
         assert list(graphs._shapes) == [(1, *im.shape)]  # the most recent only: over the budget alone
     assert graphs.shape_compiles >= 3 and graphs.evictions == graphs.shape_compiles - 1
-    assert graphs.config["CPU_RUNTIME_CACHE_CAPACITY"] == openvino_runtime.RUNTIME_CACHE_CAPACITY  # small
-    assert openvino_runtime.runtime_cache_capacity(768 * 1024) == 0
-    assert openvino_runtime.runtime_cache_capacity(384 * 512) == openvino_runtime.RUNTIME_CACHE_CAPACITY > 0
+    assert graphs.config["CPU_RUNTIME_CACHE_CAPACITY"] == openvino_setup.RUNTIME_CACHE_CAPACITY  # small
+    assert openvino_setup.runtime_cache_capacity(768 * 1024) == 0
+    assert openvino_setup.runtime_cache_capacity(384 * 512) == openvino_setup.RUNTIME_CACHE_CAPACITY > 0
 
 
 def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images, monkeypatch):
@@ -130,14 +130,14 @@ def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images, monkeypa
             run.graphs._wants_compile = lambda key: True  # every shape on its own compilation now
         for im in pixels:
             for got, want in zip(run(im[None]), ref(im[None])):
-                ok, why = openvino_runtime.compare(got, want, "bf16")
+                ok, why = openvino_setup.compare(got, want, "bf16")
                 assert ok, (phase, im.shape, why)
                 cosines.append(agreement(got, want)[0])
     g = run.graphs
     assert g.dynamic_precision == "bf16" and g.dynamic_problem is None
     assert g.shape_compiles == len({im.shape for im in pixels}) and g.shape_problem is None
     assert min(cosines) < 0.99999  # not float32 (which is within 1e-10 of 1 here)
-    assert openvino_runtime.compare(np.ones((1, 4)), np.array([[1, 1, 1, 0.2]]), "bf16")[0] is False
+    assert openvino_setup.compare(np.ones((1, 4)), np.array([[1, 1, 1, 0.2]]), "bf16")[0] is False
 
 
 def test_bf16_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
@@ -149,11 +149,11 @@ def test_bf16_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
         ExtractConfig(device="cuda", **kw).validate()
     with pytest.raises(UsageError, match="--precision 'fp8' unknown"):
         ExtractConfig(inputs=["x"], output=str(tmp_path / "o"), precision="fp8").validate()
-    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
-    monkeypatch.setattr(openvino_runtime, "cpu_capabilities", lambda: ["FP32", "INT8"])
+    monkeypatch.setattr(openvino_setup, "available", lambda: True)
+    monkeypatch.setattr(openvino_setup, "cpu_capabilities", lambda: ["FP32", "INT8"])
     with pytest.raises(UsageError, match="no bfloat16 support .*AMX"):
         ExtractConfig(**kw).validate()
-    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    monkeypatch.setattr(openvino_setup, "available", lambda: False)
     with pytest.raises(UsageError, match=r"pip install 'deepfeat\[openvino\]'"):
         ExtractConfig(backend="openvino", inputs=["x"], output=str(tmp_path / "o")).validate()
 
@@ -161,7 +161,7 @@ def test_bf16_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
 def test_auto_prefers_openvino_where_it_was_measured_faster(lite0, monkeypatch):
     """auto: OpenVINO f32 for one scale of an aspect-preserving size, ONNX Runtime with --scales and
     for one-shape policies; OpenVINO always for bf16; never on CUDA."""
-    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+    monkeypatch.setattr(openvino_setup, "available", lambda: True)
     fnet = FeatureNet(lite0, ["bn2"], get_pooling("gem"))
     cpu = torch.device("cpu")
 
@@ -174,7 +174,7 @@ def test_auto_prefers_openvino_where_it_was_measured_faster(lite0, monkeypatch):
     assert prefers(size="long:512", precision="bf16") and prefers(size="model", precision="bf16")
     assert not network.auto_prefers_openvino(ExtractConfig(inputs=["x"], output="o", size="long:1024"), fnet,
                                              torch.device("cuda"))
-    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    monkeypatch.setattr(openvino_setup, "available", lambda: False)
     assert not prefers(size="long:1024")
 
 
@@ -182,7 +182,7 @@ def test_auto_falls_back_to_onnx_runtime_without_openvino(collection, tmp_path, 
     """auto with OpenVINO not importable (or not installed): ONNX Runtime, as before."""
     pytest.importorskip("onnxruntime")
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
-    assert not openvino_runtime.available()
+    assert not openvino_setup.available()
     rep = extract(ExtractConfig(inputs=[str(collection / "a")], output=str(tmp_path / "s"), size="long:160",
                                 workers=0, progress="none", limit=3))
     assert rep.backend == "onnx"
@@ -195,7 +195,7 @@ def test_auto_falls_back_to_onnx_runtime_when_openvino_fails_its_check(ov, colle
     pytest.importorskip("onnxruntime")
 
     def wrong(self, pixels):
-        raise openvino_runtime.OpenVinoCheckError("OpenVINO (f32) does not give eager PyTorch's descriptors")
+        raise openvino_setup.OpenVinoCheckError("OpenVINO (f32) does not give eager PyTorch's descriptors")
 
     monkeypatch.setattr(openvino_runtime.CompiledGraphs, "run", wrong)
     rep = extract(ExtractConfig(inputs=[str(collection / "a")], output=str(tmp_path / "s"), size="long:160",
@@ -232,9 +232,9 @@ def test_bf16_store_records_precision_and_appends_under_the_bf16_tolerance(bf16,
     extract(ExtractConfig(inputs=[str(collection / "a"), str(collection / "b")], output=str(out), backend="onnx",
                           **kw))
     check = FeatureStore(out).meta["backend_check"]
-    assert check["tolerance"] == {"min_cosine": openvino_runtime.BF16_COSINE_MIN,
-                                  "max_rel_diff": openvino_runtime.BF16_RTOL}
-    assert check["min_cosine"] >= openvino_runtime.BF16_COSINE_MIN and check["new"]["precision"] == "f32"
+    assert check["tolerance"] == {"min_cosine": tolerance.BF16_COSINE_MIN,
+                                  "max_rel_diff": tolerance.BF16_RTOL}
+    assert check["min_cosine"] >= tolerance.BF16_COSINE_MIN and check["new"]["precision"] == "f32"
     cfg = ExtractConfig(output=str(out), resume=True, progress="none", workers=0)
     extract(cfg)
     assert cfg.precision == "bf16"

@@ -26,8 +26,8 @@ from fastapi.testclient import TestClient
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.search import SearchEngine
 from deepfeat.serve import create_app
-from deepfeat.serve.routes import STATIC_DIR
 from deepfeat.serve.microbatch import MicroBatcher, group_by_shape
+from deepfeat.serve.routes import STATIC_DIR
 from deepfeat.serve.uploads import ApiError
 
 MAX_UPLOAD = 1 << 20  # small limits, so that real files can exceed them

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import deepfeat
 from deepfeat.errors import LayerError
 from deepfeat.models.taps import OUTPUT, Taps, capture, layer_table
 

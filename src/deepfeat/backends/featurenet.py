@@ -20,7 +20,6 @@ import torch
 from deepfeat.errors import UsageError
 from deepfeat.models.base import Model
 from deepfeat.models.layouts import LayoutTaps
-from deepfeat.specs import parse_scales  # noqa: F401  (the CLI reads --scales with it)
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-# the tolerance is defined in deepfeat.backends.tolerance; ATOL and COSINE_MIN are read from here by tests
-from deepfeat.backends.tolerance import ATOL, COSINE_MIN, F32, agreement, agrees  # noqa: F401
+from deepfeat.backends.tolerance import F32, agreement, agrees
 from deepfeat.errors import DeepfeatError
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from deepfeat.backends.featurenet import parse_scales
 from deepfeat.cli.common import add_model_args
 from deepfeat.cli.recipe_args import add_recipe_arg, apply_recipe, given
 from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.pipeline.signals import Terminated, sigterm_interrupts
+from deepfeat.specs import parse_scales
 
 RECIPE_FLAGS = {"model": "extract.model", "layer": "extract.layer", "pool": "extract.pooling",
                 "scales": "extract.scales", "size": "extract.size", "post": "extract.post"}

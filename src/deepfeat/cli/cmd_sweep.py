@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from deepfeat.backends.featurenet import parse_scales
 from deepfeat.cli.common import add_model_args
+from deepfeat.specs import parse_scales
 from deepfeat.tune.sweep import sweep, write_outputs
 
 

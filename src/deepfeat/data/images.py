@@ -24,8 +24,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deepfeat.data.preprocess import (PIL_MAX_PIXELS, DataConfig, SizePolicy, draft_request, resize_image,
-                                      target_size)
+from deepfeat.data.preprocess import PIL_MAX_PIXELS, DataConfig, SizePolicy, draft_request, resize_image, target_size
 from deepfeat.errors import ImageError, UsageError
 
 IMAGE_EXTENSIONS = frozenset(

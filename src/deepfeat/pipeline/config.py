@@ -81,7 +81,7 @@ class ExtractConfig:
             raise UsageError(f"--backend {self.backend!r} unknown; choose {', '.join(BACKENDS)}")
         self.check_precision()
         if self.backend == "openvino":
-            from deepfeat.backends.openvino_runtime import require
+            from deepfeat.backends.openvino_setup import require
 
             require(self.precision)
         if self.dtype not in DTYPES:
@@ -132,7 +132,7 @@ class ExtractConfig:
                              f"{self.backend}")
         if self.device not in ("auto", "cpu") or self.pad_to:
             raise UsageError("--precision bf16 runs on OpenVINO on the CPU: leave out --device and --pad-to")
-        from deepfeat.backends.openvino_runtime import require
+        from deepfeat.backends.openvino_setup import require
 
         require(self.precision)
 

@@ -171,7 +171,7 @@ def auto_prefers_openvino(cfg: ExtractConfig, fnet, device) -> bool:
     Measured end to end, each engine in its own process (docs/benchmarks.md, "OpenVINO and bf16"):
     OpenVINO f32 is the faster engine at one scale of an aspect-preserving size and the slower one
     with ``--scales``, so auto keeps ONNX Runtime there; one-shape policies: :data:`OPENVINO_AUTO_FIXED`."""
-    from deepfeat.backends.openvino_runtime import available
+    from deepfeat.backends.openvino_setup import available
 
     if device.type != "cpu" or not fnet.exportable or padding(cfg):
         return False

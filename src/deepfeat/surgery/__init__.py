@@ -57,7 +57,6 @@ from __future__ import annotations
 
 from deepfeat.surgery.convert import fully_convolutional
 from deepfeat.surgery.densemap import DenseMap, dense_map
-
 from deepfeat.surgery.modules import DenseClassifier, fc_to_conv_weight, linear_to_conv
 from deepfeat.surgery.pixels import load_pixels
 

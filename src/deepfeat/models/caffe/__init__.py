@@ -27,7 +27,11 @@ from deepfeat.models.caffe.prototxt import Message, parse_prototxt, parse_text
 from deepfeat.models.caffe.source import ILSVRC_MEAN_BGR, load_caffe, load_caffe_net, read_mean, split_caffe_spec
 from deepfeat.models.caffe.wire import Blob, CaffeModelFile, parse_caffemodel, read_blobproto, read_caffemodel
 from deepfeat.models.caffe.writer import (
-    LayerBlobs, encode_blob, encode_caffemodel, write_binaryproto, write_caffemodel,
+    LayerBlobs,
+    encode_blob,
+    encode_caffemodel,
+    write_binaryproto,
+    write_caffemodel,
 )
 
 __all__ = [

@@ -59,7 +59,14 @@ from __future__ import annotations
 from deepfeat.models.onnx_models.graph import OnnxGraph
 from deepfeat.models.onnx_models.listing import GraphListing
 from deepfeat.models.onnx_models.net import OnnxNet, OnnxTaps
-from deepfeat.models.onnx_models.options import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, DEFAULT_SIZE, OPTIONS, TAP_LAYOUTS, split_onnx_spec
+from deepfeat.models.onnx_models.options import (
+    DEFAULT_CROP_PCT,
+    DEFAULT_INTERPOLATION,
+    DEFAULT_SIZE,
+    OPTIONS,
+    TAP_LAYOUTS,
+    split_onnx_spec,
+)
 from deepfeat.models.onnx_models.proto import LAYOUTS, detect_layout
 from deepfeat.models.onnx_models.session import GraphSessions
 from deepfeat.models.onnx_models.source import SOURCE, load_onnx

@@ -13,8 +13,8 @@ import torch
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.errors import DeepfeatError
 from deepfeat.models.layouts import LayoutTaps
-from deepfeat.pipeline.decode import decode_batch, default_workers, make_executor, probe_sizes
 from deepfeat.pipeline import shard_batches
+from deepfeat.pipeline.decode import decode_batch, default_workers, make_executor, probe_sizes
 
 
 class MultiPoolNet(torch.nn.Module):
