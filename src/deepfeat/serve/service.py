@@ -179,7 +179,7 @@ class SearchService:
     def decode_upload(self, data: bytes, bbox) -> tuple[dict[str, Any], np.ndarray]:
         info = sniff_image(data, self.cfg.max_pixels)
         try:
-            px = self.engine.decode(io.BytesIO(data), bbox)
+            px = self.engine.embedder.decode(io.BytesIO(data), bbox, max_pixels=self.cfg.max_pixels)
         except ImageError as e:
             raise ApiError(422, f"cannot decode the image: {e}", {"format": info.format}) from None
         return {"format": info.format, "width": info.width, "height": info.height}, px
