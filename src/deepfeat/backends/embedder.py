@@ -93,14 +93,18 @@ class Embedder:
             self._post = PostChain.load(fitted) if fitted.is_file() else PostChain.parse(self.recipe.get("post", "none"))
         return self._post
 
-    def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None) -> np.ndarray:
-        """Pixels of *image* (cut to *bbox* first) decoded as the store's were."""
-        from deepfeat.data.images import decode_image
+    def decode(self, image: str | os.PathLike | BinaryIO, bbox: Sequence[float] | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
+        """Pixels of *image* (cut to *bbox* first) decoded as the store's were, through the
+        pixel and aspect guards of :func:`~deepfeat.data.images.check_decode` (at most
+        *max_pixels*; None: the decoder's default limit)."""
+        from deepfeat.data.images import DEFAULT_MAX_PIXELS, decode_image
         from deepfeat.data.preprocess import parse_size_policy
 
         policy = parse_size_policy(self.recipe.get("size", "model"))
         return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,
-                            draft=self.recipe.get("draft_decode", True)).pixels
+                            draft=self.recipe.get("draft_decode", True),
+                            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels).pixels
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Post-processed descriptors (N x D float32) of decoded images, one forward pass each

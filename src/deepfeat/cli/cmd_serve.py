@@ -44,6 +44,9 @@ def register(sub) -> None:
                    help="most decoded uploads waiting for the model; more get a JSON 503 (default 64)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="a request body that stalls this long between two chunks gets 408 (default 30)")
+    p.add_argument("--work-timeout", type=float, default=60.0, metavar="S",
+                   help="a decode, thumbnail or forward pass running longer gets its request a 503, and /api/health "
+                        "reports the stuck worker (default 60)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require KEY on every /api/ route (header X-API-Key or Authorization: Bearer; the web "
                         "page asks for it); default: the DEEPFEAT_API_KEY environment variable, else no key")
@@ -111,7 +114,7 @@ def run(args) -> int:
                      batch_window_ms=args.batch_window_ms, image_root=args.root, device=args.device,
                      search_threads=args.search_threads, torch_threads=args.torch_threads, api_key=api_key,
                      limit_concurrency=args.limit_concurrency, max_queue=args.max_queue,
-                     body_timeout_s=args.body_timeout, rerank=args.rerank, qe=args.qe, alpha=args.alpha,
+                     body_timeout_s=args.body_timeout, work_timeout_s=args.work_timeout, rerank=args.rerank, qe=args.qe, alpha=args.alpha,
                      dba=args.dba, classifier=args.classifier, map_method=args.map_method)
     svc = app.state.service
     if not is_loopback(args.host):

@@ -242,6 +242,31 @@ def check_resize(width: int, height: int, policy: SizePolicy, cfg: DataConfig, m
                          f"over the limit of {max_pixels}")
 
 
+def region_box(crop_box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """*crop_box* (x1, y1, x2, y2 in original pixels) as whole pixels clipped to a *width* x
+    *height* image; an :class:`ImageError` when nothing of it lies inside the image."""
+    x1, y1, x2, y2 = crop_box
+    box = (max(0, int(np.floor(x1))), max(0, int(np.floor(y1))),
+           min(width, int(np.ceil(x2))), min(height, int(np.ceil(y2))))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ImageError(f"crop box {crop_box} is empty for a {width}x{height} image")
+    return box
+
+
+def check_decode(width: int, height: int, policy: SizePolicy | None, cfg: DataConfig | None,
+                 max_pixels: int | None, crop_box: tuple[float, float, float, float] | None = None) -> None:
+    """The guard every decode path goes through before any pixel is decoded, with or without
+    a region: the part of a *width* x *height* image that is used (all of it, or *crop_box*)
+    must resize to at most *max_pixels* under *policy* (:func:`check_resize`). A 1 x 8000
+    strip asked for as the region 0,0,1,8000 would otherwise become a 256 x 2048000
+    intermediate under the ``model`` policy."""
+    if crop_box is not None:
+        x1, y1, x2, y2 = region_box(crop_box, width, height)
+        width, height = x2 - x1, y2 - y1
+    if policy is not None and cfg is not None:
+        check_resize(width, height, policy, cfg, max_pixels)
+
+
 def decode_image(
     path: str | os.PathLike | BinaryIO,
     policy: SizePolicy | None = None,
@@ -271,8 +296,7 @@ def decode_image(
         raw_w, raw_h = img.size
         swapped = orientation in (5, 6, 7, 8)
         ow, oh = (raw_h, raw_w) if swapped else (raw_w, raw_h)
-        if policy is not None and cfg is not None and crop_box is None:
-            check_resize(ow, oh, policy, cfg, max_pixels)
+        check_decode(ow, oh, policy, cfg, max_pixels, crop_box)
         if draft and policy is not None and cfg is not None and img.format == "JPEG" and crop_box is None:
             req = draft_request(ow, oh, policy, cfg)
             if req is not None:
@@ -295,19 +319,8 @@ def decode_image(
             except Exception:
                 notes.append("bad-exif")
         img = _to_mode(img, mode, notes)
-        # coordinates below refer to the original (oriented) resolution even after draft
-        if crop_box is not None:
-            x1, y1, x2, y2 = crop_box
-            fx, fy = img.width / ow, img.height / oh
-            box = (
-                max(0, int(np.floor(x1 * fx))),
-                max(0, int(np.floor(y1 * fy))),
-                min(img.width, int(np.ceil(x2 * fx))),
-                min(img.height, int(np.ceil(y2 * fy))),
-            )
-            if box[2] <= box[0] or box[3] <= box[1]:
-                raise ImageError(f"crop box {crop_box} is empty for a {ow}x{oh} image")
-            img = img.crop(box)
+        if crop_box is not None:  # no draft decode with a region: the image is at its original (oriented) size
+            img = img.crop(region_box(crop_box, img.width, img.height))
         if policy is not None and cfg is not None:
             # sizes follow the full-resolution image, so a drafted decode gives exactly the
             # size the header predicts (the pipeline batches by that prediction)

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from deepfeat.data.images import check_resize, decode_image, file_problem, open_image
+from deepfeat.data.images import check_decode, decode_image, file_problem, open_image
 from deepfeat.data.preprocess import DataConfig, SizePolicy, target_size
 from deepfeat.data.workers import PerItem, SupervisedPool
 from deepfeat.errors import DeepfeatError
@@ -72,7 +72,7 @@ def _probe_one(path: str) -> tuple[int, int] | str:
     except Exception as e:  # anything else the header parser throws
         return f"{type(e).__name__}: {e}"
     try:
-        check_resize(w, h, policy, cfg, _W["max_pixels"])
+        check_decode(w, h, policy, cfg, _W["max_pixels"])
     except DeepfeatError as e:
         return str(e)
     if policy.kind == "model":

@@ -11,7 +11,10 @@ image whose file name contains NAME:
   store's local-feature section), once it has committed
   N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
   for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
-  store locked and planned, N shards committed) on any machine.
+  store locked and planned, N shards committed) on any machine;
+* ``serve-hang=NAME``: the server's decode of an upload whose file name contains NAME blocks
+  (says so on stderr: ``fault: serve-hang on NAME``) until the server stops, like a decoder
+  caught in a bad file: the work time bound and /api/health's stuck report are exercised.
 
 Decode faults fire only in decode worker *processes* (``--decode-in processes``,
 ``--workers`` >= 1), never in the main process. The faults are fake; the recovery they
@@ -24,13 +27,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from functools import lru_cache
 
 ENV = "DEEPFEAT_FAULTS"
-KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang")
+KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang")
 
 _committed = 0  # shards committed by this process (for commit-hang)
+_released = threading.Event()  # set when the server stops: serve-hang ends
 
 
 @lru_cache(maxsize=None)
@@ -74,6 +79,18 @@ def model_fault(paths) -> None:
     for p in paths:
         if fires("model-raise", p):
             raise RuntimeError(f"injected fault: the model raises on {os.path.basename(p)}")
+
+
+def serve_fault(name: str) -> None:
+    """Called by the server's I/O pool before it decodes the upload named *name* (``serve-hang``)."""
+    if fires("serve-hang", name):
+        print(f"fault: serve-hang on {os.path.basename(name)}", file=sys.stderr, flush=True)
+        _released.wait()
+
+
+def release_hangs() -> None:
+    """End every ``serve-hang`` (the server is stopping)."""
+    _released.set()
 
 
 def before_commit() -> None:

@@ -20,12 +20,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from deepfeat.serve.uploads import ApiError
+from deepfeat.serve.workbound import WorkTracker
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class MicroBatcher:
     descriptors. ``max_batch=1`` turns batching off (each request its own pass)."""
 
     def __init__(self, embed: Callable[[list[np.ndarray]], np.ndarray], max_batch: int = 16,
-                 window_ms: float = 5.0, max_queue: int = 64):
+                 window_ms: float = 5.0, max_queue: int = 64, work: WorkTracker | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.embed = embed
@@ -81,6 +82,8 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._incoming = 0  # announced requests that have not submitted yet
+        #: time bound of one request's wait and the record of running passes (None: unbounded)
+        self.work = work
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -106,16 +109,27 @@ class MicroBatcher:
         try:
             if not self.running:
                 raise ApiError(503, "the inference thread is not running")
+            stuck = self.work.stuck("inference") if self.work is not None else []
+            if stuck:
+                raise ApiError(503, f"the inference thread is stuck: a forward pass has run for {stuck[0]['seconds']} s, "
+                                    f"over the work timeout of {self.work.bound_s:g} s (see /api/health)",
+                               {"stuck": stuck}, headers={"Retry-After": "10"})
             if self._q.qsize() >= self.max_queue:
                 raise ApiError(503, f"busy: {self.max_queue} images are already waiting for the model; retry "
                                     "shortly", {"queue": self.max_queue}, headers={"Retry-After": "1"})
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
-            self._q.put((pixels, fut, loop))
+            self._q.put((pixels, fut, loop, time.monotonic()))  # the bound counts from here
         finally:
             if _ticket is not None:
                 _ticket.close()
-        return await fut
+        if self.work is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(fut, self.work.bound_s)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"inference took longer than the server's work timeout of {self.work.bound_s:g} s",
+                           {"work_timeout_seconds": self.work.bound_s}, headers={"Retry-After": "10"}) from None
 
     @contextmanager
     def announce(self) -> Iterator[Ticket]:
@@ -181,7 +195,10 @@ class MicroBatcher:
             for idx in group_by_shape([b[0] for b in live], self.max_batch):
                 items = [live[i] for i in idx]
                 try:
-                    out = self.embed([it[0] for it in items])
+                    since = min(it[3] for it in items)
+                    with self.work.running(f"forward pass of {len(items)}", "inference", since) if self.work \
+                            else nullcontext():
+                        out = self.embed([it[0] for it in items])
                     results = [(it, out[j], None) for j, it in enumerate(items)]
                 except Exception as e:  # hand the error to every request of the group
                     log.exception("inference failed for a batch of %d", len(items))
@@ -191,7 +208,7 @@ class MicroBatcher:
                     self.stats.requests += len(items)
                     self.stats.sizes[len(items)] += 1
                     self.stats.largest = max(self.stats.largest, len(items))
-                for (px, fut, loop), vec, err in results:
+                for (px, fut, loop, _), vec, err in results:
                     _post(loop, fut, vec, err)
             with self._lock:
                 self.stats.busy_seconds += time.perf_counter() - t0

@@ -76,12 +76,14 @@ def add_page_routes(app: FastAPI, svc: SearchService) -> None:
 
     @app.get("/api/health", summary="liveness and counters")
     async def health():
-        return {"status": "ok" if svc.batcher.running else "starting", "items": len(svc.engine.ids),
+        code, state = svc.health()
+        body = {**state, "items": len(svc.engine.ids),
                 "uptime_seconds": round(time.time() - svc.started, 1), "self_check": svc.self_check,
                 "inference": {**svc.batcher.stats.to_dict(), "max_batch": cfg.max_batch,
                               "window_ms": cfg.batch_window_ms, "queued": svc.batcher.queued,
                               "decoding": svc.batcher.incoming},
                 "thumbnails": svc.thumbs.stats()}
+        return body if code == 200 else JSONResponse(body, status_code=code)
 
     @app.get("/api/info", summary="the store: model, layer, pooling, post-processing, size, index; the limits")
     async def info():
@@ -214,7 +216,7 @@ def _add_upload_route(app: FastAPI, svc: SearchService, k_query: Any, verify_que
                                        cfg.max_upload_bytes)
         t1 = time.perf_counter()
         with svc.batcher.announce() as ticket:  # the inference thread may wait for this one to batch it
-            image_info, px = await svc.in_pool(svc.decode_upload, up.data, box)
+            image_info, px = await svc.in_pool(svc.decode_upload, up.data, box, upload=up.filename)
             t2 = time.perf_counter()
             vec = await ticket.submit(px)
         t3 = time.perf_counter()

@@ -25,6 +25,7 @@ from deepfeat.serve.guards import check_api_key
 from deepfeat.serve.microbatch import MicroBatcher
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
 from deepfeat.serve.uploads import ApiError, sniff_image
+from deepfeat.serve.workbound import WorkTracker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ServeConfig:
     api_key: str | None = None  # when set, every /api/ route needs it (deepfeat.serve.guards)
     limit_concurrency: int = 64  # requests in progress at once; more get a JSON 503 with Retry-After
     body_timeout_s: float = 30.0  # longest stall between two chunks of a request body (then 408)
+    work_timeout_s: float = 60.0  # longest one piece of pool work (decode, thumbnail, inference) may take (then 503)
     rerank: str | None = None  # re-ranking of requests that do not choose one (deepfeat.rerank spec)
     qe: int = 0  # query expansion, alpha and DBA of every search (a recipe's search options)
     alpha: float = 0.0
@@ -78,6 +80,7 @@ class ServeConfig:
              f"torch threads must be at least 1, not {self.torch_threads}"),
             (self.limit_concurrency >= 1, f"concurrency limit must be at least 1, not {self.limit_concurrency}"),
             (self.body_timeout_s > 0, f"body timeout must be positive, not {self.body_timeout_s}"),
+            (self.work_timeout_s > 0, f"work timeout must be positive, not {self.work_timeout_s}"),
             (self.qe >= 0 and self.dba >= 0, f"qe and dba must be 0 or more, not {self.qe} and {self.dba}"),
         ]
         for ok, msg in checks:
@@ -104,7 +107,9 @@ class SearchService:
         self.dim = int(self.engine.xb.shape[1])
         self.layer_index = self.engine.store.meta["layers"].index(self.engine.feature)
         self.thumbs = ThumbnailCache(cfg.thumb_cache_bytes)
-        self.batcher = MicroBatcher(self.embed_batch, cfg.max_batch, cfg.batch_window_ms, cfg.max_queue)
+        self.work = WorkTracker(cfg.work_timeout_s)
+        self.batcher = MicroBatcher(self.embed_batch, cfg.max_batch, cfg.batch_window_ms, cfg.max_queue,
+                                    work=self.work)
         self.executor: ThreadPoolExecutor | None = None
         self.self_check: dict[str, Any] | None = None
         self.started = time.time()
@@ -159,6 +164,9 @@ class SearchService:
         self.batcher.start()
 
     def stop(self) -> None:
+        from deepfeat.pipeline import faults
+
+        faults.release_hangs()  # test-only hangs (serve-hang) end with the server
         self.batcher.stop()
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -179,7 +187,7 @@ class SearchService:
     def decode_upload(self, data: bytes, bbox) -> tuple[dict[str, Any], np.ndarray]:
         info = sniff_image(data, self.cfg.max_pixels)
         try:
-            px = self.engine.decode(io.BytesIO(data), bbox)
+            px = self.engine.embedder.decode(io.BytesIO(data), bbox, max_pixels=self.cfg.max_pixels)
         except ImageError as e:
             raise ApiError(422, f"cannot decode the image: {e}", {"format": info.format}) from None
         return {"format": info.format, "width": info.width, "height": info.height}, px
@@ -250,10 +258,41 @@ class SearchService:
             d["inliers"] = h.inliers
         return d
 
-    async def in_pool(self, fn: Callable, *args):
+    async def in_pool(self, fn: Callable, *args, upload: str | None = None):
+        """``fn(*args)`` in the I/O pool, at most ``work_timeout_s`` (then a 503; the thread is
+        reported by /api/health until it ends); a 503 at once when every worker thread is stuck.
+        *upload*: the name of the uploaded file it works on (for the test-only ``serve-hang`` fault)."""
+        from deepfeat.pipeline import faults
+
         if self.executor is None:
             raise ApiError(503, "the server is not running (start-up not finished or shutting down)")
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        bound, what = self.cfg.work_timeout_s, getattr(fn, "__name__", "work").strip("_").replace("_", " ")
+        stuck = self.work.stuck("io")
+        if len(stuck) >= self.cfg.worker_threads:
+            raise ApiError(503, f"all {self.cfg.worker_threads} worker threads are stuck on work that ran over "
+                                f"{bound:g} s (see /api/health); restart the server if they do not recover",
+                           {"stuck": stuck}, headers={"Retry-After": "10"})
+
+        asked = time.monotonic()  # the bound counts from here, so work whose request got the 503 is stuck
+
+        def job():
+            with self.work.running(what, "io", since=asked):
+                faults.serve_fault(upload or "")
+                return fn(*args)
+
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, job), bound)
+        except asyncio.TimeoutError:
+            log.error("%s ran over the work timeout of %g s; its thread is still busy", what, bound)
+            raise ApiError(503, f"{what} took longer than the server's work timeout of {bound:g} s",
+                           {"work_timeout_seconds": bound}, headers={"Retry-After": "10"}) from None
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """The status code and body of /api/health: 503 with the stuck work named when any ran over the bound."""
+        stuck = self.work.stuck()
+        status = "stuck" if stuck else "ok" if self.batcher.running else "starting"
+        return (503 if stuck else 200), {"status": status, "stuck": stuck, "work_timeout_seconds":
+                                         self.cfg.work_timeout_s}
 
     def info(self) -> dict[str, Any]:
         meta = self.engine.store.meta
