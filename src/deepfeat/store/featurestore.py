@@ -24,28 +24,11 @@ import pyarrow.parquet as pq
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_parquet
-from deepfeat.store.checksums import (
-    ALGORITHM,
-    SHARD_KEY,
-    SIDE_FILES,
-    content_problem,
-    file_digest,
-    quick_problem,
-    shard_records,
-    size_problem,
-)
+from deepfeat.store.checksums import (ALGORITHM, SHARD_KEY, SIDE_FILES, content_problem, file_digest, quick_problem,
+                                      shard_records, size_problem)
 from deepfeat.store.compat import check_compatible
-from deepfeat.store.integrity import (
-    STORE_VERSION,
-    check_meta,
-    check_shard_rows,
-    check_structure,
-    nonfinite_problem,
-    ok_per_shard,
-    shard_paths,
-    verify_hint,
-    write_meta,
-)
+from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure, nonfinite_problem,
+                                      ok_per_shard, shard_paths, verify_hint, write_meta)
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
 
 log = logging.getLogger(__name__)
