@@ -7,8 +7,10 @@ Speed (default): for ViT-S/16 (`vit_small_patch16_224`) and DINOv2-S/14
   naive - the loop people write: one image at a time, full PIL decode, resize of the long side
           (rounded to the patch size), `forward_features` in eager torch, class token + GeM of the
           patch tokens, L2;
-  torch / onnx / auto - `deepfeat extract --layer norm --pool cls+gem --backend B` (its own
-          "N images in Xs (R img/s ...)" line; model loading excluded on both sides).
+  torch / onnx / auto - `deepfeat extract --layer norm --pool cls+gem --backend B`: N / X of its own
+          "N images in Xs (... R after the first batch)" line, and R (model loading excluded on both
+          sides; the extract figure includes starting the decode workers and, for auto/onnx, the
+          export attempt).
 
 Weights are seeded-random (`timm.create_model`, saved to a file, `timm:ARCH@FILE`): no hub weights
 are reachable here, and speed does not depend on the values. Each step runs in its own process.
@@ -103,7 +105,7 @@ def extract(arch: str, weights: str, images: str, policy: str, backend: str) -> 
         return {"ok": False, "why": (last[-1] if last else out.strip().splitlines()[-1])[:160]}
     used = re.search(r"backend (\w+)", out)
     warm = re.search(r"([\d.]+) after the first batch", out)
-    return {"ok": True, "img_s": float(m.group(3)), "ran_on": used.group(1) if used else backend,
+    return {"ok": True, "img_s": int(m.group(1)) / float(m.group(2)), "ran_on": used.group(1) if used else backend,
             "img_s_after_first_batch": float(warm.group(1)) if warm else None}
 
 
