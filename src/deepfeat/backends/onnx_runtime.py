@@ -121,7 +121,7 @@ def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: 
     """
     import torch
 
-    h, w, c = shape
+    h, w, c = rounded_shape(shape, fnet) if kind == "dynamic" else shape
     dummy = torch.zeros(batch_size or 2, h, w, c, dtype=torch.uint8)
     names = [f"feat{i}" for i in range(len(fnet.layers))]
     if kind == "dynamic":
@@ -188,6 +188,14 @@ def integer_same_padding():
         padding.get_same_padding = original
 
 
+def rounded_shape(shape: tuple[int, int, int], fnet) -> tuple[int, int, int]:
+    """*shape* with H and W rounded down to the network's patch stride (``fnet.size_multiple``: a
+    transformer's patch grid takes only multiples of it), so a trace or probe shape is one it runs at."""
+    m = int(getattr(fnet, "size_multiple", 1) or 1)
+    h, w, c = shape
+    return (max(m, h // m * m), max(m, w // m * m), c) if m > 1 else shape
+
+
 def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """A second, different shape to check a dynamic graph at: other sizes, other parity (odd sides
     exercise TF 'SAME' padding), landscape for portrait and back, and small, so the check is cheap."""
@@ -199,7 +207,7 @@ def dynamic_graph_agrees(sess, fnet, shape: tuple[int, int, int]) -> tuple[bool,
     """Run the dynamic graph and eager PyTorch on random pixels at :func:`probe_shape` of *shape*."""
     import torch
 
-    ps = probe_shape(shape)
+    ps = rounded_shape(probe_shape(shape), fnet)
     x = np.random.default_rng(0).integers(0, 256, (1, *ps), dtype=np.uint8)
     try:
         got = sess.run(None, {"pixels": x})

@@ -14,9 +14,10 @@ KINDS = {
     "histogram": "a layer's output values and the histogram of the positive ones",
     "probabilities": "the classifier's probability vector for an image",
     "crow": "CroW spatial weights of a layer overlaid on the image",
+    "patchnorm": "the norm of every patch token (map cell) of a layer (default: a ViT's last block) on the image",
     "densemap": "the image and its top-class probability map (see `deepfeat densemap`)",
 }
-NEEDS_IMAGE = ("activations", "histogram", "probabilities", "crow", "densemap")
+NEEDS_IMAGE = ("activations", "histogram", "probabilities", "crow", "densemap", "patchnorm")
 NEEDS_LAYER = ("activations", "histogram", "crow")
 
 
@@ -68,6 +69,10 @@ def run(args) -> int:
         fig = viz.plot_probabilities(model, args.image, size=args.size)
     elif kind == "crow":
         fig = viz.plot_crow(model, args.image, args.layer, size=args.size)
+    elif kind == "patchnorm":
+        from deepfeat.viz.maps import plot_patch_norm
+
+        fig = plot_patch_norm(model, args.image, args.layer, size=args.size)
     else:
         from deepfeat.cli.cmd_densemap import default_size
         from deepfeat.surgery import dense_map

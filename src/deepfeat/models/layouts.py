@@ -125,6 +125,11 @@ def _token_layout(net: torch.nn.Module) -> Layout:
     return Layout("tokens", num_cls, num_reg, _pair(pe.patch_size), bool(getattr(pe, "dynamic_img_pad", False)))
 
 
+def token_layout(net: torch.nn.Module) -> Layout | None:
+    """The layout of a token model's trunk output (``forward_features``), or None for other networks."""
+    return _token_layout(net) if _is_token_model(net) else None
+
+
 def _under(name: str, roots: tuple[str, ...]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 

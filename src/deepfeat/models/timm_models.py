@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -15,6 +16,8 @@ from deepfeat.models.source import ModelSource, split_weights
 from deepfeat.models.weights import build_with_weights
 
 EXAMPLE = "timm:resnet50@resnet50.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def timm_data_config(net: torch.nn.Module) -> DataConfig:
@@ -62,20 +65,57 @@ def _create(arch: str, **kw) -> torch.nn.Module:
 
 
 def _check_arch(arch: str) -> None:
+    """*arch* is a timm architecture, or ``architecture.tag`` with a tag timm knows (the tag's
+    pretrained config gives the preprocessing: mean, std, interpolation, input size, crop)."""
     import timm
 
     if not timm.is_model(arch):
         raise ModelError(f"timm has no architecture {arch!r}.{suggest(arch, timm.list_models())}")
+    name, dot, tag = arch.partition(".")
+    if dot:
+        tags = timm.list_pretrained(name)
+        if arch not in tags:
+            raise ModelError(f"timm architecture {name!r} has no pretrained tag {tag!r}; its tags: "
+                             f"{', '.join(tags) or '(none)'}")
+
+
+class _TimmConverter:
+    """timm's ``checkpoint_filter_fn`` of the architecture's module, the function timm itself runs on
+    downloaded files: it converts original release layouts (DINOv2's ``dinov2_vits14_pretrain.pth``,
+    OpenAI CLIP, ...) to timm's key names. Remembers whether it ran, for the model's meta."""
+
+    def __init__(self) -> None:
+        self.used: str | None = None
+
+    def __call__(self, sd: dict[str, torch.Tensor], net: torch.nn.Module):
+        import importlib
+
+        module = importlib.import_module(type(net).__module__)
+        fn = getattr(module, "checkpoint_filter_fn", None)
+        if fn is None:
+            return sd
+        try:
+            out = fn(sd, net)
+        except Exception as e:  # a filter that does not know this layout
+            raise ModelError(f"weights do not fit timm architecture {type(net).__name__} and "
+                             f"{module.__name__}.checkpoint_filter_fn cannot convert them: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        self.used = f"{module.__name__}.checkpoint_filter_fn"
+        log.info("weights converted by %s", self.used)
+        return out
 
 
 def load_timm(rest: str, spec: str, **_: object) -> Model:
     arch, weights = split_weights(rest, spec, "timm", EXAMPLE)
     _check_arch(arch)
+    convert = None
     if weights == "random":
         net = _create(arch)
         sd_path = sha = None
     else:
-        net = build_with_weights(functools.partial(_create, arch), weights, f"timm architecture {arch}")
+        convert = _TimmConverter()
+        net = build_with_weights(functools.partial(_create, arch), weights, f"timm architecture {arch}",
+                                 convert=convert)
         sd_path, sha = weights, file_sha256(weights)
     classifier = net.pretrained_cfg.get("classifier")
     n_out = getattr(net, "num_classes", None)
@@ -91,7 +131,8 @@ def load_timm(rest: str, spec: str, **_: object) -> Model:
         classifier=classifier if isinstance(classifier, str) else None,
         extra_meta={"num_classes": n_out, "random_init": weights == "random",
                     "dynamic_img_size": bool(getattr(net, "dynamic_img_size", False)),
-                    "feature_layer": _feature_layer(net)},
+                    "feature_layer": _feature_layer(net),
+                    "weights_converted_by": convert.used if convert else None},
         layer_aliases=pre_logits_alias(net),
     )
 

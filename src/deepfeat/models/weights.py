@@ -95,13 +95,22 @@ def infer_num_classes(skeleton: Mapping[str, torch.Tensor], sd: Mapping[str, tor
     return n
 
 
+Convert = Callable[[dict[str, torch.Tensor], torch.nn.Module], Mapping[str, torch.Tensor]]
+
+
 def build_with_weights(create: Callable[..., torch.nn.Module], weights: str | os.PathLike, what: str,
-                       drop: tuple[str, ...] = ()) -> torch.nn.Module:
+                       drop: tuple[str, ...] = (), convert: Convert | None = None) -> torch.nn.Module:
     """An architecture of a model zoo (``create(**kwargs)`` builds it) with the state dict of the
     file *weights* loaded into it, its classifier sized as the file's (:func:`infer_num_classes`);
-    *drop*: prefixes of the file's keys to leave out (heads the architecture is built without)."""
+    *drop*: prefixes of the file's keys to leave out (heads the architecture is built without);
+    *convert(sd, net)*: applied when the file's key names are not the architecture's (an original
+    release's layout, e.g. timm's ``checkpoint_filter_fn``), before the strict fit."""
     sd = read_state_dict(weights)
-    n = infer_num_classes(create().state_dict(), sd)
+    skeleton = create()
+    own = {k for k in skeleton.state_dict() if not k.endswith("num_batches_tracked")}
+    if convert is not None and set(sd) != own:
+        sd = dict(convert(dict(sd), skeleton))
+    n = infer_num_classes(skeleton.state_dict(), sd)
     if drop:
         sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
     net = create(**({"num_classes": n} if n else {}))

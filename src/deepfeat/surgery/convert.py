@@ -16,12 +16,14 @@ from torch import nn
 
 from deepfeat.errors import ModelError, UsageError
 from deepfeat.models.base import Model
+from deepfeat.models.layouts import token_layout
 from deepfeat.surgery.caffe import _caffe_classes, _convert_caffe
 from deepfeat.surgery.checks import _check_native, _check_sliding
 from deepfeat.surgery.fxnodes import _shape
 from deepfeat.surgery.head import _convert_head
 from deepfeat.surgery.modules import DenseClassifier, _ForwardFeatures
 from deepfeat.surgery.split import _split_fx, _split_timm
+from deepfeat.surgery.tokens import token_dense
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,10 @@ def fully_convolutional(model: Model, *, window: str | int = "native", softmax: 
         body, used_window, kind = _convert_caffe(work, model, window)
         dense = DenseClassifier(body, nn.Identity(), window=used_window, kind=kind, window_mode=window, **dense_kw)
         head_gm = fmap_shape = None
+    elif token_layout(work) is not None:  # a ViT: the head on every patch token (surgery/tokens.py)
+        dense = token_dense(work, model, **dense_kw)
+        head_gm = fmap_shape = None
+        window = None  # no native-window check: per-token, checked on the pooled token when built
     else:
         dense, head_gm, fmap_shape = _dense_from_graph(work, model, window, **dense_kw)
     dense.eval()

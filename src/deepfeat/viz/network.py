@@ -109,11 +109,20 @@ def _image(model: Model, image: Any, size: Any) -> tuple[np.ndarray, str]:
     return pixels, name or "image"
 
 
-def _capture(model: Model, pixels: np.ndarray, layer: str) -> torch.Tensor:
-    from deepfeat.models.taps import capture
+def layer_map(model: Model, pixels: np.ndarray, layer: str) -> tuple[torch.Tensor, dict | None]:
+    """(*layer*'s output for one image of uint8 *pixels*, read by its layout: ``C x H x W`` (a
+    transformer's patch tokens, a channels-last map permuted) or a ``D`` vector; its prefix tokens
+    ``{"cls": 1 x c x C, "reg": 1 x r x C}`` or None). See :mod:`deepfeat.viz.maps`."""
+    from deepfeat.models.layouts import LayoutTaps
 
     x = model.normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None].to(model.device))
-    return capture(model, x, [layer])[layer][0].detach().float().cpu()
+    with torch.inference_mode():
+        fmap, prefix = LayoutTaps(model, [layer])(x)[layer]
+    return fmap[0].detach().float().cpu(), prefix
+
+
+def _capture(model: Model, pixels: np.ndarray, layer: str) -> torch.Tensor:
+    return layer_map(model, pixels, layer)[0]
 
 
 def _shape_text(shape: Sequence[int]) -> str:
