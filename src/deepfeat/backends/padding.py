@@ -130,7 +130,7 @@ class PaddedTorchRunner:
         acts = self.fnet.taps(batch)
         out = []
         for name in self.fnet.layers:
-            a = acts[name]
+            a, _prefix = acts[name]  # padded batches hold maps (check_maskable: no token poolings)
             valid = [valid_map_size(tuple(x.shape[1:]), shape, tuple(a.shape[2:])) for x in xs]
             out.append(masked_pool(a, valid_mask(valid, tuple(a.shape[2:]), a.device), self.fnet.pooling))
         return out

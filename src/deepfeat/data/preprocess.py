@@ -88,6 +88,8 @@ class DataConfig:
         """A JSON-friendly description (the mean image is summarised, not dumped)."""
         d = asdict(self)
         d.pop("mean_image")
+        if d["size_multiple"] == 1:  # recorded only where it matters (patch sizes), so metas stay as they were
+            d.pop("size_multiple")
         d["input_size"] = list(self.input_size)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
