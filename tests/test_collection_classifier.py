@@ -71,6 +71,7 @@ def test_recovers_classes_and_refuses_a_foreign_photo(clf_dir, photos, tmp_path)
         clf.threshold = 1.5
 
 
+@pytest.mark.slow
 def test_same_probabilities_in_a_fresh_process(clf_dir, photos):
     clf = Classifier.load(clf_dir)
     here = clf.predict_proba(clf.embedder.embed_files([photos["coffee"], photos["hubble"]])[0])

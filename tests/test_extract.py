@@ -99,6 +99,7 @@ def test_backends_agree(collection, tmp_path):
     assert np.abs(a - b).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_backends_agree_variable_size_rmac(collection, tmp_path):
     kw = dict(limit=8, pooling="rmac", size="long:224", post="none", shard_size=4)
     extract(_cfg([collection], tmp_path / "t", **kw))

@@ -114,6 +114,7 @@ def test_per_shape_compilations_and_kernel_cache_are_bounded_by_input_size(ov, l
     assert openvino_setup.runtime_cache_capacity(384 * 512) == openvino_setup.RUNTIME_CACHE_CAPACITY > 0
 
 
+@pytest.mark.slow
 def test_bf16_within_its_tolerance_and_really_bf16(bf16, lite0, images, monkeypatch):
     """bf16: every descriptor within BF16_COSINE_MIN / BF16_RTOL of eager torch's float32 one, on the
     dynamic bf16 compilation (odd sides above 256 included: the graph's shape arithmetic is integer)

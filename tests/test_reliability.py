@@ -58,6 +58,7 @@ def reference(photos12, tmp_path) -> dict[str, np.ndarray]:
     return _ok_rows(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_a_killed_or_hanging_decode_worker_costs_one_image_not_the_run(photos12, reference, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULTS, "decode-kill=killme,decode-hang=hangme")
     rep = extract(_cfg([photos12], tmp_path / "s", shard_size=5, workers=2, decode_timeout=3))

@@ -79,6 +79,7 @@ def test_the_query_embedder_applies_the_guard_and_its_limit(store, tmp_path):
         engine.embedder.decode(square, (0, 0, 300, 300), max_pixels=1000)
 
 
+@pytest.mark.slow
 def test_cli_search_bbox_on_an_extreme_strip_is_one_line(store, tmp_path):
     png = strip(tmp_path / "strip.png")
     r = subprocess.run([sys.executable, "-m", "deepfeat", "search", str(store), str(png), "--bbox", "0,0,1,8000"],

@@ -66,6 +66,7 @@ def _png(name: str, tmp_path: Path) -> tuple[str, bytes, str]:
     return name, (tmp_path / name).read_bytes(), "image/png"
 
 
+@pytest.mark.slow
 def test_a_hung_decode_gets_a_503_health_sees_it_and_later_requests_are_refused_at_once(store, tmp_path):
     with server(store, "--worker-threads", "1", "--work-timeout", "2", faults="serve-hang=hangme") as url, \
             httpx.Client(base_url=url, timeout=60) as h:
