@@ -509,6 +509,23 @@ def test_inner_product_as_convolution():
         net(torch.randn(1, 4, 9, 9))
 
 
+@pytest.mark.parametrize("layer", [
+    'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 1000000000 } }',
+    'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 1000000 '
+    'kernel_size: 500 } }',
+])
+def test_a_layer_asking_for_hundreds_of_gigabytes_is_refused_before_allocating(layer, tmp_path, capsys):
+    with pytest.raises(ModelError, match=r"would take [\d,]+ GiB .*refuses layers over 4 GiB"):
+        _tiny_net(layer)
+    proto = tmp_path / "huge.prototxt"
+    proto.write_text('input: "data" input_shape { dim: 1 dim: 4 dim: 7 dim: 6 }\n' + layer)
+    from deepfeat.cli import main
+
+    assert main(["layers", "--model", f"caffe:{proto}@random"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB" in err[0], err
+
+
 # ---------------------------------------------------------------------------
 # Taps, aliases, layer table
 # ---------------------------------------------------------------------------

@@ -79,6 +79,19 @@ def take_blobs(ld: LayerDef, blobs: list[Blob] | None, expected: list[tuple[str,
     return out
 
 
+#: the largest weight array one layer may have: VGG's fc6 is 0.4 GB; a layer asking for more than this
+#: is a typo or a hostile prototxt, refused before anything is allocated
+MAX_LAYER_BYTES = 4 << 30
+
+
+def check_weight_size(ld: LayerDef, shape: tuple[int, ...], why: str) -> None:
+    """Refuse a weight array over :data:`MAX_LAYER_BYTES` (float32) before it is allocated."""
+    n = int(np.prod([int(d) for d in shape], dtype=np.float64))
+    if n * 4 > MAX_LAYER_BYTES:
+        raise ModelError(f"{ld.label}: its weights would take {n * 4 / 2**30:,.0f} GiB ({why}); deepfeat refuses "
+                         f"layers over {MAX_LAYER_BYTES >> 30} GiB (is num_output or kernel_size a typo?)")
+
+
 def _construct(cls: type, *args, skip_init: bool = False, **kw) -> nn.Module:
     """``cls(*args, **kw)``; with *skip_init* (weights are about to be copied in) the
     parameters are allocated without their random initialisation (fc6 of VGG has

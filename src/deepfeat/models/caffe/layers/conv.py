@@ -17,6 +17,7 @@ from deepfeat.models.caffe.layers.base import (
     _canon_axis,
     _check_positive,
     _construct,
+    check_weight_size,
     _fmt,
     _n_bottoms,
     _n_tops,
@@ -153,6 +154,7 @@ def _build_conv(ld: LayerDef, in_shapes: list[Shape], blobs: list[Blob] | None) 
                          f"both be divisible by group {group}")
     why = f"num_output {n_out}, {c_in} input channels from '{ld.bottoms[0]}', group {group}, kernel {kh}x{kw}"
     wshape = (n_out, c_in // group, kh, kw) if ld.type == "Convolution" else (c_in, n_out // group, kh, kw)
+    check_weight_size(ld, wshape, why)
     expected = [("weight", wshape)] + ([("bias", (n_out,))] if bias else [])
     arrays = take_blobs(ld, blobs, expected, why)
     if ld.type == "Convolution":
@@ -188,6 +190,7 @@ def _build_ip(ld: LayerDef, in_shapes: list[Shape], blobs: list[Blob] | None) ->
     transpose = p.bool("transpose", False)
     why = f"num_output {n_out}, input '{ld.bottoms[0]}' is {_fmt(s[axis:])} = {k} values"
     wshape = (k, n_out) if transpose else (n_out, k)
+    check_weight_size(ld, wshape, why)
     arrays = take_blobs(ld, blobs, [("weight", wshape)] + ([("bias", (n_out,))] if bias else []), why)
     m = _construct(InnerProduct, k, n_out, bias, axis, tuple(s[axis:]), ld.name, transpose,
                    skip_init=arrays is not None)
