@@ -101,9 +101,8 @@ def load_session(path_or_bytes, threads: int | None, fixed: dict[str, int] | Non
     ``height``, ``width``) with constants, so the session plans for that one shape.
 
     *arena*: ONNX Runtime's CPU memory arena. Sessions of the dynamic graph run without it: fed
-    hundreds of shapes, the arena grows with each and keeps what it took (measured at ``long:1024``:
-    +80-200 MB per new shape, 3.7 GB peak after 30 images, 7.0 GB after 300), while plain
-    allocation stays flat and ran as fast or faster (1.0-1.15x, docs/benchmarks.md)."""
+    hundreds of shapes, the arena grows with each and keeps what it took, while plain allocation
+    stays flat at the same speed (the figures: docs/benchmarks.md, "At long:1024")."""
     import onnxruntime as ort
 
     opts = session_options(threads)
@@ -385,13 +384,11 @@ def default_threads(cores: int | None = None, pixels: int | None = None) -> tupl
 
     ONNX Runtime gets every core (at most 8). Decoding gets one worker per core for small
     inputs (``--size model``, 224 x 224) and half the cores from :data:`LARGE_INPUT_PIXELS`
-    up (``long:512``, ``long:1024``, ``--scales``), where it is a few percent of the work.
-    Measured end to end on a quiet 2-core machine (benchmarks/bench_threads.py, 3 rounds,
-    docs/benchmarks.md): at 224, ``2:2`` ran 1.53x ``1:2`` and 1.24x ``2:1``; at ``long:512``
-    ``2:1`` ran 1.43x ``1:2`` (1.13x ``2:2``), at three scales of it 1.66x, at ``long:1024``
-    1.59x. On a machine shared with other jobs the spinning inference threads lose their
-    cores and ``--threads 1`` does better (measured 1.4-1.6x at load 2-20); pass it there.
-    The 16-core rules are NOT measured (no such machine was available); ``--threads`` and
+    up (``long:512``, ``long:1024``, ``--scales``), where it is a few percent of the work: the
+    rule measured best end to end on a quiet 2-core machine (benchmarks/bench_threads.py; the
+    ratios are in docs/benchmarks.md). On a machine shared with other jobs the spinning
+    inference threads lose their cores and ``--threads 1`` does better; pass it there. The
+    16-core rules are not measured (no such machine was available); ``--threads`` and
     ``--workers`` override the defaults.
     """
     n = max(1, cores or os.cpu_count() or 1)

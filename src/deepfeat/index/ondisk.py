@@ -115,8 +115,8 @@ def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int,
     Each worker holds a chunk of float32 rows three times over (as read, post-processed, encoded;
     the chunk at most an eighth of its share, at most *chunk_rows*) and its shard's codes and ids
     (``code_bytes + 8`` bytes per row) counted twice: FAISS's in-memory lists grow by doubling, so
-    up to half their capacity is unused. Measured at 2M x 128 (docs/benchmarks.md, "Indexes beyond
-    memory"): with one chunk and the lists counted once a worker's data took 2.4x its share."""
+    up to half their capacity is unused (why both counts are needed: docs/benchmarks.md, "Indexes
+    beyond memory")."""
     per_worker = max_memory / max(1, workers)
     chunk = min(int(chunk_rows), int(per_worker / 8 // (d * 4)))
     if chunk < 1:
