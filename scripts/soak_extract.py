@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DEEPFEAT_SHARED_DATA", REPO.parent / "shared" / "data"))
 SIGNALS = (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)
 #: meta keys that record when and how fast a run went, not what the store holds
-VOLATILE_META = ("created", "updated", "last_run")
+VOLATILE_META = ("created", "updated", "last_run", "meta_sha256")  # the digest covers the times too
 
 
 def make_corpus(folder: Path, n: int, real: int | None, broken_fraction: float, seed: int) -> tuple[list[str], set]:
