@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from deepfeat.errors import UsageError
 from deepfeat.models.base import Model
-from deepfeat.viz.network import _figure, _show_rgb, _upsample, layer_map
+from deepfeat.viz.network import layer_map, overlay_figure
 
 __all__ = ["layer_map", "patch_norms", "plot_patch_norm"]
 
@@ -43,8 +43,6 @@ def plot_patch_norm(model: Model, image: Any, layer: str | None = None, *, size:
     """The norm of every patch token of *layer* (default: a ViT's last block, else the model's default
     tap) for *image*:
     overlaid on the image (left) and one cell per patch (right), with the prefix tokens' norms."""
-    from matplotlib.ticker import MaxNLocator
-
     from deepfeat.pipeline.network import default_layer
     from deepfeat.surgery import load_pixels
 
@@ -53,17 +51,7 @@ def plot_patch_norm(model: Model, image: Any, layer: str | None = None, *, size:
     fmap, prefix = layer_map(model, pixels, layer)
     norms = patch_norms(fmap)
     h, w = pixels.shape[:2]
-    img, cmap = _show_rgb(pixels)
-    fig = _figure(10, 4.6)
-    ax1 = fig.add_subplot(1, 2, 1)
-    ax1.imshow(img, cmap=cmap)
-    ax1.imshow(_upsample(norms, h, w), cmap="magma", alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-    ax1.set_axis_off()
-    ax1.set_title(f"{name or 'image'} ({w} x {h}) with patch norms", fontsize=10)
-    ax2 = fig.add_subplot(1, 2, 2)
-    im = ax2.imshow(norms, cmap="magma", interpolation="nearest")
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig, ax2, im = overlay_figure(pixels, norms, "magma", alpha, f"{name or 'image'} ({w} x {h}) with patch norms")
     extra = "; ".join(f"{k} {float(v[0].norm(dim=-1).mean()):.3g}" for k, v in (prefix or {}).items())
     ax2.set_title(f"|token| of {layer}, {norms.shape[0]} x {norms.shape[1]} patches, {fmap.shape[0]} channels"
                   + (f"\nprefix tokens: {extra}" if extra else ""), fontsize=10)

@@ -307,6 +307,25 @@ def _upsample(m: np.ndarray, h: int, w: int) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def overlay_figure(pixels: np.ndarray, grid: np.ndarray, cmap_name: str, alpha: float, title: str):
+    """The two-panel picture of a per-position map: *grid* upsampled over the image (left, titled
+    *title*) and one cell per position (right, integer ticks). Returns (figure, right axes, image)
+    for the caller's own title and colour bar."""
+    h, w = pixels.shape[:2]
+    img, cmap = _show_rgb(pixels)
+    fig = _figure(10, 4.6)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ax1.imshow(img, cmap=cmap)
+    ax1.imshow(_upsample(grid, h, w), cmap=cmap_name, alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    ax1.set_axis_off()
+    ax1.set_title(title, fontsize=10)
+    ax2 = fig.add_subplot(1, 2, 2)
+    im = ax2.imshow(grid, cmap=cmap_name, interpolation="nearest")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax2, im
+
+
 def plot_crow(model: Model, image: Any, layer: str, *, a: float = 2.0, b: float = 2.0, size: Any = None,
               alpha: float = 0.5) -> Figure:
     """CroW spatial weights of *layer* for *image*: upsampled and overlaid as a heatmap
@@ -317,19 +336,9 @@ def plot_crow(model: Model, image: Any, layer: str, *, a: float = 2.0, b: float 
         raise UsageError(f"CroW needs a convolutional layer (C x H x W); {layer!r} gives {_shape_text(fmap.shape)}")
     s = crow_spatial_weights(fmap[None], a, b)[0].numpy()
     h, w = pixels.shape[:2]
-    img, cmap = _show_rgb(pixels)
-    fig = _figure(10, 4.6)
-    ax1 = fig.add_subplot(1, 2, 1)
-    ax1.imshow(img, cmap=cmap)
-    ax1.imshow(_upsample(s, h, w), cmap="jet", alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-    ax1.set_axis_off()
-    ax1.set_title(f"{name} ({w} x {h}) with CroW weights", fontsize=10)
-    ax2 = fig.add_subplot(1, 2, 2)
-    im = ax2.imshow(s, cmap="jet", interpolation="nearest")
+    fig, ax2, im = overlay_figure(pixels, s, "jet", alpha, f"{name} ({w} x {h}) with CroW weights")
     ax2.set_xlabel("x (feature cells)")
     ax2.set_ylabel("y (feature cells)")
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_title(f"spatial weights S' of {layer} ({_shape_text(fmap.shape)}), a={a:g}, b={b:g}", fontsize=10)
     fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.04)
     fig.suptitle(f"{model.arch}: CroW spatial weighting", fontsize=11)
