@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,7 @@ import pytest
 
 from deepfeat import cli
 from deepfeat.errors import StoreError
-from deepfeat.pipeline import ExtractConfig, extract
-from deepfeat.search import SearchEngine, build_index
+from deepfeat.search import SearchEngine
 from deepfeat.store import FeatureStore
 from deepfeat.store.checksums import SHARD_KEY, file_digest, meta_digest, sample_digest
 from deepfeat.store.lock import LOCK_NAME
@@ -30,21 +28,8 @@ from deepfeat.store.lock import LOCK_NAME
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory, collection) -> Path:
-    """24 real photos in 3 shards, PCA-whitened (post.npz), with a saved flat index."""
-    out = tmp_path_factory.mktemp("trust") / "store"
-    extract(ExtractConfig(inputs=[str(collection)], output=str(out), workers=0, progress="none", shard_size=8,
-                          post="pca:16,l2"))
-    build_index(FeatureStore(out), kind="flat")
-    return out
-
-
-@pytest.fixture()
-def store(pristine, tmp_path) -> Path:
-    dst = tmp_path / "store"
-    shutil.copytree(pristine, dst)
-    return dst
+# a store of 24 real photos in 3 shards, PCA-whitened (post.npz), with a saved flat index; a fresh copy per test
+from .test_store_integrity import pristine, store  # noqa: E402,F401  (module fixtures)
 
 
 def _answers(path: Path) -> list[list[tuple[int, str, float]]]:
