@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from deepfeat.data.images import check_decode, decode_image, file_problem, open_image
 from deepfeat.data.preprocess import DataConfig, SizePolicy, target_size
+from deepfeat.data.sources import read_recorded
 from deepfeat.data.workers import PerItem, SupervisedPool
 from deepfeat.errors import DeepfeatError
 from deepfeat.pipeline import faults
@@ -90,34 +91,36 @@ def probe_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
 
 
 def decode_one(item: tuple[int, str]) -> tuple[tuple, float, float]:
-    """Decode one image in a worker: ((id, pixels|None, error|None, w, h, notes), read s, decode s)."""
+    """Decode one image in a worker: ((id, pixels|None, error|None, w, h, notes, source), read s, decode s),
+    where *source* is the :class:`~deepfeat.data.sources.SourceRecord` of the bytes that were decoded
+    (size, mtime, sha256: one read, hashed here), or None when the file could not be read."""
     item_id, path = item
     t0 = time.perf_counter()
     if _W.get("in_process"):
         faults.decode_faults(path)
     problem = file_problem(path)  # before open(): a FIFO would block it, /dev/zero never end
     if problem:
-        return (item_id, None, problem, None, None, ()), time.perf_counter() - t0, 0.0
+        return (item_id, None, problem, None, None, (), None), time.perf_counter() - t0, 0.0
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, source = read_recorded(path)
     except OSError as e:
-        return (item_id, None, f"cannot read file: {e.strerror or e}", None, None, ()), time.perf_counter() - t0, 0.0
+        return ((item_id, None, f"cannot read file: {e.strerror or e}", None, None, (), None),
+                time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
     try:
         if not data:
             raise_empty()
         d = decode_image(io.BytesIO(data), _W["policy"], _W["cfg"], draft=_W["draft"], max_pixels=_W["max_pixels"])
-        out = (item_id, d.pixels, None, d.width, d.height, d.notes)
+        out = (item_id, d.pixels, None, d.width, d.height, d.notes, source)
     except DeepfeatError as e:
-        out = (item_id, None, str(e), None, None, ())
+        out = (item_id, None, str(e), None, None, (), source)
     except Exception as e:  # a decoder bug must not kill the run
-        out = (item_id, None, f"{type(e).__name__}: {e}", None, None, ())
+        out = (item_id, None, f"{type(e).__name__}: {e}", None, None, (), source)
     return out, t1 - t0, time.perf_counter() - t1
 
 
 def _decode_failed(item: tuple[int, str], reason: str) -> tuple[tuple, float, float]:
-    return (item[0], None, reason, None, None, ()), 0.0, 0.0
+    return (item[0], None, reason, None, None, (), None), 0.0, 0.0
 
 
 def _merge_decoded(results: list[tuple[tuple, float, float]]) -> tuple[list[tuple], float, float]:
@@ -125,7 +128,7 @@ def _merge_decoded(results: list[tuple[tuple, float, float]]) -> tuple[list[tupl
 
 
 def decode_batch(items: Sequence[tuple[int, str]]) -> tuple[list[tuple], float, float]:
-    """Decode a batch in a worker: [(id, pixels|None, error|None, w, h, notes)], read s, decode s."""
+    """Decode a batch in a worker: [(id, pixels|None, error|None, w, h, notes, source)], read s, decode s."""
     return _merge_decoded([decode_one(it) for it in items])
 
 

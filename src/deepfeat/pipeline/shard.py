@@ -13,7 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from deepfeat.data.images import file_problem
 from deepfeat.data.preprocess import SizePolicy
+from deepfeat.data.sources import SourceRecord, file_record
 from deepfeat.errors import DeepfeatError, StoreError
 from deepfeat.pipeline import faults
 from deepfeat.pipeline.decode import decode_batch, probe_sizes
@@ -32,6 +34,7 @@ class ShardJob:
     batches: list[list[tuple[int, str]]]
     bad: dict[int, str]  # items whose image header could not be read (variable-size policies)
     results: dict[int, tuple] = field(default_factory=dict)  # id -> (vecs, w, h, notes) | (None, error)
+    sources: dict[int, SourceRecord | None] = field(default_factory=dict)  # id -> the file as it was read
     left: int = 0  # batches not inferred yet
 
     def __post_init__(self) -> None:
@@ -91,6 +94,7 @@ class ShardProcessor:
         for r in results:
             if r[1] is None:
                 job.results[r[0]] = (None, r[2])
+            job.sources[r[0]] = r[6]
         job.left -= 1
         return len(results)
 
@@ -152,15 +156,18 @@ class ShardProcessor:
         items_tab = ShardItems.empty()
         feats: list[list[np.ndarray]] = [[] for _ in self.layers]
         for item_id, path in job.items:
-            if item_id in job.bad:
-                items_tab.add(item_id, path, ok=False, error=job.bad[item_id])
+            if item_id in job.bad:  # its header was unreadable: recorded here (rare), so sync sees it change
+                file = self.store.resolve_path(path)
+                items_tab.add(item_id, path, ok=False, error=job.bad[item_id],
+                              source=None if file_problem(file) else file_record(file))
                 continue
             r = job.results[item_id]
+            source = job.sources.get(item_id)
             if r[0] is None:
-                items_tab.add(item_id, path, ok=False, error=r[1])
+                items_tab.add(item_id, path, ok=False, error=r[1], source=source)
                 continue
             vecs, w, h, notes = r
-            items_tab.add(item_id, path, ok=True, width=w, height=h, offset=len(feats[0]), notes=notes)
+            items_tab.add(item_id, path, ok=True, width=w, height=h, offset=len(feats[0]), notes=notes, source=source)
             for j, v in enumerate(vecs):
                 feats[j].append(v)
         arrays = {

@@ -227,7 +227,8 @@ class FeatureStore:
             return ITEM_SCHEMA.empty_table()
         for s in shards:  # when they answer (no usable items.parquet), each as it was written
             self._check_file(self._shard_items_path(s))
-        t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards])
+        # shards written before a column was added (the file records) read it as null
+        t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards], promote_options="default")
         return t.replace_schema_metadata(None)  # the per-shard checksums stay in the shard files
 
     # -- reading ------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""What an item was made from: the size, modification time and content hash (sha256) of
+its file, taken from the same read as the bytes that are decoded, so that a later
+``deepfeat sync`` can tell a changed file from an unchanged one.
+
+A :class:`SourceRecord` is cheap to compare by ``stat`` alone (size and ``mtime_ns``);
+the hash settles the cases where the ``stat`` differs (a file copied back, touched, or
+rewritten with the same bytes) without decoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A file as it was read: its size in bytes, its ``st_mtime_ns`` and the sha256 of its bytes."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    def same_stat(self, st: os.stat_result) -> bool:
+        """Whether *st* (a file's ``stat`` now) has the size and modification time recorded."""
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+
+def read_recorded(path: str) -> tuple[bytes, SourceRecord]:
+    """The bytes of *path* and their record, from one open: the ``stat`` is taken on the open
+    file before it is read, so a file replaced meanwhile is recorded as the one that was read
+    (a file written while it is read gets the hash of what was read, never of another version)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    return data, SourceRecord(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str) -> SourceRecord | None:
+    """The record of *path* as it is now (``stat`` then hash), or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h = hashlib.sha256()
+            size = 0
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+    except OSError:
+        return None
+    return SourceRecord(size, st.st_mtime_ns, h.hexdigest())
