@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "cmd_map",
     "cmd_check_images",
     "cmd_extract",
+    "cmd_sync",
     "cmd_export",
     "cmd_postprocess",
     "cmd_compute_ap",

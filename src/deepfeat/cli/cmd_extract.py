@@ -71,6 +71,10 @@ def register(sub) -> None:
     p.add_argument("--no-draft", dest="draft", action="store_false", help="always decode JPEGs at full size")
     p.add_argument("--resume", action="store_true",
                    help="continue the store's run with its own settings (inputs and flags may be omitted)")
+    p.add_argument("--sync", action="store_true",
+                   help="bring an existing store in line with the inputs: new files added, changed ones (size or "
+                        "mtime, then content hash) extracted again, deleted ones removed, the index refreshed; a "
+                        "report of each (see also `deepfeat sync STORE`)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"])
     g = p.add_argument_group("distributed extraction (pip install 'deepfeat[ray]'; see docs/scaling.md)")
@@ -143,15 +147,21 @@ def run(args) -> int:
     )
     try:
         with sigterm_interrupts():
-            rep = extract(cfg)
+            if args.sync:
+                from deepfeat.collection.sync import sync_store
+
+                rep = sync_store(cfg)
+            else:
+                rep = extract(cfg)
     except KeyboardInterrupt as e:
         what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         print(f"\n{what}: committed shards are kept in {args.output}; run the same command again "
               "(or `deepfeat extract --resume -o STORE`) to continue", file=sys.stderr)
         return code
     if args.json and not args.local_features:
-        print(json.dumps(rep.to_dict(), indent=2))
+        print(json.dumps(rep.to_dict(paths=True), indent=2))
     elif not args.json:
+        print_sync(rep, verbose=getattr(args, "verbose", 0))
         st = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
         print(f"{rep.processed} images in {rep.seconds:.1f}s ({rep.images_per_s:.1f} img/s, "
               f"{rep.steady_images_per_s:.1f} after the first batch): "
@@ -171,10 +181,30 @@ def run(args) -> int:
             print("\ninterrupted: run the same command again to finish the local features", file=sys.stderr)
             return 130
         if args.json:
-            print(json.dumps({**rep.to_dict(), "local_features": lrep}, indent=2))
+            print(json.dumps({**rep.to_dict(paths=True), "local_features": lrep}, indent=2))
         else:
             print_report(lrep, args.output)
     return 0 if rep.ok or rep.skipped_shards else 1
+
+
+def print_sync(rep, verbose: int = 0) -> None:
+    """A sync's lines: the counts (``sync: 1 added, 1 changed, ...``), with ``-v`` the paths of each
+    change, and what became of the index."""
+    if rep.sync is None:
+        return
+    counts = rep.sync["counts"]
+    line = ", ".join(f"{counts[k]} {k}" for k in ("added", "changed", "deleted", "unchanged", "failed"))
+    extra = [f"{counts[k]} {k}" for k in ("retried", "pending") if counts.get(k)]
+    if rep.sync.get("unchecked"):
+        extra.append(f"{rep.sync['unchecked']} could not be checked (extracted before deepfeat recorded its files; "
+                     "taken as unchanged while they exist)")
+    print("sync: " + ", ".join([line, *extra]))
+    if verbose and rep.sync_paths:
+        for k in ("added", "changed", "deleted", "retried"):
+            for path in rep.sync_paths[k]:
+                print(f"  {k}: {path}")
+    if rep.index:
+        print(f"index: {rep.index}")
 
 
 def _say_rounding(store: str) -> None:

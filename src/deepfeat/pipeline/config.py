@@ -53,6 +53,9 @@ class ExtractConfig:
     #: and replaced and the image reported (None or 0: no limit; threads cannot be stopped)
     decode_timeout: float | None = 120.0
     resume: bool = False
+    #: bring the store in line with its inputs (deepfeat.pipeline.sync): changed files extracted again,
+    #: deleted ones removed, new ones added; without inputs, the folders the store records
+    sync: bool = False
     limit: int | None = None
     dtype: str = "float32"
     shard_size: int = 1024
@@ -161,6 +164,12 @@ class ExtractReport:
     #: time until the first batch was done (model load, worker start, ONNX export, first batch)
     warmup_seconds: float | None = None
     warmup_items: int = 0
+    #: a sync's counts (deepfeat.pipeline.sync.SyncPlan.to_dict); its paths in ``sync_paths``, which
+    #: ``to_dict`` leaves out (the run is recorded in meta.json, where a million paths do not belong)
+    sync: dict[str, Any] | None = None
+    sync_paths: dict[str, list[str]] | None = field(default=None, repr=False)
+    #: what became of the store's saved index after a sync (deepfeat.index.update.refresh_index)
+    index: str | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -173,8 +182,12 @@ class ExtractReport:
             return self.images_per_s
         return (self.processed - self.warmup_items) / (self.seconds - self.warmup_seconds)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, paths: bool = False) -> dict[str, Any]:
+        """The report as JSON-ready values; *paths*: with a sync's paths (``sync.paths``)."""
         d = asdict(self)
+        sync_paths = d.pop("sync_paths")
+        if paths and d["sync"] is not None:
+            d["sync"] = {**d["sync"], "paths": sync_paths}
         d["images_per_s"] = round(self.images_per_s, 2)
         d["steady_images_per_s"] = round(self.steady_images_per_s, 2)
         return d

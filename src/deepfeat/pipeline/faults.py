@@ -12,6 +12,10 @@ image whose file name contains NAME:
   N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
   for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
   store locked and planned, N shards committed) on any machine;
+* ``sync-hang=STEP``: a sync (``extract --sync``, ``deepfeat sync``) says so on stderr
+  (``fault: sync-hang after STEP, waiting for a signal``) and waits for a signal once it has
+  done STEP: ``removed-changed`` or ``removed-deleted`` (the items tombstoned) or ``planned``
+  (the new paths planned, nothing extracted yet);
 * ``serve-hang=NAME``: the server's decode of an upload whose file name contains NAME blocks
   (says so on stderr: ``fault: serve-hang on NAME``) until the server stops, like a decoder
   caught in a bad file: the work time bound and /api/health's stuck report are exercised.
@@ -32,7 +36,7 @@ import time
 from functools import lru_cache
 
 ENV = "DEEPFEAT_FAULTS"
-KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang")
+KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang", "sync-hang")
 
 _committed = 0  # shards committed by this process (for commit-hang)
 _released = threading.Event()  # set when the server stops: serve-hang ends
@@ -93,6 +97,19 @@ def release_hangs() -> None:
     _released.set()
 
 
+def _wait_for_signal(message: str) -> None:
+    print(f"fault: {message}, waiting for a signal", file=sys.stderr, flush=True)
+    while True:
+        signal.pause()  # returns after each handled signal; SIGINT and SIGTERM raise, SIGKILL ends it
+
+
+def sync_step(step: str) -> None:
+    """Called by a sync after each of its steps (``sync-hang=STEP``: wait for a signal after STEP)."""
+    spec = os.environ.get(ENV)
+    if spec and any(k == "sync-hang" and name == step for k, name in _rules(spec)):
+        _wait_for_signal(f"sync-hang after {step}")
+
+
 def before_commit() -> None:
     """Called before each shard the run commits (``commit-hang``: wait for a signal once N are)."""
     global _committed
@@ -100,7 +117,5 @@ def before_commit() -> None:
     if not spec:
         return
     if any(k == "commit-hang" and int(n) == _committed for k, n in _rules(spec)):
-        print(f"fault: {_committed} shard(s) committed, waiting for a signal", file=sys.stderr, flush=True)
-        while True:
-            signal.pause()  # returns after each handled signal; SIGINT and SIGTERM raise, SIGKILL ends it
+        _wait_for_signal(f"{_committed} shard(s) committed")
     _committed += 1

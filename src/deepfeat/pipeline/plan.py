@@ -44,8 +44,10 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
             known.add(k)
             new.append(p)
     if new:
-        next_id = (max(ids) + 1) if ids else 0
-        next_shard = (max(shards) + 1) if shards else 0
+        # never an id or a shard used before: removed items left the plan, but their ids stay
+        # tombstoned and their shards committed (deepfeat.store.removal)
+        next_id = max([*ids, *store.removed_ids(), -1]) + 1
+        next_shard = max([*shards, *store.committed_shards(), -1]) + 1
         for i, p in enumerate(new):
             ids.append(next_id + i)
             ppaths.append(p)
@@ -95,20 +97,28 @@ def eager_cpu(cfg: ExtractConfig, device) -> bool:
     return on_cpu and not parse_size_policy(cfg.size).fixed
 
 
-def plan_work(cfg: ExtractConfig, store: FeatureStore
+def store_form(paths: list[str], root: str | None) -> list[str]:
+    """Paths as the store spells them: relative ones relative to its root (where its first
+    extraction ran) when this process runs elsewhere (an append from another folder), absolute
+    ones as they are."""
+    if not root or os.path.abspath(root) == os.getcwd():
+        return list(paths)
+    return [p if os.path.isabs(p) else os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
+def plan_work(cfg: ExtractConfig, store: FeatureStore, paths: list[str] | None = None
               ) -> tuple[list[int], set[int], OrderedDict[int, list[tuple[int, str]]]]:
-    """Plan *cfg*'s inputs into *store*: (every planned id, the committed shards, the
-    uncommitted shards' (id, path) items by shard, in shard order)."""
-    # names that are not UTF-8 are planned (as \xNN escapes) and reported, see images.file_problem
-    paths = [printable_path(p) for p in discover(cfg.inputs)] if cfg.inputs else []
-    root = store.meta.get("root")
-    if root and os.path.abspath(root) != os.getcwd():
-        # appending from another folder: keep relative paths relative to the store's root
-        paths = [p if os.path.isabs(p) else os.path.relpath(os.path.abspath(p), root) for p in paths]
+    """Plan *cfg*'s inputs (or, from a sync, *paths* as the store spells them) into *store*:
+    (every planned id, the committed shards, the uncommitted shards' (id, path) items by shard,
+    in shard order)."""
+    if paths is None:
+        # names that are not UTF-8 are planned (as \xNN escapes) and reported, see images.file_problem
+        paths = [printable_path(p) for p in discover(cfg.inputs)] if cfg.inputs else []
+        paths = store_form(paths, store.meta.get("root"))
     if cfg.limit is not None:
         paths = paths[: cfg.limit]
     ids, ppaths, shards = plan_inputs(store, paths, cfg.shard_size)
-    if not ids:
+    if not ids and not cfg.sync:  # a sync may leave a store empty: every file of its folders deleted
         raise UsageError("no images found in the inputs")
     committed = set(store.committed_shards())
     by_shard: OrderedDict[int, list[tuple[int, str]]] = OrderedDict()

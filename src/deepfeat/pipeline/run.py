@@ -9,24 +9,29 @@ from typing import Callable
 
 from deepfeat.errors import UsageError
 from deepfeat.pipeline.append import adopt_store_settings
+from deepfeat.pipeline import faults
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
 from deepfeat.pipeline.plan import default_batch, plan_work
 from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
 from deepfeat.pipeline.progress import Progress
+from deepfeat.pipeline.sync import SyncPlan, apply_sync, record_inputs, recorded_inputs, scan_inputs, stale_warning
 from deepfeat.store import FeatureStore, check_store_dir
 from deepfeat.store.lock import StoreLock
 
 log = logging.getLogger(__name__)
 
 
-def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> ExtractReport:
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None,
+            after: Callable[[FeatureStore], str | None] | None = None) -> ExtractReport:
     """Run (or continue) an extraction into ``cfg.output``, as the store's only writer.
 
     The store's lock (:class:`~deepfeat.store.lock.StoreLock`) is taken first: a second
     ``extract`` on the same store, or a store folder that cannot be written, is refused
-    before the model is loaded. The run itself is :func:`_extract`.
+    before the model is loaded. The run itself is :func:`_extract`; *after*, if given, is
+    called with the store before the lock is released (a sync refreshes the store's index
+    there: :func:`deepfeat.collection.sync.sync_store`) and its answer is the report's ``index``.
     """
     cfg.validate()
     out = Path(cfg.output)
@@ -34,11 +39,14 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     with StoreLock(cfg.output, create=not cfg.resume):
         new = not (out / "meta.json").is_file()
         try:
-            return _extract(cfg, on_shard)
+            report = _extract(cfg, on_shard)
         except BaseException:
             if new:  # a run that stores nothing leaves nothing behind (the lock removes a folder it made)
                 _remove_if_nothing_stored(out)
             raise
+        if after is not None:
+            report.index = after(FeatureStore(out))
+        return report
 
 
 #: what a new store holds before its first shard is committed (removed when the run stores nothing)
@@ -77,9 +85,22 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
         require_ray()  # before any heavy work: a missing extra is a UsageError that says how to install it
     t_start = time.perf_counter()
     out = Path(cfg.output)
+    existed = (out / "meta.json").is_file()
     store, model, layers, fnet, dims, device = _open_store(cfg, out, post, post_file)
-    ids, committed, by_shard = plan_work(cfg, store)
+    sync = sync_store(cfg, store) if cfg.sync else None
+    if sync is None and existed and cfg.inputs:  # a plain re-run: say what changed (stat only)
+        warning = stale_warning(store, cfg.inputs, cfg.output)
+        if warning:
+            log.warning("%s", warning)
+    ids, committed, by_shard = plan_work(cfg, store, None if sync is None else sync.to_plan)
+    if cfg.sync:
+        faults.sync_step("planned")
+    if cfg.inputs:
+        record_inputs(store, cfg.inputs)
     report = ExtractReport(store=str(out), planned=len(ids), skipped_shards=len(committed))
+    if sync is not None:
+        report.sync = sync.to_dict(paths=False)
+        report.sync_paths = sync.to_dict()["paths"]
     default_batch(cfg, device)
     todo = sum(len(v) for v in by_shard.values())
     if committed:
@@ -108,6 +129,21 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
             log.warning("could not consolidate items.parquet: %s", e)
     _finish(store, cfg, report)
     return report
+
+
+def sync_store(cfg: ExtractConfig, store: FeatureStore) -> SyncPlan:
+    """A sync's first steps (:mod:`deepfeat.pipeline.sync`): scan *cfg*'s inputs (or the store's
+    recorded ones) against the store, tombstone what changed or went, and return the plan whose
+    ``to_plan`` paths the extraction then plans and extracts."""
+    inputs = list(cfg.inputs) or recorded_inputs(store)
+    if not inputs:
+        raise UsageError(f"{cfg.output} does not record the folders it was made from (it was extracted before "
+                         f"deepfeat recorded them); sync it once with `deepfeat extract FOLDER... -o {cfg.output} "
+                         "--sync`")
+    plan = scan_inputs(store, inputs, threads=max(1, cfg.workers or 4))
+    log.info("sync: %s", plan.summary())
+    apply_sync(store, plan)
+    return plan
 
 
 def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):

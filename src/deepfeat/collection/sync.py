@@ -1,0 +1,43 @@
+"""A collection that changes: the store brought in line with its folders in one call, its saved
+index included.
+
+:func:`sync_store` is ``deepfeat extract FOLDER -o STORE --sync`` and ``deepfeat sync STORE``:
+the extraction with a sync (:mod:`deepfeat.pipeline.sync`: new files added, changed ones
+extracted again, deleted ones removed), then, under the same writer lock, the store's saved
+index refreshed (:func:`deepfeat.index.update.refresh_index`: updated in place where its kind
+allows, rebuilt otherwise). :func:`preview_sync` is ``--dry-run``: the diff, nothing changed.
+"""
+
+from __future__ import annotations
+
+from deepfeat.errors import UsageError
+from deepfeat.pipeline import ExtractConfig, ExtractReport, extract
+from deepfeat.pipeline.sync import SyncPlan, recorded_inputs, scan_inputs
+from deepfeat.search.store_index import INDEX_DIR
+from deepfeat.store import FeatureStore
+
+
+def refresh_saved_index(store: FeatureStore) -> str | None:
+    """Bring the store's saved index (if it has one) in line with its items; one line saying how."""
+    if not (store.path / INDEX_DIR / "index.json").is_file():
+        return None
+    from deepfeat.index.update import refresh_index
+
+    return refresh_index(store)
+
+
+def sync_store(cfg: ExtractConfig) -> ExtractReport:
+    """Sync ``cfg.output`` with ``cfg.inputs`` (or, without inputs, with the folders the store
+    records) and refresh its index; the report's ``sync`` has the counts, ``sync_paths`` the paths."""
+    cfg.sync = True
+    return extract(cfg, after=refresh_saved_index)
+
+
+def preview_sync(store_path: str, inputs: list[str] | None = None) -> SyncPlan:
+    """What a sync of *store_path* would do, changing nothing (``--dry-run``)."""
+    store = FeatureStore(store_path)
+    inputs = list(inputs or []) or recorded_inputs(store)
+    if not inputs:
+        raise UsageError(f"{store_path} does not record the folders it was made from (it was extracted before "
+                         f"deepfeat recorded them); give them: `deepfeat extract FOLDER... -o {store_path} --sync`")
+    return scan_inputs(store, inputs)

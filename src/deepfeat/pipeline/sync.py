@@ -1,0 +1,302 @@
+"""Keeping a store in line with the folders it was made from (``extract --sync``, ``deepfeat sync``).
+
+:func:`scan_inputs` compares the inputs (as :func:`~deepfeat.data.images.discover` finds them
+now) with the store's items and their file records (``size``, ``mtime_ns``, ``sha256``:
+:mod:`deepfeat.data.sources`): a file the store does not know is *added*; a known file whose
+size or modification time differs is hashed, and is *changed* when its bytes are not the ones it
+was extracted from (a failed item whose file changed is *retried*); a known file under the
+inputs that is gone is *deleted*; everything else is *unchanged* (or still *failed*). An item
+written before the records existed is taken as unchanged while its file exists (counted as
+*unchecked*). :func:`apply_sync` then tombstones the changed, retried and deleted items
+(:func:`deepfeat.store.removal.remove_items`, which also drops them from the plan) and returns
+the paths to plan, which the extraction plans under new ids and extracts as usual.
+
+Every step is atomic and the diff is a function of the folder and the store only, so a sync
+killed at any point and run again (or ``extract --resume``) ends with the same store as one
+that was never interrupted: tombstones written before a kill make those paths *added* on the
+next scan, and paths planned before a kill are *pending* and extracted by the plan.
+
+:func:`stale_warning` is the cheap check of a plain re-run (``stat`` only, no hashing).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from deepfeat.data.images import discover, file_problem, printable_path
+from deepfeat.data.sources import file_sha256
+from deepfeat.pipeline import faults
+from deepfeat.pipeline.plan import store_form
+from deepfeat.store import FeatureStore
+from deepfeat.store.items import source_columns
+
+log = logging.getLogger(__name__)
+
+#: what the report lists, in this order
+CATEGORIES = ("added", "changed", "deleted", "unchanged", "failed", "retried", "pending")
+
+
+@dataclass
+class SyncPlan:
+    """The difference between a store and its inputs, and what syncing does about it.
+
+    Each category is a list of paths (as the store spells them); ``remove`` holds the
+    (id, reason) pairs to tombstone and ``to_plan`` the paths to extract, in discovery order."""
+
+    inputs: list[str]
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # failed before, file unchanged: left as they are
+    retried: list[str] = field(default_factory=list)  # failed before, file changed: extracted again
+    pending: list[str] = field(default_factory=list)  # planned by an earlier run, not extracted yet
+    unchecked: int = 0  # items without a file record (stores written before they existed)
+    hashed: int = 0  # files whose stat differed, hashed to decide
+    remove: list[tuple[int, str]] = field(default_factory=list)
+    to_plan: list[str] = field(default_factory=list)
+
+    @property
+    def changes(self) -> int:
+        return len(self.remove) + len(self.to_plan)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(getattr(self, c)) for c in CATEGORIES}
+
+    def summary(self) -> str:
+        """One line: ``2 added, 1 changed, 1 deleted, 3 unchanged, 0 failed`` (and retried, pending,
+        unchecked where there are any)."""
+        c = self.counts()
+        parts = [f"{c[k]} {k}" for k in CATEGORIES if k in ("added", "changed", "deleted", "unchanged", "failed")
+                 or c[k]]
+        if self.unchecked:
+            parts.append(f"{self.unchecked} could not be checked (extracted before deepfeat recorded its files; "
+                         "taken as unchanged while the file exists)")
+        return ", ".join(parts)
+
+    def to_dict(self, paths: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"inputs": self.inputs, "counts": self.counts(), "unchecked": self.unchecked,
+                             "hashed": self.hashed}
+        if paths:
+            d["paths"] = {c: getattr(self, c) for c in CATEGORIES}
+        return d
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def record_inputs(store: FeatureStore, inputs: Sequence[str]) -> None:
+    """Merge *inputs* (folders, files, globs, ``@list.txt``) into ``meta["inputs"]``, spelled
+    like item paths (relative to the store's root), so that ``deepfeat sync STORE`` knows what
+    to scan."""
+    root = store.meta.get("root")
+    have = list(store.meta.get("inputs") or [])
+    for item in inputs:
+        item = os.fspath(item)
+        at = item.startswith("@")
+        spelled = ("@" if at else "") + store_form([os.path.normpath(item[1:] if at else item)], root)[0]
+        if spelled not in have:
+            have.append(spelled)
+    if have != store.meta.get("inputs"):
+        store.update_meta(inputs=have)
+
+
+def recorded_inputs(store: FeatureStore) -> list[str]:
+    """The store's recorded inputs as paths usable from here (resolved against its root)."""
+    out = []
+    for item in store.meta.get("inputs") or []:
+        at = item.startswith("@")
+        p = item[1:] if at else item
+        out.append(("@" if at else "") + store.resolve_path(p))
+    return out
+
+
+class _Scope:
+    """Which files the inputs cover: under a folder, a file or list entry, or matching a glob."""
+
+    def __init__(self, inputs: Sequence[str], files: Sequence[str]):
+        self.folders, self.patterns = [], []
+        for item in inputs:
+            if item.startswith("@"):
+                continue
+            if os.path.isdir(item):
+                self.folders.append(os.path.realpath(item).rstrip(os.sep) + os.sep)
+            elif glob.has_magic(item):
+                self.patterns.append(os.path.abspath(item))
+        self.files = {os.path.realpath(f) for f in files}
+
+    def covers(self, real: str) -> bool:
+        return (real in self.files or any(real.startswith(f) for f in self.folders)
+                or any(fnmatch.fnmatchcase(real, p) for p in self.patterns))
+
+
+def _missing(path: str) -> bool:
+    return file_problem(path) in ("file not found", "broken symbolic link")
+
+
+# -- the diff ----------------------------------------------------------------------------------
+
+
+def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) -> SyncPlan:
+    """The :class:`SyncPlan` of *store* against *inputs* (paths usable from here); changes nothing."""
+    root = store.meta.get("root")
+    files = [printable_path(p) for p in discover(inputs)]
+    spelled = store_form(files, root)
+    plan = SyncPlan(inputs=list(store.meta.get("inputs") or store_form(list(inputs), root)))
+    items = store.items()
+    removed = set(store.removed_ids().tolist())
+    src = source_columns(items)
+    known: dict[str, tuple[int, str, str, Any, Any, Any]] = {}
+    for i, p, status, size, mtime, sha in zip(items.column("id").to_pylist(), items.column("path").to_pylist(),
+                                              items.column("status").to_pylist(), src["size"], src["mtime_ns"],
+                                              src["sha256"]):
+        if i not in removed:
+            known[os.path.realpath(store.resolve_path(p))] = (i, p, status, size, mtime, sha)
+    pending = _pending(store, removed)
+    seen: set[str] = set()
+    to_hash = []
+    for f, s in zip(files, spelled):
+        real = os.path.realpath(store.resolve_path(s))
+        seen.add(real)
+        if real in pending:
+            plan.pending.append(s)
+            continue
+        it = known.get(real)
+        if it is None:
+            plan.added.append(s)
+            plan.to_plan.append(s)
+            continue
+        item_id, path, status, size, mtime, sha = it
+        try:
+            st = os.stat(real)
+        except OSError:
+            if _missing(real):
+                seen.discard(real)  # a list entry whose file is gone: deleted below
+            else:
+                (plan.unchanged if status == "ok" else plan.failed).append(path)
+            continue
+        if size is None:
+            _unrecorded(plan, it)
+        elif st.st_size == size and st.st_mtime_ns == mtime:
+            (plan.unchanged if status == "ok" else plan.failed).append(path)
+        else:
+            to_hash.append((real, it))
+    _decide_by_hash(plan, to_hash, threads)
+    scope = _Scope(inputs, files)
+    for real, (item_id, path, *_rest) in known.items():
+        if real not in seen and scope.covers(real) and _missing(real):
+            plan.deleted.append(path)
+            plan.remove.append((item_id, "deleted"))
+    return plan
+
+
+def _pending(store: FeatureStore, removed: set[int]) -> set[str]:
+    """The files planned by an earlier run whose shards are not committed yet."""
+    table = store.read_plan()
+    if table is None:
+        return set()
+    committed = set(store.committed_shards())
+    return {os.path.realpath(store.resolve_path(p))
+            for i, p, s in zip(table.column("id").to_pylist(), table.column("path").to_pylist(),
+                               table.column("shard").to_pylist()) if s not in committed and i not in removed}
+
+
+def _unrecorded(plan: SyncPlan, it: tuple) -> None:
+    """An item from before the file records: an ok one is taken as unchanged (its file exists); a
+    failed one is tried again once (it then has a record)."""
+    item_id, path, status = it[:3]
+    if status == "ok":
+        plan.unchecked += 1
+        plan.unchanged.append(path)
+    else:
+        plan.retried.append(path)
+        plan.remove.append((item_id, "changed"))
+        plan.to_plan.append(path)
+
+
+def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, tuple]], threads: int) -> None:
+    """Hash the files whose stat differs from their record (threads: hashlib releases the GIL) and
+    sort them into changed, retried, unchanged or failed."""
+    if not to_hash:
+        return
+    plan.hashed = len(to_hash)
+
+    def digest(real: str) -> str | None:
+        try:
+            return file_sha256(real)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        digests = list(ex.map(digest, [real for real, _ in to_hash]))
+    for (real, (item_id, path, status, _size, _mtime, sha)), h in zip(to_hash, digests):
+        if h is not None and h == sha:
+            (plan.unchanged if status == "ok" else plan.failed).append(path)
+            continue
+        (plan.changed if status == "ok" else plan.retried).append(path)
+        plan.remove.append((item_id, "changed"))
+        plan.to_plan.append(path)
+
+
+# -- applying it -------------------------------------------------------------------------------
+
+
+def apply_sync(store: FeatureStore, plan: SyncPlan) -> list[str]:
+    """Tombstone the changed, retried and deleted items (and drop them from the plan), and return
+    the paths to plan (new ids, new shards). The caller holds the store's writer lock."""
+    from deepfeat.store.removal import remove_items
+
+    for reason in ("changed", "deleted"):
+        ids = [i for i, r in plan.remove if r == reason]
+        if ids:
+            remove_items(store, ids, reason=reason)
+            faults.sync_step(f"removed-{reason}")
+    return list(plan.to_plan)
+
+
+# -- the warning of a plain re-run -------------------------------------------------------------------
+
+
+def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str) -> str | None:
+    """One line when files of *inputs* that the store knows changed (size or mtime) or are gone
+    since they were extracted, else None. ``stat`` only: cheap on a large re-run."""
+    folders = [os.path.abspath(p).rstrip(os.sep) + os.sep for p in inputs if not p.startswith("@")
+               and os.path.isdir(p)]
+    files = {os.path.abspath(p) for p in inputs if not p.startswith("@") and os.path.isfile(p)}
+    if not folders and not files:
+        return None
+    items = store.items()
+    removed = set(store.removed_ids().tolist())
+    src = source_columns(items)
+    changed = missing = 0
+    for i, p, size, mtime in zip(items.column("id").to_pylist(), items.column("path").to_pylist(), src["size"],
+                                 src["mtime_ns"]):
+        f = os.path.abspath(store.resolve_path(p))
+        if i in removed or not (f in files or any(f.startswith(d) for d in folders)):
+            continue
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:
+            missing += 1
+            continue
+        except OSError:
+            continue
+        if size is not None and (st.st_size != size or st.st_mtime_ns != mtime):
+            changed += 1
+    if not changed and not missing:
+        return None
+    parts = []
+    if changed:
+        parts.append(f"{changed} file{'s' if changed != 1 else ''} changed")
+    if missing:
+        n = f"{missing} file{'s' if missing != 1 else ''}" if not changed else f"{missing}"
+        parts.append(f"{n} {'is' if missing == 1 else 'are'} missing")
+    it = "it was" if changed + missing == 1 else "they were"
+    return (f"{' and '.join(parts)} since {it} extracted; run with --sync to update the store "
+            f"(or `deepfeat sync {cmd_store}`)")
