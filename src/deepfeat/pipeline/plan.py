@@ -18,6 +18,7 @@ from deepfeat.data.preprocess import SizePolicy, parse_size_policy
 from deepfeat.errors import UsageError
 from deepfeat.pipeline.config import ExtractConfig
 from deepfeat.store import FeatureStore
+from deepfeat.store.removal import allocation_floor
 
 
 def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple[list[int], list[str], list[int]]:
@@ -44,10 +45,8 @@ def plan_inputs(store: FeatureStore, paths: list[str], shard_size: int) -> tuple
             known.add(k)
             new.append(p)
     if new:
-        # never an id or a shard used before: removed items left the plan, but their ids stay
-        # tombstoned and their shards committed (deepfeat.store.removal)
-        next_id = max([*ids, *store.removed_ids(), -1]) + 1
-        next_shard = max([*shards, *store.committed_shards(), -1]) + 1
+        # above every id and shard ever used: removed items leave the plan, their ids are never reused
+        next_id, next_shard = allocation_floor(store, ids, shards)
         for i, p in enumerate(new):
             ids.append(next_id + i)
             ppaths.append(p)

@@ -31,7 +31,7 @@ from typing import Any
 #: key of the schema metadata of a shard's items parquet that holds its arrays' records
 SHARD_KEY = b"deepfeat.checksums"  # a file-format key (the module was deepfeat.checksums): never rename
 #: small files beside the shards whose records live in meta.json, refreshed by update_meta
-SIDE_FILES = ("post.npz", "pooling.npz")
+SIDE_FILES = ("post.npz", "pooling.npz", "removed.parquet")  # removed.parquet: deepfeat.store.tombstones
 ALGORITHM = "sha256"
 #: meta.json's own record: the sha256 of the rest of the meta (canonical JSON), written with it
 META_DIGEST_KEY = "meta_sha256"
@@ -254,7 +254,11 @@ def verify_store(store) -> VerifyReport:
             else:
                 _verify_consolidated(report, root, n, committed)
     for rel in (*SIDE_FILES, "plan.parquet"):
-        _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
+        pending = store.meta.get("removed_pending") if rel == "removed.parquet" else None
+        if pending and (root / rel).is_file() and quick_problem(root / rel, pending) is None:
+            _check_record(report, root, rel, pending)  # written by a removal stopped before it recorded it
+        else:
+            _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
     for index_meta in sorted(root.glob("index/*.json")):
         _verify_index(report, root, index_meta)
     return report

@@ -27,24 +27,13 @@ from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_parq
 from deepfeat.store.checksums import (ALGORITHM, SHARD_KEY, SIDE_FILES, content_problem, file_digest, quick_problem,
                                       shard_records, size_problem)
 from deepfeat.store.compat import check_compatible
-from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_structure, nonfinite_problem,
-                                      ok_per_shard, shard_paths, verify_hint, write_meta)
+from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_store_dir, check_structure,
+                                      nonfinite_problem, ok_per_shard, shard_paths, verify_hint, write_meta)
 from deepfeat.store.items import ITEM_SCHEMA, PLAN_SCHEMA, ShardItems, feature_file_key
+from deepfeat.store.tombstones import (PENDING_KEY, TOMBSTONES, drop_removed, read_journal, read_tombstones,
+                                       superseded_shards)
 
 log = logging.getLogger(__name__)
-
-
-
-def check_store_dir(p: Path) -> None:
-    """Refuse a store path that is a file, or a non-empty folder that is not a store (its
-    writer's lock file aside)."""
-    from deepfeat.store.lock import LOCK_NAME
-
-    if p.exists() and not p.is_dir():
-        raise StoreError(f"{p} exists and is not a directory")
-    if p.is_dir() and not (p / "meta.json").is_file() and any(f.name != LOCK_NAME for f in p.iterdir()):
-        raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
-
 
 
 class FeatureStore:
@@ -74,8 +63,9 @@ class FeatureStore:
         check_meta(meta, meta_path, check_meta_digest)  # an object, this format or older, unedited, fields of the right types
         self.meta: dict[str, Any] = meta
         self._checked = False  # the structure check (deepfeat.store.integrity) runs on the first read
-        self._items: pa.Table | None = None
-        self._ok_rows: np.ndarray | None = None
+        self._all: pa.Table | None = None  # every committed item, removed ones included
+        self._items: pa.Table | None = None  # the same without the removed ones (what readers see)
+        self._removed: pa.Table | None = None
         self._post = None
 
     # -- creation -----------------------------------------------------------
@@ -172,13 +162,15 @@ class FeatureStore:
         return pq.read_table(p) if p.is_file() else None
 
     def committed_shards(self) -> list[int]:
+        """The committed shards, less those an unfinished compaction already replaced (:mod:`.tombstones`)."""
         out = []
         for f in (self.path / "shards").glob("*.items.parquet"):
             try:
                 out.append(int(f.name.split(".")[0]))
             except ValueError:
                 continue
-        return sorted(out)
+        gone = superseded_shards(self.path, read_journal(self.path))
+        return sorted(s for s in out if s not in gone)
 
     def commit_shard(self, shard: int, items: ShardItems, features: dict[str, np.ndarray]) -> None:
         """Write a shard's arrays, then its items file (the commit marker)."""
@@ -193,15 +185,18 @@ class FeatureStore:
         table = items.table(shard).replace_schema_metadata({SHARD_KEY: json.dumps(records)})
         atomic_write_parquet(self._shard_items_path(shard), table)
         _fsync_dir(self.path / "shards")
-        self._items = None
-        self._ok_rows = None
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was read of the items and tombstones (a writer changed them)."""
+        self._all = self._items = self._removed = None
 
     def consolidate(self) -> pa.Table:
         """Write ``items.parquet`` from the committed shards (in shard order) and return it,
         and record the checksums of every shard and of ``items.parquet`` in the meta."""
         t = self._read_shard_items()
         atomic_write_parquet(self.path / "items.parquet", t)
-        self._items = t
+        self.forget()
         self._record_shards()
         return t
 
@@ -227,7 +222,6 @@ class FeatureStore:
             return ITEM_SCHEMA.empty_table()
         for s in shards:  # when they answer (no usable items.parquet), each as it was written
             self._check_file(self._shard_items_path(s))
-        # shards written before a column was added (the file records) read it as null
         t = pa.concat_tables([pq.read_table(self._shard_items_path(s)) for s in shards], promote_options="default")
         return t.replace_schema_metadata(None)  # the per-shard checksums stay in the shard files
 
@@ -252,8 +246,14 @@ class FeatureStore:
         return int(self.meta["features"][self.feature_name()]["dim"])
 
     def items(self, refresh: bool = False) -> pa.Table:
-        """All committed items (ok and failed), in row-id order of processing."""
+        """All committed items (ok and failed) but the removed ones, in row-id order of processing."""
         if self._items is None or refresh:
+            self._items = drop_removed(self.committed_items(refresh), self.removed_ids(refresh))
+        return self._items
+
+    def committed_items(self, refresh: bool = False) -> pa.Table:
+        """All committed items, the removed ones included (what the shards' arrays hold)."""
+        if self._all is None or refresh:
             consolidated = self.path / "items.parquet"
             shards = self.committed_shards()
             t = None
@@ -265,7 +265,7 @@ class FeatureStore:
                 if stale:
                     log.warning("%s; reading the items from the shards instead", stale)
             covered = None
-            if consolidated.is_file() and not stale:
+            if consolidated.is_file() and not stale and not (self.path / "compact.json").is_file():
                 t = pq.read_table(consolidated)
                 covered = set(t.column("shard").to_pylist()) if t.num_rows else set()
                 if not set(shards) <= covered and shards:
@@ -273,8 +273,18 @@ class FeatureStore:
             if not self._checked:
                 check_structure(self.path, self._recorded(), shards, covered)
                 self._checked = True
-            self._items = t if t is not None else self._read_shard_items()
-        return self._items
+            self._all = t if t is not None else self._read_shard_items()
+        return self._all
+
+    def tombstones(self, refresh: bool = False) -> pa.Table:
+        """The removed items (``removed.parquet``: id, path, reason, time; :mod:`deepfeat.store.tombstones`)."""
+        if self._removed is None or refresh:
+            self._removed = read_tombstones(self.path, self._recorded().get(TOMBSTONES), self.meta.get(PENDING_KEY))
+        return self._removed
+
+    def removed_ids(self, refresh: bool = False) -> np.ndarray:
+        """The ids of the removed items (sorted int64): readers leave them out."""
+        return np.unique(self.tombstones(refresh).column("id").to_numpy().astype(np.int64, copy=False))
 
     def ok_items(self) -> pa.Table:
         """The items that have a feature row, in feature-row order."""
@@ -294,10 +304,16 @@ class FeatureStore:
         return self.ok_items().column("path").to_pylist()
 
     def features(self, name: str | None = None, mmap: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(shard, array) pairs of the stored (pooled, not post-processed) features."""
+        """(shard, array) pairs of the stored (pooled, not post-processed) features: the rows of
+        the items not removed (a shard without removed rows is the memory-mapped file itself)."""
         name = self.feature_name(name)
         dim = int(self.meta["features"][name]["dim"])
-        n_ok = ok_per_shard(self.ok_items())
+        every = self.committed_items()
+        ok = every.filter(pc.equal(every.column("status"), "ok"))
+        n_ok = ok_per_shard(ok)  # the rows each shard's arrays were written with, removed ones included
+        removed = np.isin(ok.column("id").to_numpy(), self.removed_ids())
+        gone = {int(s): np.asarray(ok.column("offset").to_numpy()[removed & (ok.column("shard").to_numpy() == s)])
+                for s in np.unique(ok.column("shard").to_numpy()[removed])}
         for s in self.committed_shards():
             f = self.shard_feature_path(s, name)
             if not f.is_file():
@@ -309,7 +325,7 @@ class FeatureStore:
             except ValueError as e:  # a damaged header, or fewer bytes than it declares
                 raise StoreError(f"{f} is damaged ({e}); {verify_hint(self.path)}") from None
             check_shard_rows(self.path, f, s, arr, n_ok.get(s, 0), dim)
-            yield s, arr
+            yield s, (np.delete(arr, gone[s], axis=0) if s in gone else arr)
 
     def _array_record(self, shard: int, f: Path) -> dict[str, Any] | None:
         """A shard array's record: in meta.json after consolidation, else in its commit marker."""
@@ -317,8 +333,6 @@ class FeatureStore:
         if rec is None and self.is_committed(shard):
             rec = (shard_records(self._shard_items_path(shard)) or {}).get(f.name)
         return rec
-
-
 
     def raw(self, name: str | None = None) -> np.ndarray:
         """All stored features of *name* as one N x D float32 array (row = feature row)."""
@@ -400,19 +414,7 @@ class FeatureStore:
         return t.filter(pc.equal(t.column("status"), "error"))
 
     def summary(self) -> dict[str, Any]:
-        t = self.items()
-        n_err = self.failed().num_rows
-        return {
-            "path": str(self.path),
-            "items": t.num_rows,
-            "features": t.num_rows - n_err,
-            "failed": n_err,
-            "shards": len(self.committed_shards()),
-            "model": self.meta.get("model", {}).get("spec"),
-            "layers": self.meta.get("layers"),
-            "pooling": self.meta.get("pooling"),
-            "post": self.meta.get("post"),
-            "size": self.meta.get("size"),
-            "dims": {k: v["dim"] for k, v in self.meta.get("features", {}).items()},
-        }
+        """What ``deepfeat info`` prints (:func:`deepfeat.store.integrity.store_summary`)."""
+        from deepfeat.store.integrity import store_summary
 
+        return store_summary(self)

@@ -30,6 +30,41 @@ from deepfeat.store.checksums import META_DIGEST_KEY, meta_digest, meta_problem,
 STORE_VERSION = 1
 
 
+def check_store_dir(p: Path) -> None:
+    """Refuse a store path that is a file, or a non-empty folder that is not a store (its
+    writer's lock file aside)."""
+    from deepfeat.store.lock import LOCK_NAME
+
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"{p} exists and is not a directory")
+    if p.is_dir() and not (p / "meta.json").is_file() and any(f.name != LOCK_NAME for f in p.iterdir()):
+        raise StoreError(f"{p} is a non-empty directory that is not a feature store; choose another -o")
+
+
+def store_summary(store) -> dict[str, Any]:
+    """A store (a :class:`~deepfeat.store.FeatureStore`) in numbers: items, features, failures,
+    removed items and the rows a compaction would reclaim, shards, and what made the vectors."""
+    t = store.items()
+    n_err = store.failed().num_rows
+    every = store.committed_items()
+    reclaimable = every.num_rows - t.num_rows
+    return {
+        "path": str(store.path),
+        "items": t.num_rows,
+        "features": t.num_rows - n_err,
+        "failed": n_err,
+        "removed": int(len(store.removed_ids())),
+        "reclaimable": reclaimable,
+        "shards": len(store.committed_shards()),
+        "model": store.meta.get("model", {}).get("spec"),
+        "layers": store.meta.get("layers"),
+        "pooling": store.meta.get("pooling"),
+        "post": store.meta.get("post"),
+        "size": store.meta.get("size"),
+        "dims": {k: v["dim"] for k, v in store.meta.get("features", {}).items()},
+    }
+
+
 def verify_hint(store_path: Path) -> str:
     return f"`deepfeat info {store_path} --verify` lists every damaged file"
 
@@ -87,7 +122,8 @@ def check_structure(store_path: Path, recorded: dict[str, dict[str, Any]], commi
                 f"would be left out and every later row's path shifted. Run `deepfeat extract --resume -o "
                 f"{store_path}` to extract shard {shard} again; {verify_hint(store_path)}")
         msg = size_problem(path, record)
-        if msg and rel not in ("items.parquet", "plan.parquet"):  # a cache read around; the writer's plan  # items.parquet is a cache of the shards: read them instead
+        # items.parquet: a cache read around; plan.parquet: the writer's; removed.parquet: checked when read
+        if msg and rel not in ("items.parquet", "plan.parquet", "removed.parquet"):
             raise StoreError(f"{msg}; {_repair(store_path, rel)}")
     if consolidated_shards is not None and not consolidated_shards <= set(committed):
         lost = sorted(consolidated_shards - set(committed))
