@@ -47,7 +47,8 @@ class SyncPlan:
     """The difference between a store and its inputs, and what syncing does about it.
 
     Each category is a list of paths (as the store spells them); ``remove`` holds the
-    (id, reason) pairs to tombstone and ``to_plan`` the paths to extract, in discovery order."""
+    (id, reason) pairs to tombstone and ``to_plan`` the paths to extract, in the order
+    :func:`~deepfeat.data.images.discover` finds them (the order of a fresh extraction)."""
 
     inputs: list[str]
     added: list[str] = field(default_factory=list)
@@ -108,12 +109,15 @@ def record_inputs(store: FeatureStore, inputs: Sequence[str]) -> None:
 
 
 def recorded_inputs(store: FeatureStore) -> list[str]:
-    """The store's recorded inputs as paths usable from here (resolved against its root)."""
+    """The store's recorded inputs as paths usable from here: resolved against its root, and
+    relative ones kept relative (to the working directory), so that the files found in them are
+    spelled as the extraction spelled them."""
     out = []
     for item in store.meta.get("inputs") or []:
         at = item.startswith("@")
         p = item[1:] if at else item
-        out.append(("@" if at else "") + store.resolve_path(p))
+        resolved = store.resolve_path(p)
+        out.append(("@" if at else "") + (resolved if os.path.isabs(p) else os.path.relpath(resolved)))
     return out
 
 
@@ -161,8 +165,8 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     pending = _pending(store, removed)
     seen: set[str] = set()
     to_hash = []
-    for f, s in zip(files, spelled):
-        real = os.path.realpath(store.resolve_path(s))
+    reals = [os.path.realpath(store.resolve_path(s)) for s in spelled]
+    for real, s in zip(reals, spelled):
         seen.add(real)
         if real in pending:
             plan.pending.append(s)
@@ -170,7 +174,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
         it = known.get(real)
         if it is None:
             plan.added.append(s)
-            plan.to_plan.append(s)
+            plan.to_plan.append(real)
             continue
         item_id, path, status, size, mtime, sha = it
         try:
@@ -182,12 +186,15 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
                 (plan.unchanged if status == "ok" else plan.failed).append(path)
             continue
         if size is None:
-            _unrecorded(plan, it)
+            _unrecorded(plan, real, it)
         elif st.st_size == size and st.st_mtime_ns == mtime:
             (plan.unchanged if status == "ok" else plan.failed).append(path)
         else:
             to_hash.append((real, it))
     _decide_by_hash(plan, to_hash, threads)
+    # extracted in the order they are found (a fresh extraction's order), whatever made them due
+    due = set(plan.to_plan)
+    plan.to_plan = [s for real, s in zip(reals, spelled) if real in due]
     scope = _Scope(inputs, files)
     for real, (item_id, path, *_rest) in known.items():
         if real not in seen and scope.covers(real) and _missing(real):
@@ -207,7 +214,7 @@ def _pending(store: FeatureStore, removed: set[int]) -> set[str]:
                                table.column("shard").to_pylist()) if s not in committed and i not in removed}
 
 
-def _unrecorded(plan: SyncPlan, it: tuple) -> None:
+def _unrecorded(plan: SyncPlan, real: str, it: tuple) -> None:
     """An item from before the file records: an ok one is taken as unchanged (its file exists); a
     failed one is tried again once (it then has a record)."""
     item_id, path, status = it[:3]
@@ -217,7 +224,7 @@ def _unrecorded(plan: SyncPlan, it: tuple) -> None:
     else:
         plan.retried.append(path)
         plan.remove.append((item_id, "changed"))
-        plan.to_plan.append(path)
+        plan.to_plan.append(real)
 
 
 def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, tuple]], threads: int) -> None:
@@ -241,7 +248,7 @@ def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, tuple]], threads: i
             continue
         (plan.changed if status == "ok" else plan.retried).append(path)
         plan.remove.append((item_id, "changed"))
-        plan.to_plan.append(path)
+        plan.to_plan.append(real)
 
 
 # -- applying it -------------------------------------------------------------------------------
