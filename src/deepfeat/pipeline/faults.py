@@ -12,6 +12,10 @@ image whose file name contains NAME:
   N (0: before the first), the run says so on stderr (``fault: N shard(s) committed, waiting
   for a signal``) and waits for a signal, so that a test interrupts it at a known point (the
   store locked and planned, N shards committed) on any machine;
+* ``step-kill=STEP``: a removal or compaction of a store (``deepfeat remove``) kills its own
+  process with SIGKILL right after the step named STEP (:mod:`deepfeat.store.compaction`:
+  ``pending``, ``tombstones``, ``plan``, ``journal``, ``shard``, ``switched``, ``consolidated``,
+  ``deleted``), so that a test finds the store as a crash at that point leaves it;
 * ``serve-hang=NAME``: the server's decode of an upload whose file name contains NAME blocks
   (says so on stderr: ``fault: serve-hang on NAME``) until the server stops, like a decoder
   caught in a bad file: the work time bound and /api/health's stuck report are exercised.
@@ -32,7 +36,7 @@ import time
 from functools import lru_cache
 
 ENV = "DEEPFEAT_FAULTS"
-KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang")
+KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang", "step-kill")
 
 _committed = 0  # shards committed by this process (for commit-hang)
 _released = threading.Event()  # set when the server stops: serve-hang ends
@@ -104,3 +108,10 @@ def before_commit() -> None:
         while True:
             signal.pause()  # returns after each handled signal; SIGINT and SIGTERM raise, SIGKILL ends it
     _committed += 1
+
+
+def step_fault(step: str) -> None:
+    """Called after each step of a removal or compaction (``step-kill``: SIGKILL after the step named)."""
+    spec = os.environ.get(ENV)
+    if spec and any(k == "step-kill" and name == step for k, name in _rules(spec)):
+        os.kill(os.getpid(), signal.SIGKILL)
