@@ -75,6 +75,7 @@ def compact_store(store: FeatureStore, on_step: Step | None = None) -> dict[str,
     if not moves:
         return done or {"shards": {}, "rows_reclaimed": 0, "bytes_reclaimed": 0}
     raise_high_water(store, shards=max((t for t in moves.values() if t is not None), default=-1))
+    store.update_meta(compactions=int(store.meta.get("compactions") or 0) + 1)  # rows move: see index.update
     atomic_write_json(store.path / JOURNAL, {"moves": {str(k): v for k, v in moves.items()}, "switched": False})
     _fsync_dir(store.path)
     step("journal")
