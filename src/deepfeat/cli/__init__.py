@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "cmd_check_images",
     "cmd_extract",
     "cmd_export",
+    "cmd_remove",
     "cmd_postprocess",
     "cmd_compute_ap",
     "cmd_search",
