@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "cmd_extract",
     "cmd_sync",
     "cmd_export",
+    "cmd_remove",
     "cmd_postprocess",
     "cmd_compute_ap",
     "cmd_search",

@@ -151,6 +151,10 @@ def run(args) -> int:
                 from deepfeat.collection.sync import sync_store
 
                 rep = sync_store(cfg)
+            elif args.resume:  # it may finish an interrupted sync: its index is brought up to date too
+                from deepfeat.collection.sync import refresh_saved_index
+
+                rep = extract(cfg, after=refresh_saved_index)
             else:
                 rep = extract(cfg)
     except KeyboardInterrupt as e:

@@ -13,16 +13,15 @@ from __future__ import annotations
 from deepfeat.errors import UsageError
 from deepfeat.pipeline import ExtractConfig, ExtractReport, extract
 from deepfeat.pipeline.sync import SyncPlan, recorded_inputs, scan_inputs
-from deepfeat.search.store_index import INDEX_DIR
+from deepfeat.index.update import INDEX_DIR, refresh_index
 from deepfeat.store import FeatureStore
 
 
 def refresh_saved_index(store: FeatureStore) -> str | None:
-    """Bring the store's saved index (if it has one) in line with its items; one line saying how."""
-    if not (store.path / INDEX_DIR / "index.json").is_file():
+    """Bring the store's saved index (if it has one, or a refresh of it was interrupted) in line
+    with its items; one line saying how, None without an index."""
+    if not any((store.path / name).exists() for name in (INDEX_DIR, f"{INDEX_DIR}.new")):
         return None
-    from deepfeat.index.update import refresh_index
-
     return refresh_index(store)
 
 

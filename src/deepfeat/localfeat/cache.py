@@ -245,3 +245,46 @@ class LocalFeatureCache:
         dim = int(self.meta.get("dim") or 0)
         desc = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
         return np.ascontiguousarray(desc, dtype=np.float32), counts
+
+
+def carry_over_sections(store: FeatureStore) -> list[str]:
+    """After a compaction (:mod:`deepfeat.store.compaction`): each local-feature section's entries of the
+    kept rows copied from the old shards' files into the new shards' (by item id), the old files
+    deleted. A new shard whose rows cannot all be found is left for ``deepfeat local-features``.
+    Returns one line per section that changed."""
+    out = []
+    committed = set(store.committed_shards())
+    for name in local_feature_names(store):
+        folder = store.path / LOCAL_DIR / name
+        old = [f for f in sorted(folder.glob("*.npz")) if f.stem.isdigit() and int(f.stem) not in committed]
+        if not old:
+            continue
+        todo = [s for s in sorted(committed) if not _shard_path(store, name, s).is_file()]
+        entries: dict[int, dict[str, np.ndarray]] = {}
+        for f in old:
+            with np.load(f, allow_pickle=False) as z:
+                a = {k: z[k] for k in z.files}
+            starts = np.concatenate([[0], np.cumsum(a["counts"])])
+            for j, item in enumerate(a["ids"].tolist()):
+                s, e = starts[j], starts[j + 1]
+                entries[item] = {k: (a[k][j] if k in ("ids", "counts", "image_sizes") else a[k][s:e])
+                                 for k in a}
+        done, left = 0, []
+        for shard in todo:
+            t = store.shard_items(shard)
+            ok = sorted((o, i) for i, st, o in zip(t.column("id").to_pylist(), t.column("status").to_pylist(),
+                                                   t.column("offset").to_pylist()) if st == "ok")
+            rows = [entries.get(i) for _, i in ok]
+            if not rows or any(r is None for r in rows):
+                left.append(shard)
+                continue
+            arrays = {k: (np.stack([r[k] for r in rows]) if k in ("ids", "counts", "image_sizes")
+                          else np.concatenate([r[k] for r in rows])) for k in rows[0]}
+            atomic_write_bytes(_shard_path(store, name, shard), _npz_bytes(**arrays))
+            done += 1
+        for f in old:
+            f.unlink(missing_ok=True)
+        out.append(f"{name}: {done} shard(s) carried over from {len(old)} compacted one(s)"
+                   + (f"; shard(s) {left} to compute with `deepfeat local-features {store.path} --name {name}`"
+                      if left else ""))
+    return out

@@ -16,6 +16,10 @@ image whose file name contains NAME:
   (``fault: sync-hang after STEP, waiting for a signal``) and waits for a signal once it has
   done STEP: ``removed-changed`` or ``removed-deleted`` (the items tombstoned) or ``planned``
   (the new paths planned, nothing extracted yet);
+* ``step-kill=STEP``: a removal or compaction of a store (``deepfeat remove``) kills its own
+  process with SIGKILL right after the step named STEP (:mod:`deepfeat.store.compaction`:
+  ``pending``, ``tombstones``, ``plan``, ``journal``, ``shard``, ``switched``, ``consolidated``,
+  ``deleted``), so that a test finds the store as a crash at that point leaves it;
 * ``serve-hang=NAME``: the server's decode of an upload whose file name contains NAME blocks
   (says so on stderr: ``fault: serve-hang on NAME``) until the server stops, like a decoder
   caught in a bad file: the work time bound and /api/health's stuck report are exercised.
@@ -36,7 +40,7 @@ import time
 from functools import lru_cache
 
 ENV = "DEEPFEAT_FAULTS"
-KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang", "sync-hang")
+KINDS = ("decode-kill", "decode-hang", "model-raise", "commit-hang", "serve-hang", "sync-hang", "step-kill")
 
 _committed = 0  # shards committed by this process (for commit-hang)
 _released = threading.Event()  # set when the server stops: serve-hang ends
@@ -119,3 +123,10 @@ def before_commit() -> None:
     if any(k == "commit-hang" and int(n) == _committed for k, n in _rules(spec)):
         _wait_for_signal(f"{_committed} shard(s) committed")
     _committed += 1
+
+
+def step_fault(step: str) -> None:
+    """Called after each step of a removal or compaction (``step-kill``: SIGKILL after the step named)."""
+    spec = os.environ.get(ENV)
+    if spec and any(k == "step-kill" and name == step for k, name in _rules(spec)):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -18,7 +18,9 @@ from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
 from deepfeat.pipeline.progress import Progress
 from deepfeat.pipeline.sync import SyncPlan, apply_sync, record_inputs, recorded_inputs, scan_inputs, stale_warning
 from deepfeat.store import FeatureStore, check_store_dir
+from deepfeat.store.compaction import finish_compaction
 from deepfeat.store.lock import StoreLock
+from deepfeat.store.tombstones import JOURNAL
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None,
     check_store_dir(out)
     with StoreLock(cfg.output, create=not cfg.resume):
         new = not (out / "meta.json").is_file()
+        if not new and (out / JOURNAL).is_file():  # a compaction was stopped: this writer finishes it first
+            finish_compaction(FeatureStore(out))
         try:
             report = _extract(cfg, on_shard)
         except BaseException:

@@ -10,28 +10,12 @@ from typing import Any
 import numpy as np
 
 from deepfeat.errors import StoreError
+from deepfeat.index.update import INDEX_DIR, index_source_meta, save_rows
 from deepfeat.store import FeatureStore
-from deepfeat.store.checksums import store_fingerprint
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
-
-
-def index_source_meta(store: FeatureStore, feature: str) -> dict[str, Any]:
-    """What an index must agree on with its store to be usable."""
-    return {
-        "store_created": store.meta.get("created"),
-        "model": store.meta["model"].get("spec"),
-        "weights_sha256": store.meta["model"].get("weights_sha256"),
-        "feature": feature,
-        "pooling": store.meta.get("pooling"),
-        "post": store.meta.get("post"),
-        "post_fitted_rows": store.meta.get("post_fitted_rows"),
-        "rows": len(store),
-        # what the vectors are: an index built from other vectors (another store's) has another one
-        "store_fingerprint": store_fingerprint((store.meta.get("checksums") or {}).get("files") or {}),
-    }
+__all__ = ["INDEX_DIR", "StoreIndex", "build_index", "index_source_meta", "open_saved_index"]
 
 
 def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", feature: str | None = None,
@@ -45,7 +29,10 @@ def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", fea
         raise StoreError(f"{store.path} has no features to index")
     index = Index.build(xb, kind=kind, metric=metric, ids=np.arange(len(xb), dtype=np.int64), threads=threads,
                        source_meta=index_source_meta(store, feature), **params)
-    index.save(store.path / INDEX_DIR)
+    folder = store.path / INDEX_DIR
+    folder.mkdir(exist_ok=True)
+    save_rows(folder, store.ids, index._meta)  # the item id of each row: removals update the index in place
+    index.save(folder)
     return index
 
 

@@ -155,8 +155,9 @@ def missing_items(store: FeatureStore) -> dict[str, Any]:
 
 def ids_of_paths(store: FeatureStore, paths: Sequence[str]) -> list[int]:
     """The item ids of *paths* (as stored, or normalised, like :meth:`FeatureStore.row_of_path`), ok or
-    failed items alike; a path that is not an item is refused, naming it."""
-    t = store.items()
+    failed items alike, removed ones too (removing them again changes nothing); a path that is not an item is
+    refused, naming it."""
+    t = store.committed_items()
     by_path: dict[str, int] = {}
     for i, p in zip(t.column("id").to_pylist(), t.column("path").to_pylist()):
         by_path.setdefault(p, int(i))
@@ -168,6 +169,6 @@ def ids_of_paths(store: FeatureStore, paths: Sequence[str]) -> list[int]:
         else:
             out.append(hit)
     if missing:
-        raise UsageError(f"not in {store.path} (or already removed): {', '.join(missing[:5])}"
+        raise UsageError(f"not in {store.path}: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else "") + "; nothing was removed")
     return out
