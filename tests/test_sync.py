@@ -105,6 +105,7 @@ def test_sync_ends_equal_to_a_fresh_extraction(folder, tmp_path, monkeypatch, ph
     assert "photos/coffee.jpg" not in {h.path for hits in (hubble, cup) for h in hits}
 
     # a second sync finds nothing to do (the touched file was hashed once, and is still unchanged)
+    capsys.readouterr()
     assert _run("sync", "store", "--json") == 0
     again = json.loads(capsys.readouterr().out)
     assert again["sync"]["counts"] == {"added": 0, "changed": 0, "deleted": 0, "unchanged": 4, "failed": 0,

@@ -196,8 +196,12 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     due = set(plan.to_plan)
     plan.to_plan = [s for real, s in zip(reals, spelled) if real in due]
     scope = _Scope(inputs, files)
+    moved = bool(root) and not os.path.isdir(root)
     for real, (item_id, path, *_rest) in known.items():
-        if real not in seen and scope.covers(real) and _missing(real):
+        # a store whose root is gone resolves relative paths against the working directory, where
+        # the file of a deleted item is as missing as in the old root: either place counts
+        places = [real, os.path.realpath(path)] if moved and not os.path.isabs(path) else [real]
+        if real not in seen and any(map(scope.covers, places)) and all(map(_missing, places)):
             plan.deleted.append(path)
             plan.remove.append((item_id, "deleted"))
     return plan
