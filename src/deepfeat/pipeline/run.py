@@ -90,8 +90,13 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     t_start = time.perf_counter()
     out = Path(cfg.output)
     existed = (out / "meta.json").is_file()
+    sync = scan_for_sync(cfg, FeatureStore(out)) if cfg.sync and existed else None
+    if sync is not None and not sync.to_plan and not _unfinished(FeatureStore(out)):
+        return _sync_without_extracting(cfg, FeatureStore(out), sync, t_start)  # no model to load
     store, model, layers, fnet, dims, device = _open_store(cfg, out, post, post_file)
-    sync = sync_store(cfg, store) if cfg.sync else None
+    if cfg.sync:
+        sync = sync or scan_for_sync(cfg, store)
+        apply_sync(store, sync)
     if sync is None and existed and cfg.inputs:  # a plain re-run: say what changed (stat only)
         warning = stale_warning(store, cfg.inputs, cfg.output)
         if warning:
@@ -135,10 +140,10 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     return report
 
 
-def sync_store(cfg: ExtractConfig, store: FeatureStore) -> SyncPlan:
-    """A sync's first steps (:mod:`deepfeat.pipeline.sync`): scan *cfg*'s inputs (or the store's
-    recorded ones) against the store, tombstone what changed or went, and return the plan whose
-    ``to_plan`` paths the extraction then plans and extracts."""
+def scan_for_sync(cfg: ExtractConfig, store: FeatureStore) -> SyncPlan:
+    """A sync's diff (:mod:`deepfeat.pipeline.sync`): *cfg*'s inputs (or the store's recorded
+    ones) against the store; :func:`~deepfeat.pipeline.sync.apply_sync` then tombstones what
+    changed or went, and the extraction plans and extracts its ``to_plan`` paths."""
     inputs = list(cfg.inputs) or recorded_inputs(store)
     if not inputs:
         raise UsageError(f"{cfg.output} does not record the folders it was made from (it was extracted before "
@@ -146,8 +151,30 @@ def sync_store(cfg: ExtractConfig, store: FeatureStore) -> SyncPlan:
                          "--sync`")
     plan = scan_inputs(store, inputs, threads=max(1, cfg.workers or 4))
     log.info("sync: %s", plan.summary())
-    apply_sync(store, plan)
     return plan
+
+
+def _unfinished(store: FeatureStore) -> bool:
+    """Whether the store's plan has shards not committed yet (an interrupted run)."""
+    plan = store.read_plan()
+    return plan is not None and bool(set(plan.column("shard").to_pylist()) - set(store.committed_shards()))
+
+
+def _sync_without_extracting(cfg: ExtractConfig, store: FeatureStore, sync: SyncPlan, t_start: float
+                             ) -> ExtractReport:
+    """A sync with nothing to extract (only deletions, or nothing at all): the removals and the
+    record of the run, without loading the model."""
+    apply_sync(store, sync)
+    faults.sync_step("planned")
+    if cfg.inputs:
+        record_inputs(store, cfg.inputs)
+    plan = store.read_plan()
+    report = ExtractReport(store=str(store.path), planned=0 if plan is None else plan.num_rows,
+                           skipped_shards=len(store.committed_shards()))
+    report.sync, report.sync_paths = sync.to_dict(paths=False), sync.to_dict()["paths"]
+    report.seconds = time.perf_counter() - t_start
+    _finish(store, cfg, report)
+    return report
 
 
 def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
