@@ -12,7 +12,11 @@ Layout of a store directory::
 
 Items table columns: ``id`` (stable row id), ``path``, ``status`` (``ok``/``error``),
 ``error``, ``width``, ``height`` (original, after EXIF orientation), ``shard``,
-``offset`` (row in the shard's arrays, -1 for errors), ``notes``.
+``offset`` (row in the shard's arrays, -1 for errors), ``notes``, and the file the item
+was made from, taken from the read that was decoded: ``size``, ``mtime_ns``, ``sha256``
+(null where the file could not be read; absent from stores written before they were
+recorded, read as null). ``meta.json`` records the ``inputs`` (folders, files, globs,
+``@lists``, spelled like item paths) every run was given, for ``deepfeat sync``.
 
 Features are stored as pooled (before post-processing); the post-processing chain
 recorded in ``meta.json`` is applied when vectors are read (:meth:`FeatureStore.vectors`),
