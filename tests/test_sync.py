@@ -212,3 +212,19 @@ def test_an_old_store_can_be_synced(tmp_path, monkeypatch, capsys):
     # now that it records its folders, `deepfeat sync` alone works
     assert _run("sync", "store") == 0
     assert "sync: 0 added, 0 changed, 0 deleted, 3 unchanged, 0 failed" in capsys.readouterr().out
+
+
+def test_sync_of_files_named_one_by_one(folder, tmp_path, monkeypatch, capsys):
+    """A store extracted from files named on the command line: a named file that is gone is deleted
+    (not "input not found"), and a sync with nothing to extract says so without loading a model."""
+    monkeypatch.chdir(tmp_path)
+    assert _run("extract", "photos/chelsea.jpg", "photos/coffee.jpg", "-o", "store", *FLAGS) == 0
+    assert FeatureStore("store").meta["inputs"] == ["photos/chelsea.jpg", "photos/coffee.jpg"]
+    (folder / "coffee.jpg").unlink()
+    capsys.readouterr()
+    assert _run("sync", "store", "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["sync"]["paths"]["deleted"] == ["photos/coffee.jpg"] and rep["processed"] == 0
+    assert rep["backend"] is None  # no model was loaded
+    store = FeatureStore("store")
+    assert store.paths == ["photos/chelsea.jpg"] and len(store.removed_ids()) == 1

@@ -74,7 +74,8 @@ def register(sub) -> None:
     p.add_argument("--sync", action="store_true",
                    help="bring an existing store in line with the inputs: new files added, changed ones (size or "
                         "mtime, then content hash) extracted again, deleted ones removed, the index refreshed; a "
-                        "report of each (see also `deepfeat sync STORE`)")
+                        "report of each; without INPUTs, the folders the store was extracted from (= `deepfeat sync "
+                        "STORE`)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"])
     g = p.add_argument_group("distributed extraction (pip install 'deepfeat[ray]'; see docs/scaling.md)")
@@ -119,8 +120,8 @@ def _given_settings(args) -> frozenset[str]:
 def run(args) -> int:
     from deepfeat.errors import UsageError
 
-    if not args.inputs and not args.resume:
-        raise UsageError("give INPUT folders/files/globs/@list.txt, or --resume an existing store")
+    if not args.inputs and not args.resume and not args.sync:
+        raise UsageError("give INPUT folders/files/globs/@list.txt, or --resume (or --sync) an existing store")
     post_given = given(args.post)
     recipe = apply_recipe(args, "extract")
     if recipe and args.fit_on and not post_given and recipe["extract"]["post"] != recipe["extract"]["post_spec"]:

@@ -90,6 +90,9 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
     t_start = time.perf_counter()
     out = Path(cfg.output)
     existed = (out / "meta.json").is_file()
+    if cfg.sync and not cfg.inputs and not existed:
+        raise UsageError(f"--sync without inputs syncs a store with the folders it records; {out} is not a feature "
+                         "store yet: give the folders to extract")
     sync = scan_for_sync(cfg, FeatureStore(out)) if cfg.sync and existed else None
     if sync is not None and not sync.to_plan and not _unfinished(FeatureStore(out)):
         return _sync_without_extracting(cfg, FeatureStore(out), sync, t_start)  # no model to load

@@ -150,9 +150,8 @@ def _missing(path: str) -> bool:
 def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) -> SyncPlan:
     """The :class:`SyncPlan` of *store* against *inputs* (paths usable from here); changes nothing."""
     root = store.meta.get("root")
-    files = [printable_path(p) for p in discover(inputs)]
-    spelled = store_form(files, root)
-    plan = SyncPlan(inputs=list(store.meta.get("inputs") or store_form(list(inputs), root)))
+    plan = SyncPlan(inputs=[("@" if i.startswith("@") else "") + store_form([i.removeprefix("@")], root)[0]
+                            for i in inputs])
     items = store.items()
     removed = set(store.removed_ids().tolist())
     src = source_columns(items)
@@ -162,6 +161,12 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
                                               src["sha256"]):
         if i not in removed:
             known[os.path.realpath(store.resolve_path(p))] = (i, p, status, size, mtime, sha)
+    # an input that named one file of the store, now gone: that file is deleted, not "input not found"
+    gone = [i for i in inputs if not i.startswith("@") and not glob.has_magic(i) and not os.path.lexists(i)
+            and os.path.realpath(i) in known]
+    inputs = [i for i in inputs if i not in gone]
+    files = [printable_path(p) for p in discover(inputs)] if inputs else []
+    spelled = store_form(files, root)
     pending = _pending(store, removed)
     seen: set[str] = set()
     to_hash = []
@@ -195,7 +200,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     # extracted in the order they are found (a fresh extraction's order), whatever made them due
     due = set(plan.to_plan)
     plan.to_plan = [s for real, s in zip(reals, spelled) if real in due]
-    scope = _Scope(inputs, files)
+    scope = _Scope(inputs, [*files, *gone])
     moved = bool(root) and not os.path.isdir(root)
     for real, (item_id, path, *_rest) in known.items():
         # a store whose root is gone resolves relative paths against the working directory, where
