@@ -25,6 +25,7 @@ import fnmatch
 import glob
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -60,6 +61,7 @@ class SyncPlan:
     pending: list[str] = field(default_factory=list)  # planned by an earlier run, not extracted yet
     unchecked: int = 0  # items without a file record (stores written before they existed)
     hashed: int = 0  # files whose stat differed, hashed to decide
+    seconds: dict[str, float] = field(default_factory=dict)  # "scan" (hashing included), "remove"
     remove: list[tuple[int, str]] = field(default_factory=list)
     to_plan: list[str] = field(default_factory=list)
 
@@ -83,7 +85,7 @@ class SyncPlan:
 
     def to_dict(self, paths: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"inputs": self.inputs, "counts": self.counts(), "unchecked": self.unchecked,
-                             "hashed": self.hashed}
+                             "hashed": self.hashed, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if paths:
             d["paths"] = {c: getattr(self, c) for c in CATEGORIES}
         return d
@@ -149,6 +151,7 @@ def _missing(path: str) -> bool:
 
 def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) -> SyncPlan:
     """The :class:`SyncPlan` of *store* against *inputs* (paths usable from here); changes nothing."""
+    t0 = time.perf_counter()
     root = store.meta.get("root")
     plan = SyncPlan(inputs=[("@" if i.startswith("@") else "") + store_form([i.removeprefix("@")], root)[0]
                             for i in inputs])
@@ -209,6 +212,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
         if real not in seen and any(map(scope.covers, places)) and all(map(_missing, places)):
             plan.deleted.append(path)
             plan.remove.append((item_id, "deleted"))
+    plan.seconds["scan"] = time.perf_counter() - t0
     return plan
 
 
@@ -268,11 +272,13 @@ def apply_sync(store: FeatureStore, plan: SyncPlan) -> list[str]:
     the paths to plan (new ids, new shards). The caller holds the store's writer lock."""
     from deepfeat.store.removal import remove_items
 
+    t0 = time.perf_counter()
     for reason in ("changed", "deleted"):
         ids = [i for i, r in plan.remove if r == reason]
         if ids:
             remove_items(store, ids, reason=reason)
             faults.sync_step(f"removed-{reason}")
+    plan.seconds["remove"] = time.perf_counter() - t0
     return list(plan.to_plan)
 
 
