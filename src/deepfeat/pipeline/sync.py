@@ -135,11 +135,28 @@ class _Scope:
                 self.folders.append(os.path.realpath(item).rstrip(os.sep) + os.sep)
             elif glob.has_magic(item):
                 self.patterns.append(os.path.abspath(item))
-        self.files = {os.path.realpath(f) for f in files}
+        self.files = set(map(_RealPaths(), files))
 
     def covers(self, real: str) -> bool:
         return (real in self.files or any(real.startswith(f) for f in self.folders)
                 or any(fnmatch.fnmatchcase(real, p) for p in self.patterns))
+
+
+class _RealPaths:
+    """``os.path.realpath`` of many files, each folder resolved once (a file that is itself a
+    symbolic link is resolved whole): the keys by which a sync matches items to files."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        head, name = os.path.split(os.path.abspath(path))
+        folder = self.folders.get(head)
+        if folder is None:
+            folder = self.folders[head] = os.path.realpath(head)
+        return os.path.join(folder, name)
 
 
 def _missing(path: str) -> bool:
@@ -158,22 +175,23 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     items = store.items()
     removed = set(store.removed_ids().tolist())
     src = source_columns(items)
+    real_of = _RealPaths()
     known: dict[str, tuple[int, str, str, Any, Any, Any]] = {}
     for i, p, status, size, mtime, sha in zip(items.column("id").to_pylist(), items.column("path").to_pylist(),
                                               items.column("status").to_pylist(), src["size"], src["mtime_ns"],
                                               src["sha256"]):
         if i not in removed:
-            known[os.path.realpath(store.resolve_path(p))] = (i, p, status, size, mtime, sha)
+            known[real_of(store.resolve_path(p))] = (i, p, status, size, mtime, sha)
     # an input that named one file of the store, now gone: that file is deleted, not "input not found"
     gone = [i for i in inputs if not i.startswith("@") and not glob.has_magic(i) and not os.path.lexists(i)
-            and os.path.realpath(i) in known]
+            and real_of(i) in known]
     inputs = [i for i in inputs if i not in gone]
     files = [printable_path(p) for p in discover(inputs)] if inputs else []
     spelled = store_form(files, root)
-    pending = _pending(store, removed)
+    pending = _pending(store, removed, real_of)
     seen: set[str] = set()
     to_hash = []
-    reals = [os.path.realpath(store.resolve_path(s)) for s in spelled]
+    reals = [real_of(store.resolve_path(s)) for s in spelled]
     for real, s in zip(reals, spelled):
         seen.add(real)
         if real in pending:
@@ -208,7 +226,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     for real, (item_id, path, *_rest) in known.items():
         # a store whose root is gone resolves relative paths against the working directory, where
         # the file of a deleted item is as missing as in the old root: either place counts
-        places = [real, os.path.realpath(path)] if moved and not os.path.isabs(path) else [real]
+        places = [real, real_of(path)] if moved and not os.path.isabs(path) else [real]
         if real not in seen and any(map(scope.covers, places)) and all(map(_missing, places)):
             plan.deleted.append(path)
             plan.remove.append((item_id, "deleted"))
@@ -216,13 +234,13 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
     return plan
 
 
-def _pending(store: FeatureStore, removed: set[int]) -> set[str]:
+def _pending(store: FeatureStore, removed: set[int], real_of: _RealPaths) -> set[str]:
     """The files planned by an earlier run whose shards are not committed yet."""
     table = store.read_plan()
     if table is None:
         return set()
     committed = set(store.committed_shards())
-    return {os.path.realpath(store.resolve_path(p))
+    return {real_of(store.resolve_path(p))
             for i, p, s in zip(table.column("id").to_pylist(), table.column("path").to_pylist(),
                                table.column("shard").to_pylist()) if s not in committed and i not in removed}
 
