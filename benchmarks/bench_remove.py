@@ -95,7 +95,7 @@ def run(args) -> dict:
             account = refresh_index(FeatureStore(tmp / "s"))
             t_refresh = time.perf_counter() - t0
             s = FeatureStore(tmp / "s")
-            xq = s.vectors()[:: max(1, len(s) // 200)][:200]
+            xq = np.ascontiguousarray(s.vectors()[:: max(1, len(s) // 200)][:200])
             _, I_place = open_saved_index(s, "f").search(xq, 10)
             shutil.rmtree(tmp / "s" / "index")
             t0 = time.perf_counter()
