@@ -69,10 +69,11 @@ def test_a_fresh_store_verifies_and_records_every_file(store, capsys):
     assert own == {"000001.bn2.npy": files["shards/000001.bn2.npy"]}
     assert "index_sha256" in json.loads((store / "index/index.json").read_text())
     rc, report = _verify(store, capsys)
-    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 12, "bad": 0, "unchecked": 0}
-    assert {c["file"] for c in report["checks"]} >= {"index/index.faiss", "post.npz", "items.parquet", "meta.json"}
+    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 13, "bad": 0, "unchecked": 0}
+    assert {c["file"] for c in report["checks"]} >= {"index/index.faiss", "index/rows.npy", "post.npz",
+                                                     "items.parquet", "meta.json"}  # rows.npy: the index's item ids
     assert cli.main(["info", str(store), "--verify"]) == 0
-    assert "12 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
+    assert "13 files ok, 0 bad, 0 unchecked" in capsys.readouterr().out
 
 
 def test_a_truncated_shard_is_refused_on_open_naming_the_file(store, capsys):

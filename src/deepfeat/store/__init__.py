@@ -9,6 +9,8 @@ Layout of a store directory::
     shards/000007.<feature>.npy   its features, one file per feature (layer), rows = ok items
     items.parquet             all committed items, consolidated at the end of each run
     post.npz / post.json      the fitted post-processing chain, when it needs fitting
+    removed.parquet           removed items (id, path, reason, time): readers leave them out
+    compact.json              the journal of a compaction in progress (briefly)
 
 Items table columns: ``id`` (stable row id), ``path``, ``status`` (``ok``/``error``),
 ``error``, ``width``, ``height`` (original, after EXIF orientation), ``shard``,
@@ -26,8 +28,10 @@ arrays: after a crash a shard is either fully present or absent.
 
 The package: :mod:`deepfeat.store.featurestore` (:class:`FeatureStore`, the store
 directory), :mod:`deepfeat.store.items` (the items and plan tables, :class:`ShardItems`),
-:mod:`deepfeat.store.atomic` (the atomic, durable writes every file goes through) and
-:mod:`deepfeat.store.export` (npz, h5, pkl, csv exports).
+:mod:`deepfeat.store.atomic` (the atomic, durable writes every file goes through),
+:mod:`deepfeat.store.export` (npz, h5, pkl, csv exports), and removal:
+:mod:`deepfeat.store.tombstones` (the files), :mod:`deepfeat.store.removal`
+(:func:`~deepfeat.store.removal.remove_items`) and :mod:`deepfeat.store.compaction`.
 """
 
 from __future__ import annotations

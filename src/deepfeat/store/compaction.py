@@ -25,7 +25,6 @@ a saved index is brought up to date by :func:`deepfeat.index.update.refresh_inde
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
