@@ -80,6 +80,8 @@ def test_a_removed_path_extracted_again_is_a_new_item(store, collection):
     new_id = int(s.ids[s.paths.index(path)])
     assert new_id > max(int(i) for i in s.ids if i != new_id) and new_id != old_id
     assert max(s.committed_shards()) == 3  # a new shard
+    assert cli.main(["remove", str(store), path]) == 0  # the path names its live item now, not the removed one
+    assert path not in FeatureStore(store).paths and new_id in FeatureStore(store).removed_ids()
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ondisk", "hnsw"])
