@@ -108,3 +108,117 @@ def test_index_max_memory_builds_an_ondisk_index_that_search_opens(photos, tmp_p
     want = np.argsort(-(xb @ xb.T), axis=1, kind="stable")[:, :3]
     assert index.search(xb, 3)[1].tolist() == want.tolist()
     assert main(["search", str(tmp_path / "moved"), store.paths[0], "-k", "3", "--json"]) == 0
+
+
+class FailingSource(ArraySource):
+    """Rows of an array, but reading past row *fail_at* fails (a fault hook: a disk error mid-build)."""
+
+    def __init__(self, xb: np.ndarray, fail_at: int):
+        super().__init__(xb)
+        self.fail_at = fail_at
+
+    def rows(self, start: int, stop: int):
+        if stop > self.fail_at:
+            raise StoreError(f"rows {start}:{stop} unreadable")
+        return super().rows(start, stop)
+
+
+def test_an_interrupted_build_leaves_the_previous_index_whole(tmp_path):
+    """A rebuild that fails while filling its shards changes nothing in the index folder (the old
+    index still gives its results) and leaves no staging folder; a staging folder left by a killed
+    build (its process gone) is removed by the next build, one of a live process is not."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from deepfeat.index.ondisk import LISTS_FILE, STAGING
+
+    xb, xq = _clustered(1500, 16), _clustered(10, 16, seed=3)
+    params = {"nlist": 8, "nprobe": 8}
+    old = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", shard_rows=400, **params)
+    want = old.search(xq, 5)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()}
+    del old
+    with pytest.raises(StoreError, match="unreadable"):
+        build_ondisk(FailingSource(xb[::-1].copy(), fail_at=1000), tmp_path / "idx", kind="ivf", shard_rows=400,
+                     **params)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    again = open_ondisk(tmp_path / "idx").search(xq, 5)
+    np.testing.assert_array_equal(again[1], want[1])
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / f"idx{STAGING}{host}-{int(dead.stdout)}"
+    live = tmp_path / f"idx{STAGING}{host}-{os.getppid()}"
+    for d in (killed, live):
+        d.mkdir()
+        (d / LISTS_FILE).write_bytes(b"half-written")
+    new = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", shard_rows=400, **params)
+    assert not killed.exists() and live.is_dir()
+    np.testing.assert_array_equal(new.search(xq, 5)[1], want[1])
+
+
+def test_a_build_interrupted_while_moving_in_leaves_no_index_rather_than_a_wrong_one(tmp_path, monkeypatch):
+    """Killed between moving the new lists in and the new meta: the old meta is gone first, so the
+    folder holds no index (search falls back to exact) rather than the old table over the new lists."""
+    import os
+
+    from deepfeat.index import ondisk
+    from deepfeat.index.persist import read_index
+
+    xb = _clustered(800, 8)
+    build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=4, nprobe=4, shard_rows=300)
+    real_replace = os.replace
+
+    def crash_before_the_meta(src, dst):
+        if str(dst) == str(tmp_path / "idx" / ondisk.INDEX_FILE):
+            raise KeyboardInterrupt  # as if killed here: the new lists are in, the old meta is gone
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ondisk.os, "replace", crash_before_the_meta)
+    with pytest.raises(KeyboardInterrupt):
+        build_ondisk(ArraySource(xb[::-1].copy()), tmp_path / "idx", kind="ivf", nlist=4, nprobe=4, shard_rows=300)
+    monkeypatch.undo()
+    assert (tmp_path / "idx" / ondisk.LISTS_FILE).is_file() and not is_ondisk(tmp_path / "idx")
+    with pytest.raises(StoreError, match="no index meta"):
+        read_index(tmp_path / "idx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_build_engine_errors_are_one_line(tmp_path, monkeypatch):
+    import sys
+
+    xb = _clustered(300, 8)
+    with pytest.raises(UsageError, match="local, ray"):
+        build_ondisk(ArraySource(xb), tmp_path / "x", kind="ivf", nlist=4, engine="dask")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(UsageError, match=r"deepfeat\[ray\]"):
+        build_ondisk(ArraySource(xb), tmp_path / "x", kind="ivf", nlist=4, engine="ray")
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_shards_filled_by_ray_tasks_merge_into_the_single_process_index(tmp_path):
+    """engine="ray": every shard a Ray task (2 at a time); merged, the same ids and scores as the
+    index built in one process from one shard. Skips without Ray."""
+    ray = pytest.importorskip("ray")
+    xb, xq = _clustered(2500, 32), _clustered(40, 32, seed=4)
+    params = {"nlist": 16, "nprobe": 4, "M": 8, "nbits": 6}
+    one = build_ondisk(ArraySource(xb), tmp_path / "one", kind="ivfpq", seed=0, **params)
+    assert one.meta["storage"]["shards"] == 1
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        disk = build_ondisk(ArraySource(xb), tmp_path / "ray", kind="ivfpq", seed=0, shard_rows=600, workers=2,
+                            engine="ray", **params)
+    finally:
+        if started:
+            ray.shutdown()
+    assert disk.meta["storage"]["shards"] == 5 and disk.meta["storage"]["engine"] == "ray"
+    D0, I0 = one.search(xq, 10)
+    D1, I1 = disk.search(xq, 10)
+    np.testing.assert_array_equal(I1, I0)
+    np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "ray"]
