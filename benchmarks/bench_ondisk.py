@@ -217,6 +217,7 @@ def main() -> int:
     ap.add_argument("--max-memory-mb", type=float, default=None, help="default: a quarter of the raw vectors")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--nprobe", type=int, default=None)
+    ap.add_argument("--nlist", type=int, default=None, help="default: the kind's (plan_index); training is 64 x nlist rows")
     ap.add_argument("--store", help="a feature store instead of synthetic vectors (its rows are the queries)")
     ap.add_argument("--out", default="bench-out/ondisk.json")
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
@@ -233,7 +234,7 @@ def main() -> int:
     from deepfeat.index.plan import plan_index
 
     raw_mb = args.n * args.d * 4 / 2**20
-    plan = plan_index(args.n, args.d, args.kind)
+    plan = plan_index(args.n, args.d, args.kind, **({"nlist": args.nlist} if args.nlist else {}))
     params = {k: v for k, v in plan.params.items()}
     if args.nprobe:
         params["nprobe"] = args.nprobe

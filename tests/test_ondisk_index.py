@@ -97,10 +97,26 @@ def test_index_max_memory_builds_an_ondisk_index_that_search_opens(photos, tmp_p
 
     folder = str(next(iter(photos.values())).rsplit("/", 1)[0])
     extract(ExtractConfig(inputs=[folder], output=str(tmp_path / "s"), backend="torch", workers=0, progress="none"))
+    # the memory model of an in-memory ivf build names the on-disk alternative; --engine needs --max-memory
+    assert main(["index", str(tmp_path / "s"), "--kind", "ivf"]) == 0
+    assert "or, with --max-memory SIZE: on disk: ivf" in capsys.readouterr().out
+    assert main(["index", str(tmp_path / "s"), "--kind", "ivf", "--engine", "ray"]) == 2
+    assert "--max-memory" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "s"), "--kind", "ivf", "--max-memory", "64M"]) == 0
     out = capsys.readouterr().out
-    assert "on disk: ivf" in out and "with on-disk lists" in out
+    assert "on disk: ivf" in out and "1 at a time in this process" in out and "with on-disk lists" in out
     shutil.move(str(tmp_path / "s"), str(tmp_path / "moved"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]  # no staging folder left
+    # search and serve (both through SearchEngine) map the lists file instead of reading it
+    from deepfeat.search import SearchEngine
+
+    engine = SearchEngine(tmp_path / "moved")
+    assert engine.indexes.saved is not None and engine.indexes.saved.meta["storage"]["engine"] == "local"
+    lists = str((tmp_path / "moved" / "index" / "lists.ivfdata").resolve())
+    with open("/proc/self/maps") as f:
+        assert any(line.rstrip().endswith(lists) for line in f)
+    assert engine.search(engine.xb[:1], k=3)[0][0].path == engine.paths[0]
+    del engine
     store = FeatureStore(tmp_path / "moved")
     index = open_saved_index(store, store.feature_name(None))
     assert index is not None and index.meta["storage"]["lists"] == "lists.ivfdata"

@@ -320,15 +320,37 @@ def parse_bytes(text: str) -> int:
     return int(value * scale)
 
 
-def ondisk_memory(plan, max_memory: int | None = None) -> dict[str, int]:
+def ondisk_memory(plan, max_memory: int | None = None, workers: int = 1) -> dict[str, int]:
     """What an on-disk build of *plan* (an ivf/ivfpq :class:`~deepfeat.index.plan.IndexPlan`) costs:
     ``disk_bytes`` (the lists: codes + 8-byte ids), ``resident_bytes`` (what stays in memory when
     searching: centroids, the lists' table, PQ tables; the lists' pages come and go with the page
-    cache) and ``build_bytes`` (the bound the shards are sized for, else one 1M-row shard)."""
+    cache), ``build_bytes`` (what the *workers* shards being filled at once hold: *max_memory* when
+    given, else 1M-row shards), ``shard_rows`` and ``shards`` (how the rows are split), ``worker_bytes``
+    (one worker's share) and ``train_bytes`` (the training sample, held by the building process before
+    the shards are filled, besides the bound)."""
     n, d, p = plan.n, plan.d, plan.params
     code = d * 4 if plan.kind == "ivf" else int(p["M"]) * int(p["nbits"]) // 8
     resident = int(p["nlist"]) * d * 4 + int(p["nlist"]) * 24
     if plan.kind == "ivfpq":
         resident += int(p["M"]) * (2 ** int(p["nbits"])) * (d // int(p["M"])) * 4
-    build = max_memory or min(n, 1_000_000) * (code + 8) + CHUNK_ROWS * d * 4
-    return {"disk_bytes": n * (code + 8), "resident_bytes": resident, "build_bytes": int(build)}
+    workers = max(1, int(workers))
+    if max_memory:
+        shard_rows, chunk = rows_for_memory(max_memory, d, code, workers)
+    else:
+        shard_rows, chunk = 1_000_000, CHUNK_ROWS
+    shard_rows = min(shard_rows, n)
+    worker = 2 * shard_rows * (code + 8) + 3 * min(chunk, shard_rows) * d * 4  # as rows_for_memory counts
+    return {"disk_bytes": n * (code + 8), "resident_bytes": resident,
+            "build_bytes": int(max_memory or worker * workers), "worker_bytes": int(worker),
+            "shard_rows": int(shard_rows), "shards": -(-n // shard_rows), "train_bytes": min(n, int(p["train_size"])) * d * 4}
+
+
+def describe_ondisk(plan, max_memory: int | None = None, workers: int = 1, engine: str = "local") -> str:
+    """The memory model of an on-disk build in one line, as ``deepfeat index`` prints it."""
+    m = ondisk_memory(plan, max_memory, workers)
+    mb = 2**20
+    where = "Ray tasks" if engine == "ray" else "worker processes" if workers > 1 else "this process"
+    return (f"on disk: {plan.kind}, lists {m['disk_bytes'] / mb:.1f} MB on disk, {m['resident_bytes'] / mb:.1f} MB "
+            f"resident when searching (memory-mapped); building {m['shards']} shard(s) of {m['shard_rows']:,} rows, "
+            f"{workers} at a time in {where}, within {m['build_bytes'] / mb:.0f} MB ({m['worker_bytes'] / mb:.0f} MB "
+            f"each; training sample {m['train_bytes'] / mb:.0f} MB before them)")
