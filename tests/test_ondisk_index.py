@@ -229,6 +229,10 @@ def test_shards_filled_by_ray_tasks_merge_into_the_single_process_index(tmp_path
     try:
         disk = build_ondisk(ArraySource(xb), tmp_path / "ray", kind="ivfpq", seed=0, shard_rows=600, workers=2,
                             engine="ray", **params)
+        # a task's own error comes back as the same deepfeat error, and nothing is left behind
+        with pytest.raises(StoreError, match="unreadable"):
+            build_ondisk(FailingSource(xb, fail_at=1500), tmp_path / "bad", kind="ivfpq", seed=0, shard_rows=600,
+                         workers=2, engine="ray", **params)
     finally:
         if started:
             ray.shutdown()
