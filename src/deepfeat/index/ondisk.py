@@ -67,7 +67,7 @@ class ArraySource:
     """Rows of an array in memory or a ``.npy`` file (memory-mapped); ids are row numbers."""
 
     def __init__(self, xb: np.ndarray | str | os.PathLike):
-        self.path = None if isinstance(xb, np.ndarray) else str(xb)
+        self.path = None if isinstance(xb, np.ndarray) else os.path.abspath(xb)
         self._xb = xb if isinstance(xb, np.ndarray) else None
         self.n, self.d = self._array().shape
 
@@ -85,7 +85,7 @@ class StoreSource:
     def __init__(self, path: str | os.PathLike, feature: str | None = None):
         from deepfeat.store import FeatureStore
 
-        self.path, self.feature = str(path), feature
+        self.path, self.feature = os.path.abspath(path), feature  # read by workers with another cwd
         store = FeatureStore(self.path)
         self.n, self.d = len(store), int(store.post.output_dim(store.dim))
         if not store.post.fitted:
@@ -153,7 +153,7 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
         raise UsageError(f"index build engine {engine!r}: choose {', '.join(ENGINES)}")
     if engine == "ray":
         require_ray()  # before the training, not after
-    folder = Path(folder)
+    folder = Path(folder).absolute()  # workers (Ray's on other nodes) need paths that do not depend on their cwd
     plan = plan_index(source.n, source.d, kind, metric, **params)
     stage = _staging_folder(folder)
     try:
