@@ -9,6 +9,7 @@ against exact search (chunked brute force over every vector) and the search late
 
     python benchmarks/bench_ondisk.py --n 1000000 --d 128 --workers 2
     python benchmarks/bench_ondisk.py --store STORE --kind ivf        # a real store, its rows as queries
+    python benchmarks/bench_ondisk.py --store STORE --engine ray      # its shards filled by Ray tasks
 """
 
 from __future__ import annotations
@@ -189,18 +190,24 @@ def store_run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="deepfeat-ondisk-store-"))
     try:
         disk = build_ondisk(StoreSource(args.store), work / "idx", kind=args.kind, workers=args.workers,
-                            shard_rows=max(1, len(xb) // 4), seed=0, **params)
+                            shard_rows=max(1, len(xb) // 4), seed=0, engine=args.engine, **params)
+        one = build_ondisk(StoreSource(args.store), work / "one", kind=args.kind, workers=1, seed=0,
+                           shard_rows=len(xb), **params)  # one shard, in this process
         mem = Index.build(xb, kind=args.kind, seed=0, **params)
         gt = np.argsort(-(xb @ xb.T), axis=1)[:, :10]
         I_disk, ms_disk = timed_search(disk, xb, 10)
         I_mem, ms_mem = timed_search(mem, xb, 10)
+        I_one = one.search(xb, 10)[1]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {"store": args.store, "n": len(xb), "d": int(xb.shape[1]), "kind": args.kind, "params": params,
            "shards": disk.meta["storage"]["shards"], "recall@10": {"ondisk": recall(I_disk, gt), "in_memory":
            recall(I_mem, gt)}, "ms_per_query": {"ondisk": ms_disk, "in_memory": ms_mem},
-           "same_results_fraction": float(np.mean(I_disk == I_mem))}
-    print(f"store {args.store}: {len(xb)} x {xb.shape[1]}, {args.kind} {params}, on-disk in {res['shards']} shards")
+           "same_results_fraction": float(np.mean(I_disk == I_mem)), "engine": args.engine,
+           "same_as_one_shard_fraction": float(np.mean(I_disk == I_one))}
+    print(f"store {args.store}: {len(xb)} x {xb.shape[1]}, {args.kind} {params}, on-disk in {res['shards']} shards "
+          f"({args.workers} at a time, engine {args.engine}); identical top-10 ids to one shard built in one process: "
+          f"{res['same_as_one_shard_fraction']:.4f}")
     print(f"recall@10 on-disk {res['recall@10']['ondisk']:.4f}, in-memory {res['recall@10']['in_memory']:.4f}; "
           f"ms/query {ms_disk:.3f} vs {ms_mem:.3f}; identical top-10 ids: {res['same_results_fraction']:.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +225,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--nprobe", type=int, default=None)
     ap.add_argument("--nlist", type=int, default=None, help="default: the kind's (plan_index); training is 64 x nlist rows")
+    ap.add_argument("--engine", default="local", choices=["local", "ray"], help="who fills the shards")
     ap.add_argument("--store", help="a feature store instead of synthetic vectors (its rows are the queries)")
     ap.add_argument("--out", default="bench-out/ondisk.json")
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
@@ -253,7 +261,7 @@ def main() -> int:
         t0 = time.perf_counter()
         with AnonPeak() as sampled:
             disk = build_ondisk(src, work / "idx", kind=args.kind, max_memory=int(max_mb * 2**20),
-                                workers=args.workers, seed=0, **params)
+                                workers=args.workers, seed=0, engine=args.engine, **params)
         build = time.perf_counter() - t0
         main_rss, worker_rss = peak_rss_mb()
         _log(f"built in {build:.0f} s; searching it memory-mapped")
