@@ -242,3 +242,16 @@ def test_shards_filled_by_ray_tasks_merge_into_the_single_process_index(tmp_path
     np.testing.assert_array_equal(I1, I0)
     np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "ray"]
+
+
+def test_the_merge_closes_the_shards_it_read(tmp_path):
+    """After a build, no shard file stays mapped in the process (faiss.contrib.ondisk.merge_ondisk leaves
+    them mapped, deleted, holding their disk space for the life of the process), and only the merged
+    lists file is."""
+    xb = _clustered(4000, 16)
+    index = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=1000)
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if str(tmp_path) in line]
+    assert not [m for m in maps if "shard" in m or "(deleted)" in m]
+    assert [m.rstrip().rsplit("/", 1)[-1] for m in maps] == ["lists.ivfdata"]
+    assert index.ntotal == 4000
