@@ -255,3 +255,45 @@ def test_the_merge_closes_the_shards_it_read(tmp_path):
     assert not [m for m in maps if "shard" in m or "(deleted)" in m]
     assert [m.rstrip().rsplit("/", 1)[-1] for m in maps] == ["lists.ivfdata"]
     assert index.ntotal == 4000
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+from deepfeat.index.ondisk import ArraySource, build_ondisk
+
+class KilledSource(ArraySource):
+    def rows(self, start, stop):
+        if stop - start <= 400 and start >= 800:  # a shard's rows (the training sample reads all 1,500)
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 of the build, two shards written, one being filled
+        return super().rows(start, stop)
+
+xb = np.load(sys.argv[1])
+build_ondisk(KilledSource(xb[::-1].copy()), sys.argv[2], kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+"""
+
+
+def test_kill_9_during_a_build_leaves_the_index_folder_as_it_was(tmp_path):
+    """A build killed with SIGKILL (a fault hook in its row source) changes nothing in the index folder;
+    its staging folder is left, and removed by the next build, whose index is the same as before."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    xb, xq = _clustered(1500, 16), _clustered(10, 16, seed=5)
+    np.save(tmp_path / "xb.npy", xb)
+    build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tmp_path / "xb.npy"), str(tmp_path / "idx")],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()} == before
+    left = [p for p in tmp_path.iterdir() if ".building-" in p.name]
+    assert len(left) == 1 and sorted(p.name for p in left[0].glob("shard*.faiss")) == ["shard00000.faiss",
+                                                                                      "shard00001.faiss"]
+    want = open_ondisk(tmp_path / "idx").search(xq, 5)[1]
+    again = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+    assert not left[0].exists()
+    np.testing.assert_array_equal(again.search(xq, 5)[1], want)
