@@ -97,10 +97,26 @@ def test_index_max_memory_builds_an_ondisk_index_that_search_opens(photos, tmp_p
 
     folder = str(next(iter(photos.values())).rsplit("/", 1)[0])
     extract(ExtractConfig(inputs=[folder], output=str(tmp_path / "s"), backend="torch", workers=0, progress="none"))
+    # the memory model of an in-memory ivf build names the on-disk alternative; --engine needs --max-memory
+    assert main(["index", str(tmp_path / "s"), "--kind", "ivf"]) == 0
+    assert "or, with --max-memory SIZE: on disk: ivf" in capsys.readouterr().out
+    assert main(["index", str(tmp_path / "s"), "--kind", "ivf", "--engine", "ray"]) == 2
+    assert "--max-memory" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "s"), "--kind", "ivf", "--max-memory", "64M"]) == 0
     out = capsys.readouterr().out
-    assert "on disk: ivf" in out and "with on-disk lists" in out
+    assert "on disk: ivf" in out and "1 at a time in this process" in out and "with on-disk lists" in out
     shutil.move(str(tmp_path / "s"), str(tmp_path / "moved"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]  # no staging folder left
+    # search and serve (both through SearchEngine) map the lists file instead of reading it
+    from deepfeat.search import SearchEngine
+
+    engine = SearchEngine(tmp_path / "moved")
+    assert engine.indexes.saved is not None and engine.indexes.saved.meta["storage"]["engine"] == "local"
+    lists = str((tmp_path / "moved" / "index" / "lists.ivfdata").resolve())
+    with open("/proc/self/maps") as f:
+        assert any(line.rstrip().endswith(lists) for line in f)
+    assert engine.search(engine.xb[:1], k=3)[0][0].path == engine.paths[0]
+    del engine
     store = FeatureStore(tmp_path / "moved")
     index = open_saved_index(store, store.feature_name(None))
     assert index is not None and index.meta["storage"]["lists"] == "lists.ivfdata"
@@ -108,3 +124,176 @@ def test_index_max_memory_builds_an_ondisk_index_that_search_opens(photos, tmp_p
     want = np.argsort(-(xb @ xb.T), axis=1, kind="stable")[:, :3]
     assert index.search(xb, 3)[1].tolist() == want.tolist()
     assert main(["search", str(tmp_path / "moved"), store.paths[0], "-k", "3", "--json"]) == 0
+
+
+class FailingSource(ArraySource):
+    """Rows of an array, but reading past row *fail_at* fails (a fault hook: a disk error mid-build)."""
+
+    def __init__(self, xb: np.ndarray, fail_at: int):
+        super().__init__(xb)
+        self.fail_at = fail_at
+
+    def rows(self, start: int, stop: int):
+        if stop > self.fail_at:
+            raise StoreError(f"rows {start}:{stop} unreadable")
+        return super().rows(start, stop)
+
+
+def test_an_interrupted_build_leaves_the_previous_index_whole(tmp_path):
+    """A rebuild that fails while filling its shards changes nothing in the index folder (the old
+    index still gives its results) and leaves no staging folder; a staging folder left by a killed
+    build (its process gone) is removed by the next build, one of a live process is not."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from deepfeat.index.ondisk import LISTS_FILE, STAGING
+
+    xb, xq = _clustered(1500, 16), _clustered(10, 16, seed=3)
+    params = {"nlist": 8, "nprobe": 8}
+    old = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", shard_rows=400, **params)
+    want = old.search(xq, 5)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()}
+    del old
+    with pytest.raises(StoreError, match="unreadable"):
+        build_ondisk(FailingSource(xb[::-1].copy(), fail_at=1000), tmp_path / "idx", kind="ivf", shard_rows=400,
+                     **params)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    again = open_ondisk(tmp_path / "idx").search(xq, 5)
+    np.testing.assert_array_equal(again[1], want[1])
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / f"idx{STAGING}{host}-{int(dead.stdout)}"
+    live = tmp_path / f"idx{STAGING}{host}-{os.getppid()}"
+    for d in (killed, live):
+        d.mkdir()
+        (d / LISTS_FILE).write_bytes(b"half-written")
+    new = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", shard_rows=400, **params)
+    assert not killed.exists() and live.is_dir()
+    np.testing.assert_array_equal(new.search(xq, 5)[1], want[1])
+
+
+def test_a_build_interrupted_while_moving_in_leaves_no_index_rather_than_a_wrong_one(tmp_path, monkeypatch):
+    """Killed between moving the new lists in and the new meta: the old meta is gone first, so the
+    folder holds no index (search falls back to exact) rather than the old table over the new lists."""
+    import os
+
+    from deepfeat.index import ondisk
+    from deepfeat.index.persist import read_index
+
+    xb = _clustered(800, 8)
+    build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=4, nprobe=4, shard_rows=300)
+    real_replace = os.replace
+
+    def crash_before_the_meta(src, dst):
+        if str(dst) == str(tmp_path / "idx" / ondisk.INDEX_FILE):
+            raise KeyboardInterrupt  # as if killed here: the new lists are in, the old meta is gone
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ondisk.os, "replace", crash_before_the_meta)
+    with pytest.raises(KeyboardInterrupt):
+        build_ondisk(ArraySource(xb[::-1].copy()), tmp_path / "idx", kind="ivf", nlist=4, nprobe=4, shard_rows=300)
+    monkeypatch.undo()
+    assert (tmp_path / "idx" / ondisk.LISTS_FILE).is_file() and not is_ondisk(tmp_path / "idx")
+    with pytest.raises(StoreError, match="no index meta"):
+        read_index(tmp_path / "idx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_build_engine_errors_are_one_line(tmp_path, monkeypatch):
+    import sys
+
+    xb = _clustered(300, 8)
+    with pytest.raises(UsageError, match="local, ray"):
+        build_ondisk(ArraySource(xb), tmp_path / "x", kind="ivf", nlist=4, engine="dask")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(UsageError, match=r"deepfeat\[ray\]"):
+        build_ondisk(ArraySource(xb), tmp_path / "x", kind="ivf", nlist=4, engine="ray")
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_shards_filled_by_ray_tasks_merge_into_the_single_process_index(tmp_path):
+    """engine="ray": every shard a Ray task (2 at a time); merged, the same ids and scores as the
+    index built in one process from one shard. Skips without Ray."""
+    ray = pytest.importorskip("ray")
+    xb, xq = _clustered(2500, 32), _clustered(40, 32, seed=4)
+    params = {"nlist": 16, "nprobe": 4, "M": 8, "nbits": 6}
+    one = build_ondisk(ArraySource(xb), tmp_path / "one", kind="ivfpq", seed=0, **params)
+    assert one.meta["storage"]["shards"] == 1
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        disk = build_ondisk(ArraySource(xb), tmp_path / "ray", kind="ivfpq", seed=0, shard_rows=600, workers=2,
+                            engine="ray", **params)
+        # a task's own error comes back as the same deepfeat error, and nothing is left behind
+        with pytest.raises(StoreError, match="unreadable"):
+            build_ondisk(FailingSource(xb, fail_at=1500), tmp_path / "bad", kind="ivfpq", seed=0, shard_rows=600,
+                         workers=2, engine="ray", **params)
+    finally:
+        if started:
+            ray.shutdown()
+    assert disk.meta["storage"]["shards"] == 5 and disk.meta["storage"]["engine"] == "ray"
+    D0, I0 = one.search(xq, 10)
+    D1, I1 = disk.search(xq, 10)
+    np.testing.assert_array_equal(I1, I0)
+    np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "ray"]
+
+
+def test_the_merge_closes_the_shards_it_read(tmp_path):
+    """After a build, no shard file stays mapped in the process (faiss.contrib.ondisk.merge_ondisk leaves
+    them mapped, deleted, holding their disk space for the life of the process), and only the merged
+    lists file is."""
+    xb = _clustered(4000, 16)
+    index = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=1000)
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if str(tmp_path) in line]
+    assert not [m for m in maps if "shard" in m or "(deleted)" in m]
+    assert [m.rstrip().rsplit("/", 1)[-1] for m in maps] == ["lists.ivfdata"]
+    assert index.ntotal == 4000
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+from deepfeat.index.ondisk import ArraySource, build_ondisk
+
+class KilledSource(ArraySource):
+    def rows(self, start, stop):
+        if stop - start <= 400 and start >= 800:  # a shard's rows (the training sample reads all 1,500)
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 of the build, two shards written, one being filled
+        return super().rows(start, stop)
+
+xb = np.load(sys.argv[1])
+build_ondisk(KilledSource(xb[::-1].copy()), sys.argv[2], kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+"""
+
+
+def test_kill_9_during_a_build_leaves_the_index_folder_as_it_was(tmp_path):
+    """A build killed with SIGKILL (a fault hook in its row source) changes nothing in the index folder;
+    its staging folder is left, and removed by the next build, whose index is the same as before."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    xb, xq = _clustered(1500, 16), _clustered(10, 16, seed=5)
+    np.save(tmp_path / "xb.npy", xb)
+    build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tmp_path / "xb.npy"), str(tmp_path / "idx")],
+                         check=False, env=env, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert {f.name: f.read_bytes() for f in (tmp_path / "idx").iterdir()} == before
+    left = [p for p in tmp_path.iterdir() if ".building-" in p.name]
+    assert len(left) == 1 and sorted(p.name for p in left[0].glob("shard*.faiss")) == ["shard00000.faiss",
+                                                                                      "shard00001.faiss"]
+    want = open_ondisk(tmp_path / "idx").search(xq, 5)[1]
+    again = build_ondisk(ArraySource(xb), tmp_path / "idx", kind="ivf", nlist=8, nprobe=8, shard_rows=400)
+    assert not left[0].exists()
+    np.testing.assert_array_equal(again.search(xq, 5)[1], want)

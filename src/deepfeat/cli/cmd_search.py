@@ -65,6 +65,11 @@ def register(sub) -> None:
                    help="build an ivf/ivfpq index with its inverted lists on disk, memory-mapped at search time, "
                         "in shards that fit SIZE (e.g. 2G) with --workers processes (docs/scaling.md)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="with --max-memory: shards built at once")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="with --max-memory: fill the shards in local processes or as Ray tasks on a cluster "
+                        "(pip install 'deepfeat[ray]'; the store on a file system every node sees)")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="with --engine ray: the cluster to join (default $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=run_index)
 
     s = sub.add_parser("search", help="search a store by image, stored path/id, or vector",
@@ -115,20 +120,20 @@ def _add_verify_args(p) -> None:
 
 
 def _run_index_ondisk(args, store, plan) -> int:
-    from deepfeat.index.ondisk import StoreSource, build_ondisk, ondisk_memory, parse_bytes
+    from deepfeat.index.ondisk import StoreSource, build_ondisk, describe_ondisk, parse_bytes
     from deepfeat.index.plan import plan_index
     from deepfeat.search.store_index import INDEX_DIR, index_source_meta
 
     max_memory = parse_bytes(args.max_memory)
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: give at least 1")
     if plan.kind not in ("ivf", "ivfpq"):
         plan = plan_index(plan.n, plan.d, "ivf" if args.kind == "auto" else args.kind, args.metric)
-    mem = ondisk_memory(plan, max_memory)
-    print(f"on disk: {plan.kind}, lists {mem['disk_bytes'] / 2**20:.1f} MB on disk, "
-          f"{mem['resident_bytes'] / 2**20:.1f} MB resident when searching, building within "
-          f"{mem['build_bytes'] / 2**20:.0f} MB per {args.workers} worker(s)")
+    print(describe_ondisk(plan, max_memory, args.workers, args.engine))
     feature = store.feature_name(args.feature)
     index = build_ondisk(StoreSource(store.path, feature), store.path / INDEX_DIR, kind=plan.kind, metric=args.metric,
-                         max_memory=max_memory, workers=args.workers, source_meta=index_source_meta(store, feature))
+                         max_memory=max_memory, workers=args.workers, source_meta=index_source_meta(store, feature),
+                         engine=args.engine, ray_address=args.ray_address)
     m = index.meta
     print(f"built {m['kind']} index with on-disk lists in {m['build_seconds']:.2f}s ({m['storage']['shards']} "
           f"shard(s)) -> {store.path / INDEX_DIR}")
@@ -145,6 +150,12 @@ def run_index(args) -> int:
     print(f"{n} vectors x {d} dims: {plan}")
     if args.max_memory:
         return _run_index_ondisk(args, store, plan)
+    if args.engine != "local" or args.ray_address:
+        raise UsageError("--engine and --ray-address build an on-disk index: give --max-memory SIZE too")
+    if plan.kind in ("ivf", "ivfpq"):
+        from deepfeat.index.ondisk import describe_ondisk
+
+        print(f"  or, with --max-memory SIZE: {describe_ondisk(plan)}")
     index = build_index(store, kind=args.kind, metric=args.metric, feature=args.feature, threads=args.threads)
     m = index.meta
     print(f"built {m.get('kind')} index in {m.get('build_seconds', 0):.2f}s -> {store.path / 'index'}")

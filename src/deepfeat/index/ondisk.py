@@ -4,14 +4,16 @@ For collections whose vectors do not fit in memory (FAISS's "indexing 1G vectors
 ``faiss.contrib.ondisk``): the coarse quantizer (and PQ) are trained on a sample; the rows are
 added shard by shard, each shard an ordinary IVF index over a slice of the rows, filled chunk by
 chunk and written to disk, so a worker holds one chunk of vectors and one shard's codes at a time;
-shards are built by parallel worker processes; then their inverted lists are merged into one
+shards are built by parallel worker processes or Ray tasks (:mod:`deepfeat.index.shard_fill`), all
+sharing the one trained quantizer; then their inverted lists are merged into one
 ``lists.ivfdata`` file (FAISS ``OnDiskInvertedLists``), which searches read through ``mmap``: the
 pages a query touches are read from disk, and the kernel may drop them again.
 
 A folder holds ``index.faiss`` (the trained quantizer and the lists' table of contents),
 ``lists.ivfdata`` (codes and ids) and ``index.json`` (self-describing meta, as
 :class:`~deepfeat.index.faiss_index.Index` writes). Moving the folder is fine: the lists file is
-opened relative to the index (``IO_FLAG_ONDISK_SAME_DIR``).
+opened relative to the index (``IO_FLAG_ONDISK_SAME_DIR``). A build happens in a staging folder
+beside it and is moved in when complete (:func:`_commit`).
 
 The rows come from a :class:`VectorSource` (rows ``[start, stop)`` as float32 with their ids):
 :class:`StoreSource` reads a feature store's shards (memory-mapped) with its post-processing.
@@ -20,11 +22,11 @@ The rows come from a :class:`VectorSource` (rows ``[start, stop)`` as float32 wi
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import shutil
+import socket
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +42,8 @@ INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"
 META_FILE = "index.json"
 TRAINED_FILE = "trained.faiss"
+#: a build happens in NAME.building-HOST-PID beside the index folder NAME, moved in when complete
+STAGING = ".building-"
 ONDISK_KINDS = ("ivf", "ivfpq")
 #: threads FAISS starts to read a query's lists ahead (OnDiskInvertedLists.prefetch_nthread, FAISS's
 #: default 32); 0: the search threads read the pages as they scan them (docs/scaling.md)
@@ -63,7 +67,7 @@ class ArraySource:
     """Rows of an array in memory or a ``.npy`` file (memory-mapped); ids are row numbers."""
 
     def __init__(self, xb: np.ndarray | str | os.PathLike):
-        self.path = None if isinstance(xb, np.ndarray) else str(xb)
+        self.path = None if isinstance(xb, np.ndarray) else os.path.abspath(xb)
         self._xb = xb if isinstance(xb, np.ndarray) else None
         self.n, self.d = self._array().shape
 
@@ -81,7 +85,7 @@ class StoreSource:
     def __init__(self, path: str | os.PathLike, feature: str | None = None):
         from deepfeat.store import FeatureStore
 
-        self.path, self.feature = str(path), feature
+        self.path, self.feature = os.path.abspath(path), feature  # read by workers with another cwd
         store = FeatureStore(self.path)
         self.n, self.d = len(store), int(store.post.output_dim(store.dim))
         if not store.post.fitted:
@@ -125,50 +129,59 @@ def rows_for_memory(max_memory: int, d: int, code_bytes: int, workers: int,
     return max(1, int((per_worker - 3 * chunk * d * 4) // (2 * (code_bytes + 8)))), chunk
 
 
-def _fill_shard(args: tuple[Any, str, int, int, str, int, int]) -> str:
-    """Worker: add rows ``[start, stop)`` of the source to a copy of the trained index, chunk by chunk,
-    and write it (to a temporary name, renamed: a shard file exists only complete)."""
-    source, trained, start, stop, out, chunk_rows, threads = args
-    faiss = _faiss()
-    if threads:
-        faiss.omp_set_num_threads(int(threads))
-    index = faiss.read_index(trained)
-    for lo in range(start, stop, chunk_rows):
-        ids, xb = source.rows(lo, min(stop, lo + chunk_rows))
-        index.add_with_ids(xb, ids)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, out)
-    return out
-
-
 def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "ivf", metric: str = "ip",
                  max_memory: int | None = None, workers: int = 1, seed: int = 0, shard_rows: int | None = None,
-                 chunk_rows: int = CHUNK_ROWS, source_meta: dict[str, Any] | None = None, **params: Any):
+                 chunk_rows: int = CHUNK_ROWS, source_meta: dict[str, Any] | None = None, engine: str = "local",
+                 ray_address: str | None = None, **params: Any):
     """Build an on-disk *kind* (``ivf`` or ``ivfpq``) index of *source* in *folder* and return it opened
     (:func:`open_ondisk`). Shards of *shard_rows* rows (default: what *max_memory* bytes allow for
-    *workers* processes at once, :func:`rows_for_memory`; else 1,000,000) are filled by *workers*
-    processes and merged. *params*: the kind's parameters (``nlist``, ``nprobe``, ``M``, ``nbits``,
-    ``train_size``), defaults as for the in-memory kind (:func:`deepfeat.index.plan.plan_index`)."""
-    from faiss.contrib.ondisk import merge_ondisk
+    *workers* shards filled at once, :func:`rows_for_memory`; else 1,000,000) are filled by *workers*
+    local processes (``engine="local"``) or Ray tasks (``engine="ray"``, on the cluster at *ray_address*:
+    :mod:`deepfeat.index.shard_fill`) and merged. *params*: the kind's parameters (``nlist``, ``nprobe``,
+    ``M``, ``nbits``, ``train_size``), defaults as for the in-memory kind (:func:`deepfeat.index.plan.plan_index`).
 
-    from deepfeat.index.faiss_index import _train
+    Everything is built in a staging folder beside *folder* and moved in when complete
+    (:func:`_commit`): an interrupted build leaves *folder* as it was, or without an index, never with
+    a half-written one; a staging folder left by a killed build is removed by the next build."""
     from deepfeat.index.persist import write_index
     from deepfeat.index.plan import plan_index
+    from deepfeat.index.shard_fill import ENGINES, require_ray
 
     if kind not in ONDISK_KINDS:
         raise UsageError(f"on-disk index kind {kind!r}: choose {', '.join(ONDISK_KINDS)}")
-    faiss = _faiss()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if engine not in ENGINES:
+        raise UsageError(f"index build engine {engine!r}: choose {', '.join(ENGINES)}")
+    if engine == "ray":
+        require_ray()  # before the training, not after
+    folder = Path(folder).absolute()  # workers (Ray's on other nodes) need paths that do not depend on their cwd
     plan = plan_index(source.n, source.d, kind, metric, **params)
+    stage = _staging_folder(folder)
+    try:
+        index, meta = _build_in(stage, source, plan, metric, max_memory, workers, seed, shard_rows, chunk_rows,
+                                source_meta, engine, ray_address)
+        write_index(index, meta, stage)  # index.faiss (quantizer + the lists' table) and index.json
+        del index  # unmaps the lists before they move
+        _commit(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return open_ondisk(folder)
+
+
+def _build_in(stage: Path, source: VectorSource, plan, metric: str, max_memory: int | None, workers: int,
+              seed: int, shard_rows: int | None, chunk_rows: int, source_meta, engine: str,
+              ray_address: str | None) -> tuple[Any, dict[str, Any]]:
+    """Train on a sample, fill the shards, merge their lists into ``stage/lists.ivfdata``; (index, meta)."""
+    from deepfeat.index.faiss_index import _train
+    from deepfeat.index.shard_fill import ShardJob, fill_shards
+
+    faiss = _faiss()
     t0 = time.perf_counter()
     metric_type = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     index = faiss.index_factory(source.d, plan.factory, metric_type)
     sample = _training_sample(source, plan.params["train_size"], seed)
     _train(faiss, index, sample, plan, seed)
     del sample
-    trained = folder / TRAINED_FILE
+    trained = stage / TRAINED_FILE
     faiss.write_index(index, str(trained))
     train_seconds = time.perf_counter() - t0
     code_bytes = faiss.extract_index_ivf(index).code_size
@@ -177,26 +190,74 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
         shard_rows = min(shard_rows or fit_rows, fit_rows)
     shard_rows = shard_rows or 1_000_000
     bounds = shard_bounds(source.n, shard_rows)
-    jobs = [(source, str(trained), lo, hi, str(folder / f"shard{i:05d}.faiss"), chunk_rows,
-             1 if workers > 1 else None) for i, (lo, hi) in enumerate(bounds)]
+    jobs = [ShardJob(str(trained), lo, hi, str(stage / f"shard{i:05d}.faiss"), chunk_rows,
+                     1 if workers > 1 else None) for i, (lo, hi) in enumerate(bounds)]
     t1 = time.perf_counter()
-    if workers > 1 and len(jobs) > 1:
-        # spawned, not forked: a fork after FAISS's OpenMP threads ran (training) can hang the child
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-            shards = list(pool.map(_fill_shard, jobs))
-    else:
-        shards = [_fill_shard(j) for j in jobs]
+    shards = fill_shards(source, jobs, workers, engine, ray_address)
     add_seconds = time.perf_counter() - t1
-    lists = folder / LISTS_FILE
-    if lists.exists():
-        lists.unlink()  # a rebuild: OnDiskInvertedLists would append to the old file
-    merge_ondisk(index, shards, str(lists))
+    _merge_shards(index, shards, stage / LISTS_FILE)
     for f in [*shards, str(trained)]:
         os.remove(f)
     meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
-    write_index(index, meta, folder)  # index.faiss (quantizer + the lists' table) and index.json, atomically
-    return open_ondisk(folder)
+    meta["storage"].update(workers=int(workers), engine=engine)
+    return index, meta
+
+
+def _merge_shards(index, shards: list[str], lists: Path) -> None:
+    """Merge the shards' inverted lists into the on-disk lists file *lists* and give them to the empty
+    trained *index* (FAISS ``OnDiskInvertedLists.merge_from_multiple``, as ``faiss.contrib.ondisk.merge_ondisk``
+    does, except that the shards, read memory-mapped, are closed afterwards: ``merge_ondisk`` leaves their
+    lists allocated and mapped for the life of the process, which at 10M x 128 kept 5 GB of deleted shard
+    files mapped and their disk space held)."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(index)
+    parts = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in shards]  # each owns its lists: freed with it
+    pointers = faiss.InvertedListsPtrVector()
+    for part in parts:
+        pointers.push_back(faiss.extract_index_ivf(part).invlists)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
+    ntotal = invlists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    index.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()  # the index owns the merged lists now
+    del pointers, parts
+
+
+def _staging_folder(folder: Path) -> Path:
+    """A new, empty staging folder beside *folder* (``NAME.building-HOST-PID``), after removing the ones
+    that builds on this host left when they were killed (their process is gone)."""
+    host = socket.gethostname()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for old in folder.parent.glob(f"{folder.name}{STAGING}{host}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted index build", old)
+            shutil.rmtree(old, ignore_errors=True)
+    stage = folder.parent / f"{folder.name}{STAGING}{host}-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commit(stage: Path, folder: Path) -> None:
+    """Move a complete build from *stage* into *folder*, each file by a rename: the old index's meta
+    first removed (from then on there is no index, rather than an old table over new lists), then the
+    lists, the index, and its meta last (the commit marker). A kill at any point leaves complete files
+    and the old index, no index, or the new one; other files in *folder* are left alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META_FILE).unlink(missing_ok=True)
+    for name in (LISTS_FILE, INDEX_FILE, META_FILE):
+        os.replace(stage / name, folder / name)
 
 
 def _training_sample(source: VectorSource, train_size: int, seed: int) -> np.ndarray:
@@ -277,15 +338,37 @@ def parse_bytes(text: str) -> int:
     return int(value * scale)
 
 
-def ondisk_memory(plan, max_memory: int | None = None) -> dict[str, int]:
+def ondisk_memory(plan, max_memory: int | None = None, workers: int = 1) -> dict[str, int]:
     """What an on-disk build of *plan* (an ivf/ivfpq :class:`~deepfeat.index.plan.IndexPlan`) costs:
     ``disk_bytes`` (the lists: codes + 8-byte ids), ``resident_bytes`` (what stays in memory when
     searching: centroids, the lists' table, PQ tables; the lists' pages come and go with the page
-    cache) and ``build_bytes`` (the bound the shards are sized for, else one 1M-row shard)."""
+    cache), ``build_bytes`` (what the *workers* shards being filled at once hold: *max_memory* when
+    given, else 1M-row shards), ``shard_rows`` and ``shards`` (how the rows are split), ``worker_bytes``
+    (one worker's share) and ``train_bytes`` (the training sample, held by the building process before
+    the shards are filled, besides the bound)."""
     n, d, p = plan.n, plan.d, plan.params
     code = d * 4 if plan.kind == "ivf" else int(p["M"]) * int(p["nbits"]) // 8
     resident = int(p["nlist"]) * d * 4 + int(p["nlist"]) * 24
     if plan.kind == "ivfpq":
         resident += int(p["M"]) * (2 ** int(p["nbits"])) * (d // int(p["M"])) * 4
-    build = max_memory or min(n, 1_000_000) * (code + 8) + CHUNK_ROWS * d * 4
-    return {"disk_bytes": n * (code + 8), "resident_bytes": resident, "build_bytes": int(build)}
+    workers = max(1, int(workers))
+    if max_memory:
+        shard_rows, chunk = rows_for_memory(max_memory, d, code, workers)
+    else:
+        shard_rows, chunk = 1_000_000, CHUNK_ROWS
+    shard_rows = min(shard_rows, n)
+    worker = 2 * shard_rows * (code + 8) + 3 * min(chunk, shard_rows) * d * 4  # as rows_for_memory counts
+    return {"disk_bytes": n * (code + 8), "resident_bytes": resident,
+            "build_bytes": int(max_memory or worker * workers), "worker_bytes": int(worker),
+            "shard_rows": int(shard_rows), "shards": -(-n // shard_rows), "train_bytes": min(n, int(p["train_size"])) * d * 4}
+
+
+def describe_ondisk(plan, max_memory: int | None = None, workers: int = 1, engine: str = "local") -> str:
+    """The memory model of an on-disk build in one line, as ``deepfeat index`` prints it."""
+    m = ondisk_memory(plan, max_memory, workers)
+    mb = 2**20
+    where = "Ray tasks" if engine == "ray" else "worker processes" if workers > 1 else "this process"
+    return (f"on disk: {plan.kind}, lists {m['disk_bytes'] / mb:.1f} MB on disk, {m['resident_bytes'] / mb:.1f} MB "
+            f"resident when searching (memory-mapped); building {m['shards']} shard(s) of {m['shard_rows']:,} rows, "
+            f"{workers} at a time in {where}, within {m['build_bytes'] / mb:.0f} MB ({m['worker_bytes'] / mb:.0f} MB "
+            f"each; training sample {m['train_bytes'] / mb:.0f} MB before them)")
