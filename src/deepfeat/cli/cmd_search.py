@@ -122,6 +122,7 @@ def _add_verify_args(p) -> None:
 def _run_index_ondisk(args, store, plan) -> int:
     from deepfeat.index.ondisk import StoreSource, build_ondisk, describe_ondisk, parse_bytes
     from deepfeat.index.plan import plan_index
+    from deepfeat.index.update import save_rows
     from deepfeat.search.store_index import INDEX_DIR, index_source_meta
 
     max_memory = parse_bytes(args.max_memory)
@@ -134,6 +135,8 @@ def _run_index_ondisk(args, store, plan) -> int:
     index = build_ondisk(StoreSource(store.path, feature), store.path / INDEX_DIR, kind=plan.kind, metric=args.metric,
                          max_memory=max_memory, workers=args.workers, source_meta=index_source_meta(store, feature),
                          engine=args.engine, ray_address=args.ray_address)
+    save_rows(store.path / INDEX_DIR, store.ids, index._meta)  # the item id of each row: removals update it in place
+    index.save(store.path / INDEX_DIR)
     m = index.meta
     print(f"built {m['kind']} index with on-disk lists in {m['build_seconds']:.2f}s ({m['storage']['shards']} "
           f"shard(s)) -> {store.path / INDEX_DIR}")
