@@ -33,6 +33,7 @@ import numpy as np
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.persist import read_index
+from deepfeat.store.checksums import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     for f in [*shards, str(trained)]:
         os.remove(f)
     meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
+    meta["files"] = {LISTS_FILE: file_digest(lists)}  # checked on load (size, sample), by `info --verify` (sha256)
     write_index(index, meta, folder)  # index.faiss (quantizer + the lists' table) and index.json, atomically
     return open_ondisk(folder)
 

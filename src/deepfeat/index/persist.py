@@ -19,7 +19,7 @@ from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
-from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, sample_digest
+from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, quick_problem, sample_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -89,6 +89,7 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
             f"{index_path} is not the index its meta {meta_path} was written with (same size, other content: "
             "copied from elsewhere, or edited); rebuild the index (`deepfeat index STORE`)"
         )
+    _check_beside(meta, meta_path)
     try:
         # an on-disk IVF index (deepfeat.index.ondisk) opens its lists file beside it, wherever the folder moved
         index = faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR)
@@ -103,6 +104,22 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     if meta.get("kind") not in INDEX_KINDS or meta.get("kind") == "auto":
         raise StoreError(f"{meta_path}: unknown index kind {meta.get('kind')!r}")
     return index, meta
+
+
+def _check_beside(meta: dict[str, Any], meta_path: Path) -> None:
+    """The files recorded beside an index (``files``: an on-disk index's lists, DBA vectors), each by its
+    size and sampled digest (:func:`~deepfeat.store.checksums.quick_problem`)."""
+    files = meta.get("files") or {}
+    if not isinstance(files, dict):
+        raise StoreError(f"{meta_path}: 'files' must be an object; rebuild the index (`deepfeat index STORE`)")
+    for name, record in files.items():
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        if not plain or not isinstance(record, dict):
+            raise StoreError(f"{meta_path}: a file beside the index must be a plain name with its record, not "
+                             f"{name!r}; rebuild the index (`deepfeat index STORE`)")
+        problem = quick_problem(meta_path.with_name(name), record)
+        if problem:
+            raise StoreError(f"{problem}; rebuild the index (`deepfeat index STORE`)")
 
 
 def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
