@@ -32,7 +32,7 @@ import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
-from deepfeat.index.persist import read_index
+from deepfeat.index.persist import faiss_io_reason, read_index, write_faiss
 from deepfeat.store.checksums import file_digest
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ def _fill_shard(args: tuple[Any, str, int, int, str, int, int]) -> str:
     for lo in range(start, stop, chunk_rows):
         ids, xb = source.rows(lo, min(stop, lo + chunk_rows))
         index.add_with_ids(xb, ids)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, out)
+    write_faiss(index, out)
     return out
 
 
@@ -170,7 +168,7 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     _train(faiss, index, sample, plan, seed)
     del sample
     trained = folder / TRAINED_FILE
-    faiss.write_index(index, str(trained))
+    write_faiss(index, trained)
     train_seconds = time.perf_counter() - t0
     code_bytes = faiss.extract_index_ivf(index).code_size
     if max_memory:
@@ -192,9 +190,14 @@ def build_ondisk(source: VectorSource, folder: str | os.PathLike, kind: str = "i
     lists = folder / LISTS_FILE
     if lists.exists():
         lists.unlink()  # a rebuild: OnDiskInvertedLists would append to the old file
-    merge_ondisk(index, shards, str(lists))
-    for f in [*shards, str(trained)]:
-        os.remove(f)
+    try:
+        merge_ondisk(index, shards, str(lists))
+    except RuntimeError as e:  # a full disk: FAISS's own message, made the system's reason
+        lists.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {lists}: {faiss_io_reason(e)}") from None
+    finally:
+        for f in [*shards, str(trained)]:
+            Path(f).unlink(missing_ok=True)
     meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
     meta["files"] = {LISTS_FILE: file_digest(lists)}  # checked on load (size, sample), by `info --verify` (sha256)
     write_index(index, meta, folder)  # index.faiss (quantizer + the lists' table) and index.json, atomically
