@@ -166,3 +166,11 @@ def test_a_section_written_before_records_reads_as_before_and_is_recorded_by_the
     rc, report = _verify(copy, capsys)
     assert rc == 0 and report["counts"]["unchecked"] == 0
     assert np.array_equal(LocalFeatureCache(FeatureStore(copy), "sift")[0].xy, cache[0].xy)
+
+
+def test_dba_with_an_ondisk_index_is_one_line(ondisk, capsys):
+    """FAISS cannot rebuild on-disk lists with augmented vectors: a usage error, not its RuntimeError."""
+    capsys.readouterr()
+    assert cli.main(["search", str(ondisk), "0", "--dba", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on-disk lists" in err and "without --dba" in err, err
