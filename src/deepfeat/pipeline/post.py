@@ -50,9 +50,10 @@ def replacing_post(store: FeatureStore) -> Iterator[Path]:
     try:
         yield fitted
     except BaseException:
-        fitted.unlink(missing_ok=True)
         if had:
-            os.replace(aside, fitted)
+            os.replace(aside, fitted)  # over a new file written part-way, if any
+        else:
+            fitted.unlink(missing_ok=True)
         store.meta.clear()
         store.meta.update(before)
         raise
