@@ -90,4 +90,4 @@ def fit_post(store: FeatureStore, chain, fit_on: str | None, fit_max: int = 100_
     fitted = chain.fit(x)
     with replacing_post(store) as path:
         fitted.save(path)
-        store.update_meta(post=chain.spec, post_fitted_on=str(src.path), post_fitted_rows=int(len(x)))
+        store.update_meta(post=chain.spec, post_fitted_on=str(src.path), post_fitted_rows=len(x))
