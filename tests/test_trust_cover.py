@@ -174,3 +174,12 @@ def test_dba_with_an_ondisk_index_is_one_line(ondisk, capsys):
     assert cli.main(["search", str(ondisk), "0", "--dba", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "on-disk lists" in err and "without --dba" in err, err
+
+
+@pytest.mark.parametrize("copy", ["ondisk"], indirect=True)
+def test_an_in_memory_index_replacing_an_ondisk_one_leaves_no_unused_lists(copy, capsys):
+    assert cli.main(["index", str(copy), "--kind", "flat"]) == 0
+    assert not (copy / "index/lists.ivfdata").exists()
+    capsys.readouterr()
+    rc, report = _verify(copy, capsys)
+    assert rc == 0 and {c["file"] for c in report["checks"]} == _files(copy)

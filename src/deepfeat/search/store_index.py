@@ -46,6 +46,9 @@ def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", fea
     index = Index.build(xb, kind=kind, metric=metric, ids=np.arange(len(xb), dtype=np.int64), threads=threads,
                        source_meta=index_source_meta(store, feature), **params)
     index.save(store.path / INDEX_DIR)
+    from deepfeat.index.ondisk import LISTS_FILE
+
+    (store.path / INDEX_DIR / LISTS_FILE).unlink(missing_ok=True)  # an on-disk index's lists, replaced: unused now
     return index
 
 
