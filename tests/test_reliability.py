@@ -139,7 +139,7 @@ def test_a_store_turned_read_only_is_refused_before_work_and_resumes(photos12, r
         assert FeatureStore(out).committed_shards() == [0]
         # the next run is refused at once, before the model is loaded or an image decoded
         with pytest.raises(StoreError, match=f"cannot write to the store {out}: Read-only file system. "
-                                             "Nothing was extracted"):
+                                             "Nothing was changed"):
             extract(_cfg([photos12], out, shard_size=5))
     finally:
         remount("rw")

@@ -113,16 +113,20 @@ def test_sampled_digest_sees_a_same_size_swap_and_full_sha256_sees_one_bit(tmp_p
     assert sample_digest(a) == rec["sample"] and file_digest(a)["sha256"] != rec["sha256"]
 
 
-def test_an_index_file_copied_from_another_store_of_the_same_size_is_refused(store, capsys):
+def _swap_index(store: Path) -> None:
+    """Put another store's index file (same count and dims, so the same size) in *store*'s place."""
     from deepfeat.index import Index
 
     meta = json.loads((store / "index/index.json").read_text())
-    # another store's index: same count and dims, so the same size
     x = np.random.default_rng(1).standard_normal((meta["ntotal"], meta["d"]), dtype=np.float32)
     Index.build(x, kind="flat", metric="ip", ids=np.arange(len(x), dtype=np.int64)).save(store.parent / "other")
     os.replace(store.parent / "other/index.faiss", store / "other.faiss")
     assert (store / "other.faiss").stat().st_size == (store / "index/index.faiss").stat().st_size
     os.replace(store / "other.faiss", store / "index/index.faiss")
+
+
+def test_an_index_file_copied_from_another_store_of_the_same_size_is_refused(store, capsys):
+    _swap_index(store)
     with pytest.raises(StoreError, match=r"index\.faiss is not the index its meta .* was written with .* rebuild"):
         SearchEngine(store)
     assert cli.main(["search", str(store), "0"]) == 1
@@ -237,11 +241,24 @@ def test_a_nan_row_is_named_with_its_file_image_and_repair(store, capsys):
     assert not (store.parent / "x.npz").exists()  # export wrote nothing
 
 
-def test_serve_refuses_a_damaged_store_at_start_in_one_line(store):
-    """A real `deepfeat serve` process: exit 1 and one line, not a traceback and exit 3."""
-    _nan_in_shard(store, 1, 2)
+@pytest.mark.parametrize("damage, expect", [
+    ("nan", "row 2"),
+    ("index", "rebuild the index"),
+    ("marker", "commit marker of shard 1"),
+])
+def test_serve_refuses_a_damaged_store_at_start_in_one_line(store, damage, expect):
+    """A real `deepfeat serve` process: exit 1 and one line naming the file and the repair, not a traceback
+    and exit 3 (a NaN row), nor a service that starts and answers wrongly with "ok" (another store's index,
+    a lost commit marker)."""
+    if damage == "nan":
+        _nan_in_shard(store, 1, 2)
+    elif damage == "index":
+        _swap_index(store)
+    else:
+        (store / "shards/000001.items.parquet").unlink()
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     p = subprocess.run([sys.executable, "-m", "deepfeat", "serve", str(store), "--port", "0"], env=env, check=False,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
-    assert p.stderr.startswith("deepfeat serve: error: ") and "row 2" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.startswith("deepfeat serve: error: ") and expect in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepfeat.pipeline import fit_post, install_post
+from deepfeat.pipeline import fit_post, install_post, set_post
 from deepfeat.postprocess import PostChain
 from deepfeat.store import FeatureStore
 from deepfeat.store.lock import StoreLock
@@ -30,9 +30,7 @@ def run(args) -> int:
         elif chain.needs_fit:  # fitted before the old chain is replaced: a failed fit changes nothing
             fit_post(store, chain, args.fit_on, args.fit_max)
         else:
-            (store.path / "post.npz").unlink(missing_ok=True)
-            store.update_meta(post=chain.spec)
-            store._post = None
+            set_post(store, chain.spec)
     d_out = store.post.output_dim(store.dim)
     print(f"{store.path}: post-processing {chain.spec} ({store.dim} -> {d_out} dims)"
           + (f", fitted on {store.meta.get('post_fitted_rows')} vectors of {store.meta.get('post_fitted_on')}"

@@ -34,7 +34,8 @@ import numpy as np
 
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
-from deepfeat.index.persist import read_index
+from deepfeat.index.persist import faiss_io_reason, read_index, write_faiss
+from deepfeat.store.checksums import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def _build_in(stage: Path, source: VectorSource, plan, metric: str, max_memory: 
     _train(faiss, index, sample, plan, seed)
     del sample
     trained = stage / TRAINED_FILE
-    faiss.write_index(index, str(trained))
+    write_faiss(index, trained)
     train_seconds = time.perf_counter() - t0
     code_bytes = faiss.extract_index_ivf(index).code_size
     if max_memory:
@@ -200,6 +201,7 @@ def _build_in(stage: Path, source: VectorSource, plan, metric: str, max_memory: 
         os.remove(f)
     meta = _meta(plan, metric, index, seed, source_meta, t0, train_seconds, add_seconds, len(shards), shard_rows)
     meta["storage"].update(workers=int(workers), engine=engine)
+    meta["files"] = {LISTS_FILE: file_digest(stage / LISTS_FILE)}  # checked on load (size, sample), by `info --verify`
     return index, meta
 
 
@@ -216,7 +218,10 @@ def _merge_shards(index, shards: list[str], lists: Path) -> None:
     for part in parts:
         pointers.push_back(faiss.extract_index_ivf(part).invlists)
     invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
-    ntotal = invlists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    try:
+        ntotal = invlists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    except RuntimeError as e:  # a full disk: FAISS's own message, made the system's reason
+        raise StoreError(f"cannot write {lists}: {faiss_io_reason(e)}") from None
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(invlists, True)
     invlists.this.disown()  # the index owns the merged lists now

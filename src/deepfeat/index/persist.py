@@ -19,7 +19,7 @@ from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.index.checks import _faiss
 from deepfeat.index.kinds import INDEX_KINDS
-from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, sample_digest
+from deepfeat.store.checksums import META_DIGEST_KEY, file_digest, meta_digest, quick_problem, sample_digest
 
 META_FORMAT = "deepfeat-index"
 META_VERSION = 1
@@ -89,9 +89,12 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
             f"{index_path} is not the index its meta {meta_path} was written with (same size, other content: "
             "copied from elsewhere, or edited); rebuild the index (`deepfeat index STORE`)"
         )
+    _check_beside(meta, meta_path)
     try:
         # an on-disk IVF index (deepfeat.index.ondisk) opens its lists file beside it, wherever the folder moved
-        index = faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        # (mapped read-only where the folder cannot be written: FAISS maps the lists "r+" otherwise)
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if os.access(index_path.parent, os.W_OK) else faiss.IO_FLAG_READ_ONLY)
+        index = faiss.read_index(str(index_path), flags)
     except RuntimeError as e:
         raise StoreError(f"cannot read FAISS index {index_path}: {str(e).strip().splitlines()[-1]}") from None
     metric = "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
@@ -105,17 +108,69 @@ def read_index(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     return index, meta
 
 
+def _check_beside(meta: dict[str, Any], meta_path: Path) -> None:
+    """The files recorded beside an index (``files``: an on-disk index's lists, DBA vectors), each by its
+    size and sampled digest (:func:`~deepfeat.store.checksums.quick_problem`)."""
+    files = meta.get("files") or {}
+    if not isinstance(files, dict):
+        raise StoreError(f"{meta_path}: 'files' must be an object; rebuild the index (`deepfeat index STORE`)")
+    for name, record in files.items():
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        if not plain or not isinstance(record, dict):
+            raise StoreError(f"{meta_path}: a file beside the index must be a plain name with its record, not "
+                             f"{name!r}; rebuild the index (`deepfeat index STORE`)")
+        problem = quick_problem(meta_path.with_name(name), record)
+        if problem:
+            raise StoreError(f"{problem}; rebuild the index (`deepfeat index STORE`)")
+
+
+def write_faiss(faiss_index: Any, path: str | os.PathLike[str]) -> None:
+    """``faiss.write_index`` to *path* through a temporary name (straight to disk: no in-memory copy of
+    a large index). A folder that cannot be written (read-only, not ours) is the system's OSError
+    naming the file, before FAISS starts; a write that fails (a full disk) is a StoreError naming the
+    file and the system's reason, instead of FAISS's internal message; the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        open(tmp, "wb").close()
+        _faiss().write_index(faiss_index, str(tmp))
+        os.replace(tmp, path)
+    except RuntimeError as e:
+        _discard(tmp)
+        raise StoreError(f"cannot write {path}: {faiss_io_reason(e)}") from None
+    except OSError as e:
+        _discard(tmp)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only folder
+        pass
+
+
+def faiss_io_reason(e: Exception) -> str:
+    """The system's reason inside a FAISS I/O error (``... write error ...: 0 != 4 (No space left on
+    device)`` -> ``No space left on device``), else its last line."""
+    import re
+
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    m = re.search(r"\(([^()]+)\)\s*$", text)
+    return m.group(1) if m else text
+
+
 def write_index(faiss_index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write *faiss_index* and *meta* (updated in place with the index file's name, size, sha256
     and the time) as the pair named by *path*; returns the meta file's path."""
     from deepfeat.store import atomic_write_bytes
 
-    faiss = _faiss()
     index_path, meta_path = _artefact_paths(path)
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(index_path.name + ".tmp")
-    faiss.write_index(faiss_index, str(tmp))  # straight to disk: no in-memory copy of a large index
-    os.replace(tmp, index_path)
+    write_faiss(faiss_index, index_path)
     meta["index_file"] = index_path.name
     digest = file_digest(index_path)  # checked by `deepfeat info --verify` (deepfeat.store.checksums)
     meta["index_bytes"] = digest["bytes"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from deepfeat.errors import DeepfeatError, UsageError
 from deepfeat.index.checks import _faiss
+from deepfeat.index.persist import write_faiss
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ def fill_shard(source: Any, job: ShardJob) -> str:
     for lo in range(job.start, job.stop, job.chunk_rows):
         ids, xb = source.rows(lo, min(job.stop, lo + job.chunk_rows))
         index.add_with_ids(xb, ids)
-    tmp = f"{job.out}.tmp-{os.getpid()}"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, job.out)
+    write_faiss(index, job.out)  # through a temporary name; a full disk is one line naming the file
     return job.out
 
 

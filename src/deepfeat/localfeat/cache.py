@@ -12,7 +12,10 @@ regional descriptors (``--extractor regions``) their ``boxes`` (M x 4). A file i
 written atomically (temporary file + rename, :func:`deepfeat.store.atomic_write_bytes`),
 so it is the shard's commit: after a crash or ``kill -9`` a shard is present in full
 or absent, and running the same command again computes only the missing shards and
-ends with the same bytes as an uninterrupted run. The section describes itself in the
+ends with the same bytes as an uninterrupted run. Each file is recorded in the store's checksums
+when written (:func:`deepfeat.store.checksums.record_file`) and checked when read (size and
+sampled digest); a run over an existing section hashes its files whole and computes a changed one
+again (the repair ``deepfeat info --verify`` names). The section describes itself in the
 store's ``meta.json`` under ``local_features.<name>``: extractor spec, layer, model,
 maximum keypoints, frame size, descriptor dim and dtype, code version.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +39,7 @@ from deepfeat.errors import ImageError, StoreError, UsageError
 from deepfeat.localfeat.features import LocalExtractor, LocalFeatures, descriptor_dim, parse_local_spec
 from deepfeat.pipeline import faults
 from deepfeat.store import FeatureStore, atomic_write_bytes
+from deepfeat.store.checksums import content_problem, quick_problem, record_file
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,24 @@ def local_feature_names(store: FeatureStore) -> list[str]:
 
 def _shard_path(store: FeatureStore, name: str, shard: int) -> Path:
     return store.path / LOCAL_DIR / name / f"{shard:06d}.npz"
+
+
+def _record(store: FeatureStore, path: Path) -> dict[str, Any] | None:
+    return ((store.meta.get("checksums") or {}).get("files") or {}).get(path.relative_to(store.path).as_posix())
+
+
+def _kept(store: FeatureStore, path: Path) -> bool:
+    """Whether a section file already written can be kept: unchanged since its record (sha256), or
+    without one (a section made before records, or a run killed between the write and the record: the
+    file was written whole, atomically), which is then recorded as it is."""
+    record = _record(store, path)
+    if record is None:
+        record_file(store, path)
+        return True
+    problem = content_problem(path, record)
+    if problem:
+        log.warning("%s; computing it again", problem)
+    return problem is None
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -129,7 +152,7 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
               "keypoints": 0, "failed": []}
     for shard in store.committed_shards():
         out = _shard_path(store, name, shard)
-        if out.is_file():
+        if out.is_file() and _kept(store, out):
             report["shards_skipped"] += 1
             continue
         t = store.shard_items(shard)
@@ -160,6 +183,7 @@ def _build(store: FeatureStore, spec: Any, name: str | None, device: str,
                                else np.zeros((0, 4), np.float32))
         faults.before_commit()
         atomic_write_bytes(out, _npz_bytes(**arrays))
+        record_file(store, out)
         report["shards_done"] += 1
         report["images"] += len(ok)
         report["keypoints"] += int(arrays["counts"].sum())
@@ -212,12 +236,18 @@ class LocalFeatureCache:
     def _shard(self, shard: int) -> dict[str, np.ndarray]:
         if shard not in self._shards:
             p = _shard_path(self.store, self.name, shard)
+            again = f"`deepfeat local-features {self.store.path} --name {self.name} --extractor {self.spec}`"
             if not p.is_file():
                 raise StoreError(f"{self.store.path}: local features {self.name!r} of shard {shard} are missing; "
-                                 f"finish them with `deepfeat local-features {self.store.path} --name {self.name} "
-                                 f"--extractor {self.spec}`")
-            with np.load(p, allow_pickle=False) as z:
-                arr = {k: z[k] for k in z.files}
+                                 f"finish them with {again}")
+            problem = quick_problem(p, _record(self.store, p))
+            if problem:
+                raise StoreError(f"{problem}; {again} computes it again")
+            try:  # each array of an .npz carries a CRC-32, checked as it is read: an edit inside is caught here
+                with np.load(p, allow_pickle=False) as z:
+                    arr = {k: z[k] for k in z.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise StoreError(f"{p} is damaged ({type(e).__name__}: {e}); {again} computes it again") from None
             arr["starts"] = np.concatenate([[0], np.cumsum(arr["counts"])])
             self._shards[shard] = arr
         return self._shards[shard]

@@ -38,10 +38,10 @@ from __future__ import annotations
 from deepfeat.pipeline.config import BACKENDS, DTYPES, ENGINES, PRECISIONS, ExtractConfig, ExtractReport
 from deepfeat.pipeline.network import default_layer, default_pooling
 from deepfeat.pipeline.plan import CPU_BATCH_PIXELS, shard_batches
-from deepfeat.pipeline.post import fit_post, install_post
+from deepfeat.pipeline.post import fit_post, install_post, set_post
 from deepfeat.pipeline.run import extract
 
 __all__ = [
     "BACKENDS", "CPU_BATCH_PIXELS", "DTYPES", "ENGINES", "PRECISIONS", "ExtractConfig", "ExtractReport",
-    "default_layer", "default_pooling", "extract", "fit_post", "install_post", "shard_batches",
+    "default_layer", "default_pooling", "extract", "fit_post", "install_post", "set_post", "shard_batches",
 ]

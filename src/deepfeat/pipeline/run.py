@@ -14,7 +14,7 @@ from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
 from deepfeat.pipeline.plan import default_batch, plan_work
-from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post
+from deepfeat.pipeline.post import _finish_post, check_post_dim, install_post, set_post
 from deepfeat.pipeline.progress import Progress
 from deepfeat.pipeline.sync import SyncPlan, apply_sync, record_inputs, recorded_inputs, scan_inputs, stale_warning
 from deepfeat.store import FeatureStore, check_store_dir
@@ -207,8 +207,7 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     if pooling.needs_fit and not (store.path / POOLING_FILE).is_file():
         pooling.save(store.path / POOLING_FILE, extra={"layer": layers[0], "model": model.spec})
     if store.meta.get("post") != meta["post"]:
-        store.update_meta(post=meta["post"])
-        (store.path / "post.npz").unlink(missing_ok=True)
+        set_post(store, meta["post"])
     if post_file:
         install_post(store, post, post_file, dims[0])
     return store, model, layers, fnet, dims, device

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfeat.errors import StoreError
+from deepfeat.errors import StoreError, UsageError
 from deepfeat.search.store_index import INDEX_DIR, StoreIndex, index_source_meta
 from deepfeat.store import FeatureStore
 
@@ -54,6 +54,10 @@ class DBACache:
                 "augmentation": {"method": "dba", "n": int(n), "alpha": float(alpha)}}
         found = self._load(stem, want)
         if found is None:
+            if (self.indexes.active.meta or {}).get("storage"):  # FAISS cannot clone lists kept on disk
+                raise UsageError("--dba rebuilds the index over the augmented vectors, which an index with on-disk "
+                                 f"lists ({self.store.path / INDEX_DIR}) cannot do; search without --dba, or build "
+                                 "an in-memory index (`deepfeat index STORE` without --max-memory)")
             found = dba_index(self.indexes.active, self.xb, n, alpha)
             self._save(stem, found, want)
         self._saved[key] = found

@@ -33,6 +33,9 @@ def build_index(store: FeatureStore, kind: str = "auto", metric: str = "ip", fea
     folder.mkdir(exist_ok=True)
     save_rows(folder, store.ids, index._meta)  # the item id of each row: removals update the index in place
     index.save(folder)
+    from deepfeat.index.ondisk import LISTS_FILE
+
+    (folder / LISTS_FILE).unlink(missing_ok=True)  # an on-disk index's lists, replaced: unused now
     return index
 
 

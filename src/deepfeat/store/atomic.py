@@ -32,11 +32,13 @@ def _atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a write() that failed names no file
+            raise OSError(e.errno, e.strerror, str(tmp)) from e  # (the CLI shows the real file's name)
         raise
 
 

@@ -10,10 +10,15 @@ Every file deepfeat writes into a store gets a record ``{"bytes": size, "sha256"
   the end of each extraction run (consolidation) and whenever deepfeat updates the
   meta after writing one of them;
 * a FAISS index (``index/index.faiss``): ``index_bytes`` and ``index_sha256`` in its
-  ``index.json``.
+  ``index.json``; files beside an index (an on-disk index's ``lists.ivfdata``, DBA vectors) in
+  its ``files``;
+* a local-feature section's shard files (``local/<name>/000007.npz``, keypoints or regions):
+  in ``meta.json`` like the side files, each recorded as soon as it is written
+  (:func:`record_file`), checked when the section reads it.
 
-Opening a store compares sizes only (one ``stat`` per file: truncation and most edits
-are caught, with a message naming the file); :func:`verify_store` (``deepfeat info
+Reading a file compares its size and sampled digest (:func:`quick_problem`: a ``stat`` and
+64 KiB read; truncation and a file swapped or edited at the same size are caught, with a message
+naming the file); :func:`verify_store` (``deepfeat info
 STORE --verify``) hashes everything and checks structure (rows per shard, dims).
 Stores written before checksums existed open as before; verify reports their files as
 unchecked rather than bad.
@@ -32,6 +37,8 @@ from typing import Any
 SHARD_KEY = b"deepfeat.checksums"  # a file-format key (the module was deepfeat.checksums): never rename
 #: small files beside the shards whose records live in meta.json, refreshed by update_meta
 SIDE_FILES = ("post.npz", "pooling.npz", "removed.parquet")  # removed.parquet: deepfeat.store.tombstones
+#: the folder of the local-feature sections (deepfeat.localfeat.cache), whose files are recorded in meta.json
+SECTIONS_DIR = "local/"
 ALGORITHM = "sha256"
 #: meta.json's own record: the sha256 of the rest of the meta (canonical JSON), written with it
 META_DIGEST_KEY = "meta_sha256"
@@ -98,6 +105,15 @@ def store_fingerprint(recorded: dict[str, dict[str, Any]]) -> str | None:
     if not parts:
         return None
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def record_file(store, path: Path) -> dict[str, Any]:
+    """Record *path*, a file deepfeat just wrote into *store* (a local-feature section's shard), in
+    the store's ``meta.json`` (rewritten); returns the record."""
+    files = dict((store.meta.get("checksums") or {}).get("files") or {})
+    files[Path(path).relative_to(store.path).as_posix()] = record = file_digest(path)
+    store.update_meta(checksums={"algorithm": ALGORITHM, "files": files})
+    return record
 
 
 def _digest_blocks(f):  # Python < 3.11
@@ -259,9 +275,25 @@ def verify_store(store) -> VerifyReport:
             _check_record(report, root, rel, pending)  # written by a removal stopped before it recorded it
         else:
             _check_record(report, root, rel, recorded.get(rel), missing_ok=True)
+    _verify_sections(report, store, recorded)
     for index_meta in sorted(root.glob("index/*.json")):
         _verify_index(report, root, index_meta)
     return report
+
+
+def _verify_sections(report: VerifyReport, store, recorded: dict[str, dict[str, Any]]) -> None:
+    """The local-feature sections' files: each recorded one hashed (a missing one is bad: its section
+    refuses to read it), a file there without a record (a section written before records) unchecked."""
+    root = store.path
+    on_disk = {p.relative_to(root).as_posix() for p in (root / SECTIONS_DIR).glob("*/*.npz")}
+    for rel in sorted(on_disk | {r for r in recorded if r.startswith(SECTIONS_DIR)}):
+        before = len(report.checks)
+        if _check_record(report, root, rel, recorded.get(rel)):  # ok, or unchecked (no record)
+            continue
+        name = rel.split("/")[1]
+        spec = ((store.meta.get("local_features") or {}).get(name) or {}).get("spec", name)
+        check = report.checks[before]
+        check.detail += (f"; `deepfeat local-features {root} --name {name} --extractor {spec}` computes it again")
 
 
 def _verify_meta(report: VerifyReport, store) -> None:
@@ -324,6 +356,6 @@ def _verify_index(report: VerifyReport, root: Path, meta_path: Path) -> None:
         _check_record(report, root, str((meta_path.parent / extra).relative_to(root)), rec)
 
 
-__all__ = ["ALGORITHM", "META_DIGEST_KEY", "SHARD_KEY", "SIDE_FILES", "Check", "VerifyReport", "content_problem",
-           "file_digest", "meta_digest", "meta_problem", "quick_problem", "sample_digest", "shard_records", "size_problem",
-           "store_fingerprint", "verify_store"]
+__all__ = ["ALGORITHM", "META_DIGEST_KEY", "SECTIONS_DIR", "SHARD_KEY", "SIDE_FILES", "Check", "VerifyReport",
+           "content_problem", "file_digest", "meta_digest", "meta_problem", "quick_problem", "record_file",
+           "sample_digest", "shard_records", "size_problem", "store_fingerprint", "verify_store"]

@@ -38,6 +38,18 @@ def export_store(store: FeatureStore, fmt: str, out: str | os.PathLike, feature:
     meta = json.dumps({**store.meta, "exported_feature": store.feature_name(feature), "post_applied": post},
                       default=str)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        _write(fmt, tmp, X, ids, paths, meta)
+        os.replace(tmp, out)
+    except BaseException as e:  # a full disk, a read-only folder: nothing is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a write() that failed names no file
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
+    return out
+
+
+def _write(fmt: str, tmp: Path, X: np.ndarray, ids: np.ndarray, paths: list[str], meta: str) -> None:
     if fmt == "npz":
         with open(tmp, "wb") as f:
             np.savez(f, features=X, ids=ids, paths=np.array(paths, dtype=str), meta=np.array(meta))
@@ -64,5 +76,3 @@ def export_store(store: FeatureStore, fmt: str, out: str | os.PathLike, feature:
             w.writerow(["id", "path"] + [f"f{j}" for j in range(X.shape[1])])
             for i in range(len(X)):
                 w.writerow([int(ids[i]), paths[i]] + [repr(float(v)) for v in X[i]])
-    os.replace(tmp, out)
-    return out

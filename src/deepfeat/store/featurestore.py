@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from deepfeat import __version__
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.store.atomic import _fsync_dir, atomic_save_npy, atomic_write_parquet
-from deepfeat.store.checksums import (ALGORITHM, SHARD_KEY, SIDE_FILES, content_problem, file_digest, quick_problem,
-                                      shard_records, size_problem)
+from deepfeat.store.checksums import (ALGORITHM, SECTIONS_DIR, SHARD_KEY, SIDE_FILES, content_problem, file_digest,
+                                      quick_problem, shard_records, size_problem)
 from deepfeat.store.compat import check_compatible
 from deepfeat.store.integrity import (STORE_VERSION, check_meta, check_shard_rows, check_store_dir, check_structure,
                                       nonfinite_problem, ok_per_shard, shard_paths, verify_hint, write_meta)
@@ -204,7 +204,8 @@ class FeatureStore:
         """Checksums into meta.json: each shard's arrays (copied from its commit marker), each shard
         items file (hashed once: a committed shard is never rewritten), ``items.parquet`` (hashed)."""
         old = self._recorded()
-        files = {k: v for k, v in old.items() if k in (*SIDE_FILES, "plan.parquet")}
+        files = {k: v for k, v in old.items() if k in (*SIDE_FILES, "plan.parquet")
+                 or (k.startswith(SECTIONS_DIR) and (self.path / k).is_file())}  # local-feature sections
         for s in self.committed_shards():
             items_file = self._shard_items_path(s)
             rel = f"shards/{items_file.name}"

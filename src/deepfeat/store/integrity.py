@@ -24,7 +24,7 @@ import numpy as np
 from deepfeat import __version__
 from deepfeat.errors import StoreError
 from deepfeat.store.atomic import atomic_write_json
-from deepfeat.store.checksums import META_DIGEST_KEY, meta_digest, meta_problem, size_problem
+from deepfeat.store.checksums import META_DIGEST_KEY, SECTIONS_DIR, meta_digest, meta_problem, size_problem
 
 #: the store format this deepfeat writes and reads (meta.json's ``format_version``)
 STORE_VERSION = 1
@@ -114,6 +114,8 @@ def check_structure(store_path: Path, recorded: dict[str, dict[str, Any]], commi
     """Every recorded file is there with its size; no recorded shard lost its commit marker; the
     consolidated items cover exactly the committed shards (*consolidated_shards*; None: no table)."""
     for rel, record in sorted(recorded.items()):
+        if rel.startswith(SECTIONS_DIR):
+            continue  # a local-feature section's file: checked when its section reads it
         path = store_path / rel
         if rel.startswith("shards/") and rel.endswith(".items.parquet") and not path.is_file():
             shard = int(Path(rel).name.split(".")[0])

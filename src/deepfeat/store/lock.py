@@ -102,5 +102,5 @@ class StoreLock:
 
 def _not_writable(folder: Path, e: OSError) -> str:
     why = e.strerror or str(e)
-    hint = "free some space" if e.errno == errno.ENOSPC else "make it writable or choose another -o"
-    return f"cannot write to the store {folder}: {why}. Nothing was extracted; {hint} and run the command again."
+    hint = "free some space" if e.errno == errno.ENOSPC else "make it writable (or give `extract` another -o)"
+    return f"cannot write to the store {folder}: {why}. Nothing was changed; {hint} and run the command again."
