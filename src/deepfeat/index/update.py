@@ -121,6 +121,8 @@ def refresh_index(store: FeatureStore, threads: int | None = None) -> str:
     for key in ("files", "index_bytes", "index_sha256", "index_sample"):
         meta.pop(key, None)
     save_rows(tmp, new, meta)
+    if ondisk:  # the edited lists, recorded like a build's (checked on load, by `info --verify`)
+        meta["files"]["lists.ivfdata"] = file_digest(tmp / "lists.ivfdata")
     from deepfeat.index.persist import write_index
 
     write_index(index.faiss_index, meta, tmp)

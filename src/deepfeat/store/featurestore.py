@@ -375,9 +375,7 @@ class FeatureStore:
             return x
         chain = self.post
         if not chain.fitted:
-            raise StoreError(
-                f"{self.path}: post-processing {chain.spec!r} is not fitted yet; run `deepfeat postprocess`"
-            )
+            raise StoreError(f"{self.path}: post-processing {chain.spec!r} is not fitted yet; run `deepfeat postprocess`")
         return np.ascontiguousarray(chain.apply(x), dtype=np.float32)
 
     def resolve_path(self, path: str) -> str:
