@@ -80,6 +80,8 @@ def test_a_removed_path_extracted_again_is_a_new_item(store, collection):
     new_id = int(s.ids[s.paths.index(path)])
     assert new_id > max(int(i) for i in s.ids if i != new_id) and new_id != old_id
     assert max(s.committed_shards()) == 3  # a new shard
+    assert cli.main(["remove", str(store), path]) == 0  # the path names its live item now, not the removed one
+    assert path not in FeatureStore(store).paths and new_id in FeatureStore(store).removed_ids()
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ondisk", "hnsw"])
@@ -191,3 +193,27 @@ def test_an_old_store_can_be_removed_from(tmp_path):
     assert _content(dst) == {i: v for i, v in before.items() if i != victim}
     compact_store(FeatureStore(dst))
     assert _content(dst) == {i: v for i, v in before.items() if i != victim}
+
+
+def test_a_crash_between_the_index_swap_renames_then_the_next_refresh(store):
+    build_index(FeatureStore(store), kind="flat")
+    remove_items(FeatureStore(store), [int(FeatureStore(store).ids[4])], "test")
+    (store / "index").rename(store / "index.new")  # the old index moved away, the new one not yet in place
+    s = FeatureStore(store)
+    assert open_saved_index(s, s.feature_name()) is None  # no index: exact search meanwhile
+    assert "flat index" in refresh_index(s) and not (store / "index.new").exists()
+    _same_as_exact(store)
+
+
+def test_local_features_follow_a_compaction(store):
+    from deepfeat.localfeat.cache import LocalFeatureCache, build_local_features
+
+    build_local_features(FeatureStore(store), "orb:max=50", name="orb")
+    s = FeatureStore(store)
+    gone = int(s.ids[9])
+    before = {int(i): LocalFeatureCache(s, "orb")[r].xy.tobytes() for r, i in enumerate(s.ids) if i != gone}
+    assert cli.main(["remove", str(store), "--ids", str(gone), "--compact"]) == 0
+    s = FeatureStore(store)
+    assert sorted(p.name for p in (store / "local" / "orb").iterdir()) == ["000000.npz", "000002.npz", "000003.npz"]
+    cache = LocalFeatureCache(s, "orb")
+    assert {int(i): cache[r].xy.tobytes() for r, i in enumerate(s.ids)} == before

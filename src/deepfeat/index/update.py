@@ -97,6 +97,9 @@ def refresh_index(store: FeatureStore, threads: int | None = None) -> str:
     want = index_source_meta(store, feature)
     if all(have.get(k) == v for k, v in want.items()):
         return f"{index.kind} index up to date ({index.ntotal} rows)"
+    if not len(store):
+        shutil.rmtree(folder)
+        return f"{index.kind} index deleted: the store has no rows left"
     other = [k for k in want if k not in ("rows", "store_fingerprint") and have.get(k) != want[k]]
     old = label_ids(folder, index.meta)
     new = np.asarray(store.ids, np.int64)

@@ -154,16 +154,20 @@ def missing_items(store: FeatureStore) -> dict[str, Any]:
 
 
 def ids_of_paths(store: FeatureStore, paths: Sequence[str]) -> list[int]:
-    """The item ids of *paths* (as stored, or normalised, like :meth:`FeatureStore.row_of_path`), ok or
-    failed items alike, removed ones too (removing them again changes nothing); a path that is not an item is
-    refused, naming it."""
-    t = store.committed_items()
+    """The item ids of *paths* (as stored, or normalised, like :meth:`FeatureStore.row_of_path`, or any
+    path of the same file from here), ok or failed items alike; a path whose only item is removed gives
+    that item (removing it again changes nothing); a path that is not an item is refused, naming it."""
     by_path: dict[str, int] = {}
-    for i, p in zip(t.column("id").to_pylist(), t.column("path").to_pylist()):
-        by_path.setdefault(p, int(i))
+    for t in (store.committed_items(), store.items()):  # a live item of a path wins over a removed one
+        by_path.update(zip(t.column("path").to_pylist(), (int(i) for i in t.column("id").to_pylist())))
     out, missing = [], []
+    by_file: dict[str, int] | None = None
     for p in paths:
         hit = next((by_path[c] for c in (p, os.path.normpath(p)) if c in by_path), None)
+        if hit is None:  # another spelling of the same file (relative to the store's root, or absolute)
+            if by_file is None:
+                by_file = {os.path.realpath(store.resolve_path(q)): i for q, i in reversed(list(by_path.items()))}
+            hit = by_file.get(os.path.realpath(p))
         if hit is None:
             missing.append(p)
         else:
