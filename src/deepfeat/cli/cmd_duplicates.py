@@ -56,7 +56,10 @@ def register(sub) -> None:
                    help="write the groups as a self-contained HTML page or a PNG (repeatable)")
     a = p.add_argument_group("acting (nothing is touched without --move-to or --delete)")
     a.add_argument("--move-to", metavar="DIR", help="move every duplicate but the keeper under DIR (folders kept)")
-    a.add_argument("--delete", action="store_true", help="delete every duplicate but the keeper (cannot be undone)")
+    a.add_argument("--delete", action="store_true",
+                   help="delete every duplicate but the keeper, for good: --undo cannot bring deleted files back, "
+                        "so it needs --yes (see them first with --dry-run; --move-to DIR is the undoable way)")
+    a.add_argument("--yes", action="store_true", help="confirm --delete")
     a.add_argument("--dry-run", action="store_true", help="print what --move-to/--delete would do; touch nothing")
     a.add_argument("--manifest", metavar="FILE",
                    help="where the manifest goes (default DIR/duplicates-TIME.manifest.json, or in the store)")
@@ -135,9 +138,11 @@ def _undo(args) -> int:
     from deepfeat.collection.actions import undo
 
     outcomes = undo(args.undo, on_outcome=_print_outcome)
-    bad = [o for o in outcomes if o.state in ("lost", "not-restored")]
+    bad = [o for o in outcomes if o.state in ("lost", "not-restored", "deleted")]
     print(f"{sum(o.state == 'restored' for o in outcomes)} restored, "
-          f"{sum(o.state == 'in-place' for o in outcomes)} already in place, {len(bad)} not restored")
+          f"{sum(o.state == 'in-place' for o in outcomes)} already in place, {len(bad)} not restored"
+          + (f" ({sum(o.state == 'deleted' for o in outcomes)} were deleted by --delete: deleted files cannot be "
+             "restored; the manifest lists them with their sha256)" if any(o.state == "deleted" for o in bad) else ""))
     return 1 if bad else 0
 
 
@@ -175,6 +180,9 @@ def run(args) -> int:
         raise UsageError("give one of --move-to DIR and --delete, not both")
     if args.dry_run and not (args.move_to or args.delete):
         raise UsageError("--dry-run shows what --move-to DIR or --delete would do: give one of them")
+    if args.delete and not (args.dry_run or args.yes):
+        raise UsageError("--delete removes the duplicates for good (--undo cannot restore deleted files): add --yes "
+                         "to confirm, --dry-run to see what it would delete, or use --move-to DIR, which --undo reverses")
     if (args.add or args.add_unique) and not args.query:
         raise UsageError("--add and --add-unique append the images of --query NEW... to the store: give --query")
     if args.add and args.add_unique:
