@@ -117,7 +117,27 @@ def relative(store: FeatureStore, set_dir: Path) -> list[str]:
     return [Path(store.resolve_path(p)).resolve().relative_to(set_dir.resolve()).as_posix() for p in store.paths]
 
 
-def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thresholds, inliers, plain) -> list[dict]:
+#: deepfeat's defaults (deepfeat.collection.duplicates.DuplicateSettings), whose false pairs --false-pairs lists
+DEFAULT = {"extractor": "sift", "threshold": 0.5, "min_inliers": 16}
+
+
+def write_false_pairs(path: str, pred: set, truth: set, edges: dict) -> None:
+    """One CSV row per false positive and false negative of the default cell: the pair, its cosine
+    and inliers when it was a verified candidate ('' when it was not a candidate: a false positive
+    joined through a chain, or a true pair the k-NN never proposed)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["error", "a", "b", "cosine", "inliers"])
+        for kind, pairs in (("false positive", pred - truth), ("false negative", truth - pred)):
+            for a, b in sorted(pairs):
+                c, i = edges.get((a, b), ("", ""))
+                w.writerow([kind, a, b, c if c == "" else round(c, 4), i])
+    print(f"false pairs of the default: {len(pred - truth)} false positives, {len(truth - pred)} false negatives "
+          f"-> {path}", flush=True)
+
+
+def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thresholds, inliers, plain,
+                  false_pairs: str | None = None) -> list[dict]:
     files = [store.resolve_path(p) for p in store.paths]
     n = len(files)
     xb = store.vectors()
@@ -149,6 +169,12 @@ def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thre
                 rows.append({"method": f"deepfeat --verify --extractor {ex}", "threshold": t, "min_inliers": mi,
                              **scores(group_pairs(n, ea + ca[m].tolist(), eb + cb[m].tolist(), names), truth),
                              "seconds": round(base + vsec, 1)})
+        if false_pairs and ex == DEFAULT["extractor"]:
+            m = (cs >= DEFAULT["threshold"]) & (inl >= DEFAULT["min_inliers"])
+            edges = {tuple(sorted((names[x], names[y]))): (float(c), int(i)) for x, y, c, i in
+                     zip(ca.tolist(), cb.tolist(), cs.tolist(), inl.tolist())}
+            write_false_pairs(false_pairs, group_pairs(n, ea + ca[m].tolist(), eb + cb[m].tolist(), names), truth,
+                              edges)
         best = max((r for r in rows if r["method"].endswith(ex)), key=lambda r: r["f1"])
         print(f"{ex}: verified {len(ca)} candidates in {vsec:.0f}s; best {best}", flush=True)
     return rows
@@ -212,13 +238,15 @@ def main() -> int:
     ap.add_argument("--store", required=True, help="its images extracted into a store")
     ap.add_argument("--extractors", default="cnn,sift", help="local features to verify with (default cnn,sift)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--false-pairs", metavar="CSV", help="write the default's false positives and negatives here")
     args = ap.parse_args()
     store = FeatureStore(args.store)
     names = relative(store, args.set)
     truth = truth_pairs(args.set, names)
     thresholds, inliers = [0.3, 0.4, 0.5, 0.6, 0.7], [8, 12, 16, 20, 30]
     plain = [0.8, 0.85, 0.9, 0.95]
-    rows = deepfeat_rows(store, names, truth, args.extractors.split(","), thresholds, inliers, plain)
+    rows = deepfeat_rows(store, names, truth, args.extractors.split(","), thresholds, inliers, plain,
+                         args.false_pairs)
     rows += imagededup_rows(args.set, store, names, truth, plain)
     print(f"{len(names)} images, {len(truth)} true pairs")
     print(f"{'method':58s} {'thr':>5s} {'inl':>4s} {'P':>6s} {'R':>6s} {'F1':>6s} {'pairs':>6s} {'s':>6s}")
