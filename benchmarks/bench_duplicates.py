@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Near-duplicate quality: pair precision, recall and F1 of deepfeat's duplicate finder
-and of imagededup (PHash at its default; its CNN method on the same EfficientNet-Lite0
-descriptors) on the same files, side by side in one run.
+and of imagededup (PHash at its default; its CNN method on the store's descriptors, and end
+to end through its ``CustomModel`` given the same EfficientNet-Lite0 and pooling) on the same
+files, side by side in one run.
 
 Set and store (a set from ``scripts/make_duplicate_set.py``, extracted as it is)::
 
@@ -50,6 +51,41 @@ def imagededup_cnn():
     return cnn
 
 
+def imagededup_custom_model(store: FeatureStore):
+    """imagededup's ``CustomModel`` holding the store's own network: its model, tapped layer and
+    pooling (``deepfeat.backends.featurenet.FeatureNet``) after the store's resize policy, so that
+    imagededup reads, preprocesses and encodes the files itself with the same EfficientNet-Lite0
+    (its own decoder: no EXIF rotation, no JPEG draft) and no MobileNet download."""
+    import torch
+    from imagededup.utils.models import CustomModel
+    from PIL import Image
+
+    from deepfeat.backends.featurenet import FeatureNet
+    from deepfeat.data.preprocess import parse_size_policy, resize_image
+    from deepfeat.models import load_model
+    from deepfeat.pooling import get_pooling
+
+    meta = store.meta
+    model = load_model(meta["model"]["spec"], device="cpu")
+    fnet = FeatureNet(model, list(meta["layers"]), get_pooling(meta["pooling"])).eval()
+    policy = parse_size_policy(meta["size"])
+
+    class Descriptor(torch.nn.Module):  # imagededup wants (batch x features) from one tensor
+        def __init__(self):
+            super().__init__()
+            self.fnet = fnet
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.fnet(x)[0]
+
+    def transform(img: Image.Image) -> torch.Tensor:  # uint8 H x W x C, as FeatureNet takes it
+        return torch.from_numpy(np.asarray(resize_image(img.convert("RGB"), policy, model.data_config)).copy())
+
+    return CustomModel(name=f"deepfeat {meta['model']['spec']} {meta['pooling']}", model=Descriptor(),
+                       transform=transform)
+
+
 def truth_pairs(set_dir: Path, paths: list[str]) -> set[tuple[str, str]]:
     groups: dict[str, list[str]] = {}
     with open(set_dir / "groups.csv") as f:
@@ -81,7 +117,27 @@ def relative(store: FeatureStore, set_dir: Path) -> list[str]:
     return [Path(store.resolve_path(p)).resolve().relative_to(set_dir.resolve()).as_posix() for p in store.paths]
 
 
-def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thresholds, inliers, plain) -> list[dict]:
+#: deepfeat's defaults (deepfeat.collection.duplicates.DuplicateSettings), whose false pairs --false-pairs lists
+DEFAULT = {"extractor": "sift", "threshold": 0.5, "min_inliers": 16}
+
+
+def write_false_pairs(path: str, pred: set, truth: set, edges: dict) -> None:
+    """One CSV row per false positive and false negative of the default cell: the pair, its cosine
+    and inliers when it was a verified candidate ('' when it was not a candidate: a false positive
+    joined through a chain, or a true pair the k-NN never proposed)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["error", "a", "b", "cosine", "inliers"])
+        for kind, pairs in (("false positive", pred - truth), ("false negative", truth - pred)):
+            for a, b in sorted(pairs):
+                c, i = edges.get((a, b), ("", ""))
+                w.writerow([kind, a, b, c if c == "" else round(c, 4), i])
+    print(f"false pairs of the default: {len(pred - truth)} false positives, {len(truth - pred)} false negatives "
+          f"-> {path}", flush=True)
+
+
+def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thresholds, inliers, plain,
+                  false_pairs: str | None = None) -> list[dict]:
     files = [store.resolve_path(p) for p in store.paths]
     n = len(files)
     xb = store.vectors()
@@ -113,6 +169,12 @@ def deepfeat_rows(store: FeatureStore, names: list[str], truth, extractors, thre
                 rows.append({"method": f"deepfeat --verify --extractor {ex}", "threshold": t, "min_inliers": mi,
                              **scores(group_pairs(n, ea + ca[m].tolist(), eb + cb[m].tolist(), names), truth),
                              "seconds": round(base + vsec, 1)})
+        if false_pairs and ex == DEFAULT["extractor"]:
+            m = (cs >= DEFAULT["threshold"]) & (inl >= DEFAULT["min_inliers"])
+            edges = {tuple(sorted((names[x], names[y]))): (float(c), int(i)) for x, y, c, i in
+                     zip(ca.tolist(), cb.tolist(), cs.tolist(), inl.tolist())}
+            write_false_pairs(false_pairs, group_pairs(n, ea + ca[m].tolist(), eb + cb[m].tolist(), names), truth,
+                              edges)
         best = max((r for r in rows if r["method"].endswith(ex)), key=lambda r: r["f1"])
         print(f"{ex}: verified {len(ca)} candidates in {vsec:.0f}s; best {best}", flush=True)
     return rows
@@ -138,8 +200,35 @@ def imagededup_rows(set_dir: Path, store: FeatureStore, names: list[str], truth,
         t0 = time.perf_counter()
         dups = cnn.find_duplicates(encoding_map=enc, min_similarity_threshold=t, num_sim_workers=0)
         pred = {tuple(sorted((a, b))) for a, bs in dups.items() for b in bs}
-        rows.append({"method": "imagededup CNN (same EfficientNet-Lite0 descriptors)", "threshold": t,
+        rows.append({"method": "imagededup CNN (the store's descriptors)", "threshold": t,
                      "min_inliers": None, **scores(pred, truth), "seconds": round(time.perf_counter() - t0, 1)})
+    rows += imagededup_custom_rows(set_dir, store, names, truth, cnn_thresholds)
+    return rows
+
+
+def imagededup_custom_rows(set_dir: Path, store: FeatureStore, names: list[str], truth, thresholds) -> list[dict]:
+    """imagededup's CNN method end to end (its own reading and encoding of the files) with the
+    store's network given through its ``CustomModel``; its encodings are compared with the store's."""
+    from imagededup.methods import CNN
+
+    t0 = time.perf_counter()
+    cnn = CNN(verbose=False, model_config=imagededup_custom_model(store))
+    enc = {"images/" + k: v for k, v in cnn.encode_images(image_dir=str(set_dir / "images"), recursive=True).items()}
+    enc_sec = time.perf_counter() - t0
+    xb = store.vectors()
+    xb = xb if is_unit(xb) else l2_normalised(xb)
+    mine = l2_normalised(np.stack([enc[n] for n in names]).astype(np.float32))
+    cos = (mine * xb).sum(1)
+    print(f"imagededup CustomModel: {len(enc)} encodings in {enc_sec:.0f}s; cosine with the store's descriptors "
+          f"min {cos.min():.4f}, median {np.median(cos):.4f}", flush=True)
+    rows = []
+    for t in thresholds:
+        t0 = time.perf_counter()
+        dups = cnn.find_duplicates(encoding_map=enc, min_similarity_threshold=t, num_sim_workers=0)
+        pred = {tuple(sorted((a, b))) for a, bs in dups.items() for b in bs}
+        rows.append({"method": "imagededup CNN (CustomModel: the same EfficientNet-Lite0 + GeM)", "threshold": t,
+                     "min_inliers": None, **scores(pred, truth),
+                     "seconds": round(enc_sec + time.perf_counter() - t0, 1)})
     return rows
 
 
@@ -149,13 +238,15 @@ def main() -> int:
     ap.add_argument("--store", required=True, help="its images extracted into a store")
     ap.add_argument("--extractors", default="cnn,sift", help="local features to verify with (default cnn,sift)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--false-pairs", metavar="CSV", help="write the default's false positives and negatives here")
     args = ap.parse_args()
     store = FeatureStore(args.store)
     names = relative(store, args.set)
     truth = truth_pairs(args.set, names)
     thresholds, inliers = [0.3, 0.4, 0.5, 0.6, 0.7], [8, 12, 16, 20, 30]
     plain = [0.8, 0.85, 0.9, 0.95]
-    rows = deepfeat_rows(store, names, truth, args.extractors.split(","), thresholds, inliers, plain)
+    rows = deepfeat_rows(store, names, truth, args.extractors.split(","), thresholds, inliers, plain,
+                         args.false_pairs)
     rows += imagededup_rows(args.set, store, names, truth, plain)
     print(f"{len(names)} images, {len(truth)} true pairs")
     print(f"{'method':58s} {'thr':>5s} {'inl':>4s} {'P':>6s} {'R':>6s} {'F1':>6s} {'pairs':>6s} {'s':>6s}")

@@ -49,9 +49,13 @@ def make_vectors(store: str, n: int, dim: int, planted: float, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     n_copies = int(n * planted)
     n_base = n - n_copies
-    cov = np.cov(proj, rowvar=False)
-    synth = rng.multivariate_normal(np.zeros(dim), cov, size=max(0, n_base - len(proj)), method="cholesky")
-    base = np.concatenate([proj[:n_base], synth]).astype(np.float32)
+    chol = np.linalg.cholesky(np.cov(proj, rowvar=False) + 1e-9 * np.eye(dim)).astype(np.float32)
+    base = np.empty((n_base, dim), dtype=np.float32)
+    n_real = min(len(proj), n_base)
+    base[:n_real] = proj[:n_real]
+    for s in range(n_real, n_base, 100_000):  # in float32 blocks: the vectors, not their generation, set the memory
+        e = min(s + 100_000, n_base)
+        base[s:e] = rng.standard_normal((e - s, dim), dtype=np.float32) @ chol.T
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     src = rng.choice(n_base, size=n_copies, replace=False)
     noise = rng.standard_normal((n_copies, dim)).astype(np.float32)
@@ -62,8 +66,15 @@ def make_vectors(store: str, n: int, dim: int, planted: float, seed: int = 0) ->
     return x, np.stack([src, np.arange(n_base, n)], 1)
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux), MiB: what it held before the grouping."""
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * resource.getpagesize() / 2**20, 1)
+
+
 def run_one(method: str, store: str, n: int, dim: int, planted: float, threshold: float, kind: str) -> dict:
     x, truth = make_vectors(store, n, dim, planted)
+    rss_before = _rss_mib()
     t0 = time.perf_counter()
     if method == "deepfeat":
         from deepfeat.collection.duplicates import group_vectors
@@ -81,6 +92,7 @@ def run_one(method: str, store: str, n: int, dim: int, planted: float, threshold
     hit = sum((min(a, b), max(a, b)) in found for a, b in truth.tolist())
     return {"method": method, "n": n, "dim": dim, "seconds": round(sec, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_before_mib": rss_before, "vectors_mib": round(x.nbytes / 2**20, 1),
             "planted_recall": round(hit / max(len(truth), 1), 4), "pairs": len(found), "groups": n_groups,
             "index_kind": kind if method == "deepfeat" else None}
 
@@ -114,7 +126,8 @@ def main() -> int:
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{method:10s} n={n:>8d}  {row['seconds']:8.2f}s  peak {row['peak_rss_mib']:8.1f} MiB  "
+            print(f"{method:10s} n={n:>8d}  {row['seconds']:8.2f}s  peak {row['peak_rss_mib']:8.1f} MiB "
+                  f"(before {row['rss_before_mib']:.0f}, vectors {row['vectors_mib']:.0f})  "
                   f"planted recall {row['planted_recall']:.3f}  pairs {row['pairs']}", flush=True)
     by = {(r["method"], r["n"]): r for r in rows}
     for n in sorted({r["n"] for r in rows}):

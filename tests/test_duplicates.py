@@ -193,6 +193,52 @@ def test_query_new_images_against_the_collection(dup_store, tmp_path, photos):
     assert any(m.kind == "bytes" and Path(m.path).name == "rocket.jpg" for m in res["rocket_again.jpg"].matches)
 
 
+def test_query_add_appends_to_the_store_when_asked(dup_store, tmp_path, photos, capsys):
+    """--query NEW --add-unique appends only what the store lacks; --add appends duplicates too;
+    without either the store is unchanged; the added images are then found as any other."""
+    from skimage import data as skdata
+
+    from deepfeat.cli import main
+    from deepfeat.store import FeatureStore
+
+    src, _ = dup_store
+    store = tmp_path / "store"
+    shutil.copytree(src, store)  # the module's store stays as it is for the other tests
+    n0 = len(FeatureStore(store).paths)
+    cat = Image.open(photos["chelsea"]).convert("RGB")
+    cat_new = tmp_path / "new" / "cat_smaller.jpg"
+    cat_new.parent.mkdir()
+    cat.resize((cat.width * 2 // 3, cat.height * 2 // 3)).save(cat_new, quality=70)
+    camera = tmp_path / "new" / "camera.jpg"  # a real photo the store does not have
+    Image.fromarray(skdata.camera()).convert("RGB").save(camera, quality=90)
+
+    assert main(["duplicates", str(store), "--query", str(cat_new), str(camera)]) == 0
+    assert len(FeatureStore(store).paths) == n0  # a query alone changes nothing
+    capsys.readouterr()
+    assert main(["duplicates", str(store), "--query", str(cat_new), str(camera), "--add-unique"]) == 0
+    out = capsys.readouterr().out
+    assert f"not added {cat_new}: duplicate of" in out and "added 1 image(s)" in out
+    names = [Path(p).name for p in FeatureStore(store).paths]
+    assert len(names) == n0 + 1 and "camera.jpg" in names and "cat_smaller.jpg" not in names
+
+    assert main(["duplicates", str(store), "--query", str(cat_new), str(camera), "--add"]) == 0
+    out = capsys.readouterr().out
+    assert f"not added {camera}: already in the store" in out and "added 1 image(s)" in out
+    names = [Path(p).name for p in FeatureStore(store).paths]
+    assert len(names) == n0 + 2 and names.count("camera.jpg") == 1
+    rep = find_duplicates(store)  # the added copy is grouped with its original; the new photo alone
+    assert {"cat.jpg", "cat_smaller.jpg"} <= group_of(rep, "cat_smaller.jpg")
+    assert group_of(rep, "camera.jpg") == {"camera.jpg"}
+
+
+def test_query_add_needs_query(dup_store):
+    from deepfeat.cli import main
+
+    store, _ = dup_store
+    assert main(["duplicates", str(store), "--add"]) == 2
+    assert main(["duplicates", str(store), "--query", "x.jpg", "--add", "--add-unique"]) == 2
+
+
 def test_serve_duplicates_view(dup_store):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

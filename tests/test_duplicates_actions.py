@@ -95,6 +95,43 @@ def test_delete_needs_explicit_flag(collection):
     assert main(["duplicates", str(store), "--no-verify", "--dry-run"]) == 2
 
 
+def test_delete_needs_yes_writes_its_manifest_first_and_undo_says_it_cannot(collection, tmp_path, capsys):
+    """--delete cannot be undone, so it is refused without --yes (nothing touched); with --yes the
+    manifest lists every deleted file (sha256 included) and --undo says they cannot come back."""
+    images, store = collection
+    before = snapshot(images)
+    args = ["duplicates", str(store), "--no-verify", "--threshold", "0.9", "--delete"]
+    assert main(args) == 2
+    assert "--yes" in capsys.readouterr().err and snapshot(images) == before
+    assert main(args + ["--dry-run"]) == 0 and snapshot(images) == before
+    manifest = tmp_path / "deleted.manifest.json"
+    assert main(args + ["--yes", "--manifest", str(manifest)]) == 0
+    after = snapshot(images)
+    gone = set(before) - set(after)
+    assert len(gone) == 3 and all(after[k] == before[k] for k in after)
+    doc = json.loads(manifest.read_text())
+    assert doc["action"] == "delete"
+    assert {(Path(e["file"]).relative_to(images).as_posix(), e["sha256"]) for e in doc["entries"]} == \
+        {(k, before[k]) for k in gone}
+    capsys.readouterr()
+    assert main(["duplicates", "--undo", str(manifest)]) == 1
+    assert "deleted files cannot be restored" in capsys.readouterr().out and snapshot(images) == after
+
+
+def test_kill_during_delete_finds_the_file_in_the_manifest_written_first(collection, tmp_path):
+    images, store = collection
+    manifest = tmp_path / "d.json"
+    env = {**os.environ, "PYTHONPATH": str(SRC), FAULT_ENV: "coffee.jpg:deleted"}
+    proc = subprocess.run([sys.executable, "-m", "deepfeat", "duplicates", str(store), "--no-verify", "--threshold",
+                           "0.9", "--delete", "--yes", "--manifest", str(manifest)], env=env, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == -9, proc.stderr
+    assert not (images / "coffee.jpg").exists()
+    journal = manifest.with_name(manifest.name + ".log").read_text()
+    assert "coffee.jpg" not in journal  # killed before its journal line, yet the manifest has it
+    assert any(e["file"].endswith("/coffee.jpg") for e in json.loads(manifest.read_text())["entries"])
+
+
 def test_kill_during_move_then_undo_loses_nothing(collection, tmp_path):
     images, store = collection
     before = snapshot(images)

@@ -17,7 +17,8 @@ def register(sub) -> None:
                     "(crops, rotations, recompression, colour changes, mirrors) found by a k-NN search of the "
                     "store's descriptors and confirmed by geometric verification of local features. Nothing is "
                     "touched without --move-to or --delete; every action writes a manifest first, and --undo "
-                    "MANIFEST puts the files back. See docs/duplicates.md.")
+                    "MANIFEST puts the files back. With --query NEW..., new images are checked against the store "
+                    "(and appended to it with --add or --add-unique). See docs/duplicates.md.")
     p.add_argument("store", metavar="STORE|FOLDER", nargs="?",
                    help="a feature store, or a folder of images to extract first into -o STORE")
     p.add_argument("-o", "--output", metavar="STORE", help="with a FOLDER: the store to extract it into")
@@ -43,6 +44,11 @@ def register(sub) -> None:
     g.add_argument("--device", default="cpu", help="device for local features computed here (default cpu)")
     g.add_argument("--query", nargs="+", metavar="NEW",
                    help="check these new images against the store (is this already in my collection?) instead")
+    g.add_argument("--add", action="store_true",
+                   help="with --query: then append every queried image to the store (its own settings), "
+                        "duplicates included")
+    g.add_argument("--add-unique", action="store_true",
+                   help="with --query: then append only the queried images that duplicate nothing in the store")
     o = p.add_argument_group("review")
     o.add_argument("--json", action="store_true", help="print the groups as JSON")
     o.add_argument("--csv", metavar="FILE", help="write one row per group member to FILE ('-' for stdout)")
@@ -50,7 +56,10 @@ def register(sub) -> None:
                    help="write the groups as a self-contained HTML page or a PNG (repeatable)")
     a = p.add_argument_group("acting (nothing is touched without --move-to or --delete)")
     a.add_argument("--move-to", metavar="DIR", help="move every duplicate but the keeper under DIR (folders kept)")
-    a.add_argument("--delete", action="store_true", help="delete every duplicate but the keeper (cannot be undone)")
+    a.add_argument("--delete", action="store_true",
+                   help="delete every duplicate but the keeper, for good: --undo cannot bring deleted files back, "
+                        "so it needs --yes (see them first with --dry-run; --move-to DIR is the undoable way)")
+    a.add_argument("--yes", action="store_true", help="confirm --delete")
     a.add_argument("--dry-run", action="store_true", help="print what --move-to/--delete would do; touch nothing")
     a.add_argument("--manifest", metavar="FILE",
                    help="where the manifest goes (default DIR/duplicates-TIME.manifest.json, or in the store)")
@@ -129,25 +138,35 @@ def _undo(args) -> int:
     from deepfeat.collection.actions import undo
 
     outcomes = undo(args.undo, on_outcome=_print_outcome)
-    bad = [o for o in outcomes if o.state in ("lost", "not-restored")]
+    bad = [o for o in outcomes if o.state in ("lost", "not-restored", "deleted")]
     print(f"{sum(o.state == 'restored' for o in outcomes)} restored, "
-          f"{sum(o.state == 'in-place' for o in outcomes)} already in place, {len(bad)} not restored")
+          f"{sum(o.state == 'in-place' for o in outcomes)} already in place, {len(bad)} not restored"
+          + (f" ({sum(o.state == 'deleted' for o in outcomes)} were deleted by --delete: deleted files cannot be "
+             "restored; the manifest lists them with their sha256)" if any(o.state == "deleted" for o in bad) else ""))
     return 1 if bad else 0
 
 
 def _query(args, store: str) -> int:
-    from deepfeat.collection.query import query_duplicates
+    from deepfeat.collection.query import add_queries, query_duplicates
 
     results = query_duplicates(store, args.query, _settings(args), device=args.device)
     if args.json:
         print_json([r.to_dict() for r in results])
-        return 0
-    for r in results:
-        if not r.matches:
-            print(f"{r.query}: new (no duplicate in {store})")
-        for m in r.matches:
-            print(f"{r.query}: duplicate of {m.path}  {m.kind}  cos {m.score:.3f}"
-                  + (f"  {m.inliers} inliers" if m.inliers is not None else ""))
+    else:
+        for r in results:
+            if not r.matches:
+                print(f"{r.query}: new (no duplicate in {store})")
+            for m in r.matches:
+                print(f"{r.query}: duplicate of {m.path}  {m.kind}  cos {m.score:.3f}"
+                      + (f"  {m.inliers} inliers" if m.inliers is not None else ""))
+    if args.add or args.add_unique:
+        added = add_queries(store, results, unique_only=args.add_unique)
+        out = sys.stderr if args.json else sys.stdout
+        for image, why in added.skipped.items():
+            print(f"not added {image}: {why}", file=out)
+        print(f"added {len(added.added) - added.failed} image(s) to {store}"
+              + (f"; {added.failed} could not be read (see {store}/failures.csv)" if added.failed else ""), file=out)
+        return 1 if added.failed else 0
     return 0
 
 
@@ -161,6 +180,13 @@ def run(args) -> int:
         raise UsageError("give one of --move-to DIR and --delete, not both")
     if args.dry_run and not (args.move_to or args.delete):
         raise UsageError("--dry-run shows what --move-to DIR or --delete would do: give one of them")
+    if args.delete and not (args.dry_run or args.yes):
+        raise UsageError("--delete removes the duplicates for good (--undo cannot restore deleted files): add --yes "
+                         "to confirm, --dry-run to see what it would delete, or use --move-to DIR, which --undo reverses")
+    if (args.add or args.add_unique) and not args.query:
+        raise UsageError("--add and --add-unique append the images of --query NEW... to the store: give --query")
+    if args.add and args.add_unique:
+        raise UsageError("give one of --add (every queried image) and --add-unique (those new to the store), not both")
     store = _open_store(args)
     if args.query:
         return _query(args, store)

@@ -18,8 +18,9 @@ The protocol (docs/duplicates.md, "Acting safely"):
 
 Undo reads the manifest (not only the journal): every planned file found at its
 destination and missing from its source is moved back and its sha256 checked, so a
-``kill -9`` at any point loses nothing. ``--delete`` removes files for good: its
-manifest says what was deleted (and undo says it cannot restore those).
+``kill -9`` at any point loses nothing. ``--delete`` removes files for good (the CLI asks
+for ``--yes``): its manifest, written first like a move's, lists every file it may delete
+with its sha256, and undo says it cannot restore those.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "deepfeat-duplicates-manifest"
 #: test-only fault hook: ``NAME:STAGE`` kills this process (SIGKILL) at STAGE ("moved": after the
-#: rename, before the journal line; "copied": after a cross-device copy, before its rename) of the
-#: first file whose name contains NAME
+#: rename, before the journal line; "copied": after a cross-device copy, before its rename;
+#: "deleted": after a delete, before the journal line) of the first file whose name contains NAME
 FAULT_ENV = "DEEPFEAT_DUPLICATES_KILL_AT"
 
 
@@ -200,6 +201,7 @@ def apply(report: DuplicateReport, move_to: str | None = None, delete: bool = Fa
                 o = Outcome(e.file, "skipped", why)
             elif delete:
                 os.unlink(e.file)
+                _fault(e.file, "deleted")
                 o = Outcome(e.file, "deleted")
             else:
                 move_file(e.file, e.dest)

@@ -1,6 +1,7 @@
 """Is this image already in my collection? New images checked against a store's duplicates
-rules without adding them: the same bytes, the same pixels, or a near copy confirmed by
-geometry (the steps of :mod:`deepfeat.collection.duplicates`, one query at a time).
+rules: the same bytes, the same pixels, or a near copy confirmed by geometry (the steps of
+:mod:`deepfeat.collection.duplicates`, one query at a time). The store is not changed unless
+asked: :func:`add_queries` then appends the queried images through extraction's append path.
 
 Queries are embedded exactly as the store was made (:class:`deepfeat.search.SearchEngine`).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -93,4 +95,46 @@ def query_duplicates(store: FeatureStore | str | os.PathLike, images: Sequence[s
             if n >= settings.min_inliers:
                 res.matches.append(Match(paths[row], "verified", score, n))
         out.append(res)
+    return out
+
+
+@dataclass
+class AddResult:
+    """What :func:`add_queries` did: the images appended, those left out and why."""
+
+    added: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # image -> reason
+    failed: int = 0  # images the extraction could not read (listed in the store's failures.csv)
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "skipped": self.skipped, "failed": self.failed}
+
+
+def add_queries(store: FeatureStore | str | os.PathLike, results: Sequence[QueryResult],
+                unique_only: bool = False) -> AddResult:
+    """Append the queried images of *results* to *store*, after they were checked: every one,
+    or with *unique_only* those that duplicate nothing in the store as it was. The run is an
+    extraction into the store with the store's own settings (the append contract,
+    :mod:`deepfeat.pipeline.append`), under its writer lock; an image the store already lists
+    (the same file) is left as it is. Two new images that copy each other are both added
+    (each is new to the store): ``deepfeat duplicates STORE`` then groups them."""
+    from deepfeat.pipeline import ExtractConfig, extract
+
+    path = store.path if isinstance(store, FeatureStore) else Path(store)
+    out = AddResult()
+    fs = FeatureStore(path)
+    plan = fs.read_plan()  # every file the store lists, including those it could not read
+    known = {os.path.realpath(fs.resolve_path(p)) for p in (plan.column("path").to_pylist() if plan is not None else fs.paths)}
+    todo = []
+    for r in results:
+        if unique_only and r.matches:
+            out.skipped[r.query] = f"duplicate of {r.matches[0].path} ({r.matches[0].kind})"
+        elif os.path.realpath(r.query) in known:
+            out.skipped[r.query] = "already in the store"
+        elif r.query not in todo:
+            todo.append(r.query)
+    if todo:
+        rep = extract(ExtractConfig(inputs=todo, output=os.fspath(path), progress="none", given=frozenset()))
+        out.failed = rep.failed
+        out.added = todo
     return out
