@@ -22,7 +22,7 @@ recently used out); OpenVINO's kernel cache per input shape is off from :data:`R
 (``long:768`` up), where it grew the memory with every new shape (docs/benchmarks.md, "At long:1024").
 In ``bf16`` the dynamic compilation is bf16 too (faster than the f32 one): that needs the graph's
 arithmetic on shapes in integers (bf16 rounds an odd side above 256;
-:func:`deepfeat.backends.onnx_runtime.integer_same_padding`), and is checked at :data:`ODD_PROBE`;
+:func:`deepfeat.backends.export_ops.integer_same_padding`), and is checked at :data:`ODD_PROBE`;
 where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size model``,
 ``warp:``): a graph exported at that shape with a fixed batch (short batches padded with zero
 images), as ONNX Runtime's static graphs.
