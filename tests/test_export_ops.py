@@ -58,7 +58,7 @@ def test_dynamic_vit_graph_traced_at_the_models_own_size_runs_at_others(tmp_path
 class _Unexportable(torch.nn.Module):
     """A network with an operator the ONNX exporter does not know (``aten::cummax``)."""
 
-    layers = ["x"]
+    layers = ("x",)
     size_multiple = 1
 
     def forward(self, pixels):

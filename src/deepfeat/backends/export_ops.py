@@ -92,7 +92,7 @@ def no_size_early_outs():
     under the TorchScript tracer that exports here. At the model's own grid the resampling is the
     identity (within float rounding), so nothing else changes."""
     try:
-        import timm.layers.pos_embed as pos_embed
+        from timm.layers import pos_embed
     except ImportError:  # no timm: nothing to patch
         yield
         return
@@ -117,7 +117,7 @@ def integer_same_padding():
     images were measured at cosine 0.975 (docs/benchmarks.md, "OpenVINO"). ``(size + stride - 1) //
     stride`` is the same number for every positive size, in integers, so nothing else changes."""
     try:
-        import timm.layers.padding as padding
+        from timm.layers import padding
     except ImportError:  # no timm: nothing to patch
         yield
         return
