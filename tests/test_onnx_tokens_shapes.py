@@ -106,3 +106,25 @@ def test_auto_backend_runs_the_exported_transformer_at_long_sizes(two_aspects, t
     assert stores["auto"].paths == stores["torch"].paths
     ok, numbers = F32.check(stores["auto"].raw(), stores["torch"].raw())
     assert ok, numbers
+
+
+def test_openvino_bf16_runs_a_transformer_at_aspect_preserving_sizes(two_aspects):
+    """``--precision bf16``: the dynamic bf16 compilation is checked at an odd-sized probe, rounded to the
+    patch stride (a ViT takes no other size); descriptors within the bf16 tolerance of float32."""
+    pytest.importorskip("openvino")
+    from deepfeat.backends import openvino_setup
+    from deepfeat.backends.featurenet import TorchRunner
+    from deepfeat.backends.openvino_runtime import OpenVinoRunner
+    from deepfeat.backends.tolerance import BF16
+
+    if not openvino_setup.bf16_supported():
+        pytest.skip("this CPU has no bf16 support OpenVINO can use (AMX or AVX512_BF16)")
+    torch.manual_seed(0)
+    model = load_model("timm:vit_tiny_patch16_224@random")
+    fnet = FeatureNet(model, ["norm"], get_pooling("cls+gem")).eval()
+    run = OpenVinoRunner(fnet, precision="bf16", export="dynamic", on_mismatch="raise")
+    ref = TorchRunner(fnet, torch.device("cpu"))
+    for px in _aspect_pixels(two_aspects, "long:112", model):
+        ok, numbers = BF16.check(run(px[None])[0], ref(px[None])[0])
+        assert ok, (px.shape, numbers)
+    assert run.graphs.dynamic_precision == "bf16" and run.graphs.dynamic_problem is None

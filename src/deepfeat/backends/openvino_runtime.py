@@ -191,7 +191,7 @@ class CompiledGraphs:
         self._dynamic, self.dynamic_precision = f32, "f32"
         if self.precision == "bf16":
             bf16 = self._compile(self._model)
-            odd = odd_probe(pixels[0])
+            odd = odd_probe(pixels[0], self.fnet.size_multiple)
             ok, why = compare_all(bf16(odd), torch_outputs(self.fnet, odd), "bf16")
             if ok:
                 self._dynamic, self.dynamic_precision = bf16, "bf16"
@@ -314,9 +314,13 @@ def torch_outputs(fnet, pixels: np.ndarray) -> list[np.ndarray]:
         return [o.float().numpy() for o in fnet(torch.from_numpy(np.ascontiguousarray(pixels)))]
 
 
-def odd_probe(image: np.ndarray) -> np.ndarray:
-    """*image* (``H x W x C``) resized (nearest) to :data:`ODD_PROBE`, in its orientation, as a batch of one."""
+def odd_probe(image: np.ndarray, multiple: int = 1) -> np.ndarray:
+    """*image* (``H x W x C``) resized (nearest) to :data:`ODD_PROBE`, in its orientation, as a batch of one;
+    sides rounded down to *multiple* (a transformer's patch stride: the only sizes it takes; such sides
+    are bf16 numbers anyway up to 256 patches)."""
     h, w = ODD_PROBE if image.shape[0] <= image.shape[1] else ODD_PROBE[::-1]
+    m = max(1, int(multiple or 1))
+    h, w = max(m, h // m * m), max(m, w // m * m)
     rows = np.linspace(0, image.shape[0] - 1, h).round().astype(int)
     cols = np.linspace(0, image.shape[1] - 1, w).round().astype(int)
     return np.ascontiguousarray(image[rows][:, cols][None])
