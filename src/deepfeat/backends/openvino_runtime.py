@@ -191,7 +191,7 @@ class CompiledGraphs:
         self._dynamic, self.dynamic_precision = f32, "f32"
         if self.precision == "bf16":
             bf16 = self._compile(self._model)
-            odd = odd_probe(pixels[0], self.fnet.size_multiple)
+            odd = odd_probe(pixels[0], getattr(self.fnet, "size_multiple", 1))
             ok, why = compare_all(bf16(odd), torch_outputs(self.fnet, odd), "bf16")
             if ok:
                 self._dynamic, self.dynamic_precision = bf16, "bf16"
