@@ -223,6 +223,16 @@ def test_pad_to_refuses_poolings_without_a_mask_before_anything_is_written(colle
     assert not out.exists()
 
 
+def test_pad_to_refuses_transformer_tokens_before_anything_is_written(collection, tmp_path):
+    """Padded patches would take part in attention and change every token: refused, in one line."""
+    out = tmp_path / "s"
+    with pytest.raises(UsageError, match="token sequence.*attention"):
+        extract(ExtractConfig(inputs=[str(collection)], output=str(out), size="long:224", pooling="gem",
+                              model="timm:vit_tiny_patch16_224@random", layers=["norm"], pad_to=32, workers=0,
+                              progress="none"))
+    assert not out.exists()
+
+
 def test_padded_extraction_end_to_end(collection, tmp_path):
     """--pad-to on the torch backend: one batch for several shapes, descriptors near the exact ones."""
     kw = dict(size="long:224", pooling="gem", workers=0, progress="none", limit=8, post="none")

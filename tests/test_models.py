@@ -88,6 +88,26 @@ def test_timm_spec_with_local_weights(tmp_path, suffix):
     assert m.data_config.input_size == tuple(resolve_model_data_config(ref)["input_size"][1:])
 
 
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_timm_transformer_from_a_file_is_the_saved_network(tmp_path, arch):
+    """Built without timm's random initialisation (``weight_init='skip'``, the weights come from the
+    file) and sized on a meta-device skeleton: the same outputs as the saved network, non-persistent
+    buffers (Swin's relative position index) included."""
+    import timm
+
+    from deepfeat.models.weights import shapes_only
+
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, pretrained=False, num_classes=5).eval()
+    w = tmp_path / "net.pth"
+    torch.save(ref.state_dict(), w)
+    m = deepfeat.load_model(f"timm:{arch}@{w}")
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert m.num_classes == 5 and torch.allclose(m.net(x), ref(x), atol=1e-5)
+    assert next(shapes_only(lambda: timm.create_model(arch, pretrained=False)).parameters()).is_meta
+
+
 def test_timm_checkpoint_wrapped_and_prefixed(tmp_path):
     import timm
 

@@ -28,7 +28,6 @@ intra-op threads and the decode workers; ``--threads`` overrides them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -130,7 +129,9 @@ def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: 
         axes = None
     else:
         axes = {"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}}
-    with warnings.catch_warnings(), integer_same_padding():
+    from deepfeat.backends.export_ops import exportable_ops
+
+    with warnings.catch_warnings(), exportable_ops():
         warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected (and checked)
         torch.onnx.export(fnet, (dummy,), path, input_names=["pixels"], output_names=names, dynamic_axes=axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
@@ -154,37 +155,6 @@ def trace_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     f = min(1.0, TRACE_SIDE / max(h, w))
     t = (max(33, round(h * f)), max(33, round(w * f)), c)
     return t if t != probe_shape(shape) else (t[0] + 2, t[1], c)  # the check must see a second shape
-
-
-@contextlib.contextmanager
-def integer_same_padding():
-    """While exporting: timm's TF-style 'SAME' padding computed with integers.
-
-    timm computes ``ceil(size / stride)`` in floating point; traced with a dynamic input size, that
-    is float arithmetic on shapes inside the graph. A bf16 compilation (OpenVINO) rounds it: an odd
-    side above 256 is no bf16 number, the padding comes out one pixel off, and descriptors of such
-    images were measured at cosine 0.975 (docs/benchmarks.md, "OpenVINO"). ``(size + stride - 1) //
-    stride`` is the same number for every positive size, in integers, so nothing else changes."""
-    try:
-        import timm.layers.padding as padding
-    except ImportError:  # no timm: nothing to patch
-        yield
-        return
-    original = padding.get_same_padding
-
-    def get_same_padding(x, kernel_size: int, stride: int, dilation: int):
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            return torch.clamp(((x + stride - 1) // stride - 1) * stride + (kernel_size - 1) * dilation + 1 - x,
-                               min=0)
-        return original(x, kernel_size, stride, dilation)
-
-    padding.get_same_padding = get_same_padding
-    try:
-        yield
-    finally:
-        padding.get_same_padding = original
 
 
 def rounded_shape(shape: tuple[int, int, int], fnet) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ recently used out); OpenVINO's kernel cache per input shape is off from :data:`R
 (``long:768`` up), where it grew the memory with every new shape (docs/benchmarks.md, "At long:1024").
 In ``bf16`` the dynamic compilation is bf16 too (faster than the f32 one): that needs the graph's
 arithmetic on shapes in integers (bf16 rounds an odd side above 256;
-:func:`deepfeat.backends.onnx_runtime.integer_same_padding`), and is checked at :data:`ODD_PROBE`;
+:func:`deepfeat.backends.export_ops.integer_same_padding`), and is checked at :data:`ODD_PROBE`;
 where it fails, the dynamic compilation stays f32. ``static`` (one shape: ``--size model``,
 ``warp:``): a graph exported at that shape with a fixed batch (short batches padded with zero
 images), as ONNX Runtime's static graphs.
@@ -191,7 +191,7 @@ class CompiledGraphs:
         self._dynamic, self.dynamic_precision = f32, "f32"
         if self.precision == "bf16":
             bf16 = self._compile(self._model)
-            odd = odd_probe(pixels[0])
+            odd = odd_probe(pixels[0], getattr(self.fnet, "size_multiple", 1))
             ok, why = compare_all(bf16(odd), torch_outputs(self.fnet, odd), "bf16")
             if ok:
                 self._dynamic, self.dynamic_precision = bf16, "bf16"
@@ -314,9 +314,13 @@ def torch_outputs(fnet, pixels: np.ndarray) -> list[np.ndarray]:
         return [o.float().numpy() for o in fnet(torch.from_numpy(np.ascontiguousarray(pixels)))]
 
 
-def odd_probe(image: np.ndarray) -> np.ndarray:
-    """*image* (``H x W x C``) resized (nearest) to :data:`ODD_PROBE`, in its orientation, as a batch of one."""
+def odd_probe(image: np.ndarray, multiple: int = 1) -> np.ndarray:
+    """*image* (``H x W x C``) resized (nearest) to :data:`ODD_PROBE`, in its orientation, as a batch of one;
+    sides rounded down to *multiple* (a transformer's patch stride: the only sizes it takes; such sides
+    are bf16 numbers anyway up to 256 patches)."""
     h, w = ODD_PROBE if image.shape[0] <= image.shape[1] else ODD_PROBE[::-1]
+    m = max(1, int(multiple or 1))
+    h, w = max(m, h // m * m), max(m, w // m * m)
     rows = np.linspace(0, image.shape[0] - 1, h).round().astype(int)
     cols = np.linspace(0, image.shape[1] - 1, w).round().astype(int)
     return np.ascontiguousarray(image[rows][:, cols][None])

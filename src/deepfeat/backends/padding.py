@@ -53,6 +53,18 @@ def check_maskable(pooling) -> None:
                          "prior). Leave --pad-to out to batch by exact shape instead.")
 
 
+def check_no_attention(feature_net) -> None:
+    """Raise :class:`UsageError` if a tap is a transformer's token sequence: padded patches take part
+    in attention and change every token, not only the border (ViT-Ti, GeM: cosine 0.996 to the
+    unpadded descriptors, docs/benchmarks.md), so padding would not give the image's own descriptor."""
+    layouts = getattr(getattr(feature_net, "taps", None), "layouts", {}) or {}
+    tokens = [name for name, layout in layouts.items() if layout.kind == "tokens"]
+    if tokens:
+        raise UsageError(f"--pad-to: layer {tokens[0]!r} is a transformer's token sequence; padded patches would "
+                         "take part in attention and change every token. Leave --pad-to out: images are batched "
+                         "by exact shape.")
+
+
 def valid_map_size(valid_hw: tuple[int, int], input_hw: tuple[int, int], map_hw: tuple[int, int]) -> tuple[int, int]:
     """The part of an ``map_hw`` feature map computed from the top-left ``valid_hw`` of an
     ``input_hw`` input: the positions whose receptive-field centre lies in the valid image,
@@ -115,6 +127,7 @@ class PaddedTorchRunner:
 
     def __init__(self, feature_net, device, multiple: int = 32, channels_last: bool = True):
         check_maskable(feature_net.pooling)
+        check_no_attention(feature_net)
         self.fnet = feature_net.eval()
         self.device = torch.device(device)
         self.multiple = int(multiple)

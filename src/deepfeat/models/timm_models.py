@@ -53,15 +53,24 @@ def _feature_layer(net: torch.nn.Module) -> str | None:
     return last.get("module")
 
 
-def _create(arch: str, **kw) -> torch.nn.Module:
+def _create(arch: str, skip_init: bool = False, **kw) -> torch.nn.Module:
     """``timm.create_model`` with position embeddings interpolated to any input size
-    (``dynamic_img_size=True``) where the architecture has the option (ViT, DeiT, EVA, Swin)."""
+    (``dynamic_img_size=True``) where the architecture has the option (ViT, DeiT, EVA, Swin).
+    *skip_init*: without timm's random initialisation where the architecture allows it
+    (``weight_init='skip'``: ViT, Swin, ...), for a network whose every weight is loaded next (a
+    ViT-S draws 22M truncated-normal values otherwise, most of the time it takes to build)."""
     import timm
 
-    try:
-        return timm.create_model(arch, pretrained=False, dynamic_img_size=True, **kw)
-    except TypeError:  # architectures without the option refuse the keyword
-        return timm.create_model(arch, pretrained=False, **kw)
+    options: list[dict] = [{"dynamic_img_size": True}, {}]
+    if skip_init:
+        options = [{**o, "weight_init": "skip"} for o in options] + options
+    for i, option in enumerate(options):
+        try:
+            return timm.create_model(arch, pretrained=False, **option, **kw)
+        except TypeError:  # architectures without the option refuse the keyword
+            if i == len(options) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_arch(arch: str) -> None:
@@ -114,7 +123,7 @@ def load_timm(rest: str, spec: str, **_: object) -> Model:
         sd_path = sha = None
     else:
         convert = _TimmConverter()
-        net = build_with_weights(functools.partial(_create, arch), weights, f"timm architecture {arch}",
+        net = build_with_weights(functools.partial(_create, arch, skip_init=True), weights, f"timm architecture {arch}",
                                  convert=convert)
         sd_path, sha = weights, file_sha256(weights)
     classifier = net.pretrained_cfg.get("classifier")

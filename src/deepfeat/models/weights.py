@@ -98,6 +98,18 @@ def infer_num_classes(skeleton: Mapping[str, torch.Tensor], sd: Mapping[str, tor
 Convert = Callable[[dict[str, torch.Tensor], torch.nn.Module], Mapping[str, torch.Tensor]]
 
 
+def shapes_only(create: Callable[..., torch.nn.Module]) -> torch.nn.Module:
+    """``create()`` on PyTorch's meta device: the parameters' names and shapes without memory or the
+    random initialisation (which for a ViT-S is most of building it: 22M values drawn twice, once
+    for the shapes and once for the network the weights go into). An architecture whose
+    construction computes with values (``.item()``) is built for real."""
+    try:
+        with torch.device("meta"):
+            return create()
+    except Exception:  # noqa: BLE001 - any failure on meta tensors: the ordinary way
+        return create()
+
+
 def build_with_weights(create: Callable[..., torch.nn.Module], weights: str | os.PathLike, what: str,
                        drop: tuple[str, ...] = (), convert: Convert | None = None) -> torch.nn.Module:
     """An architecture of a model zoo (``create(**kwargs)`` builds it) with the state dict of the
@@ -106,10 +118,10 @@ def build_with_weights(create: Callable[..., torch.nn.Module], weights: str | os
     *convert(sd, net)*: applied when the file's key names are not the architecture's (an original
     release's layout, e.g. timm's ``checkpoint_filter_fn``), before the strict fit."""
     sd = read_state_dict(weights)
-    skeleton = create()
+    skeleton = shapes_only(create)
     own = {k for k in skeleton.state_dict() if not k.endswith("num_batches_tracked")}
     if convert is not None and set(sd) != own:
-        sd = dict(convert(dict(sd), skeleton))
+        sd = dict(convert(dict(sd), create()))  # a filter may compute with the network's own tensors
     n = infer_num_classes(skeleton.state_dict(), sd)
     if drop:
         sd = {k: v for k, v in sd.items() if not k.startswith(drop)}

@@ -83,6 +83,10 @@ def load_feature_net(cfg: ExtractConfig, out: Path, device) -> tuple[Any, list[s
     if pooling.needs_fit:
         pooling = _fitted_pooling(cfg, model, layers, pooling, parse_size_policy(cfg.size), out, device)
     fnet = FeatureNet(model, layers, pooling, cfg.scales, cfg.scale_combine).to(device)
+    if padding(cfg):  # before the store is made: padded batches of a transformer are refused
+        from deepfeat.backends.padding import check_no_attention
+
+        check_no_attention(fnet)
     return model, layers, pooling, fnet
 
 
