@@ -33,7 +33,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
 
 
-def synthetic(n: int, dim: int, groups: int, seed: int, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+def synthetic(n: int, dim: int, groups: int, seed: int, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((groups, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
