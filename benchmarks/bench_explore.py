@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--foreign", help="a store of foreign photos to plant for the outlier measurement")
     ap.add_argument("--gt", default="folders", help="where the classes come from: folders (default), ukbench...")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shots", type=lambda v: [int(x) for x in v.split(",")], default=[5, 10],
+                    help="training images per class of the few-shot measurements (default 5,10; UKBench: 1,2,3)")
     ap.add_argument("--finetune", metavar="RUN_DIR", help="also fine-tune (a new run directory) and compare")
     ap.add_argument("--only-finetune", action="store_true", help="with --finetune: skip the other measurements")
     ap.add_argument("-o", "--output", default="bench-explore.json")
@@ -135,7 +137,7 @@ def main() -> None:
                             "seconds": round(time.perf_counter() - t, 2)}
     print(f"classifier: {clf.meta['cv']['folds']}-fold CV accuracy {clf.meta['cv']['accuracy']:.4f} "
           f"({clf.method} {clf.meta['params']}) in {out['classifier_cv']['seconds']}s")
-    for n in (5, 10):
+    for n in args.shots:
         if np.bincount(y).min() > n:
             fs = few_shot(X, y, classes, n, args.repeats, 0)
             out[f"classifier_{n}_per_class"] = fs

@@ -2,7 +2,9 @@
 dimension): k-means (FAISS), the k-NN outlier scores (FAISS: IVF above 200,000 vectors), the
 classifier's prediction (fitted on a 5,000-row sample) and the map's layout of a subsample (the rest
 placed by their neighbours). Each step's wall time and the process's peak RSS after it (ru_maxrss,
-which only grows: read the step that raised it) are printed and written as JSON.
+which only grows: read the step that raised it; ``peak_over_array_gb`` = that minus the array's own
+size) are printed and written as JSON. --check-rows R: R rows' outlier scores computed exactly
+(brute force over all N) against the ones of the candidate search (N >= 200,000).
 
     python benchmarks/bench_explore_scale.py --n 1000000 --dim 1280 -o bench-explore-scale.json
 
@@ -18,6 +20,7 @@ import json
 import resource
 import time
 
+import faiss
 import numpy as np
 
 from deepfeat.collection.classifier import fit_classifier
@@ -30,7 +33,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
 
 
-def synthetic(n: int, dim: int, groups: int, seed: int, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+def synthetic(n: int, dim: int, groups: int, seed: int, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((groups, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -50,13 +53,15 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=20)
     ap.add_argument("--map-points", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check-rows", type=int, default=0,
+                    help="score this many rows exactly (brute force over all N) and compare")
     ap.add_argument("-o", "--output", default="bench-explore-scale.json")
     args = ap.parse_args()
     out: dict = {"n": args.n, "dim": args.dim, "groups": args.groups, "steps": {}}
 
     def step(name: str, t0: float, **extra) -> None:
         out["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
-                              **extra}
+                              "peak_over_array_gb": round(peak_rss_gb() - args.n * args.dim * 4 / 2**30, 2), **extra}
         print(f"{name}: {out['steps'][name]}", flush=True)
 
     t = time.perf_counter()
@@ -70,6 +75,16 @@ def main() -> None:
     t = time.perf_counter()
     scores = knn_outlier_scores(X, 10)
     step("outliers_knn10", t, score_mean=round(float(scores.mean()), 4))
+    if args.check_rows:  # the exact scores of a few rows (brute force over all N), against the candidates'
+        t = time.perf_counter()
+        rows = np.sort(np.random.default_rng(args.seed).choice(args.n, args.check_rows, replace=False))
+        D, I = faiss.knn(X[rows], X, 11, faiss.METRIC_INNER_PRODUCT)  # rows are unit: cosine
+        own = I == rows[:, None]
+        keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(11) < 10)
+        exact = 1.0 - (D * keep).sum(axis=1) / 10
+        diff = scores[rows] - exact
+        step("outliers_check_exact", t, rows=args.check_rows, max_abs_diff=round(float(np.abs(diff).max()), 4),
+             mean_diff=round(float(diff.mean()), 5), exact_score_mean=round(float(exact.mean()), 4))
     del scores
 
     rng = np.random.default_rng(args.seed)

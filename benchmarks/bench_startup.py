@@ -8,6 +8,10 @@ first from round to round, so a change in the machine's load hits both alike. Pr
 wall-clock seconds per command and state and the warm / cold ratio; writes JSON.
 
     python benchmarks/bench_startup.py --photo ../shared/data/ukbench56/ukbench00000.jpg --repeat 3
+
+--compare-src DIR: also run every command, in the same rounds, with the deepfeat sources of DIR on
+PYTHONPATH (e.g. a `git archive` of an earlier commit's src/), labelled "before"; the ratios
+before / now of each command are printed too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> int:
     ap.add_argument("--photo", required=True, help="one image file")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--extract-args", default="", help="extra arguments for extract, e.g. '--size long:512'")
+    ap.add_argument("--compare-src", help="a src/ folder of an earlier deepfeat, run side by side as 'before'")
     ap.add_argument("--out", default="bench-out/startup.json")
     args = ap.parse_args()
 
@@ -54,32 +59,42 @@ def main() -> int:
         times.setdefault(name, []).append(dt)
         print(f"  {name:<22} {dt:6.2f}s", flush=True)
 
+    def one_round(r: int, label: str, base_env: dict[str, str]) -> None:
+        cache = work / f"cache{r}{label.strip()}"
+        states = ["cold", "warm"]
+        for state in states:  # warm needs cold first: cold fills the cache warm reads
+            env = {**base_env, "DEEPFEAT_CACHE": str(cache)}
+            store = work / f"store-{r}-{label.strip()}{state}"
+            add(f"{label}extract {state}", timed(py + ["-m", "deepfeat", "extract", str(folder), "-o", str(store),
+                                                      "--progress", "none", *args.extract_args.split()], env))
+        # search and classify export nothing (eager torch for one query): cold/warm alternated
+        for state in (states if r % 2 == 0 else states[::-1]):
+            env = {**base_env, "DEEPFEAT_CACHE": str(cache if state == "warm" else work / f"empty{r}{label.strip()}")}
+            add(f"{label}search {state}", timed(py + ["-m", "deepfeat", "search",
+                                                     str(work / f"store-{r}-{label.strip()}cold"), str(photo)], env))
+            add(f"{label}classify {state}", timed(py + ["-m", "deepfeat", "classify", str(photo)], env))
+
     try:
+        trees = [("", None)] + ([("before ", os.path.abspath(args.compare_src))] if args.compare_src else [])
         for r in range(args.repeat):
             print(f"round {r + 1}/{args.repeat}", flush=True)
             add("import torch+timm", timed(py + ["-c", "import torch, timm"], base_env))
-            cache = work / f"cache{r}"
-            states = ["cold", "warm"]
-            for state in states:  # warm needs cold first: cold fills the cache warm reads
-                env = {**base_env, "DEEPFEAT_CACHE": str(cache)}
-                store = work / f"store-{r}-{state}"
-                add(f"extract {state}", timed(py + ["-m", "deepfeat", "extract", str(folder), "-o", str(store),
-                                                    "--progress", "none", *args.extract_args.split()], env))
-            # search and classify export nothing (eager torch for one query): cold/warm alternated
-            for state in (states if r % 2 == 0 else states[::-1]):
-                env = {**base_env, "DEEPFEAT_CACHE": str(cache if state == "warm" else work / f"empty{r}")}
-                add(f"search {state}", timed(py + ["-m", "deepfeat", "search", str(work / f"store-{r}-cold"),
-                                                   str(photo)], env))
-                add(f"classify {state}", timed(py + ["-m", "deepfeat", "classify", str(photo)], env))
+            for label, src in (trees if r % 2 == 0 else trees[::-1]):
+                tree_env = dict(base_env) if src is None else {**base_env, "PYTHONPATH": src}
+                one_round(r, label, tree_env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nmedian of {args.repeat} rounds (load average now {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores)")
-    print(f"{'command':<10} {'cold s':>8} {'warm s':>8} {'warm/cold':>10}")
-    for cmd in ("extract", "search", "classify"):
-        c, w = med[f"{cmd} cold"], med[f"{cmd} warm"]
-        print(f"{cmd:<10} {c:8.2f} {w:8.2f} {w / c:10.2f}")
+    print(f"{'command':<17} {'cold s':>8} {'warm s':>8} {'warm/cold':>10}")
+    for label in ("", "before ") if args.compare_src else ("",):
+        for cmd in ("extract", "search", "classify"):
+            c, w = med[f"{label}{cmd} cold"], med[f"{label}{cmd} warm"]
+            print(f"{label + cmd:<17} {c:8.2f} {w:8.2f} {w / c:10.2f}")
+    if args.compare_src:
+        for key in [k for k in med if not k.startswith("before ") and f"before {k}" in med]:
+            print(f"now / before, {key}: {med[key] / med['before ' + key]:.2f}")
     print(f"import torch+timm alone: {med['import torch+timm']:.2f}s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"times": times, "median": med, "args": vars(args)}, indent=2))

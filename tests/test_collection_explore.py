@@ -89,6 +89,20 @@ def test_planted_foreign_photo_ranks_first(store):
     assert (np.delete(margin, wrong) > 0).all()
 
 
+def test_large_store_outliers_candidates_rescored_exactly(store):
+    """Above the exact size, candidates come from a compressed (IVF-PQ) index and are re-scored from
+    the vectors themselves: where the candidates cover every row, the scores are the exact ones, and
+    with fewer candidates than rows the foreign photo still ranks first."""
+    X = FeatureStore(store).vectors()
+    paths = FeatureStore(store).paths
+    exact = knn_outlier_scores(X, k=10)
+    approx = knn_outlier_scores(X, k=10, exact_max=0)  # 3 x 11 candidates >= the 21 rows
+    np.testing.assert_allclose(approx, exact, atol=1e-5)
+    few = knn_outlier_scores(X, k=3, exact_max=0)  # 12 candidates of 21 rows
+    assert paths[int(np.argmax(few))].endswith("hubble.jpg")
+    assert np.all(few >= knn_outlier_scores(X, k=3) - 1e-5)  # a missed neighbour can only raise a score
+
+
 def test_cli_clusters_outputs(store, tmp_path, capsys):
     csv_path, links, page = tmp_path / "c.csv", tmp_path / "links", tmp_path / "c.html"
     assert main(["clusters", str(store), "--k", "5", "--json", "--csv", str(csv_path), "--export", str(links),

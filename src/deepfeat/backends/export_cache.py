@@ -48,6 +48,9 @@ DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 FORMAT = 1
 GRAPH_FILE = "graph.onnx"
 KEY_FILE = "key.json"
+#: descriptor lengths per network (a few bytes each), beside ``graphs/``
+DIMS_DIR = "dims"
+_WARNED: set[str] = set()
 TMP_PREFIX = ".tmp-"
 #: a temporary folder older than this is a crashed writer's and is removed by the next eviction
 STALE_TMP_SECONDS = 3600.0
@@ -95,6 +98,12 @@ def network_digest(fnet) -> str:
     cached = getattr(fnet, "_export_digest", None)
     if cached:
         return cached
+    digest = _digest(fnet)
+    fnet._export_digest = digest
+    return digest
+
+
+def _digest(fnet) -> str:
     import torch
 
     h = hashlib.sha256(repr(fnet).encode())
@@ -105,9 +114,7 @@ def network_digest(fnet) -> str:
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
         h.update(memoryview(t.numpy()).cast("B"))
-    digest = h.hexdigest()
-    fnet._export_digest = digest
-    return digest
+    return h.hexdigest()
 
 
 def graph_key(fnet, kind: str, shape: tuple[int, int, int], batch_size: int | None, opset: int) -> dict[str, Any]:
@@ -292,6 +299,41 @@ def cached_graph(cache: ExportCache | None, fnet, kind: str, shape: tuple[int, i
     raise AssertionError("unreachable")
 
 
+def cached_dims(cache: ExportCache | None, fnet, input_hw: tuple[int, int], compute: Callable[[], list[int]]
+                ) -> list[int]:
+    """The descriptor length per layer of *fnet* at *input_hw*: read from ``dims/`` of the cache
+    when an earlier run wrote it there, else ``compute()`` (a forward pass) and written for the next
+    run. Keyed like a graph (the network's weights and structure, taps, pooling, scales, versions),
+    hashed afresh here: the digest is not kept on *fnet*, which may still change (a pooling fitted
+    later). Nothing is cached without a cache; a file that cannot be read or written is ignored."""
+    if cache is None:
+        return compute()
+    pooling = fnet.pooling
+    to_dict = getattr(pooling, "to_dict", None)
+    key = {"format": FORMAT, "network": _digest(fnet), "layers": list(fnet.layers),
+           "pooling": getattr(pooling, "spec", type(pooling).__name__),
+           "pooling_params": to_dict() if callable(to_dict) else None, "scales": list(fnet.scales),
+           "scale_combine": fnet.scale_combine, "scale_p": fnet.scale_p,
+           "input_hw": [int(input_hw[0]), int(input_hw[1])], "versions": library_versions()}
+    path = cache.root / DIMS_DIR / f"{key_digest(key)}.json"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found.get("key") == json.loads(json.dumps(key, default=str)):
+            return [int(d) for d in found["dims"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    dims = compute()
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": key, "dims": dims}, default=str), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError as e:
+        log.debug("descriptor dims not cached in %s: %s", path, e)
+        tmp.unlink(missing_ok=True)
+    return dims
+
+
 def open_cache(enabled: bool = True) -> ExportCache | None:
     """The user's graph cache (:func:`default_root`), or None if *enabled* is false (``--no-cache``)
     or the folder cannot be created and written (then with a warning: exports still work)."""
@@ -304,7 +346,9 @@ def open_cache(enabled: bool = True) -> ExportCache | None:
         probe.mkdir()
         probe.rmdir()
     except OSError as e:
-        log.warning("graph cache %s is not writable (%s): exporting without it (set $%s to move it)",
-                    cache.folder, e, ENV_ROOT)
+        if str(cache.folder) not in _WARNED:  # once per process (a run opens it for dims and graphs)
+            _WARNED.add(str(cache.folder))
+            log.warning("graph cache %s is not writable (%s): exporting without it (set $%s to move it)",
+                        cache.folder, e, ENV_ROOT)
         return None
     return cache

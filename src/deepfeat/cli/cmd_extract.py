@@ -60,7 +60,7 @@ def register(sub) -> None:
                         "differ slightly at the image borders (docs/benchmarks.md)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="default 8 on CPU, 64 on CUDA")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="decode processes (default: cores; 0 = inline); with --engine ray: decode threads per actor "
+                   help="decode processes (default: cores, inline for 4 images or fewer; 0 = inline); with --engine ray: decode threads per actor "
                         "(default: --cpus-per-actor)")
     p.add_argument("--decode-in", default="processes", choices=["processes", "threads"])
     p.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",

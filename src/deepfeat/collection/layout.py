@@ -85,16 +85,19 @@ def embed_2d(X: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(pre).astype(np.float32)
 
 
-def place_by_neighbours(xb: np.ndarray, xy_b: np.ndarray, xq: np.ndarray, k: int = PLACE_K) -> np.ndarray:
-    """2-D positions of the query rows *xq*: the mean position *xy_b* of their *k* nearest rows of
-    *xb* (cosine; both L2-normalised), by FAISS in chunks."""
+def place_by_neighbours(xb: np.ndarray, xy_b: np.ndarray, xq: np.ndarray, k: int = PLACE_K,
+                        rows: np.ndarray | None = None) -> np.ndarray:
+    """2-D positions of the query rows *xq* (of its *rows* only, when given): the mean position
+    *xy_b* of their *k* nearest rows of *xb* (cosine; *xb* L2-normalised, each chunk of *xq*
+    normalised as it is read), by FAISS in chunks: no copy of *xq* is made."""
     from deepfeat.index import Index
 
     k = min(k, len(xb))
     index = Index.build(xb, kind="flat", metric="ip")
-    out = np.empty((len(xq), 2), np.float32)
-    for s in range(0, len(xq), CHUNK):
-        _, I = index.search(xq[s:s + CHUNK], k)
+    rows = np.arange(len(xq)) if rows is None else rows
+    out = np.empty((len(rows), 2), np.float32)
+    for s in range(0, len(rows), CHUNK):
+        _, I = index.search(l2_rows(xq[rows[s:s + CHUNK]]), k)
         out[s:s + len(I)] = xy_b[I].mean(axis=1)
     return out
 
@@ -116,18 +119,18 @@ def layout(X: np.ndarray, method: str = "auto", *, max_points: int = MAX_POINTS,
     if max_points < 3:
         raise UsageError(f"--max-points must be at least 3, not {max_points}")
     method = resolve_method(method)
-    xb = l2_rows(X)
-    n = len(xb)
+    n = len(X)
     laid = np.zeros(n, bool)
     if n > max_points:
         laid[np.random.default_rng(seed).choice(n, max_points, replace=False)] = True
     else:
         laid[:] = True
+    sample = l2_rows(X[laid])  # the subsample only: a large X is never copied whole
     xy = np.empty((n, 2), np.float32)
-    xy[laid] = embed_2d(xb[laid], method, seed)
+    xy[laid] = embed_2d(sample, method, seed)
     how = f"{method} of {int(laid.sum())} L2-normalised descriptors"
     if not laid.all():
-        xy[~laid] = place_by_neighbours(xb[laid], xy[laid], xb[~laid], k)
+        xy[~laid] = place_by_neighbours(sample, xy[laid], X, k, rows=np.nonzero(~laid)[0])
         how = (f"{method} of a random subsample of {int(laid.sum())} of {n} descriptors (seed {seed}); "
                f"the other {int((~laid).sum())} placed at the mean position of their {min(k, int(laid.sum()))} "
                f"nearest laid-out neighbours (cosine, FAISS)")

@@ -41,6 +41,12 @@ def decode_ahead(policy, data_config, max_pixels: int | None) -> int:
     return max(1, DECODE_AHEAD_BYTES // (3 * max(1, pixels)))
 
 
+#: with at most this many images to extract and no ``--workers`` given, decode in this process:
+#: starting the decode worker processes (each imports deepfeat) costs more than decoding a few
+#: images (docs/startup.md); ``--workers N`` keeps them (and their per-image timeout)
+INLINE_DECODE_MAX = 4
+
+
 def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list[str], dims: list[int], device,
               by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
               stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
@@ -49,6 +55,8 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
 
     policy = parse_size_policy(cfg.size)
     threads, workers = resolve_threads(cfg)
+    if cfg.workers is None and sum(map(len, by_shard.values())) <= INLINE_DECODE_MAX:
+        workers = 0  # a few images: decoding them here costs less than starting worker processes
     torch_threads = torch.get_num_threads()
     if cfg.threads:  # eager torch keeps its own default (all cores) unless --threads is given
         torch.set_num_threads(cfg.threads)

@@ -184,6 +184,7 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     """The setup before the plan: with --resume the store's settings, the network, the store
     (created or reopened) with its meta, a learnt pooling's codebook and the post-processing
     chain. Returns (store, model, layers, fnet, dims, device)."""
+    from deepfeat.backends.export_cache import cached_dims, open_cache
     from deepfeat.backends.featurenet import pooled_dims
     from deepfeat.models.base import resolve_device
 
@@ -199,7 +200,8 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
         raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU; this run would use {device} "
                          "(pass --device cpu)")
     model, layers, pooling, fnet = load_feature_net(cfg, out, device)
-    dims = pooled_dims(fnet, model.data_config.input_size)
+    dims = cached_dims(open_cache(cfg.graph_cache), fnet, model.data_config.input_size,
+                       lambda: pooled_dims(fnet, model.data_config.input_size))
     if post_file:
         check_post_dim(post, post_file, dims[0])  # before the store is made
     meta = build_meta(cfg, model, layers, pooling, dims)
