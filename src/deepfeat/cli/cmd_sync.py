@@ -33,7 +33,6 @@ def run(args) -> int:
     from deepfeat.collection.sync import preview_sync, sync_store
     from deepfeat.pipeline import ExtractConfig
     from deepfeat.pipeline.signals import Terminated, sigterm_interrupts
-
     from deepfeat.store import FeatureStore
 
     FeatureStore(args.store)  # not a store: its one-line error, before anything else

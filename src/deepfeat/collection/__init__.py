@@ -11,6 +11,6 @@ from deepfeat.lazy import lazy_exports
 
 _EXPORTS = {"Classifier": "classifier", "fit_classifier": "classifier"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Classifier", "fit_classifier"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

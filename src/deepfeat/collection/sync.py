@@ -11,9 +11,9 @@ allows, rebuilt otherwise). :func:`preview_sync` is ``--dry-run``: the diff, not
 from __future__ import annotations
 
 from deepfeat.errors import UsageError
+from deepfeat.index.update import INDEX_DIR, refresh_index
 from deepfeat.pipeline import ExtractConfig, ExtractReport, extract
 from deepfeat.pipeline.sync import SyncPlan, recorded_inputs, scan_inputs
-from deepfeat.index.update import INDEX_DIR, refresh_index
 from deepfeat.store import FeatureStore
 
 

@@ -168,7 +168,7 @@ def _update(store: FeatureStore, index, feature: str, old: np.ndarray, new: np.n
         fidx.remove_ids(faiss.IDSelectorBatch(gone_labels))
     _relabel(fidx, index.kind, relabel)
     index._index = fidx
-    return int(len(gone_labels)), int(len(add_rows))
+    return len(gone_labels), len(add_rows)
 
 
 def _map(labels: np.ndarray, relabel: np.ndarray) -> np.ndarray:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from deepfeat.errors import UsageError
-from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline import faults
+from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net

@@ -26,9 +26,10 @@ import glob
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from deepfeat.data.images import discover, file_problem, printable_path
 from deepfeat.data.sources import file_sha256

@@ -16,8 +16,9 @@ costs on a million-vector store: docs/reliability.md ("What is verified when").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def store_summary(store) -> dict[str, Any]:
         "items": t.num_rows,
         "features": t.num_rows - n_err,
         "failed": n_err,
-        "removed": int(len(store.removed_ids())),
+        "removed": len(store.removed_ids()),
         "reclaimable": reclaimable,
         "shards": len(store.committed_shards()),
         "model": store.meta.get("model", {}).get("spec"),

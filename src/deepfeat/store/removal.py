@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +65,7 @@ def remove_items(store: FeatureStore, ids: Sequence[int], reason: str, on_step: 
     drop_from_plan(store)
     step("plan")
     store.forget()
-    return int(len(new))
+    return len(new)
 
 
 def write_tombstones(store: FeatureStore, table: pa.Table, step: Step = _no_step) -> None:
