@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from itertools import combinations
 from pathlib import Path
@@ -37,18 +38,8 @@ from deepfeat.index import Index
 from deepfeat.localfeat.verify import VerifyParams
 from deepfeat.store import FeatureStore
 
-
-def imagededup_cnn():
-    """imagededup's CNN method without its constructor, which downloads MobileNet weights: its
-    duplicate search over given encodings needs only a logger and ``verbose``."""
-    import logging
-
-    from imagededup.methods import CNN
-
-    cnn = CNN.__new__(CNN)
-    cnn.verbose = False
-    cnn.logger = logging.getLogger("imagededup")
-    return cnn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_duplicates_scale import imagededup_cnn  # noqa: E402  (one copy: numpy-only module)
 
 
 def imagededup_custom_model(store: FeatureStore):
