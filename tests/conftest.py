@@ -107,6 +107,19 @@ needs_shared_caffe = pytest.mark.skipif(not SHARED_CAFFE.is_dir(),
 
 
 @pytest.fixture(scope="session")
+def sample_store(tmp_path_factory) -> Path:
+    """The sample photos extracted by the embedded model with the default settings, once per run:
+    tests read it and never change it (a test that changes a store makes its own)."""
+    from deepfeat.data.samples import write_sample_photos
+    from deepfeat.pipeline import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("sample_store")
+    write_sample_photos(root / "img")
+    extract(ExtractConfig(inputs=[str(root / "img")], output=str(root / "store"), workers=0, progress="none"))
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
 def collection(tmp_path_factory, photos) -> Path:
     """A small collection of real photos at several sizes and aspect ratios (24 files in 2 folders)."""
     root = tmp_path_factory.mktemp("collection")

@@ -19,7 +19,6 @@ from PIL import Image
 from deepfeat.data.images import check_decode, decode_image
 from deepfeat.data.preprocess import DataConfig, SizePolicy
 from deepfeat.errors import ImageError
-from deepfeat.pipeline import ExtractConfig, extract
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -30,13 +29,8 @@ def strip(path: Path, w: int = 1, h: int = 8000) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    from deepfeat.data.samples import write_sample_photos
-
-    root = tmp_path_factory.mktemp("trust_decode")
-    write_sample_photos(root / "img")
-    extract(ExtractConfig(inputs=[str(root / "img")], output=str(root / "store"), workers=0, progress="none"))
-    return root / "store"
+def store(sample_store) -> Path:
+    return sample_store  # read only
 
 
 @pytest.mark.parametrize("crop_box", [None, (0, 0, 1, 8000), (0, 0, 50, 1e9), (-5, -5, 1, 8000)])

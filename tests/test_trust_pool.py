@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepfeat.pipeline import ExtractConfig, extract
 from deepfeat.serve.uploads import ApiError
 
 pytest.importorskip("fastapi")
@@ -34,13 +33,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    from deepfeat.data.samples import write_sample_photos
-
-    root = tmp_path_factory.mktemp("trust_pool")
-    write_sample_photos(root / "img")
-    extract(ExtractConfig(inputs=[str(root / "img")], output=str(root / "store"), workers=0, progress="none"))
-    return root / "store"
+def store(sample_store) -> Path:
+    return sample_store  # read only
 
 
 @contextlib.contextmanager
