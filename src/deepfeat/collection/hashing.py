@@ -16,20 +16,10 @@ import os
 from collections.abc import Iterable, Sequence
 
 from deepfeat.data.images import decode_image
+from deepfeat.data.sources import file_sha256
 from deepfeat.errors import ImageError
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, as hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pixel_sha256(path: str | os.PathLike) -> str:

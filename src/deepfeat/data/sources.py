@@ -37,8 +37,8 @@ def read_recorded(path: str) -> tuple[bytes, SourceRecord]:
     return data, SourceRecord(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file's bytes, read in chunks."""
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in chunks, as hex (the one file hash of the package)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

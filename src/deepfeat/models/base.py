@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -12,6 +11,7 @@ import torch
 
 from deepfeat.data.normalize import Normalize
 from deepfeat.data.preprocess import DataConfig
+from deepfeat.data.sources import file_sha256 as sha256_of_file
 
 
 @dataclass
@@ -104,11 +104,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of_file(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
