@@ -45,15 +45,23 @@ def copy_recipe_files(store_dir: str | os.PathLike, out_dir: str | os.PathLike) 
 class Embedder:
     """Descriptors of images made by a *recipe* (:func:`descriptor_recipe`, or a store's meta with a
     ``feature`` key) whose fitted files (``post.npz``, ``pooling.npz``) lie in *folder*. The model is
-    loaded on first use, and its weights are checked against the recipe's hash."""
+    loaded on first use, and its weights are checked against the recipe's hash.
 
-    def __init__(self, recipe: dict[str, Any], folder: str | os.PathLike, device: str = "cpu"):
+    *graph_cache*: on the CPU, embed with the descriptor graph an extraction of the same recipe
+    left in the graph cache (:mod:`deepfeat.pipeline.prepared_net`: ONNX Runtime, the store's own
+    backend by default, and no PyTorch loaded) when there is one; else, as without it, the model
+    in eager PyTorch."""
+
+    def __init__(self, recipe: dict[str, Any], folder: str | os.PathLike, device: str = "cpu",
+                 graph_cache: bool = False):
         self.recipe = recipe
         self.folder = Path(folder)
         self.device = device
+        self.graph_cache = graph_cache
         self._model = None
         self._net = None
         self._post = None
+        self._graph: Any = None  # the prepared runner; False: looked for, none
 
     @property
     def model(self):
@@ -68,6 +76,27 @@ class Embedder:
                                  f"(sha256 {model.weights_sha256[:12]} vs {sha[:12]})")
             self._model = model
         return self._model
+
+    @property
+    def graph(self):
+        """The prepared descriptor graph of this recipe (a runner), or None: see the class."""
+        if self._graph is None:
+            self._graph = False
+            if self.graph_cache and not (self.folder / "pooling.npz").is_file():
+                from deepfeat.backends.export_cache import open_cache
+                from deepfeat.backends.prepared import cpu_only, load, open_runner, resolved_key
+
+                if cpu_only(self.device):
+                    entry = load(open_cache(True), resolved_key(self.recipe["model"]["spec"], self.recipe))
+                    sha = self.recipe["model"].get("weights_sha256")
+                    if entry is not None and (not sha or entry.model.get("weights_sha256") == sha):
+                        self._graph = open_runner(entry) or False
+        return self._graph or None
+
+    def data_config(self):
+        """How images are prepared for the network (the prepared graph's record, else the model's)."""
+        graph = self.graph
+        return graph.entry.config() if graph is not None else self.model.data_config
 
     @property
     def feature_net(self):
@@ -102,18 +131,22 @@ class Embedder:
         from deepfeat.data.preprocess import parse_size_policy
 
         policy = parse_size_policy(self.recipe.get("size", "model"))
-        return decode_image(image, policy, self.model.data_config, crop_box=tuple(bbox) if bbox else None,
+        return decode_image(image, policy, self.data_config(), crop_box=tuple(bbox) if bbox else None,
                             draft=self.recipe.get("draft_decode", True),
                             max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels).pixels
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Post-processed descriptors (N x D float32) of decoded images, one forward pass each
         (images of aspect-preserving size policies differ in size)."""
-        import torch
-
         layer_i = self.recipe["layers"].index(self.recipe["feature"])
         out = []
+        graph = self.graph
         for px in pixels:
+            if graph is not None:
+                out.append(np.asarray(graph(px[None])[layer_i], np.float32).reshape(1, -1))
+                continue
+            import torch
+
             with torch.inference_mode():
                 v = self.feature_net(torch.from_numpy(px)[None].to(self.model.device))[layer_i]
             out.append(v.float().cpu().numpy().reshape(1, -1))

@@ -219,6 +219,8 @@ class GraphCache:
         self.cache_hits = 0  # graphs taken from the on-disk cache instead of exported
         self.evictions = 0
         self.fallback_reason: str | None = None  # why a dynamic graph was given up for static ones
+        #: the graph file of each session built, by (kind, input shape): a prepared entry names it
+        self.paths: dict[tuple[str, tuple[int, int, int]], str] = {}
         #: exported graphs kept between runs (:class:`deepfeat.backends.export_cache.ExportCache`); None: off
         self.disk_cache = disk_cache
 
@@ -241,7 +243,8 @@ class GraphCache:
             return sess
 
         write = functools.partial(export_for, self.fnet, shape, kind=kind, batch_size=batch_size)
-        sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write, load, self)[1]
+        path, sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write, load, self)
+        self.paths[(kind, tuple(shape))] = path
         self.export_seconds += time.perf_counter() - t0
         return sess
 

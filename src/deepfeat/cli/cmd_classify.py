@@ -7,7 +7,6 @@ import time
 
 from deepfeat.cli.common import add_model_args, print_json
 from deepfeat.data.images import discover
-from deepfeat.models import load_model
 from deepfeat.models.classify import classify_iter
 
 
@@ -21,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="decode threads (default 2)")
     p.add_argument("--json", action="store_true", help="one JSON document with every result")
+    p.add_argument("--no-cache", dest="graph_cache", action="store_false",
+                   help="classify in PyTorch, without the classifier graph of the graph cache ($DEEPFEAT_CACHE, "
+                        "else ~/.cache/deepfeat; docs/startup.md)")
     p.add_argument("--classifier", metavar="CLF", help="your own classes: a folder made by `deepfeat fit-classifier` "
                                                        "(its own model and descriptor; --model is ignored)")
     p.set_defaults(func=run)
@@ -47,14 +49,34 @@ def _own_classifier(args, paths: list[str]):
     return clf.classify_files(paths, k=args.top), f"{args.classifier} ({clf.method} on {clf.meta['descriptor']['model']['spec']})"
 
 
+def _network(args):
+    """The classifier to run: on the CPU with the graph cache, the model's graph (a prepared one from an
+    earlier run, without PyTorch; else exported now for the next run: docs/startup.md); otherwise, or when
+    the model is not one the cache prepares, the model in eager PyTorch. Returns (model, predict or None)."""
+    from deepfeat.backends import classify_graph
+    from deepfeat.backends.export_cache import open_cache
+    from deepfeat.backends.prepared import cpu_only
+
+    cache = open_cache(args.graph_cache) if cpu_only(args.device) else None
+    graph = classify_graph.lookup(args.model, args.labels, cache) if cache is not None else None
+    if graph is not None:
+        return graph, graph.predict
+    from deepfeat.models import load_model
+
+    model = load_model(args.model, device=args.device, labels=args.labels)
+    graph = classify_graph.prepare(model, args.labels, cache) if cache is not None else None
+    return (model, None) if graph is None else (graph, graph.predict)
+
+
 def run(args) -> int:
     paths = _expand(args.inputs)
     t0 = time.perf_counter()
     if args.classifier:
         found, model_name, device = *_own_classifier(args, paths), "cpu"
     else:
-        model = load_model(args.model, device=args.device, labels=args.labels)
-        found = classify_iter(model, paths, k=args.top, batch_size=args.batch_size, workers=args.workers)
+        model, predict = _network(args)
+        found = classify_iter(model, paths, k=args.top, batch_size=args.batch_size, workers=args.workers,
+                              predict=predict)
         model_name, device = model.spec, model.device
     results, ok = [], 0
     for r in found:

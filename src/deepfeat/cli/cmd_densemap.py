@@ -6,7 +6,6 @@ import sys
 
 from deepfeat.cli.common import add_model_args, print_json
 from deepfeat.errors import UsageError
-from deepfeat.models import load_model
 
 
 def register(sub) -> None:
@@ -54,6 +53,7 @@ def parse_window(text: str) -> str | int:
 
 
 def run(args) -> int:
+    from deepfeat.models import load_model
     from deepfeat.surgery import dense_map, fully_convolutional
 
     if args.dpi <= 0:

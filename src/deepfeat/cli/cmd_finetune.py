@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from deepfeat.models.registry import DEFAULT_MODEL
+from deepfeat.models.default import DEFAULT_MODEL
 
 S = argparse.SUPPRESS
 

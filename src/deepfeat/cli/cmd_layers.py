@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from deepfeat.cli.common import add_model_args, format_table, print_json
-from deepfeat.models import load_model
-from deepfeat.models.taps import model_layer_table
 
 
 def register(sub) -> None:
@@ -40,6 +38,9 @@ def _described(model, row, input_hw) -> str:
 
 
 def run(args) -> int:
+    from deepfeat.models import load_model
+    from deepfeat.models.taps import model_layer_table
+
     model = load_model(args.model, device="cpu")
     h, w = args.size if args.size else model.data_config.input_size
     if h <= 0 or w <= 0:

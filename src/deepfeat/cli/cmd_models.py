@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 from deepfeat.cli.common import format_table, print_json
-from deepfeat.models.registry import sources
 
 
 def register(sub) -> None:
@@ -22,6 +21,8 @@ def _status(requires: tuple[str, ...]) -> str:
 
 def run(args) -> int:
     rows = []
+    from deepfeat.models.registry import sources
+
     for s in sources():
         rows.append({
             "source": s.name,

@@ -88,6 +88,9 @@ def register(sub) -> None:
     s.add_argument("--gt", metavar="SPEC", help="ground truth to colour the grid (e.g. folders)")
     s.add_argument("--feature", metavar="LAYER")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--no-cache", dest="graph_cache", action="store_false",
+                   help="embed image queries in PyTorch, without the descriptor graph an extraction left in the "
+                        "graph cache ($DEEPFEAT_CACHE, else ~/.cache/deepfeat; docs/startup.md)")
     s.add_argument("--json", action="store_true")
     add_recipe_arg(s, RECIPE_FLAGS)
     s.set_defaults(func=run_search)
@@ -169,7 +172,7 @@ def run_search(args) -> int:
     from deepfeat.search.request import SearchRequest, answer, hit_verdicts, query_image
 
     search_options(args, "search")
-    engine = SearchEngine(args.store, feature=args.feature, device=args.device)
+    engine = SearchEngine(args.store, feature=args.feature, device=args.device, graph_cache=args.graph_cache)
     bbox = parse_bbox(args.bbox)
     verify = parse_verify_spec(args.verify)
     res = answer(engine, SearchRequest(args.queries, args.top, options_of(args), bbox, verify, args.local))

@@ -6,7 +6,6 @@ import sys
 
 from deepfeat.cli.common import add_model_args
 from deepfeat.specs import parse_scales
-from deepfeat.tune.sweep import sweep, write_outputs
 
 
 def _split(text: str) -> list[str]:
@@ -61,6 +60,8 @@ def _posts(text: str) -> list[str]:
 
 
 def run(args) -> int:
+    from deepfeat.tune.sweep import sweep, write_outputs
+
     results = sweep(args.dataset, args.gt, _split(args.layers), _split(args.pools), _posts(args.post),
                     model_spec=args.model, fit_on=args.fit_on, size=args.size, batch_size=args.batch_size,
                     workers=args.workers, device=args.device if args.device != "auto" else "cpu",

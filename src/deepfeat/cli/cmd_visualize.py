@@ -6,7 +6,6 @@ import sys
 
 from deepfeat.cli.common import add_model_args
 from deepfeat.errors import UsageError
-from deepfeat.models import load_model
 
 KINDS = {
     "filters": "the filters of a convolution layer (default: the first), tiled in a square grid",
@@ -43,6 +42,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from deepfeat.models import load_model
     from deepfeat.viz import network as viz
 
     kind = args.kind

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from deepfeat.models.registry import DEFAULT_MODEL
+from deepfeat.models.default import DEFAULT_MODEL
 
 
 def add_model_args(p: argparse.ArgumentParser, device: bool = True, labels: bool = False) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from deepfeat.data.images import decode_image
 from deepfeat.data.preprocess import SizePolicy
 from deepfeat.errors import DeepfeatError, UsageError
-from deepfeat.models.base import Model
+
+if TYPE_CHECKING:  # torch is imported where a network runs, not by this module (docs/startup.md)
+    import torch
+
+    from deepfeat.models.base import Model
 
 
 @dataclass
@@ -53,18 +56,26 @@ def probabilities(model: Model, output: torch.Tensor) -> torch.Tensor:
     return output if model.output_kind == "probs" else output.softmax(dim=-1)
 
 
-def topk(model: Model, probs: torch.Tensor, k: int) -> list[list[Prediction]]:
+def topk(model: Model, probs, k: int) -> list[list[Prediction]]:
+    """The *k* most probable classes of each row of *probs* (a tensor or an array), best first
+    (ties: the lower class index first)."""
+    probs = np.asarray(probs.numpy() if hasattr(probs, "numpy") else probs, dtype=np.float32)
     k = min(k, probs.shape[-1])
-    vals, idx = probs.topk(k, dim=-1)
-    out = []
-    for v_row, i_row in zip(vals.tolist(), idx.tolist()):
-        out.append(
-            [
-                Prediction(i, model.labels[i] if model.labels and i < len(model.labels) else f"class {i}", float(v))
-                for v, i in zip(v_row, i_row)
-            ]
-        )
-    return out
+    idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    labels = model.labels
+    return [[Prediction(int(i), labels[i] if labels and i < len(labels) else f"class {i}", float(row[i]))
+             for i in i_row] for row, i_row in zip(probs, idx)]
+
+
+def torch_predict(model: Model) -> Callable[[np.ndarray], Any]:
+    """Class probabilities of a uint8 N x H x W x C batch, by *model* in eager PyTorch."""
+    import torch
+
+    def predict(pixels: np.ndarray):
+        with torch.inference_mode():
+            return probabilities(model, model.forward_uint8(torch.from_numpy(pixels))).cpu()
+
+    return predict
 
 
 def _decode(path: str, model: Model) -> tuple[str, np.ndarray | None, str | None, tuple[str, ...]]:
@@ -78,9 +89,14 @@ def _decode(path: str, model: Model) -> tuple[str, np.ndarray | None, str | None
 
 
 def classify_iter(
-    model: Model, paths: Sequence[str], *, k: int = 5, batch_size: int = 16, workers: int = 2
+    model: Model, paths: Sequence[str], *, k: int = 5, batch_size: int = 16, workers: int = 2,
+    predict: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[ClassifyResult]:
-    """Yield one :class:`ClassifyResult` per path, in input order; never raises for a bad image."""
+    """Yield one :class:`ClassifyResult` per path, in input order; never raises for a bad image.
+    *predict* maps a uint8 batch to class probabilities (default: *model* in eager PyTorch,
+    :func:`torch_predict`; ``deepfeat classify`` passes a prepared graph's, see
+    :mod:`deepfeat.backends.classify_graph`); *model* gives the labels and how images are prepared."""
+    predict = predict or torch_predict(model)
     if k < 1:
         raise UsageError(f"--top must be at least 1, not {k}")
     if batch_size < 1:
@@ -92,10 +108,7 @@ def classify_iter(
 
         def flush() -> Iterable[ClassifyResult]:
             if batch:
-                x = torch.from_numpy(np.stack([b[1] for b in batch]))
-                with torch.inference_mode():
-                    probs = probabilities(model, model.forward_uint8(x)).cpu()
-                it = iter(topk(model, probs, k))
+                it = iter(topk(model, predict(np.stack([b[1] for b in batch])), k))
                 for r in pending:
                     if r.ok:
                         r.predictions = next(it)
@@ -124,9 +137,7 @@ def classify(model: Model, paths: Sequence[str], **kw: Any) -> list[ClassifyResu
 
 def classify_images(model: Model, images: Sequence[np.ndarray], k: int = 5) -> list[list[Prediction]]:
     """Classify already decoded and resized uint8 H x W x C arrays of the model's input size."""
-    x = torch.from_numpy(np.stack(images))
-    with torch.inference_mode():
-        return topk(model, probabilities(model, model.forward_uint8(x)).cpu(), k)
+    return topk(model, torch_predict(model)(np.stack(images)), k)
 
 
 class Throughput:

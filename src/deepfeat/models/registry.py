@@ -17,7 +17,7 @@ from deepfeat.errors import ModelError, UsageError, suggest
 from deepfeat.models.base import Model, resolve_device
 from deepfeat.models.source import ModelSource, split_weights
 
-DEFAULT_MODEL = "efficientnet_lite0"
+from deepfeat.models.default import DEFAULT_MODEL  # noqa: E402,F401  (re-exported)
 
 
 _SOURCES: dict[str, ModelSource] = {}

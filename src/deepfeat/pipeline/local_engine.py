@@ -3,6 +3,7 @@ several shards in flight; each shard is committed as soon as its last batch is d
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Executor
@@ -11,6 +12,7 @@ from typing import Callable
 from deepfeat.data.images import decode_image
 from deepfeat.data.preprocess import parse_size_policy
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
+from deepfeat.pipeline import prepared_net
 from deepfeat.pipeline.decode import _shutdown, decode_batch, make_executor
 from deepfeat.pipeline.network import make_runner, padding, resolve_threads
 from deepfeat.pipeline.progress import Progress
@@ -51,15 +53,11 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
               by_shard: OrderedDict[int, list[tuple[int, str]]], report: ExtractReport, progress: Progress,
               stages: dict[str, float], on_shard: Callable[[int], None] | None, t_start: float) -> None:
     """The local engine: decode workers feed inference in this process, several shards in flight."""
-    import torch
-
     policy = parse_size_policy(cfg.size)
     threads, workers = resolve_threads(cfg)
     if cfg.workers is None and sum(map(len, by_shard.values())) <= INLINE_DECODE_MAX:
         workers = 0  # a few images: decoding them here costs less than starting worker processes
-    torch_threads = torch.get_num_threads()
-    if cfg.threads:  # eager torch keeps its own default (all cores) unless --threads is given
-        torch.set_num_threads(cfg.threads)
+    torch_threads = _set_torch_threads(cfg.threads)
     proc = ShardProcessor(store, make_runner(cfg, fnet, device, threads), layers, dims, policy, cfg.batch_size,
                           cfg.dtype, cfg.batch_pixels, padding(cfg))
     proc.stages = stages  # accumulate into the caller's dict, which the report reads even after an interrupt
@@ -69,7 +67,7 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
         backend_check.guard(store, proc.runner, layers, lambda p: decode_image(
             p, policy, model.data_config, draft=cfg.draft, max_pixels=cfg.max_pixels).pixels)
     except BaseException:
-        torch.set_num_threads(torch_threads)
+        _set_torch_threads(torch_threads)
         raise
     report.backend = proc.runner.name
     initargs = (policy, model.data_config, cfg.draft, cfg.max_pixels)
@@ -83,9 +81,23 @@ def run_local(cfg: ExtractConfig, store: FeatureStore, model, fnet, layers: list
         raise
     finally:
         _shutdown(executor, cancel=interrupted)
-        torch.set_num_threads(torch_threads)
+        _set_torch_threads(torch_threads)
     if report.processed:
         backend_check.record(store, proc.runner)
+        prepared_net.remember(cfg, model, layers, fnet, dims, proc.runner)
+
+
+def _set_torch_threads(n: int | None) -> int | None:
+    """Give eager torch *n* intra-op threads (None: leave its default, all cores); the number it had,
+    to restore. A prepared run (:mod:`deepfeat.pipeline.prepared_net`) has no torch loaded: nothing to set."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    return before
 
 
 def _schedule(proc: ShardProcessor, executor: Executor, workers: int,

@@ -95,6 +95,10 @@ def make_runner(cfg: ExtractConfig, fnet, device, threads: int | None = None
     """The inference runner for *cfg*; ONNX Runtime and OpenVINO get *threads* inference threads
     (None: torch's). ``auto`` on the CPU: OpenVINO, falling back to ONNX Runtime and then eager
     torch on a failure in the first batch (:class:`~deepfeat.backends.featurenet.FallbackRunner`)."""
+    from deepfeat.backends.prepared import Prepared, PreparedRunner
+
+    if isinstance(fnet, Prepared):  # an earlier run's graph (deepfeat.pipeline.prepared_net): ONNX Runtime only
+        return getattr(fnet, "runner", None) or PreparedRunner(fnet, threads)
     import torch
 
     from deepfeat.backends.featurenet import FallbackRunner, OnnxRunner, TorchRunner

@@ -71,8 +71,8 @@ def shard_batches(items: list[tuple[int, str]], policy: SizePolicy, batch_size: 
     items of exactly the same output size together (with *pad_to*: of the same size rounded up
     to multiples of it, :func:`deepfeat.backends.padding.bucket_shape`), at most *batch_size* per batch
     and, with *batch_pixels*, at most that many pixels (but at least one image)."""
-    from deepfeat.backends.padding import bucket_shape
-
+    if pad_to:  # padding imports torch; a run without it (a prepared one) may not have it loaded
+        from deepfeat.backends.padding import bucket_shape
     if policy.fixed or sizes is None:
         return [items[i: i + batch_size] for i in range(0, len(items), batch_size)], {}
     groups: OrderedDict[tuple[int, int], list[tuple[int, str]]] = OrderedDict()
@@ -127,10 +127,14 @@ def plan_work(cfg: ExtractConfig, store: FeatureStore, paths: list[str] | None =
     return ids, committed, by_shard
 
 
+#: images per batch on the CPU without --batch-size (measured best for CNNs on few cores)
+CPU_BATCH = 8
+
+
 def default_batch(cfg: ExtractConfig, device) -> None:
     """Without --batch-size: 64 on CUDA, 8 on the CPU, there capped at :data:`CPU_BATCH_PIXELS`
     for aspect-preserving policies (unless --batch-pixels is set)."""
     if cfg.batch_size is None:
-        cfg.batch_size = 64 if device.type == "cuda" else 8
+        cfg.batch_size = 64 if device.type == "cuda" else CPU_BATCH
         if cfg.batch_pixels is None and eager_cpu(cfg, device):
             cfg.batch_pixels = CPU_BATCH_PIXELS

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepfeat.errors import UsageError
-from deepfeat.pipeline import faults
+from deepfeat.pipeline import faults, prepared_net
 from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.local_engine import run_local
@@ -184,24 +184,18 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     """The setup before the plan: with --resume the store's settings, the network, the store
     (created or reopened) with its meta, a learnt pooling's codebook and the post-processing
     chain. Returns (store, model, layers, fnet, dims, device)."""
-    from deepfeat.backends.export_cache import cached_dims, open_cache
-    from deepfeat.backends.featurenet import pooled_dims
-    from deepfeat.models.base import resolve_device
-
     existing = FeatureStore(out) if (out / "meta.json").is_file() else None
     if cfg.resume and existing is None:
         raise UsageError(f"--resume: {out} is not an existing feature store")
     if existing is not None:  # the append contract: the store's settings unless asked (pipeline.append)
         adopt_store_settings(cfg, existing.meta, out)
 
-    # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
-    device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
-    if cfg.precision != "f32" and device.type != "cpu":
-        raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU; this run would use {device} "
-                         "(pass --device cpu)")
-    model, layers, pooling, fnet = load_feature_net(cfg, out, device)
-    dims = cached_dims(open_cache(cfg.graph_cache), fnet, model.data_config.input_size,
-                       lambda: pooled_dims(fnet, model.data_config.input_size))
+    entry = prepared_net.lookup(cfg)  # an earlier run's network from the graph cache: no PyTorch
+    if entry is not None:
+        model, layers, pooling, dims = prepared_net.network(entry)
+        fnet, device = entry, prepared_net.CPU
+    else:
+        model, layers, pooling, fnet, dims, device = _build_network(cfg, out)
     if post_file:
         check_post_dim(post, post_file, dims[0])  # before the store is made
     meta = build_meta(cfg, model, layers, pooling, dims)
@@ -213,6 +207,23 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
     if post_file:
         install_post(store, post, post_file, dims[0])
     return store, model, layers, fnet, dims, device
+
+
+def _build_network(cfg: ExtractConfig, out: Path):
+    """(model, layers, pooling, FeatureNet, dims, device) built in PyTorch."""
+    from deepfeat.backends.export_cache import cached_dims, open_cache
+    from deepfeat.backends.featurenet import pooled_dims
+    from deepfeat.models.base import resolve_device
+
+    # the Ray driver only plans (and fits a codebook, if any) on its CPU; actors pick their device
+    device = resolve_device(cfg.device if cfg.backend in ("torch", "auto") and cfg.engine == "local" else "cpu")
+    if cfg.precision != "f32" and device.type != "cpu":
+        raise UsageError(f"--precision {cfg.precision} runs on OpenVINO on the CPU; this run would use {device} "
+                         "(pass --device cpu)")
+    model, layers, pooling, fnet = load_feature_net(cfg, out, device)
+    dims = cached_dims(open_cache(cfg.graph_cache), fnet, model.data_config.input_size,
+                       lambda: pooled_dims(fnet, model.data_config.input_size))
+    return model, layers, pooling, fnet, dims, device
 
 
 def _finish(store: FeatureStore, cfg: ExtractConfig, report: ExtractReport) -> None:

@@ -43,7 +43,7 @@ class SearchEngine:
     """Search a feature store (see the module docstring)."""
 
     def __init__(self, store: str | os.PathLike | FeatureStore, feature: str | None = None, device: str = "cpu",
-                 use_index: bool = True, threads: int | None = None):
+                 use_index: bool = True, threads: int | None = None, graph_cache: bool = False):
         self.store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         self.feature = self.store.feature_name(feature)
         self.xb = self.store.vectors(self.feature)
@@ -57,7 +57,7 @@ class SearchEngine:
         self.threads = threads
         saved = open_saved_index(self.store, self.feature, threads) if use_index else None
         self.indexes = StoreIndex(self.xb, saved, threads)
-        self.embedder = QueryEmbedder(self.store, self.feature, device)
+        self.embedder = QueryEmbedder(self.store, self.feature, device, graph_cache)
         self.local = LocalSections(self.store, self.embedder)
         self.verifier = SpatialVerifier(self.local)
         self.regions = QueryRegions(self.local, self.paths)

@@ -14,8 +14,8 @@ class QueryEmbedder(Embedder):
     """Embeds query images as *store* embedded its own (feature *feature*), on *device*: the store's
     descriptor recipe, its pooling codebook and its post-processing chain as the store holds it."""
 
-    def __init__(self, store: FeatureStore, feature: str, device: str = "cpu"):
-        super().__init__(descriptor_recipe(store.meta, feature), store.path, device)
+    def __init__(self, store: FeatureStore, feature: str, device: str = "cpu", graph_cache: bool = False):
+        super().__init__(descriptor_recipe(store.meta, feature), store.path, device, graph_cache)
         self.store = store
         self.feature = feature
 
