@@ -3,8 +3,10 @@
 side in one run.
 
 Each round runs, in fresh processes: the import floor (``python -c "import torch, timm"``), then each
-command cold (a new, empty ``$DEEPFEAT_CACHE``) and warm (the same cache again), alternating which goes
-first from round to round, so a change in the machine's load hits both alike. Prints the median
+command cold (a new, empty ``$DEEPFEAT_CACHE``) and warm (the cache a cold run filled): ``extract``
+cold then warm; ``search STORE query.jpg`` (a copy of the photo outside the store, so it is embedded)
+with an empty cache and with the cache the cold extract filled, alternating which goes first from
+round to round; ``classify`` cold (it exports the classifier) then warm. Prints the median
 wall-clock seconds per command and state and the warm / cold ratio; writes JSON.
 
     python benchmarks/bench_startup.py --photo ../shared/data/ukbench56/ukbench00000.jpg --repeat 3
@@ -52,6 +54,8 @@ def main() -> int:
     folder.mkdir()
     photo = folder / Path(args.photo).name
     shutil.copy(args.photo, photo)
+    query = work / f"query-{Path(args.photo).name}"  # outside the store: search embeds it
+    shutil.copy(args.photo, query)
     base_env = {k: v for k, v in os.environ.items() if k != "DEEPFEAT_CACHE"}
     times: dict[str, list[float]] = {}
 
@@ -67,11 +71,15 @@ def main() -> int:
             store = work / f"store-{r}-{label.strip()}{state}"
             add(f"{label}extract {state}", timed(py + ["-m", "deepfeat", "extract", str(folder), "-o", str(store),
                                                       "--progress", "none", *args.extract_args.split()], env))
-        # search and classify export nothing (eager torch for one query): cold/warm alternated
+        # search (a photo not in the store, so it is embedded): warm = the cache the cold extract filled
+        # (its prepared network embeds the query without torch), cold = an empty cache; alternated
         for state in (states if r % 2 == 0 else states[::-1]):
             env = {**base_env, "DEEPFEAT_CACHE": str(cache if state == "warm" else work / f"empty{r}{label.strip()}")}
             add(f"{label}search {state}", timed(py + ["-m", "deepfeat", "search",
-                                                     str(work / f"store-{r}-{label.strip()}cold"), str(photo)], env))
+                                                     str(work / f"store-{r}-{label.strip()}cold"), str(query)], env))
+        # classify: cold = an empty cache (the run exports the classifier), warm = the cache it filled
+        for state in states:
+            env = {**base_env, "DEEPFEAT_CACHE": str(work / f"classify{r}{label.strip()}")}
             add(f"{label}classify {state}", timed(py + ["-m", "deepfeat", "classify", str(photo)], env))
 
     try:

@@ -49,6 +49,8 @@ def test_descriptor_length_comes_from_the_cache_after_the_first_run(one_photo, t
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("pooled_dims ran: the cached length was not used")
 
+    # a run that builds the network (no prepared one: tests/test_prepared.py) takes the length from here
+    shutil.rmtree(private_cache / "prepared")
     with monkeypatch.context() as m:
         m.setattr(featurenet, "pooled_dims", no_forward_pass)
         _extract(one_photo, tmp_path / "s2")
@@ -57,6 +59,7 @@ def test_descriptor_length_comes_from_the_cache_after_the_first_run(one_photo, t
     np.testing.assert_array_equal(s1.raw(), s2.raw())
 
     entry.write_text("{damaged")  # a damaged entry is computed again and rewritten
+    shutil.rmtree(private_cache / "prepared")
     _extract(one_photo, tmp_path / "s3")
     assert json.loads(entry.read_text())["dims"] == [1280]
 
