@@ -79,7 +79,7 @@ def prepare(model, labels: str | None, cache: ExportCache | None) -> GraphClassi
         return None
     import torch
 
-    from deepfeat.backends.onnx_runtime import load_session
+    from deepfeat.backends.onnx_runtime import export_module, load_session
 
     net = _classifier_net(model.to("cpu"))
     h, w = model.data_config.input_size
@@ -88,10 +88,8 @@ def prepare(model, labels: str | None, cache: ExportCache | None) -> GraphClassi
             "versions": library_versions()}
 
     def write(path: str) -> None:
-        dummy = torch.zeros(2, *shape, dtype=torch.uint8)
-        torch.onnx.export(net, (dummy,), path, input_names=["pixels"], output_names=["probs"],
-                          dynamic_axes={"pixels": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17,
-                          dynamo=False, do_constant_folding=True)
+        export_module(net, torch.zeros(2, *shape, dtype=torch.uint8), path, ["probs"],
+                      {"pixels": {0: "batch"}, "probs": {0: "batch"}})
 
     try:
         path = cache.graph(gkey, write)

@@ -129,12 +129,22 @@ def export(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: 
         axes = None
     else:
         axes = {"pixels": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    export_module(fnet, dummy, path, names, axes, opset)
+
+
+def export_module(module, dummy, path: str, output_names: list[str], dynamic_axes: dict | None,
+                  opset: int = 17) -> None:
+    """``torch.onnx.export`` of *module* with the input ``pixels`` (traced with *dummy*), the operator
+    replacements and quiet log of :func:`deepfeat.backends.export_ops.exportable_ops`, and tracer warnings
+    about shape constants silenced (they are expected, and the graphs are checked after the export)."""
+    import torch
+
     from deepfeat.backends.export_ops import exportable_ops
 
     with warnings.catch_warnings(), exportable_ops():
-        warnings.simplefilter("ignore")  # tracer warnings about shape constants are expected (and checked)
-        torch.onnx.export(fnet, (dummy,), path, input_names=["pixels"], output_names=names, dynamic_axes=axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (dummy,), path, input_names=["pixels"], output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
 def export_for(fnet, shape: tuple[int, int, int], path: str, kind: str, batch_size: int | None) -> None:
