@@ -59,12 +59,23 @@ def test_warm_extract_runs_without_pytorch_and_gives_the_same_store(folder, tmp_
     _, torch_cold, _ = deepfeat(cache, "extract", str(folder), "-o", str(tmp_path / "cold"), "--progress", "none",
                                 *extra)
     assert torch_cold
-    assert len(list((cache / "prepared").glob("*.json"))) == 2  # as given, and as the store records it
+    assert len(list((cache / "prepared").glob("*.json"))) == 3  # as given, as a sync gives them, for search
     _, torch_warm, err = deepfeat(cache, "-v", "extract", str(folder), "-o", str(tmp_path / "warm"), "--progress",
                                   "none", *extra)
     assert not torch_warm, err[-2000:]
     assert "prepared from the graph cache" in err
     _same_store(tmp_path / "cold", tmp_path / "warm")
+
+
+def test_a_sync_of_the_store_runs_without_pytorch(folder, photos, tmp_path):
+    cache = tmp_path / "cache"
+    store = tmp_path / "store"
+    deepfeat(cache, "extract", str(folder), "-o", str(store), "--progress", "none")
+    shutil.copy(photos["rocket"], folder / "rocket.jpg")
+    _, torch_used, err = deepfeat(cache, "sync", str(store), "--progress", "none")
+    assert not torch_used, err[-2000:]
+    deepfeat(cache, "extract", str(folder), "-o", str(tmp_path / "fresh"), "--progress", "none")
+    _same_store(store, tmp_path / "fresh")  # the synced store is a fresh extraction of the folder
 
 
 def test_a_changed_weights_file_or_a_damaged_graph_sends_the_run_back_to_pytorch(folder, tmp_path, lite0):

@@ -5,12 +5,14 @@
 CPU, ONNX Runtime, the graph cache on); the run then takes its model meta, layers, pooling and
 descriptor lengths from the entry and runs its graph (:class:`~deepfeat.backends.prepared.PreparedRunner`).
 :func:`remember` writes the entry after a run that built the network and ran it in ONNX Runtime, under
-two keys: the settings as given (``--layer default``, ``--pool default``: what the next ``extract``
-asks with) and as resolved (the store's meta: what a search of the store asks with).
+three keys: the settings as given (``--layer default``, ``--pool default``: what the next ``extract``
+asks with), as a run into the store gives them (its recorded layers and pooling: ``deepfeat sync``, an
+append) and as its descriptor recipe says (what a search of the store asks with).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from types import SimpleNamespace
@@ -116,7 +118,11 @@ def remember(cfg: ExtractConfig, model, layers: list[str], fnet, dims: list[int]
         shape=list(shape) if kind == "static" else [int(shape[2])], data_config=model.data_config.to_dict(),
         model=model.meta(), outputs={"layers": list(layers), "pooling": pooling.spec,
                                      "pooling_params": pooling.to_dict(), "dims": [int(d) for d in dims]})
-    for k in (_given_key(cfg), prepared.resolved_key(model.spec, {"layers": layers, "pooling": pooling.spec,
-                                                          "scales": cfg.scales, "scale_combine": cfg.scale_combine,
-                                                          "size": cfg.size})):
+    # as given (``--layer default``), as a run into the store gives them (its recorded settings: a sync or
+    # an append, pipeline.append) and as a search of the store asks (its descriptor recipe)
+    adopted = dataclasses.replace(cfg, layers=list(layers), pooling=pooling.spec)
+    recipe = {"layers": layers, "pooling": pooling.spec, "scales": cfg.scales, "scale_combine": cfg.scale_combine,
+              "size": cfg.size}
+    keys = [_given_key(cfg), _given_key(adopted), prepared.resolved_key(model.spec, recipe)]
+    for k in {prepared.digest(k): k for k in keys}.values():
         prepared.save(graphs.disk_cache, k, entry)
