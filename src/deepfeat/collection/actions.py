@@ -117,11 +117,11 @@ def _why_skip(e: Entry) -> str | None:
         return "changed since the duplicates were found (its bytes differ)"
     if e.recorded is not None:
         if not e.recorded.unchanged(st, digest, trust_stat=False):
-            return ("changed since it was extracted: its bytes are not the ones the store's features describe "
-                    "(run deepfeat sync on the store, then look for duplicates again)")
+            return ("changed since it was extracted: its bytes are not the ones the store's features describe; "
+                    "run deepfeat sync on the store, then look for duplicates again")
     elif max(st.st_mtime_ns, e.mtime_ns) > e.extracted_ns:
-        return ("modified after it was extracted, so its features may be stale (the store is older than deepfeat's "
-                "file records: a touch cannot be told from an edit)")
+        return ("modified after it was extracted, so its features may be stale; the store is older than deepfeat's "
+                "file records, so a touch cannot be told from an edit")
     if e.dest is not None and os.path.lexists(e.dest):
         return f"destination {e.dest} exists"
     return None
