@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from deepfeat.cli import main
-from deepfeat.data.sources import file_sha256
+from deepfeat.data.sources import file_sha256, read_recorded, readable_sha256
 from deepfeat.pipeline.faults import ENV as FAULTS
 from deepfeat.search import SearchEngine, build_index
 from deepfeat.store import FeatureStore
@@ -65,6 +65,35 @@ def test_items_record_their_files(folder, tmp_path, monkeypatch):
         st = os.stat(p)
         assert (size, mtime, sha) == (st.st_size, st.st_mtime_ns, file_sha256(p))
     assert store.meta["inputs"] == ["photos"]
+
+
+def test_the_one_rule_of_a_changed_file(folder):
+    """SourceRecord.unchanged, the rule of sync and of the duplicates actions: a touched file is
+    unchanged (decided by its bytes), an edited one is changed, and an edit of the same size with its
+    mtime put back passes only when the stat is trusted (sync), not when the bytes are always read."""
+    path = folder / "astronaut.jpg"
+    _, record = read_recorded(str(path))  # what the decode worker records
+    reads = []
+
+    def digest():
+        reads.append(1)
+        return readable_sha256(path)
+
+    assert record.unchanged(os.stat(path), digest) and not reads  # same stat: not read
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched
+    assert record.unchanged(os.stat(path), digest) and len(reads) == 1
+    assert record.unchanged(os.stat(path), digest, trust_stat=False)
+    data = bytearray(path.read_bytes())
+    data[15] ^= 0x01  # an in-place edit of the same size (the JFIF density)...
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(record.mtime_ns, record.mtime_ns))  # ...with its modification time put back
+    assert record.unchanged(os.stat(path), digest)  # sync's stat shortcut lets it through
+    assert not record.unchanged(os.stat(path), digest, trust_stat=False)
+    path.write_bytes(bytes(data) + b"edited")
+    assert not record.unchanged(os.stat(path), digest)
+    path.unlink()
+    assert not record.unchanged(st, digest, trust_stat=False)  # unreadable: changed
 
 
 def test_sync_ends_equal_to_a_fresh_extraction(folder, tmp_path, monkeypatch, photos, capsys):

@@ -6,11 +6,17 @@ The protocol (docs/duplicates.md, "Acting safely"):
 1. **plan**: one entry per removable member (never a keeper): its file, where it goes
    (``--move-to DIR``: the stored path's folders are kept under DIR, so two ``img.jpg``
    of different folders never collide), and what it was when the duplicates were found
-   (bytes, mtime, sha256);
+   (bytes, mtime, sha256), with what the store recorded of it when it was extracted;
 2. **manifest first**: the plan is written atomically (fsynced) before any file is touched;
-3. **check**: a file whose size, mtime or sha256 differ from the plan, that was modified
-   after its store shard was written (its features are stale), whose keeper is gone,
-   or whose destination exists, is skipped, with the reason in the journal;
+3. **check**: a file that changed since it was extracted (its features are stale) or since
+   the duplicates were found, whose keeper is gone, or whose destination exists, is skipped,
+   with the reason in the journal. "Changed" is the rule of ``deepfeat sync``,
+   :meth:`deepfeat.data.sources.SourceRecord.unchanged`, against the store's record of the
+   file (``size``, ``mtime_ns``, ``sha256``) and against the plan, with the bytes always
+   compared (``trust_stat=False``: a file is about to be deleted or moved, and the check
+   hashes it once): a touched file with the same bytes is acted on, an edited one is not,
+   even with its size and mtime put back. A row from a store extracted before the records
+   existed falls back to its modification time against its shard's: later is stale;
 4. **move**: ``os.rename`` (atomic: the file is at its old name or its new one, never
    neither); across file systems a copy to a temporary name, fsync, rename, then the
    source is removed (a kill leaves at most a second copy, which undo removes);
@@ -32,12 +38,13 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from functools import cache, partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from deepfeat.collection.duplicates import DuplicateReport
-from deepfeat.collection.hashing import file_sha256
+from deepfeat.data.sources import SourceRecord, file_sha256, readable_sha256
 from deepfeat.errors import UsageError
 from deepfeat.store import atomic_write_bytes
 
@@ -61,7 +68,12 @@ class Entry:
     bytes: int
     mtime_ns: int
     sha256: str
-    extracted_ns: int  # when its store shard was written
+    extracted_ns: int  # when its store shard was written (the rule of stores without records)
+    recorded: SourceRecord | None = None  # the file as the store extracted it (None: an older store)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recorded, dict):  # read back from a manifest
+            self.recorded = SourceRecord(**self.recorded)
 
 
 @dataclass
@@ -87,7 +99,7 @@ def plan(report: DuplicateReport, move_to: str | os.PathLike | None) -> list[Ent
             if src in keepers:  # the same file is another group's keeper: never touched
                 continue
             dest = None if base is None else str(base / os.path.relpath(src, common))
-            out.append(Entry(f.path, src, dest, keeper, f.bytes, f.mtime_ns, f.sha256, f.extracted_ns))
+            out.append(Entry(f.path, src, dest, keeper, f.bytes, f.mtime_ns, f.sha256, f.extracted_ns, f.recorded))
     return out
 
 
@@ -98,14 +110,18 @@ def _why_skip(e: Entry) -> str | None:
         return "missing"
     if not os.path.exists(e.keeper):
         return f"its keeper {e.keeper} is missing"
-    if st.st_size != e.bytes:
-        return f"changed since the duplicates were found (size {st.st_size} != {e.bytes})"
-    if st.st_mtime_ns != e.mtime_ns:
-        return "changed since the duplicates were found (modification time differs)"
-    if e.mtime_ns > e.extracted_ns:
-        return "modified after it was extracted (its features are stale)"
-    if file_sha256(e.file) != e.sha256:
-        return "changed since the duplicates were found (sha256 differs)"
+    digest = cache(partial(readable_sha256, e.file))  # read once for both checks
+    if digest() is None:
+        return "cannot be read"
+    if not SourceRecord(e.bytes, e.mtime_ns, e.sha256).unchanged(st, digest, trust_stat=False):
+        return "changed since the duplicates were found (its bytes differ)"
+    if e.recorded is not None:
+        if not e.recorded.unchanged(st, digest, trust_stat=False):
+            return ("changed since it was extracted: its bytes are not the ones the store's features describe; "
+                    "run deepfeat sync on the store, then look for duplicates again")
+    elif max(st.st_mtime_ns, e.mtime_ns) > e.extracted_ns:
+        return ("modified after it was extracted, so its features may be stale; the store is older than deepfeat's "
+                "file records, so a touch cannot be told from an edit")
     if e.dest is not None and os.path.lexists(e.dest):
         return f"destination {e.dest} exists"
     return None

@@ -32,8 +32,10 @@ import numpy as np
 from deepfeat.collection.candidates import PairArrays, is_unit, knn_pairs, l2_normalised, unique_pairs
 from deepfeat.collection.groups import DEFAULT_KEEP, FileFacts, choose_keeper, connected_components, parse_keep
 from deepfeat.collection.hashing import file_sha256, same_bytes, same_pixels
+from deepfeat.data.sources import SourceRecord
 from deepfeat.errors import StoreError, UsageError
 from deepfeat.store import FeatureStore
+from deepfeat.store.items import source_records
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ class MemberFile:
     bytes: int
     mtime_ns: int
     sha256: str
-    extracted_ns: int  # when the row's store shard was written (a later mtime: stale features)
+    extracted_ns: int  # when the row's store shard was written (the stale-features rule of older stores)
+    recorded: SourceRecord | None = None  # the file as the store extracted it (None: a store from before issue 30)
 
 
 @dataclass
@@ -175,6 +178,7 @@ def _file_facts(store: FeatureStore, rows: list[int], hashes: dict[int, str]) ->
     items = store.ok_items()
     widths, heights = items.column("width").to_pylist(), items.column("height").to_pylist()
     paths, shards = items.column("path").to_pylist(), items.column("shard").to_pylist()
+    records = source_records(items)
     feature = store.feature_name()
     written = {s: store.shard_feature_path(s, feature).stat().st_mtime_ns for s in {shards[r] for r in rows}}
     out = {}
@@ -184,7 +188,7 @@ def _file_facts(store: FeatureStore, rows: list[int], hashes: dict[int, str]) ->
         if r not in hashes:
             hashes[r] = file_sha256(f)
         out[r] = MemberFile(r, paths[r], f, int(widths[r] or 0), int(heights[r] or 0), st.st_size, st.st_mtime_ns,
-                            hashes[r], written[shards[r]])
+                            hashes[r], written[shards[r]], records[r])
     return out
 
 

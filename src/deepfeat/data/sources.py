@@ -4,13 +4,16 @@ its file, taken from the same read as the bytes that are decoded, so that a late
 
 A :class:`SourceRecord` is cheap to compare by ``stat`` alone (size and ``mtime_ns``);
 the hash settles the cases where the ``stat`` differs (a file copied back, touched, or
-rewritten with the same bytes) without decoding anything.
+rewritten with the same bytes) without decoding anything. :meth:`SourceRecord.unchanged` is
+the one rule by which deepfeat decides whether a file is still the one an item was made from
+(``deepfeat sync`` and the duplicates actions, :mod:`deepfeat.collection.actions`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -25,6 +28,20 @@ class SourceRecord:
     def same_stat(self, st: os.stat_result) -> bool:
         """Whether *st* (a file's ``stat`` now) has the size and modification time recorded."""
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+    def unchanged(self, st: os.stat_result, digest: Callable[[], str | None], trust_stat: bool = True) -> bool:
+        """Whether a file is still the one this record was taken from: its ``stat`` now (*st*) has
+        the recorded size and modification time, or else the sha256 of its bytes now (*digest*,
+        called only then; None when they cannot be read) is the recorded one. So a touched file, or
+        one copied back with its bytes, is unchanged; an edited one is changed.
+
+        With *trust_stat* (``deepfeat sync``: only the files whose ``stat`` differs are read) a file
+        rewritten in place with the same size and its modification time put back passes unread;
+        without it (the duplicates actions, which delete or move) the bytes are always compared."""
+        if trust_stat and self.same_stat(st):
+            return True
+        h = digest()
+        return h is not None and h == self.sha256
 
 
 def read_recorded(path: str) -> tuple[bytes, SourceRecord]:
@@ -44,6 +61,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def readable_sha256(path: str | os.PathLike) -> str | None:
+    """:func:`file_sha256` of *path*, or None when it cannot be read."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def file_record(path: str) -> SourceRecord | None:

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deepfeat.data.images import discover, file_problem, printable_path
-from deepfeat.data.sources import file_sha256
+from deepfeat.data.sources import SourceRecord, readable_sha256
 from deepfeat.pipeline import faults
 from deepfeat.pipeline.plan import store_form
 from deepfeat.store import FeatureStore
-from deepfeat.store.items import source_columns
+from deepfeat.store.items import source_records
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,12 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
                             for i in inputs])
     items = store.items()
     removed = set(store.removed_ids().tolist())
-    src = source_columns(items)
     real_of = _RealPaths()
-    known: dict[str, tuple[int, str, str, Any, Any, Any]] = {}
-    for i, p, status, size, mtime, sha in zip(items.column("id").to_pylist(), items.column("path").to_pylist(),
-                                              items.column("status").to_pylist(), src["size"], src["mtime_ns"],
-                                              src["sha256"]):
+    known: dict[str, tuple[int, str, str, SourceRecord | None]] = {}
+    for i, p, status, record in zip(items.column("id").to_pylist(), items.column("path").to_pylist(),
+                                    items.column("status").to_pylist(), source_records(items)):
         if i not in removed:
-            known[real_of(store.resolve_path(p))] = (i, p, status, size, mtime, sha)
+            known[real_of(store.resolve_path(p))] = (i, p, status, record)
     # an input that named one file of the store, now gone: that file is deleted, not "input not found"
     gone = [i for i in inputs if not i.startswith("@") and not glob.has_magic(i) and not os.path.lexists(i)
             and real_of(i) in known]
@@ -203,7 +201,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
             plan.added.append(s)
             plan.to_plan.append(real)
             continue
-        item_id, path, status, size, mtime, sha = it
+        item_id, path, status, record = it
         try:
             st = os.stat(real)
         except OSError:
@@ -212,12 +210,12 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
             else:
                 (plan.unchanged if status == "ok" else plan.failed).append(path)
             continue
-        if size is None:
+        if record is None:
             _unrecorded(plan, real, it)
-        elif st.st_size == size and st.st_mtime_ns == mtime:
+        elif record.same_stat(st):  # SourceRecord.unchanged's first step, without a thread
             (plan.unchanged if status == "ok" else plan.failed).append(path)
         else:
-            to_hash.append((real, it))
+            to_hash.append((real, st, it))
     _decide_by_hash(plan, to_hash, threads)
     # extracted in the order they are found (a fresh extraction's order), whatever made them due
     due = set(plan.to_plan)
@@ -259,23 +257,22 @@ def _unrecorded(plan: SyncPlan, real: str, it: tuple) -> None:
         plan.to_plan.append(real)
 
 
-def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, tuple]], threads: int) -> None:
-    """Hash the files whose stat differs from their record (threads: hashlib releases the GIL) and
+def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, os.stat_result, tuple]], threads: int) -> None:
+    """Decide the files whose stat differs from their record by their bytes
+    (:meth:`~deepfeat.data.sources.SourceRecord.unchanged`, in threads: hashlib releases the GIL) and
     sort them into changed, retried, unchanged or failed."""
     if not to_hash:
         return
     plan.hashed = len(to_hash)
 
-    def digest(real: str) -> str | None:
-        try:
-            return file_sha256(real)
-        except OSError:
-            return None
+    def same(job: tuple[str, os.stat_result, tuple]) -> bool:
+        real, st, it = job
+        return it[3].unchanged(st, lambda: readable_sha256(real))
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        digests = list(ex.map(digest, [real for real, _ in to_hash]))
-    for (real, (item_id, path, status, _size, _mtime, sha)), h in zip(to_hash, digests):
-        if h is not None and h == sha:
+        verdicts = list(ex.map(same, to_hash))
+    for (real, _st, (item_id, path, status, _record)), unchanged in zip(to_hash, verdicts):
+        if unchanged:
             (plan.unchanged if status == "ok" else plan.failed).append(path)
             continue
         (plan.changed if status == "ok" else plan.retried).append(path)
@@ -314,10 +311,8 @@ def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str) ->
         return None
     items = store.items()
     removed = set(store.removed_ids().tolist())
-    src = source_columns(items)
     changed = missing = 0
-    for i, p, size, mtime in zip(items.column("id").to_pylist(), items.column("path").to_pylist(), src["size"],
-                                 src["mtime_ns"]):
+    for i, p, record in zip(items.column("id").to_pylist(), items.column("path").to_pylist(), source_records(items)):
         f = os.path.abspath(store.resolve_path(p))
         if i in removed or not (f in files or any(f.startswith(d) for d in folders)):
             continue
@@ -328,7 +323,7 @@ def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str) ->
             continue
         except OSError:
             continue
-        if size is not None and (st.st_size != size or st.st_mtime_ns != mtime):
+        if record is not None and not record.same_stat(st):
             changed += 1
     if not changed and not missing:
         return None

@@ -1,7 +1,7 @@
 """The items table of a store and its shards: the parquet schemas, the per-shard column
 accumulator :class:`ShardItems`, the file-name form of a feature (layer) name, and
-:func:`source_columns`, the per-item file records (``size``, ``mtime_ns``, ``sha256``) of a
-table, null where a store written before they were recorded has none."""
+:func:`source_columns` / :func:`source_records`, the per-item file records (``size``, ``mtime_ns``,
+``sha256``) of a table, null where a store written before they were recorded has none."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pyarrow as pa
+
+from deepfeat.data.sources import SourceRecord
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -104,3 +106,12 @@ def source_columns(table: pa.Table) -> dict[str, list]:
     a table from a store written before they were recorded."""
     return {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
             for c in SOURCE_COLUMNS}
+
+
+def source_records(table: pa.Table) -> list[SourceRecord | None]:
+    """One :class:`~deepfeat.data.sources.SourceRecord` per row of an items table (what its file was
+    when it was extracted), None where there is none (a store written before they were recorded, an
+    item whose file could not be read)."""
+    cols = source_columns(table)
+    return [None if None in (size, mtime, sha) else SourceRecord(int(size), int(mtime), sha)
+            for size, mtime, sha in zip(cols["size"], cols["mtime_ns"], cols["sha256"])]
