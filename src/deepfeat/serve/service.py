@@ -1,6 +1,7 @@
 """The state of one server: its limits (:class:`ServeConfig`) and everything a request
-needs (:class:`SearchService`: the engine, the inference batcher, the I/O pool, the
-thumbnail cache). The routes that use it are in :mod:`deepfeat.serve.routes`."""
+needs (:class:`SearchService`: the store's current view, reloaded when the store changes,
+the inference batcher, the I/O pool, the thumbnail cache). The routes that use it are in
+:mod:`deepfeat.serve.routes`."""
 
 from __future__ import annotations
 
