@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_remove import make_store  # noqa: E402
+from bench_remove import make_store
 
 
 def rss_mib() -> float:
@@ -105,7 +105,7 @@ def main() -> int:
         assert watcher.reload()
         reload_s = time.perf_counter() - t
         peak_both = rss_mib()  # the old view is still referenced here (as by a request in flight)
-        del view
+        view = None  # the old view let go (as when the last request holding it ends)
         gc.collect()
         after = rss_mib()
         assert watcher.view.count == args.n - args.remove and watcher.view.engine.index is not None

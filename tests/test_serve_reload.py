@@ -101,7 +101,7 @@ def test_removed_images_go_and_synced_ones_come_without_a_restart(world, photos)
 def _map_data(client) -> str:
     page = client.get("/map")
     assert page.status_code == 200
-    return re.search(r"<script type=application/json id=map-data>(.*)</script>", page.text, re.S).group(1)
+    return re.search(r"<script type=application/json id=map-data>(.*)</script>", page.text, re.DOTALL).group(1)
 
 
 def test_a_reload_that_fails_keeps_the_old_answers_and_says_so(world, caplog):

@@ -86,7 +86,7 @@ class Embedder:
                                    self.recipe.get("scale_combine", "sum")).eval()
         return self._net
 
-    def adopt(self, other: "Embedder") -> bool:
+    def adopt(self, other: Embedder) -> bool:
         """Take the model *other* has loaded when both make the same network descriptors (the same
         recipe but for the post-processing, applied after the network; the same device), and its
         descriptor network too when the pooling codebook (``pooling.npz``) is the one it was built

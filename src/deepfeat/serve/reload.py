@@ -70,9 +70,8 @@ class StoreWatcher:
         sig = store_signature(self.store_path)
         if sig == self.view.signature:
             return False
-        if self._failed is not None and self._failed[0] == sig and now - self._failed[1] < RETRY_S:
-            return False  # the same store that failed to load: wait for a change, or RETRY_S
-        return True
+        # the same store that failed to load: wait for a change, or RETRY_S
+        return self._failed is None or self._failed[0] != sig or now - self._failed[1] >= RETRY_S
 
     async def refresh(self) -> None:
         """Reload now, in a worker thread, if :meth:`due`."""

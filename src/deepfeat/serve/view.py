@@ -77,7 +77,7 @@ class StoreView:
     def count(self) -> int:
         return len(self.engine.ids)
 
-    def adopt_model(self, before: "StoreView") -> None:
+    def adopt_model(self, before: StoreView) -> None:
         """Use the model and descriptor network *before* loaded (StoreError when this store now
         describes other descriptors than those: another model, layer, pooling or size policy)."""
         if not self.engine.embedder.adopt(before.engine.embedder):
