@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,77 @@ def test_no_reload_when_switched_off_and_bad_intervals(world):
         assert state["status"] == "off" and state["generation"] == 1 and state["check_seconds"] is None
     with pytest.raises(UsageError, match="reload check interval"):
         create_app(store, reload_check_s=-1)
+
+
+def test_a_request_in_flight_finishes_on_the_store_it_started_with(world):
+    """An upload waiting for the model while the store changes and another request reloads it:
+    it answers from the state it started with; the next upload from the new one."""
+    folder, store = world
+    coffee = folder / "coffee.jpg"
+    with TestClient(create_app(store, reload_check_s=0, max_batch=1, self_check=False)) as c:
+        svc = c.app.state.service
+        coffee_id = upload(c, coffee)[0]["id"]
+        real, entered, release = svc.batcher.embed, threading.Event(), threading.Event()
+
+        def gated(pixels):
+            entered.set()
+            assert release.wait(60), "the test never released the model"
+            return real(pixels)
+
+        svc.batcher.embed = gated
+        results: list = []
+        t = threading.Thread(target=lambda: results.append(upload(c, coffee)))
+        t.start()
+        assert entered.wait(60)  # the upload is in the model, holding the first view
+        assert main(["remove", str(store), str(coffee)]) == 0
+        r = c.get("/api/search/item/" + str(upload_id_of(c, folder / "rocket.jpg")), params={"k": 5})
+        assert r.status_code == 200 and coffee_id not in [h["id"] for h in r.json()["hits"]]
+        assert svc.view.generation == 2
+        release.set()
+        t.join(60)
+        assert results and results[0][0]["id"] == coffee_id and len(results[0]) == 5  # the first view's answer
+        svc.batcher.embed = real
+        assert coffee_id not in [h["id"] for h in upload(c, coffee)]
+
+
+def upload_id_of(client, path: Path) -> int:
+    r = client.get("/api/search/item", params={"path": str(path), "k": 1})
+    assert r.status_code == 200, r.text
+    return r.json()["query"]["id"]
+
+
+def test_a_new_post_processing_is_used_for_uploads_and_another_model_is_refused(world, caplog):
+    folder, store = world
+    chelsea = folder / "chelsea.jpg"
+    with TestClient(create_app(store, reload_check_s=0)) as c:
+        svc = c.app.state.service
+        first = svc.view
+        assert main(["postprocess", str(store), "--post", "pca:3,l2"]) == 0  # fitted on the store: 3-d now
+        hits = upload(c, chelsea)
+        info = c.get("/api/info").json()
+        assert info["dim"] == 3 and info["post"] == "pca:3,l2" and info["reload"]["generation"] == 2
+        assert hits[0]["path"] == str(chelsea) and hits[0]["score"] > 0.999  # embedded as the store is now
+        assert [h["id"] for h in hits] == exact_ids(store, chelsea)
+        r = c.post("/api/search/vector", json={"vector": [1.0, 0.0, 0.0], "k": 2})
+        assert r.status_code == 200 and len(r.json()["hits"]) == 2
+        assert svc.view.engine.model is first.engine.model  # the model was kept
+
+        # the same folder made into a store of other descriptors (MAC pooling): not served, said so
+        shutil.rmtree(store)
+        assert main(["extract", str(folder), "-o", str(store), "--pool", "mac", *FLAGS]) == 0
+        with caplog.at_level(logging.WARNING, logger="deepfeat.serve.reload"):
+            assert upload(c, chelsea) == hits  # still the state before
+        state = c.get("/api/health").json()["store"]
+        assert state["status"] == "failed" and "restart the server" in state["error"], state
+        assert any("restart the server" in r.getMessage() for r in caplog.records)
+
+
+def test_readers_do_not_make_the_server_reload(world):
+    """Searches, info and DBA vectors saved beside the index by another process are no change of the store."""
+    folder, store = world
+    with TestClient(create_app(store, reload_check_s=0)) as c:
+        assert main(["search", str(store), str(folder / "rocket.jpg"), "--dba", "2", "--top", "2"]) == 0
+        assert main(["info", str(store), "--verify"]) == 0
+        assert any(p.name.startswith("dba-") for p in (store / "index").iterdir())
+        upload(c, folder / "rocket.jpg")
+        assert c.get("/api/health").json()["store"]["generation"] == 1
