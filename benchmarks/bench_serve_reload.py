@@ -12,9 +12,12 @@ side by side:
   updated in place): open the store and its index, swap; with the process's resident memory
   before, at the peak (both views alive while the new one opens) and after the old one is let go.
 
-No model: a synthetic store's queries are vectors (the server keeps its model across reloads).
+No model: the queries are stored vectors (the server keeps its model across reloads). With
+``--store PATH`` a copy of a real store is used instead (its index of ``--kind`` built when it
+has none).
 
     PYTHONPATH=src python benchmarks/bench_serve_reload.py --n 200000 --d 128 --kind flat
+    PYTHONPATH=src python benchmarks/bench_serve_reload.py --store /tmp/flowers17-store --remove 14
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> int:
     ap.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"])
     ap.add_argument("--remove", type=int, default=1000, help="items removed before the reload")
     ap.add_argument("--checks", type=int, default=20_000, help="unchanged checks timed")
+    ap.add_argument("--store", metavar="PATH", help="a real store, copied (instead of a synthetic one)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
 
@@ -69,8 +73,15 @@ def main() -> int:
     try:
         path = tmp / "store"
         t = time.perf_counter()
-        store = make_store(path, args.n, args.d, args.shard)
-        build_index(store, kind=args.kind, **({"nlist": 256, "nprobe": 16} if args.kind == "ivf" else {}))
+        if args.store:
+            shutil.copytree(args.store, path)
+            store = FeatureStore(path)
+            args.n, args.d = len(store), store.dim
+        else:
+            store = make_store(path, args.n, args.d, args.shard)
+        if not (path / "index" / "index.json").is_file() or not args.store:
+            build_index(store, kind=args.kind, **({"nlist": 256, "nprobe": 16} if args.kind == "ivf" else {}))
+        args.kind = json.loads((path / "index" / "index.json").read_text())["kind"]
         made = time.perf_counter() - t
         gc.collect()
         base = rss_mib()

@@ -9,9 +9,9 @@ model of the one before (:meth:`~deepfeat.backends.embedder.Embedder.adopt`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,16 +33,21 @@ def store_signature(store_dir: str | os.PathLike) -> tuple:
     """``(inode, size, mtime_ns)`` of each :data:`WATCHED` path of the store, the inode of each
     :data:`INODE_ONLY` one (None where absent): any write deepfeat makes to a store changes it
     (files are replaced by rename: a new inode). A handful of ``stat`` calls, no read."""
-    root = Path(store_dir)
     out = []
-    for rel in WATCHED + INODE_ONLY:
+    for path, inode_only in _watched_paths(os.fspath(store_dir)):
         try:
-            st = os.stat(root / rel)
+            st = os.stat(path)
         except OSError:
             out.append(None)
             continue
-        out.append(st.st_ino if rel in INODE_ONLY else (st.st_ino, st.st_size, st.st_mtime_ns))
+        out.append(st.st_ino if inode_only else (st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _watched_paths(root: str) -> tuple[tuple[str, bool], ...]:
+    """The paths :func:`store_signature` stats, joined once (joining costs more than the stat calls)."""
+    return tuple((os.path.join(root, rel), rel in INODE_ONLY) for rel in WATCHED + INODE_ONLY)
 
 
 class StoreView:
