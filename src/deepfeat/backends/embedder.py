@@ -5,6 +5,7 @@ other artefact made from a store use this one path."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -60,6 +61,7 @@ class Embedder:
         self.graph_cache = graph_cache
         self._model = None
         self._net = None
+        self._net_codebook: str | None = None  # sha256 of the pooling.npz the network was built with
         self._post = None
         self._graph: Any = None  # the prepared runner; False: looked for, none
 
@@ -106,11 +108,30 @@ class Embedder:
             from deepfeat.pooling import get_pooling, load_pooling
 
             codebook = self.folder / "pooling.npz"
+            self._net_codebook = self._codebook_digest()
             pooling = load_pooling(codebook) if codebook.is_file() else get_pooling(self.recipe["pooling"])
             self._net = FeatureNet(self.model, self.recipe["layers"], pooling,
                                    tuple(self.recipe.get("scales", [1.0])),
                                    self.recipe.get("scale_combine", "sum")).eval()
         return self._net
+
+    def adopt(self, other: Embedder) -> bool:
+        """Take the model *other* has loaded when both make the same network descriptors (the same
+        recipe but for the post-processing, applied after the network; the same device), and its
+        descriptor network too when the pooling codebook (``pooling.npz``) is the one it was built
+        with. False (nothing taken) when the recipes differ."""
+        mine = {k: v for k, v in self.recipe.items() if k not in ("post", "dim")}
+        theirs = {k: v for k, v in other.recipe.items() if k not in ("post", "dim")}
+        if mine != theirs or self.device != other.device:
+            return False
+        self._model = other._model
+        if other._net is not None and other._net_codebook == self._codebook_digest():
+            self._net, self._net_codebook = other._net, other._net_codebook
+        return True
+
+    def _codebook_digest(self) -> str | None:
+        p = self.folder / "pooling.npz"
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
 
     @property
     def post(self):

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "serve", help="serve a store: HTTP search API and web page",
         description="Search the store by uploaded image, stored id/path or vector, over HTTP (FastAPI + uvicorn), "
                     "with a web page at /. Queries are embedded with the store's own model, layer, pooling and "
-                    "post-processing, loaded once. Listens on 127.0.0.1 unless --host says otherwise. With --api-key (or "
+                    "post-processing, loaded once; when another process changes the store (sync, remove, extract, index) "
+                    "the server reloads it, keeping the model. Listens on 127.0.0.1 unless --host says otherwise. With --api-key (or "
                     "the DEEPFEAT_API_KEY environment variable) every /api/ route needs the key; listening beyond "
                     "this machine without a key is refused unless --no-auth. Needs the [serve] extra.")
     p.add_argument("store", metavar="STORE")
@@ -53,6 +54,11 @@ def register(sub) -> None:
     p.add_argument("--no-auth", action="store_true",
                    help="allow a --host beyond this machine without an API key (anyone who can reach the port "
                         "can search the store and download its images)")
+    p.add_argument("--reload-check", type=float, default=2.0, metavar="S",
+                   help="seconds between two checks whether the store changed on disk (a few stat calls before a "
+                        "request; default 2, 0 = before every request); a change is loaded without a restart")
+    p.add_argument("--no-reload", action="store_true",
+                   help="serve the store as it was at start-up, whatever changes on disk")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda")
     p.add_argument("--rerank", metavar="SPEC", help="re-ranking of requests that do not choose one (diffusion, "
                                                     "kreciprocal[:ARGS]; the page's selector starts on it)")
@@ -115,7 +121,8 @@ def run(args) -> int:
                      search_threads=args.search_threads, torch_threads=args.torch_threads, api_key=api_key,
                      limit_concurrency=args.limit_concurrency, max_queue=args.max_queue,
                      body_timeout_s=args.body_timeout, work_timeout_s=args.work_timeout, rerank=args.rerank, qe=args.qe, alpha=args.alpha,
-                     dba=args.dba, classifier=args.classifier, map_method=args.map_method)
+                     dba=args.dba, classifier=args.classifier, map_method=args.map_method,
+                     reload_check_s=None if args.no_reload else args.reload_check)
     svc = app.state.service
     if not is_loopback(args.host):
         bar = "!" * 78

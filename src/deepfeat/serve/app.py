@@ -2,7 +2,8 @@
 
 :func:`create_app` opens a store with :class:`~deepfeat.search.SearchEngine` (its
 FAISS index, or exact search), loads the store's own model, layer, pooling and
-post-processing once at start-up, and answers:
+post-processing once at start-up, follows the store when another process changes it
+(:mod:`deepfeat.serve.reload`: sync, removal, extraction, a new index; no restart), and answers:
 
 =======  ==================================  ==================================================
 GET      /                                   the web page (static files, no CDN)
@@ -45,6 +46,7 @@ from deepfeat.errors import UsageError
 from deepfeat.serve.collection_routes import CLASSIFY_UPLOAD_PATH, add_collection_routes
 from deepfeat.serve.duplicates_routes import add_duplicate_routes
 from deepfeat.serve.guards import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from deepfeat.serve.reload import ReloadMiddleware
 from deepfeat.serve.routes import (
     UPLOAD_PATH,
     add_error_handlers,
@@ -121,11 +123,14 @@ def create_app(store_path: str | os.PathLike, max_upload_bytes: int = DEFAULT_MA
                   openapi_url="/api/openapi.json", docs_url=None, redoc_url=None)  # Swagger/ReDoc pages load from a CDN
     app.state.service = svc
 
-    json_limit = max(DEFAULT_MAX_JSON_BYTES, svc.dim * 32)
+    def json_limit() -> int:  # a vector of the store's dimension fits (a reload may change it)
+        return max(DEFAULT_MAX_JSON_BYTES, svc.dim * 32)
+
+    app.add_middleware(ReloadMiddleware, watcher=svc.watcher)  # innermost: after the guards admitted the request
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: (
         (cfg.max_upload_bytes + MULTIPART_SLACK, cfg.max_upload_bytes, "upload") if path in (UPLOAD_PATH,
                                                                                            CLASSIFY_UPLOAD_PATH)
-        else (json_limit, json_limit, "request body")))
+        else (json_limit(), json_limit(), "request body")))
     if cfg.api_key:
         app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=cfg.limit_concurrency, body_timeout=cfg.body_timeout_s)

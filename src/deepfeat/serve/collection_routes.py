@@ -36,6 +36,7 @@ from fastapi.responses import HTMLResponse, Response
 from deepfeat.errors import ImageError, UsageError
 from deepfeat.serve.service import SearchService
 from deepfeat.serve.uploads import ApiError, read_multipart_file, sniff_image
+from deepfeat.serve.view import StoreView
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class CollectionViews:
         self.svc = svc
         self.map_method = map_method
         self.clf = None
-        self.shared = False
+        self._shared: tuple[int, bool] = (0, False)  # (view generation, shared)
         if classifier is not None:
             from deepfeat.collection import Classifier
 
@@ -81,12 +82,24 @@ class CollectionViews:
             if int(self.clf.meta["dim"]) != svc.dim:
                 log.info("classifier %s: %d-d descriptors, the store's are %d-d: it embeds uploads itself",
                          classifier, self.clf.meta["dim"], svc.dim)
-            store = svc.engine.store
-            self.shared = same_descriptors(store.path, store.meta, svc.engine.feature, self.clf.folder,
-                                           self.clf.meta["descriptor"])
         self._own_lock = threading.Lock()  # the classifier's own model: one forward pass at a time
         self._map_lock = threading.Lock()
-        self._map_page: str | None = None
+        self._map_page: tuple[int, str] | None = None  # (view generation, page)
+
+    def shared_with(self, view: StoreView) -> bool:
+        """Whether the classifier's descriptors are made exactly as *view*'s (judged once per view: a
+        reloaded store may have another post-processing)."""
+        if self.clf is None:
+            return False
+        if self._shared[0] != view.generation:
+            store = view.engine.store
+            self._shared = (view.generation, same_descriptors(store.path, store.meta, view.engine.feature,
+                                                              self.clf.folder, self.clf.meta["descriptor"]))
+        return self._shared[1]
+
+    @property
+    def shared(self) -> bool:
+        return self.shared_with(self.svc.view)
 
     def info(self) -> dict[str, Any] | None:
         clf = self.clf
@@ -115,22 +128,24 @@ class CollectionViews:
     # -- the map ---------------------------------------------------------------------
 
     def map_page(self) -> str:
-        """The Map view's HTML, laid out on first use (then kept)."""
+        """The Map view's HTML, laid out on first use (then kept until the store is reloaded)."""
+        view = self.svc.view
         with self._map_lock:
-            if self._map_page is None:
+            if self._map_page is None or self._map_page[0] != view.generation:
                 t = time.perf_counter()
-                self._map_page = self._make_map_page()
-                log.info("map of %d items laid out in %.1fs", len(self.svc.engine.ids), time.perf_counter() - t)
-            return self._map_page
+                self._map_page = (view.generation, self._make_map_page(view))
+                log.info("map of %d items laid out in %.1fs", view.count, time.perf_counter() - t)
+            return self._map_page[1]
 
-    def _make_map_page(self) -> str:
+    def _make_map_page(self, view: StoreView) -> str:
         from deepfeat.collection.maps import build_map, json_for_script, map_data
 
-        eng = self.svc.engine
-        colour_by = ["folder", "outlier"] + (["label"] if self.shared else [])
+        eng = view.engine
+        shared = self.shared_with(view)
+        colour_by = ["folder", "outlier"] + (["label"] if shared else [])
         n = len(eng.ids)
         m = build_map(eng.xb, eng.paths, method=self.map_method, colour_by=colour_by,
-                      classifier=self.clf.folder if self.shared else None,
+                      classifier=self.clf.folder if shared else None,
                       outlier_k=max(1, min(10, n - 1)), title=os.path.basename(str(eng.store.path).rstrip("/")))
         rows = np.arange(n)
         if n > MAP_THUMBS:
@@ -186,15 +201,16 @@ def _add_classifier_routes(app: FastAPI, svc: SearchService, views: CollectionVi
                          415: {"description": "not an image"}, 422: {"description": "undecodable"}})
     async def classify_upload(request: Request, top: int = Query(DEFAULT_TOP, ge=1, le=MAX_TOP,
                                                                  description="labels per image")):
-        t0 = time.perf_counter()
+        t0, view = time.perf_counter(), svc.view
         clf = views._need_classifier()
+        shared = views.shared_with(view)
         up = await read_multipart_file(request.headers.get("content-type"), request.stream(), "file",
                                        cfg.max_upload_bytes)
         t1 = time.perf_counter()
-        if views.shared:
+        if shared:
             with svc.batcher.announce() as ticket:
                 image_info, px = await svc.in_pool(svc.decode_upload, up.data, None)
-                vec = (await ticket.submit(px)).reshape(1, -1)
+                vec = view.post(await ticket.submit(px))
         else:
             info = await svc.in_pool(sniff_image, up.data, cfg.max_pixels)
             image_info = {"format": info.format, "width": info.width, "height": info.height}
@@ -204,7 +220,7 @@ def _add_classifier_routes(app: FastAPI, svc: SearchService, views: CollectionVi
         return {"results": [result.to_dict()],
                 "query": {"kind": "upload", "filename": up.filename, "bytes": len(up.data), **image_info},
                 "classifier": {"method": clf.method, "classes": len(clf.classes), "threshold": clf.threshold,
-                               "descriptors": "store" if views.shared else "own"},
+                               "descriptors": "store" if shared else "own"},
                 "took_ms": {"receive": round((t1 - t0) * 1000, 2), "embed": round((t2 - t1) * 1000, 2),
                             "total": round((time.perf_counter() - t0) * 1000, 2)}}
 

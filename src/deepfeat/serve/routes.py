@@ -24,6 +24,7 @@ from deepfeat.search import parse_bbox
 from deepfeat.serve.service import SearchService, resolve_rerank
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, make_thumbnail
 from deepfeat.serve.uploads import MEDIA_TYPES, ApiError, read_multipart_file
+from deepfeat.serve.view import StoreView
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def add_page_routes(app: FastAPI, svc: SearchService) -> None:
     @app.get("/api/health", summary="liveness and counters")
     async def health():
         code, state = svc.health()
-        body = {**state, "items": len(svc.engine.ids),
+        body = {**state, "items": svc.view.count,
                 "uptime_seconds": round(time.time() - svc.started, 1), "self_check": svc.self_check,
                 "inference": {**svc.batcher.stats.to_dict(), "max_batch": cfg.max_batch,
                               "window_ms": cfg.batch_window_ms, "queued": svc.batcher.queued,
@@ -95,17 +96,19 @@ def add_item_routes(app: FastAPI, svc: SearchService) -> None:
 
     @app.get("/api/items/{item_id}", summary="one stored item")
     async def item(item_id: int):
-        return svc.item(svc.item_row(item_id))
+        view = svc.view
+        return view.item(view.item_row(item_id))
 
     @app.get("/api/items/{item_id}/thumbnail", summary="JPEG thumbnail of a stored image (longer side <= size)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     async def thumbnail(item_id: int, size: int = Query(256, ge=THUMB_MIN, le=THUMB_MAX)):
-        row = svc.item_row(item_id)
+        view = svc.view
+        row = view.item_row(item_id)
         key = (int(item_id), int(size))
         data = svc.thumbs.get(key)
         if data is None:
             try:
-                data = await svc.in_pool(make_thumbnail, svc.file_of(row), size, None)
+                data = await svc.in_pool(make_thumbnail, view.file_of(row), size, None)
             except ImageError as e:
                 raise ApiError(404, f"the image of item {item_id} cannot be read: {e}", {"id": item_id}) from None
             svc.thumbs.put(key, data)
@@ -114,8 +117,8 @@ def add_item_routes(app: FastAPI, svc: SearchService) -> None:
     @app.get("/api/items/{item_id}/image", summary="the stored image file of an item",
              response_class=Response, responses={200: {"content": {"image/*": {}}}})
     async def image(item_id: int):
-        row = svc.item_row(item_id)
-        path = svc.file_of(row)
+        view = svc.view
+        path = view.file_of(view.item_row(item_id))
         fmt = await svc.in_pool(_image_format, path)
         if fmt is None:
             raise ApiError(404, f"the image of item {item_id} is missing or not an image any more", {"id": item_id})
@@ -123,20 +126,20 @@ def add_item_routes(app: FastAPI, svc: SearchService) -> None:
                             content_disposition_type="inline", headers={"Cache-Control": "private, max-age=600"})
 
 
-async def _search(svc: SearchService, xq: np.ndarray, k: int, exclude_row: int | None = None, verify: int = 0,
-                  timings: dict[str, float] | None = None, rerank: str | None = None,
+async def _search(svc: SearchService, view: StoreView, xq: np.ndarray, k: int, exclude_row: int | None = None,
+                  verify: int = 0, timings: dict[str, float] | None = None, rerank: str | None = None,
                   **query) -> tuple[list[dict], float]:
-    """The top *k* (re-ranked, and verified if *verify*) as JSON hits, and the search time in ms."""
+    """The top *k* of *view* (re-ranked, and verified if *verify*) as JSON hits, and the search time in ms."""
     t = time.perf_counter()
     rr = svc.cfg.rerank if rerank is None else resolve_rerank(rerank)
-    hits = await asyncio.to_thread(svc.search, xq, max(k, verify), exclude_row, rr, **query)
+    hits = await asyncio.to_thread(svc.search, view, xq, max(k, verify), exclude_row, rr, **query)
     ms = (time.perf_counter() - t) * 1000
     if verify:
         t = time.perf_counter()
-        hits = await asyncio.to_thread(svc.verify, hits, verify, **query)
+        hits = await asyncio.to_thread(svc.verify, view, hits, verify, **query)
         if timings is not None:
             timings["verify"] = (time.perf_counter() - t) * 1000
-    return [svc.hit(h) for h in hits[:k]], ms
+    return [view.hit(h) for h in hits[:k]], ms
 
 
 def _result(svc: SearchService, query: dict, k: int, hits: list[dict], timings: dict[str, float],
@@ -163,12 +166,13 @@ def add_search_routes(app: FastAPI, svc: SearchService) -> None:
     _add_vector_route(app, svc)
 
 
-async def _search_row(svc: SearchService, row: int, t0: float, k: int, include_self: bool, verify: int,
-                      rerank: str | None) -> dict:
-    """The answer of a search by the stored item at *row* (timed from *t0*)."""
+async def _search_row(svc: SearchService, view: StoreView, row: int, t0: float, k: int, include_self: bool,
+                      verify: int, rerank: str | None) -> dict:
+    """The answer of a search by the stored item at *row* of *view* (timed from *t0*)."""
     tm: dict[str, float] = {}
-    hits, ms = await _search(svc, svc.engine.xb[row], k, None if include_self else row, verify, tm, rerank, row=row)
-    return _result(svc, {"kind": "item", **svc.item(row)}, k, hits,
+    hits, ms = await _search(svc, view, view.engine.xb[row], k, None if include_self else row, verify, tm, rerank,
+                             row=row)
+    return _result(svc, {"kind": "item", **view.item(row)}, k, hits,
                    {"search": ms, **tm, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
 
@@ -180,15 +184,15 @@ def _add_stored_search_routes(app: FastAPI, svc: SearchService, k_query: Any, ve
     async def search_item(item_id: int, k: int = k_query,
                           include_self: bool = Query(False, description="keep the query item in its results"),
                           verify: int = verify_query, rerank: str | None = rerank_query):
-        t0 = time.perf_counter()
-        return await _search_row(svc, svc.item_row(item_id), t0, k, include_self, verify, rerank)
+        t0, view = time.perf_counter(), svc.view
+        return await _search_row(svc, view, view.item_row(item_id), t0, k, include_self, verify, rerank)
 
     @app.get("/api/search/item", summary="search by a stored image (its path, exactly as stored)")
     async def search_path(path: str = Query(..., min_length=1, max_length=4096), k: int = k_query,
                           include_self: bool = Query(False, description="keep the query item in its results"),
                           verify: int = verify_query, rerank: str | None = rerank_query):
-        t0 = time.perf_counter()
-        return await _search_row(svc, svc.path_row(path), t0, k, include_self, verify, rerank)
+        t0, view = time.perf_counter(), svc.view
+        return await _search_row(svc, view, view.path_row(path), t0, k, include_self, verify, rerank)
 
 
 def _add_upload_route(app: FastAPI, svc: SearchService, k_query: Any, verify_query: Any, rerank_query: Any) -> None:
@@ -206,7 +210,7 @@ def _add_upload_route(app: FastAPI, svc: SearchService, k_query: Any, verify_que
     async def search_upload(request: Request, k: int = k_query,
                             bbox: str | None = Query(None, description="query region x1,y1,x2,y2 in pixels"),
                             verify: int = verify_query, rerank: str | None = rerank_query):
-        t0 = time.perf_counter()
+        t0, view = time.perf_counter(), svc.view
         resolve_rerank(rerank)  # a bad spec is refused before the upload is read
         try:
             box = parse_bbox(bbox)
@@ -218,10 +222,10 @@ def _add_upload_route(app: FastAPI, svc: SearchService, k_query: Any, verify_que
         with svc.batcher.announce() as ticket:  # the inference thread may wait for this one to batch it
             image_info, px = await svc.in_pool(svc.decode_upload, up.data, box, upload=up.filename)
             t2 = time.perf_counter()
-            vec = await ticket.submit(px)
+            vec = view.post(await ticket.submit(px))
         t3 = time.perf_counter()
         tm: dict[str, float] = {}
-        hits, ms = await _search(svc, vec, k, None, verify, tm, rerank, data=up.data, bbox=box)
+        hits, ms = await _search(svc, view, vec, k, None, verify, tm, rerank, data=up.data, bbox=box)
         query = {"kind": "upload", "filename": up.filename, "bytes": len(up.data), **image_info,
                  "bbox": list(box) if box else None}
         return _result(svc, query, k, hits, {"receive": (t1 - t0) * 1000, "decode": (t2 - t1) * 1000,
@@ -232,22 +236,23 @@ def _add_upload_route(app: FastAPI, svc: SearchService, k_query: Any, verify_que
 def _add_vector_route(app: FastAPI, svc: SearchService) -> None:
     """Search by a vector in the store's space."""
     cfg = svc.cfg
-    vector_body = Body(..., embed=True, description=f"{svc.dim} floats, in the store's space")
+    vector_body = Body(..., embed=True, description="the store's dimension of floats (GET /api/info: dim), "
+                                                    "in the store's space")
     k_body = Body(cfg.default_k, embed=True, ge=1, le=cfg.top_k_max, description="number of results")
 
     @app.post("/api/search/vector", summary="search by a vector in the store's space (after post-processing)")
     async def search_vector(vector: list[float] = vector_body, k: int = k_body,
                             rerank: str | None = Body(None, embed=True, max_length=200,
                                                       description="re-ranking (default: the server's)")):
-        t0 = time.perf_counter()
-        if len(vector) != svc.dim:
-            raise ApiError(422, f"the vector has {len(vector)} dimensions, the store's have {svc.dim}",
-                           {"dim": svc.dim, "got": len(vector)})
+        t0, view = time.perf_counter(), svc.view
+        if len(vector) != view.dim:
+            raise ApiError(422, f"the vector has {len(vector)} dimensions, the store's have {view.dim}",
+                           {"dim": view.dim, "got": len(vector)})
         xq = np.asarray(vector, dtype=np.float32)
         if not np.all(np.isfinite(xq)):
             raise ApiError(422, "the vector has non-finite values (NaN or infinity)")
-        hits, ms = await _search(svc, xq, k, rerank=rerank)
-        return _result(svc, {"kind": "vector", "dim": svc.dim}, k, hits,
+        hits, ms = await _search(svc, view, xq, k, rerank=rerank)
+        return _result(svc, {"kind": "vector", "dim": view.dim}, k, hits,
                        {"search": ms, "total": (time.perf_counter() - t0) * 1000}, rerank)
 
 

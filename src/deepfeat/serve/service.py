@@ -1,6 +1,7 @@
 """The state of one server: its limits (:class:`ServeConfig`) and everything a request
-needs (:class:`SearchService`: the engine, the inference batcher, the I/O pool, the
-thumbnail cache). The routes that use it are in :mod:`deepfeat.serve.routes`."""
+needs (:class:`SearchService`: the store's current view, reloaded when the store changes,
+the inference batcher, the I/O pool, the thumbnail cache). The routes that use it are in
+:mod:`deepfeat.serve.routes`."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import numpy as np
 from deepfeat import __version__
 from deepfeat.errors import ImageError, UsageError
 from deepfeat.rerank import get_reranker, list_rerankers
-from deepfeat.search import Hit, SearchEngine
+from deepfeat.search import Hit
 from deepfeat.serve.guards import check_api_key
 from deepfeat.serve.microbatch import MicroBatcher
+from deepfeat.serve.reload import StoreWatcher
 from deepfeat.serve.thumbs import THUMB_MAX, THUMB_MIN, ThumbnailCache
 from deepfeat.serve.uploads import ApiError, sniff_image
+from deepfeat.serve.view import StoreView
 from deepfeat.serve.workbound import WorkTracker
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class ServeConfig:
     qe: int = 0  # query expansion, alpha and DBA of every search (a recipe's search options)
     alpha: float = 0.0
     dba: int = 0
+    reload_check_s: float | None = 2.0  # seconds between checks whether the store changed (0: every request; None: never)
 
     def validate(self) -> None:
         checks = [
@@ -82,6 +86,8 @@ class ServeConfig:
             (self.body_timeout_s > 0, f"body timeout must be positive, not {self.body_timeout_s}"),
             (self.work_timeout_s > 0, f"work timeout must be positive, not {self.work_timeout_s}"),
             (self.qe >= 0 and self.dba >= 0, f"qe and dba must be 0 or more, not {self.qe} and {self.dba}"),
+            (self.reload_check_s is None or self.reload_check_s >= 0,
+             f"reload check interval must be 0 seconds or more, not {self.reload_check_s}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -92,20 +98,14 @@ class ServeConfig:
 
 
 class SearchService:
-    """Everything a request needs: the engine, the inference batcher, the I/O pool, the thumbnail cache."""
+    """Everything a request needs: the store's current view (:class:`~deepfeat.serve.view.StoreView`,
+    reloaded when the store changes: :mod:`deepfeat.serve.reload`), the inference batcher, the I/O pool,
+    the thumbnail cache. A request takes :attr:`view` once and passes it on."""
 
     def __init__(self, store_path: str | os.PathLike, cfg: ServeConfig):
         self.cfg = cfg
-        self.engine = SearchEngine(store_path, device=cfg.device, threads=cfg.search_threads)
-        # relative item paths: --root, else the folder the extraction ran in, else here
-        self.root = os.path.abspath(cfg.image_root or self.engine.store.meta.get("root") or os.getcwd())
-        items = self.engine.store.ok_items()
-        self.widths = items.column("width").to_pylist()
-        self.heights = items.column("height").to_pylist()
-        self.row_of_id = {int(i): r for r, i in enumerate(self.engine.ids)}
-        self.row_of_path = {p: r for r, p in enumerate(self.engine.paths)}
-        self.dim = int(self.engine.xb.shape[1])
-        self.layer_index = self.engine.store.meta["layers"].index(self.engine.feature)
+        self.store_path = store_path
+        self.watcher = StoreWatcher(store_path, self._open_view, self._prepare_view, cfg.reload_check_s)
         self.thumbs = ThumbnailCache(cfg.thumb_cache_bytes)
         self.work = WorkTracker(cfg.work_timeout_s)
         self.batcher = MicroBatcher(self.embed_batch, cfg.max_batch, cfg.batch_window_ms, cfg.max_queue,
@@ -116,14 +116,35 @@ class SearchService:
         self._model_lock = threading.Lock()
         self._model_ready = False
         self._infer_lock = threading.Lock()  # one forward pass at a time: the model's taps are per pass
-        from deepfeat.localfeat.cache import is_regions, local_feature_names, section_meta
 
-        sections = local_feature_names(self.engine.store)
-        regional = [is_regions(section_meta(self.engine.store, n)) for n in sections]
-        self.local_features = [n for n, r in zip(sections, regional) if not r]  # keypoints, for verify
-        self.regions = [n for n, r in zip(sections, regional) if r]  # regional descriptors, for regional diffusion
+    @property
+    def view(self) -> StoreView:
+        """The store as it is now for a request starting now (take it once per request)."""
+        return self.watcher.view
+
+    @property
+    def engine(self):
+        """The current view's search engine."""
+        return self.watcher.view.engine
+
+    @property
+    def dim(self) -> int:
+        return self.watcher.view.dim
 
     # -- lifecycle ----------------------------------------------------------------
+
+    def _open_view(self, generation: int) -> StoreView:
+        return StoreView(self.store_path, generation, self.cfg.image_root, self.cfg.device, self.cfg.search_threads)
+
+    def _prepare_view(self, view: StoreView, before: StoreView) -> None:
+        """Ready a reloaded view before it answers: the loaded model, its index, DBA and the re-ranker's graph."""
+        view.adopt_model(before)
+        self._warm(view)
+
+    def _warm(self, view: StoreView) -> None:
+        _ = view.engine.active_index  # builds the exact index now if there is no saved one
+        if self.cfg.rerank or self.cfg.dba:  # DBA and the re-ranker's offline part (diffusion's graph) now
+            self.search(view, view.engine.xb[0], 1, None, self.cfg.rerank, row=0)
 
     def load(self) -> None:
         """Load the model and descriptor network once (and check them against the store)."""
@@ -134,29 +155,28 @@ class SearchService:
                 import torch
 
                 torch.set_num_threads(self.cfg.torch_threads)  # process-wide: the server owns its process
-            _ = self.engine.feature_net  # loads the model, checks its weights hash against the store
-            _ = self.engine.active_index  # builds the exact index now if there is no saved one
-            if self.cfg.rerank or self.cfg.dba:  # DBA and the re-ranker's offline part (diffusion's graph) now
-                self.search(self.engine.xb[0], 1, None, self.cfg.rerank, row=0)
+            view = self.view
+            _ = view.engine.feature_net  # loads the model, checks its weights hash against the store
+            self._warm(view)
             self._model_ready = True
         if self.cfg.self_check:
             self.self_check = self._self_check()
 
     def _self_check(self) -> dict[str, Any]:
         """Embed the first stored image the way queries are embedded; its vector must be the stored one."""
-        row = 0
+        row, view = 0, self.view
+        xb, item_id = view.engine.xb, int(view.engine.ids[0])
         try:
-            px = self.engine.decode(self.file_of(row))
+            px = view.engine.decode(view.file_of(row))
         except ImageError as e:
-            return {"id": int(self.engine.ids[row]), "status": "skipped", "reason": str(e)}
-        v = self.embed_batch([px])[0]
-        cos = float(np.dot(v, self.engine.xb[row]) /
-                    max(1e-12, float(np.linalg.norm(v) * np.linalg.norm(self.engine.xb[row]))))
+            return {"id": item_id, "status": "skipped", "reason": str(e)}
+        v = view.post(self.embed_batch([px]))[0]
+        cos = float(np.dot(v, xb[row]) / max(1e-12, float(np.linalg.norm(v) * np.linalg.norm(xb[row]))))
         status = "ok" if cos > 0.999 else "mismatch"
         if status != "ok":
             log.warning("self-check: item %s embeds to a vector at cosine %.4f from its stored one; queries by "
-                        "upload may not match the store (was it made with other settings?)", self.engine.ids[row], cos)
-        return {"id": int(self.engine.ids[row]), "status": status, "cosine": round(cos, 6)}
+                        "upload may not match the store (was it made with other settings?)", item_id, cos)
+        return {"id": item_id, "status": status, "cosine": round(cos, 6)}
 
     def start(self) -> None:
         self.load()
@@ -175,14 +195,15 @@ class SearchService:
     # -- work (runs in threads) -----------------------------------------------------
 
     def embed_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
-        """Descriptors of same-shape decoded images, as one forward pass (then the store's post-processing)."""
+        """Network descriptors (before post-processing: :meth:`StoreView.post`) of same-shape decoded
+        images, as one forward pass. The model is the same in every view."""
         import torch
 
-        x = torch.from_numpy(np.stack(pixels)).to(self.engine.model.device)
+        view = self.view
+        x = torch.from_numpy(np.stack(pixels)).to(view.engine.model.device)
         with torch.inference_mode(), self._infer_lock:
-            v = self.engine.feature_net(x)[self.layer_index]
-        v = v.float().cpu().numpy().reshape(len(pixels), -1)
-        return np.ascontiguousarray(self.engine.store.post.apply(v), dtype=np.float32)
+            v = view.engine.feature_net(x)[view.layer_index]
+        return v.float().cpu().numpy().reshape(len(pixels), -1)
 
     def decode_upload(self, data: bytes, bbox) -> tuple[dict[str, Any], np.ndarray]:
         info = sniff_image(data, self.cfg.max_pixels)
@@ -192,71 +213,38 @@ class SearchService:
             raise ApiError(422, f"cannot decode the image: {e}", {"format": info.format}) from None
         return {"format": info.format, "width": info.width, "height": info.height}, px
 
-    def search(self, xq: np.ndarray, k: int, exclude_row: int | None = None, rerank: str | None = None,
-               row: int | None = None, data: bytes | None = None, bbox=None) -> list[Hit]:
-        """Top *k* with the server's qe/alpha/dba and *rerank* (a spec; None: no re-ranking). A regional
-        re-ranking takes the query's regions from the stored item *row* or the uploaded *data*."""
+    def search(self, view: StoreView, xq: np.ndarray, k: int, exclude_row: int | None = None,
+               rerank: str | None = None, row: int | None = None, data: bytes | None = None, bbox=None) -> list[Hit]:
+        """Top *k* of *view* with the server's qe/alpha/dba and *rerank* (a spec; None: no re-ranking). A
+        regional re-ranking takes the query's regions from the stored item *row* or the uploaded *data*."""
         xq = np.ascontiguousarray(xq.reshape(1, -1), dtype=np.float32)
-        regions = None
-        rr = self.engine.reranker(rerank, self.cfg.dba, self.cfg.alpha) if rerank else None
+        regions, engine = None, view.engine
+        rr = engine.reranker(rerank, self.cfg.dba, self.cfg.alpha) if rerank else None
         if getattr(rr, "needs_regions", False) and (row is not None or data is not None):
             with self._infer_lock:
-                regions = [self.engine.query_regions(image=io.BytesIO(data) if data is not None else None, row=row,
-                                                     bbox=bbox, name=rr.section)]
-        return self.engine.search(xq, k=k, qe=self.cfg.qe, alpha=self.cfg.alpha, dba=self.cfg.dba,
+                regions = [engine.query_regions(image=io.BytesIO(data) if data is not None else None, row=row,
+                                                bbox=bbox, name=rr.section)]
+        return engine.search(xq, k=k, qe=self.cfg.qe, alpha=self.cfg.alpha, dba=self.cfg.dba,
                                   exclude_rows=[exclude_row] if exclude_row is not None else None, rerank=rerank,
                                   query_regions=regions)[0]
 
-    def verify(self, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
+    def verify(self, view: StoreView, hits: list[Hit], n: int, row: int | None = None, data: bytes | None = None,
                bbox=None) -> list[Hit]:
         """*hits* with their top *n* re-ordered by spatial verification (:mod:`deepfeat.localfeat.verify`):
         a stored query's cached local features, or an upload's, computed like the cached ones."""
         from deepfeat.localfeat.verify import VerifyParams
 
-        if not self.local_features:
+        if not view.local_features:
             raise ApiError(422, "this store has no cached local features; run `deepfeat local-features STORE` "
                                 "to enable verify")
         with self._infer_lock:
-            qlf = self.engine.query_local_features(image=io.BytesIO(data) if data is not None else None, row=row,
+            qlf = view.engine.query_local_features(image=io.BytesIO(data) if data is not None else None, row=row,
                                                    bbox=bbox)
-        return self.engine.verify(hits, qlf, VerifyParams(top=n))
+        return view.engine.verify(hits, qlf, VerifyParams(top=n))
 
-    def rerank_choices(self) -> list[str]:
+    def rerank_choices(self, view: StoreView) -> list[str]:
         """The page's re-ranking selector: regional diffusion only where the store has regions."""
-        return ["none", *[r for r in list_rerankers() if r != "regional-diffusion" or self.regions]]
-
-    # -- lookups ------------------------------------------------------------------------
-
-    def item_row(self, item_id: int) -> int:
-        row = self.row_of_id.get(int(item_id))
-        if row is None:
-            raise ApiError(404, f"no item with id {item_id} in the store", {"id": item_id})
-        return row
-
-    def path_row(self, path: str) -> int:
-        for cand in (path, os.path.normpath(path)):
-            row = self.row_of_path.get(cand)
-            if row is not None:
-                return row
-        raise ApiError(404, "no item with this path in the store (give a path exactly as stored, or use its id)",
-                       {"path": path})
-
-    def file_of(self, row: int) -> str:
-        """The file of a stored item: its stored path, relative ones resolved against the image root."""
-        p = self.engine.paths[row]
-        return p if os.path.isabs(p) else os.path.join(self.root, p)
-
-    def item(self, row: int) -> dict[str, Any]:
-        i = int(self.engine.ids[row])
-        return {"id": i, "path": self.engine.paths[row], "width": self.widths[row], "height": self.heights[row],
-                "thumbnail": f"/api/items/{i}/thumbnail", "image": f"/api/items/{i}/image"}
-
-    def hit(self, h: Hit) -> dict[str, Any]:
-        d = {"rank": h.rank, "id": h.id, "path": h.path, "score": round(h.score, 6),
-             "thumbnail": f"/api/items/{h.id}/thumbnail", "image": f"/api/items/{h.id}/image"}
-        if h.inliers is not None:
-            d["inliers"] = h.inliers
-        return d
+        return ["none", *[r for r in list_rerankers() if r != "regional-diffusion" or view.regions]]
 
     async def in_pool(self, fn: Callable, *args, upload: str | None = None):
         """``fn(*args)`` in the I/O pool, at most ``work_timeout_s`` (then a 503; the thread is
@@ -292,27 +280,30 @@ class SearchService:
         stuck = self.work.stuck()
         status = "stuck" if stuck else "ok" if self.batcher.running else "starting"
         return (503 if stuck else 200), {"status": status, "stuck": stuck, "work_timeout_seconds":
-                                         self.cfg.work_timeout_s}
+                                         self.cfg.work_timeout_s, "store": self.watcher.describe()}
 
     def info(self) -> dict[str, Any]:
-        meta = self.engine.store.meta
-        summary = self.engine.store.summary()
-        index = self.engine.index
+        view = self.view
+        engine = view.engine
+        meta = engine.store.meta
+        summary = engine.store.summary()
+        index = engine.index
         return {
-            "count": len(self.engine.ids),
-            "dim": self.dim,
-            "feature": self.engine.feature,
+            "count": view.count,
+            "dim": view.dim,
+            "feature": engine.feature,
             "model": meta.get("model", {}).get("spec"),
             "layers": meta.get("layers"),
             "pooling": meta.get("pooling"),
             "post": meta.get("post"),
             "size": meta.get("size"),
             "index": index.meta.get("kind") if index is not None else "exact (no saved index)",
-            "local_features": {n: meta["local_features"][n].get("spec") for n in self.local_features},
-            "search_options": {"rerank": self.cfg.rerank, "rerank_choices": self.rerank_choices(),
+            "local_features": {n: meta["local_features"][n].get("spec") for n in view.local_features},
+            "search_options": {"rerank": self.cfg.rerank, "rerank_choices": self.rerank_choices(view),
                                "qe": self.cfg.qe, "alpha": self.cfg.alpha, "dba": self.cfg.dba,
-                               "rerank_cost": self.engine.rerank_stats()},
+                               "rerank_cost": engine.rerank_stats()},
             "store": {k: summary[k] for k in ("path", "items", "features", "failed", "shards")},
+            "reload": self.watcher.describe(),
             "meta": meta,
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                        "top_k_max": self.cfg.top_k_max, "default_k": self.cfg.default_k,

@@ -100,6 +100,27 @@ class StoreLock:
         self.release()
 
 
+def writer_active(store_dir: str | os.PathLike) -> dict | None:
+    """Whether a writer holds the lock of the store at *store_dir* now, seen without taking it
+    (taking it, even shared and for a moment, could make a writer that starts then fail): the
+    holder's details (:meth:`StoreLock.holder`) when the kernel lists a lock on the lock file
+    in ``/proc/locks``, else None. None also where that cannot be seen (no ``/proc/locks``, not
+    Linux): readers never need the lock, this only lets one wait for a writer to finish."""
+    path = Path(store_dir) / LOCK_NAME
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:5392619 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == dev:
+            return StoreLock(store_dir).holder() or {"pid": fields[4]}
+    return None
+
+
 def _not_writable(folder: Path, e: OSError) -> str:
     why = e.strerror or str(e)
     hint = "free some space" if e.errno == errno.ENOSPC else "make it writable (or give `extract` another -o)"
