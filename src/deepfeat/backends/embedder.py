@@ -125,6 +125,8 @@ class Embedder:
         if mine != theirs or self.device != other.device:
             return False
         self._model = other._model
+        if self.graph_cache == other.graph_cache:  # the prepared graph of the same recipe
+            self._graph = other._graph
         if other._net is not None and other._net_codebook == self._codebook_digest():
             self._net, self._net_codebook = other._net, other._net_codebook
         return True
