@@ -28,7 +28,8 @@ RUN = ("import sys; from deepfeat.cli import main; rc = main(sys.argv[1:]); "
 def deepfeat(cache: Path, *args: str) -> tuple[str, bool, str]:
     """(stdout, whether torch was imported, stderr) of one ``deepfeat`` command in a fresh process."""
     env = {**os.environ, "DEEPFEAT_CACHE": str(cache), "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-c", RUN, *args], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", RUN, *args], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TORCH=" in proc.stderr, proc.stderr[-3000:]
     return proc.stdout, "TORCH=True" in proc.stderr, proc.stderr
@@ -143,6 +144,36 @@ def test_search_embeds_an_image_query_with_the_prepared_graph(folder, photos, tm
     got, want = json.loads(out)[0]["hits"], json.loads(eager)[0]["hits"]
     assert [h["path"] for h in got] == [h["path"] for h in want]
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-5)
+
+
+def test_duplicates_query_embeds_new_images_with_the_prepared_graph(folder, photos, tmp_path):
+    cache = tmp_path / "cache"
+    store = tmp_path / "store"
+    deepfeat(cache, "extract", str(folder), "-o", str(store), "--progress", "none")
+    shutil.copy(photos["chelsea"], tmp_path / "again.jpg")  # a copy of a stored photo, at another path
+    query = ["duplicates", str(store), "--query", str(tmp_path / "again.jpg"), photos["rocket"], "--json"]
+    out, torch_used, err = deepfeat(cache, *query)
+    assert not torch_used, err[-2000:]
+    eager, torch_used, _ = deepfeat(cache, *query, "--no-cache")
+    assert torch_used
+    got, want = json.loads(out), json.loads(eager)
+    assert [r["duplicate"] for r in got] == [True, False] == [r["duplicate"] for r in want]
+    assert got[0]["matches"][0]["path"].endswith("chelsea.jpg")
+
+
+def test_your_own_classifier_classifies_without_pytorch_after_fitting(collection, photos, tmp_path):
+    cache = tmp_path / "cache"  # collection: 24 real photos in two folders, a and b: two classes
+    deepfeat(cache, "fit-classifier", str(collection), "-o", str(tmp_path / "clf"), "--folds", "2")
+    args = ("classify", photos["astronaut"], photos["chelsea"], "--classifier", str(tmp_path / "clf"), "--json")
+    out, torch_used, err = deepfeat(cache, *args)
+    assert not torch_used, err[-2000:]
+    eager, torch_used, _ = deepfeat(cache, *args, "--no-cache")
+    assert torch_used
+    got, want = json.loads(out)["results"], json.loads(eager)["results"]
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([p["prob"] for p in g["predictions"]], [p["prob"] for p in w["predictions"]],
+                                   atol=1e-4)
 
 
 def test_classify_cold_and_warm_print_the_same_and_warm_needs_no_pytorch(photos, tmp_path):

@@ -21,8 +21,8 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="decode threads (default 2)")
     p.add_argument("--json", action="store_true", help="one JSON document with every result")
     p.add_argument("--no-cache", dest="graph_cache", action="store_false",
-                   help="classify in PyTorch, without the classifier graph of the graph cache ($DEEPFEAT_CACHE, "
-                        "else ~/.cache/deepfeat; docs/startup.md)")
+                   help="classify in PyTorch, without the graph cache's classifier graph (with --classifier: "
+                        "descriptor graph) ($DEEPFEAT_CACHE, else ~/.cache/deepfeat; docs/startup.md)")
     p.add_argument("--classifier", metavar="CLF", help="your own classes: a folder made by `deepfeat fit-classifier` "
                                                        "(its own model and descriptor; --model is ignored)")
     p.set_defaults(func=run)
@@ -46,6 +46,7 @@ def _own_classifier(args, paths: list[str]):
     from deepfeat.collection import Classifier
 
     clf = Classifier.load(args.classifier)
+    clf.graph_cache = args.graph_cache
     return clf.classify_files(paths, k=args.top), f"{args.classifier} ({clf.method} on {clf.meta['descriptor']['model']['spec']})"
 
 

@@ -44,6 +44,9 @@ def register(sub) -> None:
     g.add_argument("--device", default="cpu", help="device for local features computed here (default cpu)")
     g.add_argument("--query", nargs="+", metavar="NEW",
                    help="check these new images against the store (is this already in my collection?) instead")
+    g.add_argument("--no-cache", dest="graph_cache", action="store_false",
+                   help="extract and embed in PyTorch, without the graph cache (exported graphs and prepared "
+                        "networks, docs/startup.md)")
     g.add_argument("--add", action="store_true",
                    help="with --query: then append every queried image to the store (its own settings), "
                         "duplicates included")
@@ -89,7 +92,8 @@ def _open_store(args) -> str:
         raise UsageError(f"{args.store} is a folder, not a store: give -o STORE to extract it first")
     from deepfeat.pipeline import ExtractConfig, extract
 
-    rep = extract(ExtractConfig(inputs=[args.store], output=args.output, resume=True, progress="none"))
+    rep = extract(ExtractConfig(inputs=[args.store], output=args.output, resume=True, progress="none",
+                                graph_cache=args.graph_cache))
     print(f"extracted {args.store} -> {args.output}: {rep.ok} ok, {rep.failed} failed", file=sys.stderr)
     return args.output
 
@@ -149,7 +153,7 @@ def _undo(args) -> int:
 def _query(args, store: str) -> int:
     from deepfeat.collection.query import add_queries, query_duplicates
 
-    results = query_duplicates(store, args.query, _settings(args), device=args.device)
+    results = query_duplicates(store, args.query, _settings(args), device=args.device, graph_cache=args.graph_cache)
     if args.json:
         print_json([r.to_dict() for r in results])
     else:
@@ -160,7 +164,7 @@ def _query(args, store: str) -> int:
                 print(f"{r.query}: duplicate of {m.path}  {m.kind}  cos {m.score:.3f}"
                       + (f"  {m.inliers} inliers" if m.inliers is not None else ""))
     if args.add or args.add_unique:
-        added = add_queries(store, results, unique_only=args.add_unique)
+        added = add_queries(store, results, unique_only=args.add_unique, graph_cache=args.graph_cache)
         out = sys.stderr if args.json else sys.stdout
         for image, why in added.skipped.items():
             print(f"not added {image}: {why}", file=out)

@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--layer", default="default", metavar="NAME", help="with images: the layer to tap")
     p.add_argument("--pool", default="default", metavar="NAME[:ARGS]", help="with images: pooling (default gem)")
     p.add_argument("--post", default="l2", metavar="CHAIN", help="with images: post-processing (default l2)")
+    p.add_argument("--no-cache", dest="graph_cache", action="store_false",
+                   help="with images: extract without the graph cache (exported graphs and prepared networks, "
+                        "docs/startup.md)")
     p.add_argument("--feature", metavar="LAYER", help="with a store of several layers: which one")
     p.add_argument("--method", default="auto", choices=("auto", "logreg", "knn"),
                    help="auto (default): the better of the two by cross-validation")
@@ -43,7 +46,8 @@ def run(args) -> int:
         threshold = args.threshold if args.threshold == "auto" else float(args.threshold)
     except ValueError:
         raise UsageError(f"--threshold takes a probability or auto, not {args.threshold!r}") from None
-    opts = {"model": args.model, "layers": [args.layer], "pooling": args.pool, "post": args.post}
+    opts = {"model": args.model, "layers": [args.layer], "pooling": args.pool, "post": args.post,
+            "graph_cache": args.graph_cache}
     t0 = time.perf_counter()
     clf = fit_from(args.labelled, args.output, gt=args.gt, store_dir=args.store, extract_options=opts,
                    feature=args.feature, method=args.method, threshold=threshold, folds=args.folds, seed=args.seed)

@@ -65,6 +65,8 @@ class Classifier:
         self.meta = meta
         self.arrays = arrays
         self.folder = Path(folder) if folder is not None else None
+        #: embed images with the training store's prepared graph where there is one (docs/startup.md)
+        self.graph_cache = False
         self._embedder: Embedder | None = None
 
     @property
@@ -137,7 +139,7 @@ class Classifier:
         if self._embedder is None:
             if self.folder is None:
                 raise UsageError("save the classifier before classifying images (its descriptor files live there)")
-            self._embedder = Embedder(self.meta["descriptor"], self.folder)
+            self._embedder = Embedder(self.meta["descriptor"], self.folder, graph_cache=self.graph_cache)
         return self._embedder
 
     def classify_files(self, paths: Sequence[str], k: int = 5) -> list[LabelResult]:

@@ -44,15 +44,16 @@ class QueryResult:
 
 def query_duplicates(store: FeatureStore | str | os.PathLike, images: Sequence[str],
                      settings: DuplicateSettings | None = None, device: str = "cpu",
-                     xq: np.ndarray | None = None) -> list[QueryResult]:
+                     xq: np.ndarray | None = None, graph_cache: bool = False) -> list[QueryResult]:
     """For each image file in *images*, the stored images it duplicates (best evidence first).
-    *xq*: the images' descriptors when the caller has them (the server embeds uploads itself)."""
+    *xq*: the images' descriptors when the caller has them (the server embeds uploads itself);
+    *graph_cache*: embed them with the store's prepared graph where there is one (docs/startup.md)."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     settings = settings or DuplicateSettings()
     if xq is None:
         from deepfeat.search import SearchEngine
 
-        xq, _, _ = SearchEngine(store, device=device).resolve_queries(list(images))
+        xq, _, _ = SearchEngine(store, device=device, graph_cache=graph_cache).resolve_queries(list(images))
     xq = xq if is_unit(xq) else l2_normalised(xq)
     xb = store.vectors()
     index = store_index(store, xb if is_unit(xb) else l2_normalised(xb), settings.index_kind)
@@ -111,13 +112,14 @@ class AddResult:
 
 
 def add_queries(store: FeatureStore | str | os.PathLike, results: Sequence[QueryResult],
-                unique_only: bool = False) -> AddResult:
+                unique_only: bool = False, graph_cache: bool = False) -> AddResult:
     """Append the queried images of *results* to *store*, after they were checked: every one,
     or with *unique_only* those that duplicate nothing in the store as it was. The run is an
     extraction into the store with the store's own settings (the append contract,
     :mod:`deepfeat.pipeline.append`), under its writer lock; an image the store already lists
     (the same file) is left as it is. Two new images that copy each other are both added
-    (each is new to the store): ``deepfeat duplicates STORE`` then groups them."""
+    (each is new to the store): ``deepfeat duplicates STORE`` then groups them. *graph_cache*: as
+    :attr:`~deepfeat.pipeline.ExtractConfig.graph_cache` (the CLI's default: on)."""
     from deepfeat.pipeline import ExtractConfig, extract
 
     path = store.path if isinstance(store, FeatureStore) else Path(store)
@@ -134,7 +136,8 @@ def add_queries(store: FeatureStore | str | os.PathLike, results: Sequence[Query
         elif r.query not in todo:
             todo.append(r.query)
     if todo:
-        rep = extract(ExtractConfig(inputs=todo, output=os.fspath(path), progress="none", given=frozenset()))
+        rep = extract(ExtractConfig(inputs=todo, output=os.fspath(path), progress="none", given=frozenset(),
+                                    graph_cache=graph_cache))
         out.failed = rep.failed
         out.added = todo
     return out

@@ -11,8 +11,8 @@ from typing import Callable
 
 from deepfeat.data.images import decode_image
 from deepfeat.data.preprocess import parse_size_policy
-from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline import prepared_net
+from deepfeat.pipeline.config import ExtractConfig, ExtractReport
 from deepfeat.pipeline.decode import _shutdown, decode_batch, make_executor
 from deepfeat.pipeline.network import make_runner, padding, resolve_threads
 from deepfeat.pipeline.progress import Progress

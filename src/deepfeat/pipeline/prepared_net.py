@@ -74,7 +74,6 @@ def lookup(cfg: ExtractConfig) -> prepared.Prepared | None:
     if not preparable(cfg):
         return None
     from deepfeat.backends.export_cache import open_cache
-
     from deepfeat.pipeline.network import resolve_threads
 
     entry = prepared.load(open_cache(True), _given_key(cfg))
