@@ -18,6 +18,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
+from deepfeat.backends.prepared import cpu_only  # noqa: E402
+
+# the commands run with their default device (auto): prepared networks are for runs that surely use the CPU
+pytestmark = pytest.mark.skipif(not cpu_only("auto"), reason="a GPU device node is present: --device auto "
+                                                              "runs on the GPU, where nothing is prepared")
 
 REPO = Path(__file__).resolve().parents[1]
 #: runs the CLI, then says on stderr whether PyTorch was imported
