@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_serve_browser import CHROMIUM, CHROMIUM_ARGS
+from .test_serve_browser import CHROMIUM, Browser
 
 pytestmark = [
     pytest.mark.browser,
@@ -34,35 +34,10 @@ from .test_collection_explore import store  # noqa: F401  (views of four photos 
 THUMBS_DONE = "() => document.getElementById('map').dataset.thumbsLoaded !== undefined"
 
 
-class FilePage:
-    """A Chromium page on a local file, recording script errors and any request that is not file: or data:."""
-
-    def __init__(self, viewport=(1100, 760)):
-        self.viewport = viewport
-        self.errors: list[str] = []
-        self.foreign: list[str] = []
-
-    def __enter__(self):
-        from playwright.sync_api import sync_playwright
-
-        self._pw = sync_playwright().start()
-        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        self.page = self.browser.new_page(viewport={"width": self.viewport[0], "height": self.viewport[1]})
-        self.page.set_default_timeout(60_000)
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else self.foreign.append(r.url))
-        return self
-
-    def __exit__(self, *exc):
-        self.browser.close()
-        self._pw.stop()
-
-
 def test_map_page_shows_thumbnails_and_picks_a_point(store, tmp_path):  # noqa: F811
     page_file = tmp_path / "map.html"
     assert main(["map", str(store), "-o", str(page_file), "--method", "pca", "--colour-by", "folder,outlier"]) == 0
-    with FilePage() as b:
+    with Browser("file:", viewport=(1100, 760)) as b:
         page = b.page
         page.goto(page_file.as_uri())
         page.wait_for_function(THUMBS_DONE)
@@ -98,7 +73,7 @@ def test_gallery_pages_show_thumbnails(store, tmp_path, command):  # noqa: F811
     page_file = tmp_path / "gallery.html"
     assert main([command[0], str(store), *command[1:], "--html", str(page_file)]) == 0
     want = 21 if command[0] == "clusters" else 6
-    with FilePage() as b:
+    with Browser("file:", viewport=(1100, 760)) as b:
         b.page.goto(page_file.as_uri())
         b.page.wait_for_function("n => { const is = [...document.images]; return is.length === n && "
                                  "is.every((i) => i.complete); }", arg=want)
@@ -118,7 +93,7 @@ def test_map_on_a_given_store(tmp_path):
 
     page_file = tmp_path / "map.html"
     assert main(["map", os.environ["DEEPFEAT_MAP_STORE"], "-o", str(page_file), "--method", "tsne"]) == 0
-    with FilePage() as b:
+    with Browser("file:", viewport=(1100, 760)) as b:
         b.page.goto(page_file.as_uri())
         b.page.wait_for_function(THUMBS_DONE, timeout=300_000)
         assert b.page.eval_on_selector("#map", "c => c.dataset.thumbsFailed") == "0"

@@ -77,10 +77,11 @@ class LiveServer:
 
 
 class Browser:
-    """A Chromium page that records console errors and every request that leaves the server."""
+    """A Chromium page that records console errors (message, url) and every request whose URL does not
+    start with *allowed* (the server's URL; pages opened from a file: ``("file:", "data:")``)."""
 
-    def __init__(self, base_url: str, viewport=(1280, 860)):
-        self.base_url = base_url
+    def __init__(self, *allowed: str, viewport=(1280, 860)):
+        self.allowed = (*allowed, "data:", "blob:")
         self.viewport = viewport
         self.errors: list[tuple[str, str]] = []  # (message, url)
         self.foreign: list[str] = []
@@ -95,8 +96,7 @@ class Browser:
         self.page.on("console", lambda m: self.errors.append((m.text, m.location.get("url", "")))
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append((str(e), "")))
-        self.page.on("request", lambda r: None if r.url.startswith((self.base_url, "data:", "blob:"))
-                     else self.foreign.append(r.url))
+        self.page.on("request", lambda r: None if r.url.startswith(self.allowed) else self.foreign.append(r.url))
         return self
 
     def __exit__(self, *exc):
