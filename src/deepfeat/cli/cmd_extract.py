@@ -50,8 +50,9 @@ def register(sub) -> None:
                    help="inference threads (ONNX Runtime intra-op, or torch); default: from the core count, "
                         "see docs/benchmarks.md")
     p.add_argument("--no-cache", dest="graph_cache", action="store_false",
-                   help="export the ONNX/OpenVINO graph afresh instead of taking it from the graph cache "
-                        "($DEEPFEAT_CACHE, else ~/.cache/deepfeat; docs/startup.md)")
+                   help="do not use the user cache folder ($DEEPFEAT_CACHE, else ~/.cache/deepfeat): export the "
+                        "ONNX/OpenVINO graph afresh, build the network in PyTorch, and with --sync read again "
+                        "the files whose stat changed (docs/startup.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch backend: torch.compile the feature network (for GPUs; falls back to eager if it fails)")
     p.add_argument("--pad-to", type=int, default=None, metavar="M",

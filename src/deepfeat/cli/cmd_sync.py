@@ -23,7 +23,9 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                    help="inference backend for the files to extract (default auto, as extract)")
     p.add_argument("--no-cache", dest="graph_cache", action="store_false",
-                   help="export the ONNX/OpenVINO graph afresh instead of taking it from the graph cache")
+                   help="without the user cache folder: the ONNX/OpenVINO graph exported afresh, files whose "
+                        "stat changed read again instead of taking their hash from the file-hash cache "
+                        "(docs/startup.md, docs/commands.md)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"])
     p.set_defaults(func=run)
 
@@ -38,7 +40,7 @@ def run(args) -> int:
     FeatureStore(args.store)  # not a store: its one-line error, before anything else
     verbose = getattr(args, "verbose", 0)
     if args.dry_run:
-        plan = preview_sync(args.store)
+        plan = preview_sync(args.store, cache=args.graph_cache)
         if args.json:
             print(json.dumps(plan.to_dict(), indent=2))
             return 0

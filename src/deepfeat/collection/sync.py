@@ -32,11 +32,15 @@ def sync_store(cfg: ExtractConfig) -> ExtractReport:
     return extract(cfg, after=refresh_saved_index)
 
 
-def preview_sync(store_path: str, inputs: list[str] | None = None) -> SyncPlan:
-    """What a sync of *store_path* would do, changing nothing (``--dry-run``)."""
+def preview_sync(store_path: str, inputs: list[str] | None = None, cache: bool = False) -> SyncPlan:
+    """What a sync of *store_path* would do, changing nothing in the store (``--dry-run``); *cache*: with
+    the file-hash cache of the user cache folder (:mod:`deepfeat.pipeline.hashcache`)."""
     store = FeatureStore(store_path)
     inputs = list(inputs or []) or recorded_inputs(store)
     if not inputs:
         raise UsageError(f"{store_path} does not record the folders it was made from (it was extracted before "
                          f"deepfeat recorded them); give them: `deepfeat extract FOLDER... -o {store_path} --sync`")
-    return scan_inputs(store, inputs)
+    from deepfeat.pipeline.hashcache import hash_cache
+
+    with hash_cache(cache) as hashes:
+        return scan_inputs(store, inputs, hashes=hashes)

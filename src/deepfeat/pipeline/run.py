@@ -11,6 +11,7 @@ from deepfeat.errors import UsageError
 from deepfeat.pipeline import faults, prepared_net
 from deepfeat.pipeline.append import adopt_store_settings
 from deepfeat.pipeline.config import ExtractConfig, ExtractReport
+from deepfeat.pipeline.hashcache import hash_cache
 from deepfeat.pipeline.local_engine import run_local
 from deepfeat.pipeline.network import POOLING_FILE, build_meta, load_feature_net
 from deepfeat.pipeline.plan import default_batch, plan_work
@@ -101,7 +102,8 @@ def _extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) 
         sync = sync or scan_for_sync(cfg, store)
         apply_sync(store, sync)
     if sync is None and existed and cfg.inputs:  # a plain re-run: say what changed (stat only)
-        warning = stale_warning(store, cfg.inputs, cfg.output)
+        with hash_cache(cfg.graph_cache) as hashes:
+            warning = stale_warning(store, cfg.inputs, cfg.output, hashes)
         if warning:
             log.warning("%s", warning)
     ids, committed, by_shard = plan_work(cfg, store, None if sync is None else sync.to_plan)
@@ -152,7 +154,8 @@ def scan_for_sync(cfg: ExtractConfig, store: FeatureStore) -> SyncPlan:
         raise UsageError(f"{cfg.output} does not record the folders it was made from (it was extracted before "
                          f"deepfeat recorded them); sync it once with `deepfeat extract FOLDER... -o {cfg.output} "
                          "--sync`")
-    plan = scan_inputs(store, inputs, threads=max(1, cfg.workers or 4))
+    with hash_cache(cfg.graph_cache) as hashes:
+        plan = scan_inputs(store, inputs, threads=max(1, cfg.workers or 4), hashes=hashes)
     log.info("sync: %s", plan.summary())
     return plan
 

@@ -34,6 +34,7 @@ from typing import Any
 from deepfeat.data.images import discover, file_problem, printable_path
 from deepfeat.data.sources import SourceRecord, readable_sha256
 from deepfeat.pipeline import faults
+from deepfeat.pipeline.hashcache import HashCache, same_file_state
 from deepfeat.pipeline.plan import store_form
 from deepfeat.store import FeatureStore
 from deepfeat.store.items import source_records
@@ -61,7 +62,8 @@ class SyncPlan:
     retried: list[str] = field(default_factory=list)  # failed before, file changed: extracted again
     pending: list[str] = field(default_factory=list)  # planned by an earlier run, not extracted yet
     unchecked: int = 0  # items without a file record (stores written before they existed)
-    hashed: int = 0  # files whose stat differed, hashed to decide
+    hashed: int = 0  # files whose stat differed, read and hashed to decide
+    hash_cached: int = 0  # files whose stat differed, decided by the hash cache (pipeline.hashcache): not read
     seconds: dict[str, float] = field(default_factory=dict)  # "scan" (hashing included), "remove"
     remove: list[tuple[int, str]] = field(default_factory=list)
     to_plan: list[str] = field(default_factory=list)
@@ -86,7 +88,7 @@ class SyncPlan:
 
     def to_dict(self, paths: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"inputs": self.inputs, "counts": self.counts(), "unchecked": self.unchecked,
-                             "hashed": self.hashed, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                             "hashed": self.hashed, "hash_cached": self.hash_cached, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if paths:
             d["paths"] = {c: getattr(self, c) for c in CATEGORIES}
         return d
@@ -167,8 +169,10 @@ def _missing(path: str) -> bool:
 # -- the diff ----------------------------------------------------------------------------------
 
 
-def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) -> SyncPlan:
-    """The :class:`SyncPlan` of *store* against *inputs* (paths usable from here); changes nothing."""
+def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4, hashes: HashCache | None = None
+                ) -> SyncPlan:
+    """The :class:`SyncPlan` of *store* against *inputs* (paths usable from here); changes nothing in the
+    store. *hashes*: the file-hash cache (:mod:`deepfeat.pipeline.hashcache`) to take and keep hashes in."""
     t0 = time.perf_counter()
     root = store.meta.get("root")
     plan = SyncPlan(inputs=[("@" if i.startswith("@") else "") + store_form([i.removeprefix("@")], root)[0]
@@ -216,7 +220,7 @@ def scan_inputs(store: FeatureStore, inputs: Sequence[str], threads: int = 4) ->
             (plan.unchanged if status == "ok" else plan.failed).append(path)
         else:
             to_hash.append((real, st, it))
-    _decide_by_hash(plan, to_hash, threads)
+    _decide_by_hash(plan, to_hash, threads, hashes)
     # extracted in the order they are found (a fresh extraction's order), whatever made them due
     due = set(plan.to_plan)
     plan.to_plan = [s for real, s in zip(reals, spelled) if real in due]
@@ -257,21 +261,34 @@ def _unrecorded(plan: SyncPlan, real: str, it: tuple) -> None:
         plan.to_plan.append(real)
 
 
-def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, os.stat_result, tuple]], threads: int) -> None:
+def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, os.stat_result, tuple]], threads: int,
+                    hashes: HashCache | None = None) -> None:
     """Decide the files whose stat differs from their record by their bytes
-    (:meth:`~deepfeat.data.sources.SourceRecord.unchanged`, in threads: hashlib releases the GIL) and
-    sort them into changed, retried, unchanged or failed."""
+    (:meth:`~deepfeat.data.sources.SourceRecord.unchanged`: the hash from *hashes* when it knows the
+    file at this stat, else read in threads, hashlib releasing the GIL, and kept there) and sort them
+    into changed, retried, unchanged or failed."""
     if not to_hash:
         return
-    plan.hashed = len(to_hash)
+    digests = {real: hashes.get(real, st) for real, st, _ in to_hash} if hashes is not None else {}
+    read = [(real, st) for real, st, _ in to_hash if digests.get(real) is None]
+    plan.hashed, plan.hash_cached = len(read), len(to_hash) - len(read)
 
-    def same(job: tuple[str, os.stat_result, tuple]) -> bool:
-        real, st, it = job
-        return it[3].unchanged(st, lambda: readable_sha256(real))
+    def digest(job: tuple[str, os.stat_result]) -> tuple[str | None, bool]:
+        """The file's sha256, and whether it still has the stat it was found with (only then kept)."""
+        real, st = job
+        h = readable_sha256(real)
+        try:
+            return h, h is not None and same_file_state(os.stat(real), st)
+        except OSError:
+            return h, False
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        verdicts = list(ex.map(same, to_hash))
-    for (real, _st, (item_id, path, status, _record)), unchanged in zip(to_hash, verdicts):
+        found = list(ex.map(digest, read))
+    digests.update((real, h) for (real, _), (h, _) in zip(read, found))
+    if hashes is not None:
+        hashes.put((real, st, h) for (real, st), (h, keep) in zip(read, found) if keep)
+    for real, st, (item_id, path, status, record) in to_hash:
+        unchanged = record.unchanged(st, lambda: digests.get(real))
         if unchanged:
             (plan.unchanged if status == "ok" else plan.failed).append(path)
             continue
@@ -301,9 +318,12 @@ def apply_sync(store: FeatureStore, plan: SyncPlan) -> list[str]:
 # -- the warning of a plain re-run -------------------------------------------------------------------
 
 
-def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str) -> str | None:
+def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str, hashes: HashCache | None = None
+                  ) -> str | None:
     """One line when files of *inputs* that the store knows changed (size or mtime) or are gone
-    since they were extracted, else None. ``stat`` only: cheap on a large re-run."""
+    since they were extracted, else None. ``stat`` only: cheap on a large re-run; a file whose stat
+    differs but whose hash *hashes* knows at this stat to be the recorded one (a sync read it) is
+    not counted."""
     folders = [os.path.abspath(p).rstrip(os.sep) + os.sep for p in inputs if not p.startswith("@")
                and os.path.isdir(p)]
     files = {os.path.abspath(p) for p in inputs if not p.startswith("@") and os.path.isfile(p)}
@@ -323,7 +343,8 @@ def stale_warning(store: FeatureStore, inputs: Sequence[str], cmd_store: str) ->
             continue
         except OSError:
             continue
-        if record is not None and not record.same_stat(st):
+        if record is not None and not record.same_stat(st) and not (
+                hashes is not None and hashes.get(os.path.realpath(f), st) == record.sha256):
             changed += 1
     if not changed and not missing:
         return None
