@@ -88,7 +88,8 @@ class SyncPlan:
 
     def to_dict(self, paths: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"inputs": self.inputs, "counts": self.counts(), "unchecked": self.unchecked,
-                             "hashed": self.hashed, "hash_cached": self.hash_cached, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                             "hashed": self.hashed, "hash_cached": self.hash_cached,
+                             "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if paths:
             d["paths"] = {c: getattr(self, c) for c in CATEGORIES}
         return d
