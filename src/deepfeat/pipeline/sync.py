@@ -289,7 +289,7 @@ def _decide_by_hash(plan: SyncPlan, to_hash: list[tuple[str, os.stat_result, tup
     if hashes is not None:
         hashes.put((real, st, h) for (real, st), (h, keep) in zip(read, found) if keep)
     for real, st, (item_id, path, status, record) in to_hash:
-        unchanged = record.unchanged(st, lambda: digests.get(real))
+        unchanged = record.unchanged(st, lambda real=real: digests.get(real))
         if unchanged:
             (plan.unchanged if status == "ok" else plan.failed).append(path)
             continue
