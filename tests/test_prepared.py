@@ -109,6 +109,35 @@ def test_a_changed_weights_file_or_a_damaged_graph_sends_the_run_back_to_pytorch
         _same_store(tmp_path / "cold", tmp_path / name)
 
 
+def test_the_same_relative_weights_path_in_another_folder_is_another_network(folder, tmp_path, lite0):
+    import torch
+
+    from deepfeat.store import FeatureStore
+
+    state = lite0.net.state_dict()
+    other = {k: (v * 0.5 if k == "conv_stem.weight" else v) for k, v in state.items()}
+    for name, sd in (("a", state), ("b", other)):
+        (tmp_path / name).mkdir()
+        torch.save(sd, tmp_path / name / "w.pth")
+    env = {**os.environ, "DEEPFEAT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO / "src")}
+
+    def extract_in(name: str, store: str) -> bool:
+        """Extract with the spec "...@w.pth" from folder *name*; whether PyTorch was imported."""
+        proc = subprocess.run([sys.executable, "-c", RUN, "extract", str(folder), "-o", store, "--model",
+                               "timm:tf_efficientnet_lite0@w.pth", "--progress", "none"], cwd=tmp_path / name,
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return "TORCH=True" in proc.stderr
+
+    assert extract_in("a", "cold") and not extract_in("a", "warm")
+    assert extract_in("b", "cold")  # "w.pth" is another file here: a's prepared network is not used
+    assert not extract_in("b", "warm")
+    a, b = (FeatureStore(tmp_path / n / "cold") for n in ("a", "b"))
+    assert not np.allclose(a.raw(), b.raw(), atol=1e-3)
+    _same_store(tmp_path / "a" / "cold", tmp_path / "a" / "warm")
+    _same_store(tmp_path / "b" / "cold", tmp_path / "b" / "warm")
+
+
 def test_no_cache_neither_reads_nor_writes_prepared_entries(folder, tmp_path):
     cache = tmp_path / "cache"
     _, torch_used, _ = deepfeat(cache, "extract", str(folder), "-o", str(tmp_path / "a"), "--progress", "none",

@@ -30,9 +30,9 @@ class GraphClassifier:
 
     device = "cpu"
 
-    def __init__(self, entry: prepared.Prepared, runner: prepared.PreparedRunner):
+    def __init__(self, entry: prepared.Prepared, runner: prepared.PreparedRunner, spec: str):
         self.entry, self.runner = entry, runner
-        self.spec = entry.spec
+        self.spec = spec  # as this run gives it
         self.data_config = entry.config()
         self.labels = entry.outputs.get("labels")
 
@@ -48,7 +48,7 @@ def lookup(spec: str, labels: str | None, cache: ExportCache | None) -> GraphCla
     if entry is None or runner is None:
         return None
     log.info("%s classifier from the graph cache: PyTorch not needed", spec)
-    return GraphClassifier(entry, runner)
+    return GraphClassifier(entry, runner, spec)
 
 
 def _classifier_net(model):
@@ -114,4 +114,4 @@ def prepare(model, labels: str | None, cache: ExportCache | None) -> GraphClassi
     prepared.save(cache, k, entry)
     entry.key = k
     runner = prepared.open_runner(entry)
-    return None if runner is None else GraphClassifier(entry, runner)
+    return None if runner is None else GraphClassifier(entry, runner, model.spec)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -68,10 +69,20 @@ def cpu_only(device: str | None) -> bool:
 
 
 def key(purpose: str, spec: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """What identifies one prepared entry (see the module)."""
+    """What identifies one prepared entry (see the module); the files named in *spec* and a ``labels``
+    setting by their absolute paths, so the same relative spec typed in another folder is another key."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose {purpose!r}; choose {', '.join(PURPOSES)}")
-    return {"format": FORMAT, "purpose": purpose, "spec": spec, "settings": settings, "versions": library_versions()}
+    if settings.get("labels"):
+        settings = {**settings, "labels": os.path.abspath(settings["labels"])}
+    return {"format": FORMAT, "purpose": purpose, "spec": absolute_spec(spec), "settings": settings,
+            "versions": library_versions()}
+
+
+def absolute_spec(spec: str) -> str:
+    """*spec* with every part that names an existing file (between ``:``, ``@`` and ``,``) made absolute."""
+    parts = re.split(r"([:@,])", spec)
+    return "".join(os.path.abspath(p) if p not in ":@," and p and os.path.isfile(p) else p for p in parts)
 
 
 def descriptor_settings(layers, pooling: str, scales, scale_combine: str, size: str, **extra: Any) -> dict[str, Any]:

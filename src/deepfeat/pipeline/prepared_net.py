@@ -47,14 +47,14 @@ def preparable(cfg: ExtractConfig) -> bool:
 class PreparedModel:
     """What an extraction asks of a model, as a prepared entry recorded it."""
 
-    def __init__(self, entry: prepared.Prepared):
+    def __init__(self, entry: prepared.Prepared, spec: str):
         self.entry = entry
-        self.spec = entry.spec
+        self.spec = spec  # as this run gives it (the entry's key holds its files' absolute paths)
         self.data_config = entry.config()
         self.extra_meta: dict[str, Any] = {}
 
     def meta(self) -> dict[str, Any]:
-        return dict(self.entry.model)
+        return {**self.entry.model, "spec": self.spec}
 
 
 class RecordedPooling:
@@ -85,10 +85,11 @@ def lookup(cfg: ExtractConfig) -> prepared.Prepared | None:
     return entry
 
 
-def network(entry: prepared.Prepared):
-    """(model, layers, pooling, dims) of a prepared entry, for the store's meta and the run."""
+def network(entry: prepared.Prepared, spec: str):
+    """(model, layers, pooling, dims) of a prepared entry, for the store's meta and the run (*spec*: the
+    model as the run gives it)."""
     out = entry.outputs
-    return (PreparedModel(entry), list(out["layers"]), RecordedPooling(out["pooling"], out["pooling_params"]),
+    return (PreparedModel(entry, spec), list(out["layers"]), RecordedPooling(out["pooling"], out["pooling_params"]),
             [int(d) for d in out["dims"]])
 
 

@@ -195,7 +195,7 @@ def _open_store(cfg: ExtractConfig, out: Path, post, post_file: str | None):
 
     entry = prepared_net.lookup(cfg)  # an earlier run's network from the graph cache: no PyTorch
     if entry is not None:
-        model, layers, pooling, dims = prepared_net.network(entry)
+        model, layers, pooling, dims = prepared_net.network(entry, cfg.model)
         fnet, device = entry, prepared_net.CPU
     else:
         model, layers, pooling, fnet, dims, device = _build_network(cfg, out)
