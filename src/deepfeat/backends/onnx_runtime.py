@@ -245,18 +245,30 @@ class GraphCache:
 
         t0 = time.perf_counter()
 
-        def load(path: str):
-            sess = load_session(path, self.threads, arena=kind != "dynamic")
-            if kind == "dynamic":
-                with open(path, "rb") as f:
-                    self._dynamic_model = f.read()
-            return sess
-
         write = functools.partial(export_for, self.fnet, shape, kind=kind, batch_size=batch_size)
-        path, sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write, load, self)
+        path, sess = cached_graph(self.disk_cache, self.fnet, kind, shape, batch_size, write,
+                                  functools.partial(self._load, kind=kind), self)
         self.paths[(kind, tuple(shape))] = path
         self.export_seconds += time.perf_counter() - t0
         return sess
+
+    def _load(self, path: str, kind: str):
+        """A session of the graph file *path* (a dynamic graph's bytes kept for shape-fixed sessions)."""
+        sess = load_session(path, self.threads, arena=kind != "dynamic")
+        if kind == "dynamic":
+            with open(path, "rb") as f:
+                self._dynamic_model = f.read()
+        return sess
+
+    def use_graph(self, path: str, shape: tuple[int, int, int]) -> None:
+        """Serve this cache's kind from the graph file *path*, already exported and checked (a prepared
+        network's, :mod:`deepfeat.backends.prepared`): the dynamic graph, or the static one of *shape*."""
+        sess = self._load(path, self.kind)
+        if self.kind == "dynamic":
+            self._dynamic = sess
+        else:
+            self._static[tuple(shape)] = sess
+        self.paths[(self.kind, tuple(shape))] = path
 
     def session(self, shape: tuple[int, int, int]) -> tuple[Any, int | None]:
         """(session, the batch size it must be fed: None for any) for inputs of *shape*."""

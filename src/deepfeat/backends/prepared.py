@@ -226,19 +226,13 @@ class PreparedRunner:
     name = "onnx"
 
     def __init__(self, entry: Prepared, threads: int | None = None):
-        from deepfeat.backends.onnx_runtime import GraphCache, load_session
+        from deepfeat.backends.onnx_runtime import GraphCache
 
         self.entry = entry
         self.export = entry.kind
         self.export_seconds = 0.0
-        path = str(entry.graph_path())
         self.graphs = GraphCache(None, entry.kind, threads=threads, batch_size=entry.batch_size)
-        if entry.kind == "dynamic":
-            self.graphs._dynamic = load_session(path, threads, arena=False)
-            with open(path, "rb") as f:
-                self.graphs._dynamic_model = f.read()
-        else:
-            self.graphs._static[tuple(entry.shape)] = load_session(path, threads)
+        self.graphs.use_graph(str(entry.graph_path()), tuple(entry.shape))
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         if self.entry.kind == "static" and list(pixels.shape[1:]) != list(self.entry.shape):
